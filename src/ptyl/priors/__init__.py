@@ -1,0 +1,18 @@
+"""Priors over named parameters: learned (low-rank, diagonal) and isotropic (L2-SP, weight decay)."""
+
+from ptyl.priors.base import CompositePrior, Prior
+from ptyl.priors.diagonal import DiagonalGaussianPrior
+from ptyl.priors.factory import METHODS, make_prior
+from ptyl.priors.isotropic import IsotropicGaussianPrior, variance_from_weight_decay
+from ptyl.priors.lowrank import LowRankGaussianPrior
+
+__all__ = [
+    "METHODS",
+    "CompositePrior",
+    "DiagonalGaussianPrior",
+    "IsotropicGaussianPrior",
+    "LowRankGaussianPrior",
+    "Prior",
+    "make_prior",
+    "variance_from_weight_decay",
+]
