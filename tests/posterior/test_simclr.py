@@ -101,7 +101,7 @@ def test_simclr_steps_reduce_loss():
     x, y = _tiny_digits(64)
     model = SimCLRModel(TinyClassifier(width=16), hidden_dim=32, out_dim=16)
     objective = SimCLRObjective(SimCLRAugment(8, noise_std=0.02), temperature=0.5, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def eval_loss():  # fixed views so the comparison is not augmentation noise
         probe = SimCLRObjective(objective.augment, 0.5, seed=123)
@@ -118,7 +118,7 @@ def test_simclr_steps_reduce_loss():
         loss.backward()
         opt.step()
     after = eval_loss()
-    assert after < before - 0.2, (before, after)
+    assert after < before - 0.3, (before, after)
 
 
 def test_objective_is_reproducible_and_resumable():

@@ -178,7 +178,10 @@ def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
         return images[:, None]
     if images.ndim == 4:
         channels = (1, 3, 4)
-        if images.shape[-1] in channels and images.shape[1] not in channels:
+        # NHWC when only the last axis looks like channels, or both do and the last is smaller
+        # (e.g. [N,4,4,3]); ties such as [N,3,3,3] follow torch's NCHW convention.
+        last, second = images.shape[-1], images.shape[1]
+        if last in channels and (second not in channels or last < second):
             return np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # NHWC -> NCHW
         if images.shape[1] in channels:
             return images
@@ -230,11 +233,15 @@ def _read_image(path: Path, grayscale: bool) -> torch.Tensor:
 
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("L" if grayscale else "RGB"), dtype=np.uint8)
+            array = np.array(image.convert("L" if grayscale else "RGB"), dtype=np.uint8)  # a writable copy
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def load_image_folder(
@@ -263,8 +270,9 @@ def load_image_folder(
     empty = []
     for label, cls in enumerate(classes):
         found = sorted(
-            p for p in (root / cls).rglob("*")
-            if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            p
+            for p in (root / cls).rglob("*")
+            if p.is_file() and p.suffix.lower() in suffixes and not _hidden(p.relative_to(root))
         )
         if not found:
             empty.append(cls)
