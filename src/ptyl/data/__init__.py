@@ -5,6 +5,7 @@
 >>> target = few_shot_subset(load_dataset("kmnist", "train"), n_per_class=10, seed=0)
 """
 
+from ptyl.data.augment import SimCLRAugment
 from ptyl.data.datasets import (
     EMBEDDED_DIR,
     SPLIT_SEED,
@@ -16,6 +17,7 @@ from ptyl.data.datasets import (
     to_image_tensor,
 )
 from ptyl.data.loaders import IMAGE_EXTENSIONS, load_idx_pair, load_image_folder, load_npz, read_idx, write_idx
+from ptyl.data.segmentation import DigitCanvasSegmentation, make_segmentation_splits
 from ptyl.data.subsets import balanced_split, class_counts, few_shot_subset, stratified_split_indices
 
 __all__ = [
@@ -23,7 +25,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLIT_SEED",
     "TEST_FRACTION",
+    "DigitCanvasSegmentation",
     "ImageDataset",
+    "SimCLRAugment",
     "available_datasets",
     "balanced_split",
     "class_counts",
@@ -32,6 +36,7 @@ __all__ = [
     "load_idx_pair",
     "load_image_folder",
     "load_npz",
+    "make_segmentation_splits",
     "read_idx",
     "resize_images",
     "stratified_split_indices",

@@ -2,7 +2,7 @@
 
 >>> from ptyl.models import build_model, replace_head
 >>> model = build_model("resnet8", num_classes=10)
->>> replace_head(model, num_classes=5)
+>>> model = replace_head(model, num_classes=5)  # new task, fresh head
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ptyl.errors import ConfigError
 from ptyl.models.cnn import MLP, Classifier, GlobalAvgPool, SmallCNN
 from ptyl.models.heads import backbone_parameter_names, get_head, head_parameter_names, replace_head
 from ptyl.models.resnet import BasicBlock, ResNet, resnet8, resnet20, resnet32
+from ptyl.models.segmentation import SegmentationDecoder, SegmentationNet
 
 __all__ = [
     "MODELS",
@@ -23,6 +24,8 @@ __all__ = [
     "GlobalAvgPool",
     "MLP",
     "ResNet",
+    "SegmentationDecoder",
+    "SegmentationNet",
     "SmallCNN",
     "available_models",
     "backbone_parameter_names",

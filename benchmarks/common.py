@@ -1,0 +1,341 @@
+"""Shared helpers for the ptyl benchmarks: machine info, robust timing, peak-RSS measurement, result files.
+
+Timing: warm-up calls first, then ``repeats`` timed calls; we report the median (the machine is shared, so the mean
+is at the mercy of other people's jobs). Comparisons are reported as ratios of medians measured in the same process.
+
+Memory: torch's CPU allocator is invisible to ``tracemalloc``, so we read the kernel's numbers. A worker subprocess
+(``python benchmarks/common.py prior-case '<json list of specs>'``) builds a prior, resets the peak resident set size
+(``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``), runs the timed calls and reports ``VmHWM - VmRSS(before)``:
+the peak memory the calls needed on top of what was already resident. glibc is told to serve every allocation above
+64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the kernel and cannot hide later peaks.
+Where ``clear_refs`` is unavailable we fall back to ``resource.getrusage`` peak-RSS deltas (then only growth beyond the
+process's earlier peak is visible, and the result says so).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+MIB = 1024.0**2
+
+
+# ----------------------------------------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (
+        f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
+        f"{info['torch_threads']} threads, Python {info['python']}, {info['date_utc']} "
+        f"(1-min load average at start: {info['load_average_1min']:.2f})"
+    )
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    threads = threads or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ------------------------------------------------------------------------------------------------------------ memory
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size in bytes now (0 if unknown)."""
+    kib = _status_kib("VmRSS")
+    return 0 if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS; False where that is not supported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes (since the last reset where supported)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ------------------------------------------------------------------------------------------------- prior cases
+def resnet18_shapes(width: int = 64, in_channels: int = 3) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a torchvision-style ResNet-18 backbone (no fc) with base width ``width``.
+
+    ``width=64`` is the real ResNet-18 backbone (11,176,512 parameters); the parameter count scales as ``width**2``.
+    """
+    shapes: dict[str, tuple[int, ...]] = {
+        "conv1.weight": (width, in_channels, 7, 7),
+        "bn1.weight": (width,),
+        "bn1.bias": (width,),
+    }
+    in_ch = width
+    for stage, mult in enumerate((1, 2, 4, 8), start=1):
+        out_ch = width * mult
+        for block in range(2):
+            stride_down = block == 0 and stage > 1
+            p = f"layer{stage}.{block}."
+            shapes[p + "conv1.weight"] = (out_ch, in_ch, 3, 3)
+            shapes[p + "bn1.weight"] = shapes[p + "bn1.bias"] = (out_ch,)
+            shapes[p + "conv2.weight"] = (out_ch, out_ch, 3, 3)
+            shapes[p + "bn2.weight"] = shapes[p + "bn2.bias"] = (out_ch,)
+            if stride_down:
+                shapes[p + "downsample.0.weight"] = (out_ch, in_ch, 1, 1)
+                shapes[p + "downsample.1.weight"] = shapes[p + "downsample.1.bias"] = (out_ch,)
+            in_ch = out_ch
+    return shapes
+
+
+def synthetic_shapes(num_parameters: int, num_tensors: int = 20) -> dict[str, tuple[int, ...]]:
+    """``num_tensors`` flat tensors (fewer if P is small) whose sizes sum exactly to ``num_parameters``."""
+    num_tensors = max(1, min(num_tensors, num_parameters))
+    base, rest = divmod(num_parameters, num_tensors)
+    return {f"t{i}": (base + (1 if i < rest else 0),) for i in range(num_tensors)}
+
+
+def case_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    if spec["shapes"] == "resnet18":
+        return resnet18_shapes(width=int(spec["width"]))
+    return synthetic_shapes(int(spec["num_parameters"]))
+
+
+def _build_case(spec: dict[str, Any]):
+    """Parameters (leaf tensors) and a ``log_prob(params) -> scalar`` for one implementation."""
+    import torch
+
+    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    shapes = case_shapes(spec)
+    k = int(spec["rank"])
+    mean = {n: 0.05 * torch.randn(s, generator=gen) for n, s in shapes.items()}
+    diag = {n: 1e-4 * (0.5 + torch.rand(s, generator=gen)) for n, s in shapes.items()}
+    factor = {n: 1e-3 * torch.randn((k, *s), generator=gen) for n, s in shapes.items()}
+    params = {n: (m + 0.01 * torch.randn(m.shape, generator=gen)).requires_grad_() for n, m in mean.items()}
+    impl = spec["impl"]
+    if impl == "ptyl":
+        from ptyl.priors import LowRankGaussianPrior
+
+        prior = LowRankGaussianPrior(mean, diag, factor)
+        del mean, diag, factor
+        return params, prior.log_prob
+    if impl.startswith("reference"):
+        from torch.distributions import LowRankMultivariateNormal
+
+        loc = torch.cat([m.reshape(-1) for m in mean.values()])
+        cov_diag = torch.cat([d.reshape(-1) for d in diag.values()])
+        rows = torch.cat([f.reshape(k, -1) for f in factor.values()], dim=1)  # [k, P], as the reference's covmat file
+        del mean, diag, factor
+        # "reference": cov_factor a contiguous [P, k] matrix; "reference-view": the transposed view covmat.t()
+        cov_factor = rows.t() if impl == "reference-view" else rows.t().contiguous()
+        del rows
+        dist = LowRankMultivariateNormal(loc, cov_factor, cov_diag)
+
+        def log_prob(named):  # the reference route: flatten the model's parameters into one vector every call
+            return dist.log_prob(torch.cat([p.reshape(-1) for p in named.values()]))
+
+        return params, log_prob
+    raise ValueError(f"unknown prior implementation {impl!r}")
+
+
+def measure_prior_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build the case, then time ``log_prob + backward`` and measure the peak extra resident memory of the calls."""
+    import torch
+
+    gc.collect()
+    rss_start = current_rss()
+    t0 = time.perf_counter()
+    params, log_prob = _build_case(spec)
+
+    def call() -> None:
+        for p in params.values():
+            p.grad = None
+        log_prob(params).backward()
+
+    call()  # first call: builds any lazily cached factorisation (the reference's capacitance Cholesky)
+    setup_s = time.perf_counter() - t0
+    for p in params.values():
+        p.grad = None
+    gc.collect()
+    rss_before = current_rss()
+    exact = reset_peak_rss()
+    peak_before = peak_rss()
+    times = time_calls(call, repeats=int(spec["repeats"]), warmup=int(spec.get("warmup", 1)))
+    peak = peak_rss()
+    num_parameters = sum(p.numel() for p in params.values())
+    extra = max(0, peak - (rss_before if exact else peak_before))
+    with torch.no_grad():
+        value = float(log_prob(params))
+    return {
+        **spec,
+        "num_parameters": num_parameters,
+        "times_s": times,
+        "median_s": median(times),
+        "setup_s": setup_s,
+        "resident_after_setup_bytes": rss_before - rss_start,
+        "peak_extra_bytes": extra,
+        "peak_extra_p_vectors": extra / (4.0 * num_parameters),
+        "peak_measure": "VmHWM reset" if exact else "getrusage delta (lower bound)",
+        "log_prob": value,
+    }
+
+
+def run_prior_cases(specs: Sequence[dict[str, Any]], fresh_process_each: bool = True, threads: int = 2) -> list[dict]:
+    """Run prior cases in worker subprocesses (one per case, or one for all when ``fresh_process_each`` is False)."""
+    groups = [[s] for s in specs] if fresh_process_each else [list(specs)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    results = []
+    for group in groups:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "prior-case", json.dumps(group), str(threads)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"prior case {group} failed:\n{proc.stderr[-4000:]}")
+        results.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------- output
+def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    cells = [[str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def fmt_mib(num_bytes: float) -> str:
+    return f"{num_bytes / MIB:,.1f} MiB"
+
+
+def fmt_count(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def write_results(out_dir: str | Path, name: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``<out>/<name>.md`` and ``<out>/<name>.json`` atomically (temp file + rename)."""
+    from ptyl.io import atomic_write
+
+    out_dir = Path(out_dir)
+    md = atomic_write(out_dir / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown.rstrip() + "\n"))
+    js = atomic_write(
+        out_dir / f"{name}.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=_json_default) + "\n"),
+    )
+    return md, js
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the .md/.json results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+
+
+def _worker(argv: Sequence[str]) -> None:
+    specs = json.loads(argv[0])
+    set_threads(int(argv[1]) if len(argv) > 1 else None)
+    results = []
+    for spec in specs:
+        results.append(measure_prior_case(spec))
+        gc.collect()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "prior-case":
+        sys.path.insert(0, str(ROOT / "src"))
+        _worker(sys.argv[2:])
+    else:
+        sys.exit("usage: python benchmarks/common.py prior-case '<json list of case specs>' [threads]")
