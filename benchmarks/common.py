@@ -6,8 +6,8 @@ is at the mercy of other people's jobs). Comparisons are reported as ratios of m
 Memory: torch's CPU allocator is invisible to ``tracemalloc``, so we read the kernel's numbers. A worker subprocess
 (``python benchmarks/common.py prior-case '<json list of specs>'``) builds a prior, resets the peak resident set size
 (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``), runs the timed calls and reports ``VmHWM - VmRSS(before)``:
-the peak memory the calls needed on top of what was already resident. glibc is told to serve every allocation above
-64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the kernel and cannot hide later peaks.
+the peak memory the calls needed on top of what was already resident. Before the baseline is read, ``malloc_trim(0)``
+hands memory freed during setup back to the kernel, so the calls cannot hide their peak in recycled heap pages.
 Where ``clear_refs`` is unavailable we fall back to ``resource.getrusage`` peak-RSS deltas (then only growth beyond the
 process's earlier peak is visible, and the result says so).
 """
@@ -68,9 +68,12 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def set_threads(threads: int | None) -> int:
+    """Default 1 thread: on a shared machine, OpenMP with 2 threads waits at barriers whenever another process holds
+    a core (we measured elementwise ops on 1M floats 100x slower with 2 threads under load), which measures the
+    neighbours, not our code. Pass ``--threads 2`` on a quiet machine."""
     import torch
 
-    threads = threads or min(2, os.cpu_count() or 1)
+    threads = threads or 1
     torch.set_num_threads(threads)
     return threads
 
@@ -117,6 +120,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def trim_heap() -> None:
+    """Return free heap memory to the kernel (glibc only; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss() -> int:
@@ -212,7 +226,7 @@ def measure_prior_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the case, then time ``log_prob + backward`` and measure the peak extra resident memory of the calls."""
     import torch
 
-    gc.collect()
+    trim_heap()
     rss_start = current_rss()
     t0 = time.perf_counter()
     params, log_prob = _build_case(spec)
@@ -226,7 +240,7 @@ def measure_prior_case(spec: dict[str, Any]) -> dict[str, Any]:
     setup_s = time.perf_counter() - t0
     for p in params.values():
         p.grad = None
-    gc.collect()
+    trim_heap()
     rss_before = current_rss()
     exact = reset_peak_rss()
     peak_before = peak_rss()
@@ -250,10 +264,10 @@ def measure_prior_case(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_prior_cases(specs: Sequence[dict[str, Any]], fresh_process_each: bool = True, threads: int = 2) -> list[dict]:
+def run_prior_cases(specs: Sequence[dict[str, Any]], fresh_process_each: bool = True, threads: int = 1) -> list[dict]:
     """Run prior cases in worker subprocesses (one per case, or one for all when ``fresh_process_each`` is False)."""
     groups = [[s] for s in specs] if fresh_process_each else [list(specs)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     results = []
     for group in groups:
         proc = subprocess.run(
@@ -320,7 +334,7 @@ def write_results(out_dir: str | Path, name: str, markdown: str, data: dict[str,
 def add_common_args(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the .md/.json results")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1, see set_threads)")
 
 
 def _worker(argv: Sequence[str]) -> None:

@@ -153,7 +153,9 @@ def _train_in_lockstep(make_sgld, make_sgd, steps=15, lr_changes=False):
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
 def test_zero_temperature_is_exactly_sgd(momentum, weight_decay):
     _train_in_lockstep(
-        lambda m: SGLD(m.parameters(), lr=0.1, num_data=100, temperature=0.0, momentum=momentum, weight_decay=weight_decay),
+        lambda m: SGLD(
+            m.parameters(), lr=0.1, num_data=100, temperature=0.0, momentum=momentum, weight_decay=weight_decay
+        ),
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay),
         lr_changes=True,
     )

@@ -245,7 +245,7 @@ def available_datasets() -> list[str]:
     return list(_DATASETS)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)  # ~31 MB per 10k-image dataset
 def _load_all(name: str, root: str | None) -> ImageDataset:
     images, labels, classes = _DATASETS[name][0](root)
     return ImageDataset(images, labels, classes, name=name)

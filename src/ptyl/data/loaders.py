@@ -149,7 +149,7 @@ def _pick_key(files: list[str], key: str | None, candidates: Sequence[str], what
             return candidate
     raise DataError(
         f"{path}: cannot guess which array holds the {what} (tried {list(candidates)}); arrays in the file: "
-        f"{files}; pass {what[:-1]}_key="
+        f"{files}; pass {what}_key="
     )
 
 

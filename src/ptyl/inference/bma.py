@@ -48,11 +48,13 @@ class SampleBank:
     Args:
         max_samples: keep at most this many samples; the oldest is evicted first (FIFO). ``None`` = unlimited.
         directory: when given, each sample is written atomically to ``directory/sample_XXXXXX.safetensors`` and only
-            the file list is kept in memory; iteration loads one sample at a time.
+            the file list is kept in memory; iteration loads one sample at a time. A new bank does not adopt files
+            already in the directory (restore a previous bank with :meth:`load_state_dict`).
     """
 
     def __init__(self, max_samples: int | None = None, directory: str | Path | None = None) -> None:
-        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+        bad_type = isinstance(max_samples, bool) or not isinstance(max_samples, int)
+        if max_samples is not None and (bad_type or max_samples < 1):
             raise InvalidValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
         self.max_samples = max_samples
         self.directory = Path(directory) if directory is not None else None
@@ -139,7 +141,9 @@ class SampleBank:
         on_disk = "files" in state_dict
         if on_disk != (self.directory is not None):
             mode = "disk" if on_disk else "in-memory"
-            raise InvalidValueError(f"cannot load a {mode} SampleBank state into a bank with directory={self.directory}")
+            raise InvalidValueError(
+                f"cannot load a {mode} SampleBank state into a bank with directory={self.directory}"
+            )
         self.max_samples = state_dict.get("max_samples", self.max_samples)
         self._next_index = int(state_dict["next_index"])
         if self.directory is None:
@@ -228,7 +232,7 @@ def predict_probs(
     input_fn: Callable[[Any], Any] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Softmax probabilities of one model over ``loader``: ``[N, C]`` (or ``[N, C, H, W]`` for segmentation), float32 CPU.
+    """Softmax probabilities of one model over ``loader``: ``[N, C]`` (``[N, C, H, W]`` for segmentation), float32 CPU.
 
     The model is run in eval mode under ``torch.no_grad`` and its train/eval mode is restored afterwards. ``loader``
     yields ``(x, y)`` batches or bare inputs; ``input_fn(batch)`` overrides how the model input is taken from a batch
@@ -320,7 +324,9 @@ def bma_predict(
             if total is None:
                 total = probs
             elif probs.shape != total.shape:
-                raise DataError(f"sample {count}: predictions of shape {tuple(probs.shape)}, expected {tuple(total.shape)}")
+                raise DataError(
+                    f"sample {count}: predictions of shape {tuple(probs.shape)}, expected {tuple(total.shape)}"
+                )
             else:
                 total += probs
             count += 1

@@ -110,9 +110,7 @@ class CyclicalSchedule(LRScheduler):
         for group in optimizer.param_groups:
             if "temperature" in group:
                 group.setdefault("initial_temperature", group["temperature"])
-        # Must exist before super().__init__, which calls self.step().
-        self.base_temperatures = [group.get("initial_temperature") for group in optimizer.param_groups]
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, last_epoch)  # calls self.step(), which applies the first step's temperature
 
     # --- learning rate ---
     def get_lr(self) -> list[Any]:
@@ -147,7 +145,7 @@ class CyclicalSchedule(LRScheduler):
         return 1.0 if self.in_sampling_phase() else 0.0
 
     def apply_to_sgld(self, optimizer: Optimizer | None = None) -> None:
-        """Set ``group["temperature"] = group["initial_temperature"] * temperature_factor()`` on each group having one."""
+        """Set ``group["temperature"] = group["initial_temperature"] * temperature_factor()`` where a group has one."""
         optimizer = self.optimizer if optimizer is None else optimizer
         factor = self.temperature_factor()
         for group in optimizer.param_groups:
@@ -181,5 +179,5 @@ class CyclicalSchedule(LRScheduler):
         ]
 
     def should_collect(self, samples_per_cycle: int) -> bool:
-        """Whether to store a sample after the current step (call after ``optimizer.step()``, before ``self.step()``)."""
+        """Whether to store a sample after the current step (call after ``optimizer.step()``, before ``step()``)."""
         return self.position in self.collection_positions(samples_per_cycle)

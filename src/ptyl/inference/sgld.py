@@ -9,7 +9,8 @@ so that the (tempered) posterior is ``p_T(theta | D) ∝ exp(-N U(theta) / T)``.
 
 Langevin dynamics on the potential ``N U / T`` with step ``eps`` is
 ``theta <- theta - eps (N/T) grad U + sqrt(2 eps) xi``. Writing ``lr = eps N / T`` (so that ``lr`` is the usual SGD step
-on ``U``) gives the update implemented here (Welling & Teh, 2011, https://www.stat.ucl.ac.uk/~ywteh/research/compstats/WelTeh2011a.pdf):
+on ``U``) gives the update implemented here (Welling & Teh, ICML 2011,
+https://www.stat.ucl.ac.uk/~ywteh/research/compstats/WelTeh2011a.pdf):
 
     theta <- theta - lr * grad U(theta) + sqrt(2 * lr * T / N) * xi,        xi ~ N(0, I)
 
@@ -160,7 +161,9 @@ class SGLD(Optimizer):
         generator_state = state_dict.pop("generator_state", None)
         super().load_state_dict(state_dict)
         if generator_state is not None and self.generator is not None:
-            self.generator.set_state(generator_state.cpu() if isinstance(generator_state, torch.Tensor) else generator_state)
+            if isinstance(generator_state, torch.Tensor):
+                generator_state = generator_state.cpu()
+            self.generator.set_state(generator_state)
 
 
 def _validate_group(group: dict[str, Any], where: str) -> None:

@@ -15,12 +15,19 @@ Sampling methods predict by Bayesian model averaging (:meth:`FitResult.predict`)
 
 The loop checkpoints after each epoch (model, optimiser, scheduler, RNG streams, samples) and ``resume=True``
 continues a run exactly where it stopped: the final weights equal an uninterrupted run's.
+
+Under ``torchrun`` (a process group initialised, e.g. by :func:`ptyl.distributed.init_from_env`) the same loop runs
+data-parallel: the model is wrapped in DistributedDataParallel, a Dataset is sharded with a DistributedSampler
+(``batch_size`` stays the GLOBAL batch), N stays the global dataset size (so the prior is counted once, see
+:mod:`ptyl.distributed`), the logged loss is averaged over ranks, SWAG collects on rank 0 and is broadcast at the end,
+and only rank 0 writes checkpoints. Marked ``# DDP:`` below; in one process these lines change nothing.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ptyl import distributed as ddp
 from ptyl.errors import ConfigError, DataError
 from ptyl.inference.bma import SampleBank, bma_predict, predict_probs
 from ptyl.inference.schedules import CyclicalSchedule
@@ -124,6 +132,12 @@ def _loader(data: Dataset | DataLoader, batch_size: int, seed: int) -> tuple[Dat
     if len(data) == 0:
         raise DataError("the training set is empty")
     gen = torch.Generator().manual_seed(seed)
+    if ddp.is_distributed():  # DDP: each rank reads its shard; together the ranks read one global batch
+        per_rank = ddp.per_rank_batch_size(batch_size, len(data))
+        if per_rank * ddp.world_size() != min(batch_size, len(data)):
+            warnings.warn(f"global batch {min(batch_size, len(data))} is not divisible by {ddp.world_size()} ranks; "
+                          f"using {per_rank} per rank", stacklevel=3)
+        return ddp.distributed_loader(data, per_rank, seed), gen
     return DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, generator=gen), gen
 
 
@@ -155,6 +169,7 @@ class _Run:
 
     def __init__(self, model, data, prior, config, objective, num_data, head, collector, checkpoint):
         self.model, self.prior, self.config = model, prior, config
+        self.net = model  # DDP: fit() replaces this by the DDP wrapper; forward/backward go through it
         self.objective = objective or supervised_objective
         self.device = torch.device(config.device) if config.device else next(model.parameters()).device
         self.loader, self.loader_gen = _loader(data, config.batch_size, config.seed)
@@ -231,8 +246,10 @@ class _Run:
             return
         from ptyl.io.prior_file import atomic_write
 
-        state = self.state()
-        atomic_write(self.checkpoint, lambda tmp: torch.save(state, tmp))
+        if ddp.is_main_process():  # DDP: one writer; the barrier keeps the others from reading a half-written file
+            state = self.state()
+            atomic_write(self.checkpoint, lambda tmp: torch.save(state, tmp))
+        ddp.barrier()
 
     def load(self) -> bool:
         if self.checkpoint is None or not self.checkpoint.is_file():
@@ -260,11 +277,12 @@ class _Run:
     def train_step(self, batch: Any) -> tuple[float, float]:
         batch = _move_batch(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        data_loss = self.objective(self.model, batch)
+        data_loss = self.objective(self.net, batch)
         loss = data_loss
         prior_term = torch.zeros(())
         if self.prior is not None:
-            prior_term = self.prior.penalty(self.model) / self.num_data
+            # DDP: every rank adds penalty/N and DDP averages gradients over ranks -> the prior counts once
+            prior_term = self.prior.penalty(self.net) / self.num_data
             loss = loss + prior_term
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.step}: lower the learning rate")
@@ -285,12 +303,19 @@ class _Run:
         self.step += 1
         every = c.swag_collect_every
         if c.method == "swag" and every and self.step > c.burn_in_fraction * self.total_steps and self.step % every == 0:
-            self.swag.collect(self.model)
+            if ddp.is_main_process():  # DDP: weights are identical on all ranks; rank 0 collects (see finish_swag)
+                self.swag.collect(self.model)
 
     def after_epoch(self) -> None:
         c = self.config
         if c.method == "swag" and not c.swag_collect_every and self.epoch >= int(c.burn_in_fraction * c.epochs):
-            self.swag.collect(self.model)
+            if ddp.is_main_process():  # DDP: rank 0 collects (see finish_swag)
+                self.swag.collect(self.model)
+
+    def finish_swag(self) -> None:
+        """DDP: copy rank 0's SWAG moments to every rank, so each returns the same posterior / samples."""
+        if self.swag is not None and ddp.is_distributed():
+            self.swag.load_state_dict(ddp.broadcast_state(self.swag.state_dict()))
 
 
 def fit(
@@ -327,14 +352,18 @@ def fit(
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     config.validate()
     torch.manual_seed(config.seed)
-    run = _Run(model, data, prior, config, objective, num_data, head, collector, checkpoint)
+    # DDP: a model passed already wrapped is trained through its wrapper; checkpoints/SWAG/samples use the module
+    run = _Run(ddp.unwrap_model(model), data, prior, config, objective, num_data, head, collector, checkpoint)
     if resume:
         run.load()
     sgld_steps = run._sgld_collect_steps() if config.method == "sgld" else set()
     model.to(run.device)
-    bar = tqdm(total=config.epochs, initial=run.epoch, desc=f"fit[{config.method}]", disable=not config.progress)
+    run.net = ddp.wrap_model(model)  # DDP: identity unless a process group with > 1 rank exists
+    show = config.progress and ddp.is_main_process()
+    bar = tqdm(total=config.epochs, initial=run.epoch, desc=f"fit[{config.method}]", disable=not show)
     while run.epoch < config.epochs:
-        model.train()
+        run.net.train()
+        ddp.set_epoch(run.loader, run.epoch)  # DDP: a new shard permutation each epoch (no-op otherwise)
         totals = [0.0, 0.0, 0]
         for batch in run.loader:
             data_loss, prior_term = run.train_step(batch)
@@ -343,7 +372,9 @@ def fit(
             totals[2] += 1
             run.after_step(sgld_steps)
         run.after_epoch()
-        record = {"epoch": run.epoch + 1, "loss": totals[0] / totals[2], "prior": totals[1] / totals[2]}
+        # DDP: the mean over ranks of per-rank means = the global mean (equal shards)
+        record = {"epoch": run.epoch + 1, "loss": ddp.all_reduce_mean(totals[0] / totals[2]),
+                  "prior": ddp.all_reduce_mean(totals[1] / totals[2])}
         if eval_fn is not None:
             record.update(eval_fn(model))
         run.history.append(record)
@@ -352,6 +383,7 @@ def fit(
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
     bar.close()
+    run.finish_swag()
     result = FitResult(model, config, run.history, run.bank, run.swag, run.loader)
     if config.method == "swag" and collector is None:
         _draw_swag_samples(run, result)

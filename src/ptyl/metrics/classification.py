@@ -46,7 +46,9 @@ def flatten_predictions(
         raise DataError(f"targets must be integer class indices, got {targets.dtype}")
     expected = (probs.shape[0], *probs.shape[2:])
     if tuple(targets.shape) != expected:
-        raise DataError(f"targets of shape {tuple(targets.shape)} do not match probs {tuple(probs.shape)}: expected {expected}")
+        raise DataError(
+            f"targets of shape {tuple(targets.shape)} do not match probs {tuple(probs.shape)}: expected {expected}"
+        )
     num_classes = probs.shape[1]
     flat_probs = probs.movedim(1, -1).reshape(-1, num_classes)
     flat_targets = targets.reshape(-1).long()

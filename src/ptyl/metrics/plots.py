@@ -1,4 +1,4 @@
-"""Reliability diagram (Guo et al., 2017, https://arxiv.org/abs/1706.04599, Fig. 1) written to PNG with matplotlib Agg."""
+"""Reliability diagram (Guo et al., 2017, https://arxiv.org/abs/1706.04599, Fig. 1) as PNG via matplotlib Agg."""
 
 from __future__ import annotations
 

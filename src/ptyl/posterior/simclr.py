@@ -131,6 +131,8 @@ class SimCLRObjective:
         seed: seed of the augmentation generator (a CPU generator; views are moved to the model's device).
     """
 
+    name = "simclr"  # recorded as the prior file's "objective"
+
     def __init__(self, augment: Any, temperature: float = 0.5, seed: int = 0) -> None:
         if not callable(augment):
             raise ConfigError(f"augment must be callable (x, generator) -> x_aug, got {type(augment).__name__}")

@@ -1,0 +1,477 @@
+"""Choosing the prior scale without a validation grid: the Laplace approximation to the marginal likelihood.
+
+For a prior p(theta | lam) (lam = the scale of a learned prior, or the variance of an isotropic one) the evidence is
+approximated around the MAP estimate theta* (MacKay 1992; Immer et al., "Scalable Marginal Likelihood Estimation for
+Model Selection in Deep Learning", ICML 2021, https://arxiv.org/abs/2104.04975):
+
+    log p(D | lam) ≈ log p(D | theta*) + log p(theta* | lam) + (P/2) log 2 pi - 1/2 log det(H_lik + Sigma_lam^-1)
+
+- ``H_lik`` is the *diagonal* of the generalised Gauss-Newton matrix (``hessian="ggn"``, default) or of the empirical
+  Fisher (``"ef"``) of the summed negative log-likelihood at theta*, built from per-example gradients
+  (``torch.func.vmap`` + ``jacrev``). For softmax cross-entropy the GGN diagonal is exact, not sampled:
+  ``diag GGN = sum_i sum_c p_ic (grad log p_ic)^2``, since ``diag(p) - p p^T = L L^T`` with ``L[:, c] = sqrt(p_c)(e_c - p)``.
+  For a Gaussian likelihood with noise variance s2 it is ``sum_i (grad f_i)^2 / s2``.
+- ``log det(diag(h) + Sigma^-1)`` has two variants (``approximation``):
+    * ``"exact"`` (default): exact for the diagonal ``H_lik``. Diagonal and isotropic priors are diagonal anyway; for
+      the low-rank prior ``Sigma = diag(d) + U U^T`` (U: P x k) the matrix determinant lemma gives, in O(P k^2),
+      ``log det = sum_j log(h_j + 1/d_j) - log det(I_k + U^T D^-1 U) + log det(I_k + U^T diag(h / (1 + d h)) U)``.
+    * ``"diag"``: ``sum_j log(h_j + [Sigma^-1]_jj)``, i.e. the prior precision is replaced by its diagonal too. For the
+      low-rank prior that diagonal is exact by Woodbury, ``diag(D^-1 - D^-1 U C^-1 U^T D^-1)``, in O(P k^2).
+  ``log p(theta* | lam)`` always uses the full prior.
+
+When the likelihood is Gaussian and the model linear in theta, the log-joint is quadratic, so with orthogonal features
+(diagonal ``H_lik``) the ``"exact"`` estimate equals the closed-form marginal likelihood (tested).
+
+:func:`select_prior_scale` alternates, for ``rounds`` rounds, (a) a MAP fit at the current lam and (b) maximisation of
+the evidence over log lam with theta* held fixed (a dense log grid, then golden-section refinement; each evaluation is
+O(P k^2) because ``H_lik`` is computed once per round). This is MacKay's fixed-point scheme: at a fixed point the
+gradient in lam equals that of the true Laplace evidence (the dependence of theta* on lam drops out at the MAP).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ptyl.errors import ConfigError, DataError, InvalidValueError
+from ptyl.inference.trainer import FitResult, TrainConfig, fit
+from ptyl.params import named_parameters, normalize_name
+from ptyl.priors.base import LOG_2PI, CompositePrior, Prior
+from ptyl.priors.diagonal import DiagonalGaussianPrior
+from ptyl.priors.factory import make_prior
+from ptyl.priors.isotropic import IsotropicGaussianPrior
+from ptyl.priors.lowrank import LowRankGaussianPrior
+
+__all__ = [
+    "Curvature",
+    "EvidenceResult",
+    "curvature",
+    "gaussian_objective",
+    "laplace_log_evidence",
+    "posterior_log_det",
+    "prior_precision_diagonal",
+    "select_prior_scale",
+]
+
+LIKELIHOODS = ("categorical", "gaussian")
+HESSIANS = ("ggn", "ef")
+APPROXIMATIONS = ("exact", "diag")
+_JACOBIAN_BUDGET = 2**24  # per-example Jacobian entries held at once (64 MiB in float32)
+
+
+def gaussian_objective(noise_variance: float = 1.0) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """Mean per-example Gaussian negative log-likelihood ``sum_o (y - f)^2 / (2 s2)`` (constant dropped), the
+    training objective that matches ``likelihood="gaussian"``."""
+    _check_positive(noise_variance, "noise_variance")
+
+    def objective(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        out = model(x)
+        residual = out.reshape(out.shape[0], -1) - y.reshape(y.shape[0], -1).to(out.dtype)
+        return residual.pow(2).sum(dim=1).mean() / (2.0 * noise_variance)
+
+    return objective
+
+
+@dataclass
+class Curvature:
+    """What the evidence needs from the data at theta*: ``hessian_diag`` (name -> diag of H_lik, summed over the data,
+    float64) and the summed ``log_likelihood``."""
+
+    hessian_diag: dict[str, torch.Tensor]
+    log_likelihood: float
+    num_data: int
+
+
+def _check_positive(value: float, what: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise InvalidValueError(f"{what} must be a positive finite number, got {value!r}")
+
+
+def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {tuple(choices)}")
+
+
+def _loader(data: Dataset | DataLoader, batch_size: int) -> Iterable:
+    if isinstance(data, DataLoader):
+        return data
+    if len(data) == 0:
+        raise DataError("the training set is empty")
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def curvature(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    names: Sequence[str] | None = None,
+    *,
+    likelihood: str = "categorical",
+    hessian: str = "ggn",
+    noise_variance: float = 1.0,
+    batch_size: int = 256,
+) -> Curvature:
+    """Diagonal GGN / empirical Fisher of the summed negative log-likelihood w.r.t. the parameters ``names``
+    (default: all trainable ones), and the summed log-likelihood, at the model's current weights (eval mode).
+
+    ``likelihood="categorical"``: the model returns logits ``[B, C]``, targets are class indices.
+    ``likelihood="gaussian"``: the model returns ``[B]`` or ``[B, O]``, targets the same shape, noise variance s2.
+    """
+    _check_choice(likelihood, LIKELIHOODS, "likelihood")
+    _check_choice(hessian, HESSIANS, "hessian")
+    _check_positive(noise_variance, "noise_variance")
+    from torch.func import functional_call, jacrev, vmap
+
+    raw = dict(model.named_parameters())
+    by_norm = {normalize_name(n): n for n in raw}
+    if names is None:
+        names = [n for n, p in named_parameters(model).items() if p.requires_grad]
+    missing = [n for n in names if n not in by_norm]
+    if missing:
+        raise InvalidValueError(f"the model has no parameter(s) {missing[:5]}")
+    wrt = {by_norm[n]: raw[by_norm[n]].detach() for n in names}
+    fixed = {n: p.detach() for n, p in raw.items() if n not in wrt}
+    fixed.update(dict(model.named_buffers()))
+    num_params = sum(p.numel() for p in wrt.values())
+
+    def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),)).reshape(-1)
+        return torch.log_softmax(out, dim=0) if likelihood == "categorical" else out
+
+    per_example_jacobian = vmap(jacrev(outputs), in_dims=(None, 0))
+    device = next(iter(wrt.values())).device
+    diag = {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in wrt.items()}
+    log_lik = torch.zeros((), dtype=torch.float64)
+    count = 0
+    was_training = model.training
+    model.eval()  # BatchNorm running statistics, no dropout: the function whose curvature we take
+    try:
+        for batch in _loader(data, batch_size):
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise DataError("the evidence needs (x, y) batches")
+            x_all, y_all = batch[0].to(device), batch[1].to(device)
+            with torch.no_grad():
+                out = model(x_all).reshape(x_all.shape[0], -1)
+            width = out.shape[1]
+            chunk = max(1, _JACOBIAN_BUDGET // max(width * num_params, 1))
+            log_lik += _log_likelihood(out, y_all, likelihood, noise_variance).double().cpu()
+            for start in range(0, x_all.shape[0], chunk):
+                x, y, o = x_all[start:start + chunk], y_all[start:start + chunk], out[start:start + chunk]
+                jac = per_example_jacobian(wrt, x)  # name -> [B, width, *shape]
+                weights = _curvature_weights(o, y, likelihood, hessian, noise_variance)  # [B, width]
+                for n, j in jac.items():
+                    j = j.double().reshape(j.shape[0], width, -1)
+                    diag[n] += torch.einsum("bw,bwp->p", weights, j.pow(2)).reshape(diag[n].shape)
+            count += x_all.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise DataError("the training set is empty")
+    return Curvature({normalize_name(n): d for n, d in diag.items()}, float(log_lik), count)
+
+
+def _log_likelihood(out: torch.Tensor, y: torch.Tensor, likelihood: str, noise_variance: float) -> torch.Tensor:
+    if likelihood == "categorical":
+        return torch.log_softmax(out.double(), dim=1).gather(1, y.long().reshape(-1, 1)).sum()
+    residual = out.double() - y.reshape(y.shape[0], -1).double()
+    return -(residual.pow(2).sum() / (2 * noise_variance) + 0.5 * residual.numel() * math.log(2 * math.pi * noise_variance))
+
+
+def _curvature_weights(out, y, likelihood: str, hessian: str, noise_variance: float) -> torch.Tensor:
+    """Per-example, per-output weights w such that diag H = sum_b sum_w w * (d out_w / d theta)^2."""
+    out = out.double()
+    if likelihood == "categorical":  # outputs are log-probabilities
+        if hessian == "ggn":
+            return torch.softmax(out, dim=1)
+        return torch.nn.functional.one_hot(y.long(), out.shape[1]).double()
+    if hessian == "ggn":
+        return torch.full_like(out, 1.0 / noise_variance)
+    residual = out - y.reshape(y.shape[0], -1).double()
+    return residual.pow(2) / noise_variance**2
+
+
+# --- prior precision and the log-determinant ------------------------------------------------------------------
+
+
+def _leaves(prior: Prior) -> list[Prior]:
+    if isinstance(prior, CompositePrior):
+        return [leaf for part in prior.parts.values() for leaf in _leaves(part)]
+    if isinstance(prior, (IsotropicGaussianPrior, DiagonalGaussianPrior, LowRankGaussianPrior)):
+        return [prior]
+    raise ConfigError(f"the Laplace evidence does not know the prior type {type(prior).__name__}")
+
+
+def _flat(prior: Prior, prefix: str) -> torch.Tensor:
+    return torch.cat([getattr(prior, f"{prefix}_{i}").double().reshape(-1) for i in range(len(prior.names))])
+
+
+def _hessian_vector(prior: Prior, hessian_diag: dict[str, torch.Tensor], device) -> torch.Tensor:
+    missing = [n for n in prior.names if n not in hessian_diag]
+    if missing:
+        raise InvalidValueError(f"no curvature for prior parameter(s) {missing[:5]}")
+    return torch.cat([hessian_diag[n].double().reshape(-1).to(device) for n in prior.names])
+
+
+def _lowrank_parts(prior: LowRankGaussianPrior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d [P], U [k, P] in float64 and the Cholesky factor of C = I + U D^-1 U^T."""
+    d = _flat(prior, "diag")
+    u = torch.cat([getattr(prior, f"factor_{i}").double().reshape(prior.rank, -1) for i in range(len(prior.names))], 1)
+    return d, u, prior.capacitance_chol.double().to(d.device)
+
+
+def prior_precision_diagonal(prior: Prior) -> dict[str, torch.Tensor]:
+    """Exact diagonal of Sigma^-1 for every parameter of ``prior`` (float64; Woodbury for the low-rank prior)."""
+    out: dict[str, torch.Tensor] = {}
+    for leaf in _leaves(prior):
+        if isinstance(leaf, IsotropicGaussianPrior):
+            flat = torch.full((leaf.num_parameters,), 1.0 / leaf.variance, dtype=torch.float64)
+        elif isinstance(leaf, DiagonalGaussianPrior):
+            flat = 1.0 / _flat(leaf, "var")
+        else:
+            d, u, chol = _lowrank_parts(leaf)
+            v = torch.linalg.solve_triangular(chol, u / d, upper=False)  # L^-1 U^T D^-1, [k, P]
+            flat = 1.0 / d - v.pow(2).sum(0)
+        offset = 0
+        for name, shape in zip(leaf.names, leaf.shapes):
+            size = math.prod(shape)
+            out[name] = flat[offset:offset + size].reshape(shape)
+            offset += size
+    return out
+
+
+def posterior_log_det(prior: Prior, hessian_diag: dict[str, torch.Tensor], approximation: str = "exact") -> float:
+    """``log det(diag(h) + Sigma^-1)`` over the prior's parameters (see the module docstring for the variants)."""
+    _check_choice(approximation, APPROXIMATIONS, "approximation")
+    total = 0.0
+    for leaf in _leaves(prior):
+        if isinstance(leaf, LowRankGaussianPrior):
+            d, u, chol = _lowrank_parts(leaf)
+            h = _hessian_vector(leaf, hessian_diag, d.device)
+            if approximation == "diag":
+                v = torch.linalg.solve_triangular(chol, u / d, upper=False)
+                total += float(torch.log(h + 1.0 / d - v.pow(2).sum(0)).sum())
+                continue
+            g = h / (1.0 + d * h)
+            inner = torch.eye(leaf.rank, dtype=torch.float64, device=d.device) + (u * g) @ u.T
+            total += float(torch.log(h + 1.0 / d).sum() - 2.0 * chol.diagonal().log().sum()
+                           + torch.linalg.slogdet(inner)[1])
+            continue
+        precision = prior_precision_diagonal(leaf)
+        flat = torch.cat([precision[n].reshape(-1) for n in leaf.names])
+        h = _hessian_vector(leaf, hessian_diag, flat.device)
+        total += float(torch.log(h + flat).sum())
+    return total
+
+
+def laplace_log_evidence(
+    model: nn.Module,
+    prior: Prior,
+    train_set: Dataset | DataLoader | None = None,
+    *,
+    likelihood: str = "categorical",
+    hessian: str = "ggn",
+    noise_variance: float = 1.0,
+    approximation: str = "exact",
+    batch_size: int = 256,
+    curvature_at_map: Curvature | None = None,
+) -> float:
+    """Laplace estimate of ``log p(D | prior)`` with the model's weights taken as the MAP theta*.
+
+    Pass ``curvature_at_map`` (from :func:`curvature`) to evaluate many priors at one theta* without touching the data.
+    Trainable parameters the prior does not cover are treated as fixed (conditioned on), with a warning.
+    """
+    if curvature_at_map is None:
+        if train_set is None:
+            raise ConfigError("laplace_log_evidence needs train_set or curvature_at_map")
+        curvature_at_map = curvature(model, train_set, list(prior.names), likelihood=likelihood, hessian=hessian,
+                                     noise_variance=noise_variance, batch_size=batch_size)
+    params = named_parameters(model)
+    uncovered = [n for n, p in params.items() if p.requires_grad and n not in prior.names
+                 and n not in getattr(prior, "unregularized", ())]
+    if uncovered:
+        warnings.warn(f"{len(uncovered)} trainable parameter(s) have no prior and are held fixed in the evidence: "
+                      f"{uncovered[:5]}")
+    with torch.no_grad():
+        theta = {n: params[n].detach().double() for n in prior.names}
+        log_prior = float(prior.log_prob(theta))
+    log_det = posterior_log_det(prior, curvature_at_map.hessian_diag, approximation)
+    return curvature_at_map.log_likelihood + log_prior + 0.5 * prior.num_parameters * LOG_2PI - 0.5 * log_det
+
+
+# --- choosing the scale ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvidenceResult:
+    """Outcome of :func:`select_prior_scale`.
+
+    Attributes:
+        scale: the selected lam.
+        log_evidence_curve: ``{"scale": [...], "log_evidence": [...]}`` of the last round (dense grid + refinement
+            points, sorted by scale), theta* fixed at that round's MAP.
+        final: the fit at the selected scale (with the caller's config) — ``None`` only if ``refit=False``.
+        rounds: per round: the scale fit at, the scale selected and the maximal log-evidence.
+        final_log_evidence: the evidence at the final MAP (``None`` if the final fit is not a MAP fit).
+        edge_warning: the maximiser lies at a bound of the search interval.
+    """
+
+    scale: float
+    log_evidence_curve: dict[str, list[float]]
+    final: FitResult | None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    final_log_evidence: float | None = None
+    edge_warning: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "log_evidence_curve": self.log_evidence_curve, "rounds": self.rounds,
+                "final_log_evidence": self.final_log_evidence, "edge_warning": self.edge_warning}
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` atomically."""
+        from ptyl.metrics.results import save_json
+
+        return save_json(path, self.to_dict())
+
+
+def _maximise_log_scale(fn: Callable[[float], float], bounds: tuple[float, float], points_per_decade: int,
+                        refine_steps: int = 30) -> tuple[float, list[tuple[float, float]]]:
+    """Maximise ``fn(log10 lam)``: dense grid over the bounds, then golden-section search around the best point."""
+    lo, hi = math.log10(bounds[0]), math.log10(bounds[1])
+    n = max(int(math.ceil((hi - lo) * points_per_decade)) + 1, 3)
+    grid = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    values = [fn(t) for t in grid]
+    evaluated = list(zip(grid, values))
+    best = max(range(n), key=lambda i: values[i])
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, n - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = fn(c), fn(d)
+    evaluated += [(c, fc), (d, fd)]
+    for _ in range(refine_steps):
+        if fc >= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = fn(c)
+            evaluated.append((c, fc))
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = fn(d)
+            evaluated.append((d, fd))
+    top = max(evaluated, key=lambda tv: tv[1])
+    return top[0], sorted(evaluated)
+
+
+def select_prior_scale(
+    model_fn: Callable[[], nn.Module],
+    train_set: Dataset,
+    posterior=None,
+    *,
+    kind: str = "lowrank",
+    eps: float = 0.0,
+    rank: int | None = None,
+    rounds: int = 2,
+    config: TrainConfig | None = None,
+    init_scale: float = 1.0,
+    bounds: tuple[float, float] = (1e-4, 1e4),
+    head: str | Sequence[str] | None = "head",
+    head_variance: float | None = 1.0,
+    likelihood: str = "categorical",
+    noise_variance: float = 1.0,
+    hessian: str = "ggn",
+    approximation: str = "exact",
+    points_per_decade: int = 10,
+    objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    refit: bool = True,
+    progress: bool = True,
+) -> EvidenceResult:
+    """Choose lam by maximising the Laplace evidence, alternating MAP fits and 1-D evidence maximisation.
+
+    Args:
+        model_fn: returns a fresh pretrained / initialised model on every call.
+        posterior: the source posterior for ``kind`` ``"lowrank"`` / ``"diag"``. For ``"standard"`` / ``"l2sp"`` the
+            selected "scale" is the isotropic prior variance (and ``posterior`` is unused).
+        eps, rank, head, head_variance: as in :func:`ptyl.priors.make_prior` (the head prior is not tuned).
+        rounds: MAP fit -> maximise evidence, this many times (rounds >= 1).
+        config: training settings; the rounds always fit by MAP (``method="map"``), the final fit at the selected
+            scale uses ``config`` as given (so it may sample, e.g. ``method="csgld"``).
+        bounds: search interval for lam (inclusive); a maximiser at a bound sets ``edge_warning`` and warns.
+        likelihood / noise_variance / hessian / approximation: see :func:`curvature` and :func:`posterior_log_det`.
+            With ``likelihood="gaussian"`` the training objective defaults to :func:`gaussian_objective`.
+    """
+    _check_choice(likelihood, LIKELIHOODS, "likelihood")
+    _check_choice(approximation, APPROXIMATIONS, "approximation")
+    _check_positive(init_scale, "init_scale")
+    if not (len(bounds) == 2 and 0 < bounds[0] < bounds[1] and math.isfinite(bounds[1])):
+        raise InvalidValueError(f"bounds must be (low, high) with 0 < low < high, got {bounds!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InvalidValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if kind in ("lowrank", "diag") and posterior is None:
+        raise ConfigError(f"prior kind {kind!r} needs the source posterior")
+    if kind not in ("lowrank", "diag", "l2sp", "standard"):
+        raise ConfigError(f"prior kind {kind!r} has no scale to select; choose lowrank, diag, l2sp or standard")
+    from tqdm.auto import tqdm
+
+    config = config or TrainConfig()
+    if objective is None and likelihood == "gaussian":
+        objective = gaussian_objective(noise_variance)
+    map_config = TrainConfig(**{**asdict(config), "method": "map", "progress": False})
+
+    def build_prior(model: nn.Module, scale: float) -> Prior:
+        if kind in ("lowrank", "diag"):
+            return make_prior(model, kind, posterior=posterior, scale=scale, eps=eps, rank=rank, head=head,
+                              head_variance=head_variance)
+        return make_prior(model, kind, variance=scale, head=head, head_variance=head_variance)
+
+    def fresh_fit(scale: float, cfg: TrainConfig) -> tuple[FitResult, nn.Module]:
+        torch.manual_seed(cfg.seed)  # the same initial head for every scale
+        model = model_fn()
+        prior = build_prior(model, scale)  # built before training: l2sp centres on the pretrained weights
+        return fit(model, train_set, prior, cfg, objective=objective, head=head), prior
+
+    scale, history, curve, last = float(init_scale), [], [], None
+    for r in tqdm(range(rounds), desc="evidence", disable=not progress):
+        result, prior = fresh_fit(scale, map_config)
+        model = result.model
+        curv = curvature(model, train_set, list(prior.names), likelihood=likelihood, hessian=hessian,
+                         noise_variance=noise_variance, batch_size=config.batch_size * 8)
+
+        def log_evidence(log10_scale: float) -> float:
+            return laplace_log_evidence(model, build_prior(model, 10.0**log10_scale), approximation=approximation,
+                                        curvature_at_map=curv)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the uncovered-parameter warning would repeat per evaluation
+            best_log, curve = _maximise_log_scale(log_evidence, bounds, points_per_decade)
+        history.append({"round": r + 1, "fit_scale": scale, "selected_scale": 10.0**best_log,
+                        "log_evidence": max(v for _, v in curve)})
+        last = (scale, result, curv)
+        scale = 10.0**best_log
+    span = math.log10(bounds[1]) - math.log10(bounds[0])
+    edge = min(abs(math.log10(scale) - math.log10(b)) for b in bounds) < 1e-3 * span
+    if edge:
+        warnings.warn(f"the evidence is maximised at the bound lam={scale:g} of {bounds}: widen the bounds")
+    final, final_evidence = None, None
+    if refit:
+        if last[0] == scale and config.method == "map":
+            final = last[1]
+        else:
+            final, _ = fresh_fit(scale, config)
+        if config.method == "map":
+            torch.manual_seed(config.seed)  # l2sp is centred on the *pretrained* weights: rebuild from a fresh model
+            final_prior = build_prior(model_fn(), scale)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                final_evidence = laplace_log_evidence(final.model, final_prior, train_set, likelihood=likelihood,
+                                                      hessian=hessian, noise_variance=noise_variance,
+                                                      approximation=approximation, batch_size=config.batch_size * 8)
+    curve_dict = {"scale": [10.0**t for t, _ in curve], "log_evidence": [v for _, v in curve]}
+    return EvidenceResult(scale, curve_dict, final, history, final_evidence, edge)
