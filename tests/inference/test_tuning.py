@@ -1,0 +1,144 @@
+"""Grid search protocol: class-balanced split, argmin selection, edge warnings, refit on all n, determinism."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ptyl.errors import ConfigError, DataError, InvalidValueError
+from ptyl.inference.trainer import TrainConfig, fit
+from ptyl.inference.tuning import (
+    MethodSpec,
+    _edge_warnings,
+    default_grid,
+    tune,
+    validation_split,
+)
+from ptyl.metrics import evaluate_probs
+from ptyl.models import MLP
+from ptyl.posterior import SourcePosterior
+
+CONFIG = TrainConfig(epochs=4, batch_size=16, lr=0.05, progress=False)
+
+
+def blobs(n_per_class: int = 20, num_classes: int = 3, dim: int = 4, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(num_classes, dim, generator=gen)
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centres[y] + torch.randn(len(y), dim, generator=gen)
+    return TensorDataset(x, y)
+
+
+def model_fn() -> MLP:
+    torch.manual_seed(123)  # the "pretrained" backbone: identical on every call
+    return MLP(4, 3, hidden=(8,))
+
+
+def test_split_is_class_balanced_and_disjoint():
+    y = torch.tensor([0] * 10 + [1] * 20 + [2] * 5)
+    data = TensorDataset(torch.arange(len(y)).float()[:, None], y)  # x = example id
+    train, val = validation_split(data, 0.2, seed=3)
+    train_ids, val_ids = set(train.indices), set(val.indices)
+    assert not train_ids & val_ids and train_ids | val_ids == set(range(len(y)))
+    val_counts = torch.bincount(y[sorted(val_ids)], minlength=3).tolist()
+    assert val_counts == [2, 4, 1]  # round(0.2 * n_c) per class
+    assert set(validation_split(data, 0.2, seed=4)[1].indices) != val_ids  # the seed picks the split
+
+
+def test_tune_picks_argmin_and_matches_an_independent_fit():
+    data = blobs()
+    grid = {"variance": [0.01, 0.1, 10.0], "lr": [0.05]}
+    result = tune(model_fn, data, "standard", grid, config=CONFIG, seed=1, progress=False, refit=False)
+    assert len(result.table) == 3 and result.split == {"train": 48, "val": 12, "total": 60}
+    best_row = min(result.table, key=lambda r: r["val_nll"])
+    assert result.best == {"variance": best_row["variance"], "lr": 0.05}
+    assert all({"val_nll", "val_accuracy", "val_ece"} <= set(r) for r in result.table)
+    # the protocol by hand: same split, fresh model, prior, fit on the 80 % with num_data = its size
+    train, val = validation_split(data, 0.2, seed=1)
+    torch.manual_seed(1)
+    model = model_fn()
+    prior = MethodSpec("standard").build_prior(model, variance=best_row["variance"])
+    by_hand = fit(model, train, prior, CONFIG, num_data=len(train), seed=1)
+    val_nll = evaluate_probs(by_hand.predict(val), val.dataset.tensors[1][val.indices])["nll"]
+    assert val_nll == pytest.approx(best_row["val_nll"], rel=1e-6)
+
+
+def test_same_seed_same_table_and_refit_uses_all_data():
+    data = blobs()
+    grid = {"variance": [0.1, 1.0], "lr": [0.02, 0.05]}
+    first = tune(model_fn, data, "l2sp", grid, config=CONFIG, seed=0, progress=False)
+    second = tune(model_fn, data, "l2sp", grid, config=CONFIG, seed=0, progress=False, refit=False)
+    assert first.table == second.table
+    assert len(first.final.train_loader.dataset) == len(data)  # refit on all n
+    assert first.final.config.lr == first.best["lr"]
+
+
+def test_edge_warning_fires_when_every_variance_is_absurdly_tiny():
+    # variances this small pin the backbone to zero, so the largest one is always best: an edge optimum
+    grid = {"variance": [1e-3, 3e-3, 1e-2]}
+    with pytest.warns(UserWarning, match="largest value"):
+        result = tune(model_fn, blobs(), MethodSpec("standard", head_variance=1e-3), grid, config=CONFIG,
+                      progress=False, refit=False)
+    assert result.best["variance"] == 1e-2 and result.at_edge
+    assert "variance" in result.edge_warnings[0]
+
+
+def test_edge_rule():
+    grid = {"scale": [1.0, 10.0, 100.0], "lr": [0.01], "rank": [2, 5], "kind": ["a", "b"]}
+    assert _edge_warnings(grid, {"scale": 10.0, "lr": 0.01, "rank": 2, "kind": "a"}) == [
+        "best rank=2 is the smallest value of its grid [2, 5]: the optimum may lie outside it, extend the grid"
+    ]
+    assert _edge_warnings(grid, {"scale": 10.0, "lr": 0.01, "rank": 5, "kind": "b"})[0].startswith("best rank=5")
+    assert not _edge_warnings({"scale": [1.0, 10.0, 100.0]}, {"scale": 10.0})
+
+
+def test_learned_prior_scale_axis_json_and_plot(tmp_path):
+    model = model_fn()
+    gen = torch.Generator().manual_seed(0)
+    backbone = {n: p.detach() for n, p in model.named_parameters() if not n.startswith("head.")}
+    posterior = SourcePosterior(
+        {n: p.clone() for n, p in backbone.items()},
+        {n: torch.rand(p.shape, generator=gen) * 0.01 + 1e-3 for n, p in backbone.items()},
+        {n: 0.05 * torch.randn((3, *p.shape), generator=gen) for n, p in backbone.items()},
+    )
+    spec = MethodSpec("lowrank", posterior=posterior, eps=1e-4)
+    grid = {"scale": [1.0, 100.0], "lr": [0.02, 0.05]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = tune(model_fn, blobs(), spec, grid, config=CONFIG, progress=False, refit=False)
+    text = result.to_json(tmp_path / "tune.json")
+    assert json.loads(text)["best"] == result.best
+    assert json.loads((tmp_path / "tune.json").read_text())["table"] == json.loads(text)["table"]
+    png = result.plot(tmp_path / "nll.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_grids_have_equal_budgets():
+    sizes = {m: math.prod(len(v) for v in default_grid(m, budget=15).values())
+             for m in ("lowrank", "diag", "l2sp", "standard", "none")}
+    assert set(sizes.values()) == {15}
+    assert default_grid("lowrank", budget=15)["scale"] == [1.0, 1e2, 1e4, 1e6, 1e8]
+    assert default_grid("standard", budget=6, lrs=(0.01, 0.1)) == {"variance": [1e-3, 0.1, 10.0], "lr": [0.01, 0.1]}
+    with pytest.raises(InvalidValueError, match="fewer than 2"):
+        default_grid("diag", budget=5)
+
+
+def test_bad_input_is_named():
+    data = blobs()
+    with pytest.raises(ConfigError, match="unknown grid axis 'wd'"):
+        tune(model_fn, data, "standard", {"wd": [1.0]}, config=CONFIG, progress=False)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        tune(model_fn, data, "standard", {"weight_decay": [1e-4]}, config=CONFIG, progress=False)
+    with pytest.raises(ConfigError, match="needs a prior variance"):
+        tune(model_fn, data, "standard", {"lr": [0.1]}, config=CONFIG, progress=False)
+    with pytest.raises(ConfigError, match="posterior"):
+        tune(model_fn, data, "lowrank", {"scale": [1.0]}, config=CONFIG, progress=False)
+    with pytest.raises(ConfigError, match="seed"):
+        tune(model_fn, data, "standard", {"seed": [0, 1], "variance": [1.0]}, config=CONFIG, progress=False)
+    with pytest.raises(ConfigError, match="metric"):
+        tune(model_fn, data, "standard", {"variance": [1.0]}, config=CONFIG, metric="auc", progress=False)
+    with pytest.raises(DataError):
+        validation_split(TensorDataset(torch.randn(4, 2), torch.randn(4)))
