@@ -9,7 +9,8 @@ Model Selection in Deep Learning", ICML 2021, https://arxiv.org/abs/2104.04975):
 - ``H_lik`` is the *diagonal* of the generalised Gauss-Newton matrix (``hessian="ggn"``, default) or of the empirical
   Fisher (``"ef"``) of the summed negative log-likelihood at theta*, built from per-example gradients
   (``torch.func.vmap`` + ``jacrev``). For softmax cross-entropy the GGN diagonal is exact, not sampled:
-  ``diag GGN = sum_i sum_c p_ic (grad log p_ic)^2``, since ``diag(p) - p p^T = L L^T`` with ``L[:, c] = sqrt(p_c)(e_c - p)``.
+  ``diag GGN = sum_i sum_c p_ic (grad log p_ic)^2``, since ``diag(p) - p p^T = L L^T`` with
+  ``L[:, c] = sqrt(p_c)(e_c - p)``.
   For a Gaussian likelihood with noise variance s2 it is ``sum_i (grad f_i)^2 / s2``.
 - ``log det(diag(h) + Sigma^-1)`` has two variants (``approximation``):
     * ``"exact"`` (default): exact for the diagonal ``H_lik``. Diagonal and isotropic priors are diagonal anyway; for
@@ -26,6 +27,11 @@ When the likelihood is Gaussian and the model linear in theta, the log-joint is 
 the evidence over log lam with theta* held fixed (a dense log grid, then golden-section refinement; each evaluation is
 O(P k^2) because ``H_lik`` is computed once per round). This is MacKay's fixed-point scheme: at a fixed point the
 gradient in lam equals that of the true Laplace evidence (the dependence of theta* on lam drops out at the MAP).
+
+Caveats. A diagonal ``H_lik`` overstates ``log det`` (Hadamard's inequality), i.e. the Occam penalty of weak priors,
+so the diagonal Laplace evidence leans towards strong priors (Immer et al. use KFAC for this reason); theta* must be
+a converged MAP. On an MLP fine-tuned on 50 digits it chose much stronger priors than validation did (GGN), while the
+empirical Fisher, smaller at a well-fit MAP, chose a variance close to the best test one. Check the curve.
 """
 
 from __future__ import annotations
@@ -182,7 +188,8 @@ def _log_likelihood(out: torch.Tensor, y: torch.Tensor, likelihood: str, noise_v
     if likelihood == "categorical":
         return torch.log_softmax(out.double(), dim=1).gather(1, y.long().reshape(-1, 1)).sum()
     residual = out.double() - y.reshape(y.shape[0], -1).double()
-    return -(residual.pow(2).sum() / (2 * noise_variance) + 0.5 * residual.numel() * math.log(2 * math.pi * noise_variance))
+    log_norm = 0.5 * residual.numel() * math.log(2 * math.pi * noise_variance)
+    return -(residual.pow(2).sum() / (2 * noise_variance) + log_norm)
 
 
 def _curvature_weights(out, y, likelihood: str, hessian: str, noise_variance: float) -> torch.Tensor:

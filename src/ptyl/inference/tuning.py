@@ -26,14 +26,15 @@ so the value chosen on the 80 % split transfers unchanged to the refit on all n 
 Same-budget grids (:func:`default_grid`), ``budget = B`` trials, ``L = len(lrs)`` learning rates and ``B // L``
 log-spaced values of the method's main axis:
 
-============  ==========  ==========================  ===============================================
-method        axis        default range (log10)       why
-============  ==========  ==========================  ===============================================
-``lowrank``   ``scale``   [0, 8]                      SWAG variances are tiny: lambda is usually >> 1
-``diag``      ``scale``   [0, 8]                      same
-``l2sp``      ``variance``[-4, 0]                     L2-SP alpha = 1/(n variance) ~ 1e-2..1e2 for n ~ 1e2..1e4
-``standard``  ``variance``[-3, 1]                     weight decay 1/(n variance) ~ 1e-5..1 for n ~ 1e2..1e4
-============  ==========  ==========================  ===============================================
+============  ============  ====================  ===================================================
+method        axis          default log10 range   why
+============  ============  ====================  ===================================================
+``lowrank``   ``scale``     [0, 8]                SWAG variances are tiny: lambda is usually >> 1
+``diag``      ``scale``     [0, 8]                same
+``l2sp``      ``variance``  [-4, 0]               L2-SP alpha = 1/(n variance): 1e-2..1e2 at n = 100
+``standard``  ``variance``  [-2, 2]               weight decay 1/(n variance): 1e-4..1 at n = 100
+``none``      ``lr``        [log lrs]             no prior: the whole budget goes to the learning rate
+============  ============  ====================  ===================================================
 
 e.g. ``default_grid("lowrank", budget=15)`` = 5 scales {1, 1e2, 1e4, 1e6, 1e8} x lr {0.003, 0.01, 0.03}.
 """
@@ -67,7 +68,7 @@ DEFAULT_RANGES: dict[str, tuple[str, float, float]] = {
     "lowrank": ("scale", 0.0, 8.0),
     "diag": ("scale", 0.0, 8.0),
     "l2sp": ("variance", -4.0, 0.0),
-    "standard": ("variance", -3.0, 1.0),
+    "standard": ("variance", -2.0, 2.0),
 }
 
 
@@ -340,7 +341,8 @@ def tune(
     sign = 1.0 if METRICS[metric] == "min" else -1.0
     finite = [r for r in table if math.isfinite(r[f"val_{metric}"])]
     if not finite:
-        raise ConfigError(f"every one of the {len(table)} trials diverged; lower the learning rates "
+        raise ConfigError(f"every one of the {len(table)} trials diverged; lower the learning rates or widen the prior "
+                          "(a stiff prior, lr / (n variance) > 2, makes SGD diverge) "
                           f"(first error: {table[0].get('error')})")
     best_row = min(finite, key=lambda r: sign * r[f"val_{metric}"])  # first of ties, in grid order
     best = {k: best_row[k] for k in axes}
