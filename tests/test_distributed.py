@@ -75,7 +75,7 @@ def _scenarios(out: Path, data_file: Path) -> dict[str, torch.Tensor]:
 
     model = _model(1)
     prior = make_prior(model, "lowrank", posterior=post, scale=100.0, eps=0.1, head_variance=1.0)
-    fitted = fit(model, data(BATCH), prior, TrainConfig(epochs=3, batch_size=BATCH, lr=0.05, progress=False),
+    fitted = fit(model, data(BATCH), prior, TrainConfig(epochs=4, batch_size=BATCH, lr=0.3, progress=False),
                  checkpoint=out / "fit.pt")
     res["map.params"] = _flat(model)
     res["map.loss"] = torch.tensor([h["loss"] for h in fitted.history], dtype=torch.float64)

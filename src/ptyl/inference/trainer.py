@@ -177,7 +177,8 @@ class _Run:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         groups = _param_groups(model, head, config.lr, config.head_lr)
-        self.noise_gen = torch.Generator().manual_seed(config.seed + 1)
+        # on the model's device: SGLD noise drawn on a CPU generator would be copied to the GPU every step
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         if config.method in ("sgld", "csgld"):
             self.optimizer = SGLD(groups, lr=config.lr, num_data=self.num_data, temperature=config.temperature,
                                   momentum=config.momentum, generator=self.noise_gen)
@@ -239,6 +240,8 @@ class _Run:
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "swag": self.swag.state_dict() if self.swag is not None else None,
             "history": self.history,
+            # stateful objectives (SimCLR's augmentation stream) resume where they stopped
+            "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
         }
 
     def save(self) -> None:
@@ -270,6 +273,8 @@ class _Run:
             self.bank.load_state_dict(state["bank"])
         if self.swag is not None and state["swag"] is not None:
             self.swag.load_state_dict(state["swag"])
+        if state.get("objective") is not None and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state["objective"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         return True
 
