@@ -13,7 +13,7 @@ parameters, ResNet-sized for the prior; the compute of a step is that of a small
    slow drifts in machine load. The prior-only column times ``penalty(model).backward()`` alone.
 2. SWAG: one ``SWAGCollector.collect`` (rank 20) vs an epoch of 50 plain source steps:
    overhead = collect time / (50 x median plain step time).
-3. BMA: ``bma_predict`` over S = 1, 5, 10 samples (256 test images, BatchNorm recomputed on 256 training images per
+3. BMA: ``bma_predict`` over S = 1, 5, 10 samples (128 test images, BatchNorm recomputed on 128 training images per
    sample); the S = max run is repeated without BN recomputation to split the per-sample cost.
 4. Prior file: ``save_posterior`` in fp32 / fp16 / bf16: file size and ``load_posterior`` time (page cache warm).
 """
@@ -216,7 +216,9 @@ def report(info, n_params, steps, prior_only, swag, bma, io) -> tuple[str, dict]
         "",
         f"Goal low-rank k=5 step <= {STEP_GOAL:.2f}x plain: **{'met' if k5 <= STEP_GOAL else 'not met'}** "
         f"({k5:.3f}x; the ratio's noise across rounds is about ±{steps['_meta']['ratio_iqr_k5'] / 2 * 100:.1f}% "
-        "(half the interquartile range)).",
+        "(half the interquartile range)). The steadier estimate, the prior alone timed separately, costs "
+        f"{prior_only['lowrank k=5'] / plain * 100:.1f}% of a plain step: by that measure the goal is "
+        f"{'met' if 1 + prior_only['lowrank k=5'] / plain <= STEP_GOAL else 'not met'}.",
         "",
         "## SWAG collection",
         "",
@@ -248,7 +250,8 @@ def report(info, n_params, steps, prior_only, swag, bma, io) -> tuple[str, dict]
     data = {"benchmark": "step_overhead", "machine": info, "num_parameters": n_params, "steps": steps,
             "prior_only_s": prior_only, "swag": swag, "bma": bma, "prior_file": io,
             "goals": {"lowrank_k5_step_ratio": STEP_GOAL, "swag_overhead": SWAG_GOAL,
-                      "lowrank_k5_met": k5 <= STEP_GOAL, "swag_met": swag["overhead"] <= SWAG_GOAL}}
+                      "lowrank_k5_met": k5 <= STEP_GOAL,
+                      "lowrank_k5_prior_only_share": prior_only["lowrank k=5"] / plain, "swag_met": swag["overhead"] <= SWAG_GOAL}}
     return "\n".join(lines), data
 
 
@@ -267,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     x, y = torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
     posterior = synthetic_posterior(model, rank=20)
     priors = build_priors(model, posterior)
-    rounds = 2 if quick else 12
+    rounds = 2 if quick else 8
     steps = bench_steps(model, priors, x, y, rounds=rounds, warmup=1 if quick else 2)
     k5 = sorted(steps["lowrank k=5"]["ratios"])
     steps["_meta"] = {"batch": batch, "rounds": rounds, "model": model_name,
                       "ratio_iqr_k5": k5[(3 * len(k5)) // 4] - k5[len(k5) // 4] if len(k5) > 1 else 0.0}
     prior_only = bench_prior_only(model, priors, repeats=2 if quick else 10)
     swag = bench_swag(model, steps["plain (no prior)"]["median_s"], repeats=2 if quick else 7)
-    bma = bench_bma(model, (1, 2) if quick else (1, 5, 10), n_test=16 if quick else 256, n_bn=16 if quick else 256,
+    bma = bench_bma(model, (1, 2) if quick else (1, 5, 10), n_test=16 if quick else 128, n_bn=16 if quick else 128,
                     batch=8 if quick else 128)
     io = bench_io(posterior, repeats=2 if quick else 5)
     md, data = report(info, n_params, steps, prior_only, swag, bma, io)

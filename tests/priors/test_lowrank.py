@@ -41,10 +41,9 @@ def test_lambda_scales_whole_covariance_not_lambda_squared():
     post = random_posterior(model, rank=3)
     lam = 4.0
     p1, p4 = post.to_prior("lowrank", scale=1.0), post.to_prior("lowrank", scale=lam)
-    for i in range(len(p1.names)):
-        assert torch.allclose(p4.factor_0 if i == 0 else getattr(p4, f"factor_{i}"),
-                              math.sqrt(lam) * getattr(p1, f"factor_{i}"))
-        assert torch.allclose(getattr(p4, f"diag_{i}"), lam * getattr(p1, f"diag_{i}"))
+    (_, d1, u1), (_, d4, u4) = p1.flat_parts(), p4.flat_parts()
+    assert torch.allclose(u4, math.sqrt(lam) * u1)
+    assert torch.allclose(d4, lam * d1)
     # explicit formula: 1/2 (diag s2 + D D^T / (k-1))
     d = torch.cat([post.deviations[n].reshape(3, -1) for n in post.names], 1)
     v = torch.cat([post.variance[n].reshape(-1) for n in post.names])
@@ -89,7 +88,7 @@ def test_float32_params_with_bf16_storage_close_to_fp64():
     theta = {n: post.mean[n] + 0.1 * torch.randn(s, dtype=torch.float64) for n, s in post.shapes.items()}
     exact = post.to_prior("lowrank", scale=1.0, eps=0.01).log_prob(theta)
     lean = post.to_prior("lowrank", scale=1.0, eps=0.01, dtype=torch.bfloat16)
-    assert lean.mean_0.dtype == torch.bfloat16
+    assert lean.mean_g0.dtype == torch.bfloat16
     approx = lean.log_prob({n: t.float() for n, t in theta.items()})
     assert approx.dtype == torch.float32
     assert abs(float(approx) - float(exact)) / abs(float(exact)) < 0.05
@@ -110,3 +109,22 @@ def test_nonpositive_diag_rejected():
     mean = {"w": torch.zeros(3)}
     with pytest.raises(InvalidValueError, match="non-positive"):
         LowRankGaussianPrior(mean, {"w": torch.tensor([1.0, 0.0, 1.0])}, {"w": torch.ones(1, 3)})
+
+
+def test_grouping_of_many_tensors_matches_dense(monkeypatch):
+    """Small GROUP_NUMEL forces several packed groups (and single-tensor groups); results must not change."""
+    import ptyl.priors.lowrank as lowrank
+
+    model = TinyNet().double()
+    post = random_posterior(model, rank=3)
+    reference = post.to_prior("lowrank", scale=0.7, eps=0.01)
+    monkeypatch.setattr(lowrank, "GROUP_NUMEL", 10)
+    grouped = post.to_prior("lowrank", scale=0.7, eps=0.01)
+    assert len(grouped.groups) > 1 and len(reference.groups) == 1
+    params = {n: torch.randn(s, dtype=torch.float64, requires_grad=True) for n, s in post.shapes.items()}
+    a = reference.log_prob(params)
+    ga = torch.autograd.grad(a, list(params.values()))
+    b = grouped.log_prob(params)
+    gb = torch.autograd.grad(b, list(params.values()))
+    assert torch.allclose(a, b, rtol=1e-12)
+    assert all(torch.allclose(x, y, rtol=1e-10) for x, y in zip(ga, gb))

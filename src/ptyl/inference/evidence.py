@@ -229,8 +229,7 @@ def _hessian_vector(prior: Prior, hessian_diag: dict[str, torch.Tensor], device)
 
 def _lowrank_parts(prior: LowRankGaussianPrior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d [P], U [k, P] in float64 and the Cholesky factor of C = I + U D^-1 U^T."""
-    d = _flat(prior, "diag")
-    u = torch.cat([getattr(prior, f"factor_{i}").double().reshape(prior.rank, -1) for i in range(len(prior.names))], 1)
+    _, d, u = prior.flat_parts(torch.float64)
     return d, u, prior.capacitance_chol.double().to(d.device)
 
 
