@@ -207,7 +207,12 @@ def main() -> None:
         "float64 copy of a parameter during collection, or the penalty's gradient buffers).",
         table,
         f"bf16 / fp32 measured peak: SWAG collection {ratio['swag']:.2f}, prior step {ratio['prior']:.2f}. "
-        "SWAG keeps mean and M2 in float64 whatever the storage dtype, so only the K deviation columns shrink.",
+        "SWAG keeps mean and M2 in float64 whatever the storage dtype, so only the K deviation columns shrink; its "
+        "peak adds float64 temporaries of one parameter tensor (the 11.7M-entry word embedding is the largest). "
+        "The prior step's peak is about three times the prior's own size: inside `load_prior` the loaded posterior, "
+        "the per-parameter tensors `SourcePosterior.to_prior` makes, and the `LowRankGaussianPrior`'s packed "
+        "(concatenated) buffers coexist, plus the penalty's gradient. Freeing each per-parameter tensor once packed "
+        "(or packing straight from the posterior) would bring the peak down to about posterior + prior.",
         "Reproduce: `python benchmarks/memory_minilm.py" + (" --quick`" if args.quick else "`"),
     ])
     print("\n" + table)

