@@ -19,6 +19,7 @@ from ptyl.data.datasets import (
 from ptyl.data.loaders import IMAGE_EXTENSIONS, load_idx_pair, load_image_folder, load_npz, read_idx, write_idx
 from ptyl.data.segmentation import DigitCanvasSegmentation, make_segmentation_splits
 from ptyl.data.subsets import balanced_split, class_counts, few_shot_subset, stratified_split_indices
+from ptyl.data.text import TextDataset, available_text_datasets, collate_text, load_text_dataset
 
 __all__ = [
     "EMBEDDED_DIR",
@@ -28,6 +29,10 @@ __all__ = [
     "DigitCanvasSegmentation",
     "ImageDataset",
     "SimCLRAugment",
+    "TextDataset",
+    "available_text_datasets",
+    "collate_text",
+    "load_text_dataset",
     "available_datasets",
     "balanced_split",
     "class_counts",
