@@ -114,3 +114,13 @@ def test_empty_dataset_and_bad_config(digits):
         fit(model, TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         fit(model, digits[0], method="adam")
+
+
+def test_adam_optimizer_for_map(digits):
+    torch.manual_seed(3)
+    model = DigitNet()
+    prior = make_prior(model, "standard", variance=1.0)
+    result = fit(model, digits[0], prior, TrainConfig(epochs=4, lr=3e-3, optimizer="adam", progress=False))
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    with pytest.raises(ConfigError, match="optimizer"):
+        fit(DigitNet(), digits[0], None, TrainConfig(method="sgld", optimizer="adam", progress=False))

@@ -66,6 +66,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 0.01
     head_lr: float | None = None  # None: same as lr
+    optimizer: str = "sgd"  # map / swag: sgd | adam (sgld / csgld always use the SGLD sampler)
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "cosine"  # map: cosine | constant; swag: cosine/constant (constant after burn-in) | cyclical
@@ -86,6 +87,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+        if self.optimizer == "adam" and self.method in ("sgld", "csgld"):
+            raise ConfigError("method sgld/csgld samples with SGLD; optimizer 'adam' is for map and swag")
         if self.schedule not in ("cosine", "constant", "cyclical"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose 'cosine', 'constant' or 'cyclical'")
         if self.schedule == "cyclical" and self.method != "swag":
@@ -182,6 +187,8 @@ class _Run:
         if config.method in ("sgld", "csgld"):
             self.optimizer = SGLD(groups, lr=config.lr, num_data=self.num_data, temperature=config.temperature,
                                   momentum=config.momentum, generator=self.noise_gen)
+        elif config.optimizer == "adam":  # same objective, adaptive steps (dense prediction trains poorly with SGD)
+            self.optimizer = torch.optim.Adam(groups, lr=config.lr)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                              nesterov=config.nesterov and config.momentum > 0)
