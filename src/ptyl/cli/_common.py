@@ -1,0 +1,91 @@
+"""Shared pieces of the ``ptyl`` command line: the parser class, common options, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ptyl.errors import ConfigError
+
+
+class UsageError(ConfigError):
+    """A wrong flag or a missing/invalid argument on the command line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` that raises :class:`UsageError` instead of printing the usage and exiting, so ``main``
+    reports every problem as one ``ptyl: error: ...`` line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """``--quiet``, ``--debug``, ``--threads`` and ``--config``; on subcommands their defaults are suppressed so
+    values given before the subcommand name survive."""
+    default = (lambda v: v) if top_level else (lambda v: argparse.SUPPRESS)
+    group = parser.add_argument_group("general options")
+    group.add_argument("--quiet", "-q", action="store_true", default=default(False),
+                       help="no progress bars or progress messages")
+    group.add_argument("--debug", action="store_true", default=default(False),
+                       help="show the full traceback on errors")
+    group.add_argument("--threads", type=int, default=default(None), metavar="N",
+                       help="number of CPU threads torch may use (default: torch's choice)")
+    if not top_level:
+        group.add_argument("--config", metavar="FILE",
+                           help="YAML/TOML/JSON file whose keys are this command's long flag names "
+                                "(flags on the command line override it)")
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    """Options that must be set (by flag or config file); argparse's ``required`` would not see the config file."""
+    missing = [n for n in names if getattr(args, n, None) in (None, [])]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise UsageError(f"'ptyl {args.command}' needs {flags}")
+
+
+def progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def info(args: argparse.Namespace, message: str) -> None:
+    """A progress message on stderr (silenced by ``--quiet``); results go to stdout."""
+    if progress(args):
+        print(message, file=sys.stderr, flush=True)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"width": args.width} if getattr(args, "width", None) is not None else {}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def dtype_name(text: str) -> str:
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose float32, bfloat16 (bf16) or float16 (fp16)")
+    return DTYPES[text.lower()]

@@ -1,0 +1,97 @@
+"""``ptyl inspect``: what is in a prior file, or how much memory a prior for a model would take."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ptyl.cli._common import UsageError, add_common, dtype_name, positive_int
+
+
+def add_parsers(subparsers) -> None:
+    from ptyl.models import available_models
+
+    p = subparsers.add_parser("inspect", help="show a prior file's contents, or estimate a prior's memory",
+                              description="ptyl inspect PRIOR: metadata, rank, shapes and variance statistics of a "
+                                          "prior file.  ptyl inspect --estimate MODEL --rank K: memory of SWAG "
+                                          "collection and of the prior for that model.")
+    p.add_argument("prior", nargs="?", help="prior file (.safetensors)")
+    p.add_argument("--top", type=positive_int, default=20, help="show the first N parameter tensors [20]")
+    p.add_argument("--estimate", metavar="MODEL", choices=available_models(),
+                   help=f"estimate memory for this architecture instead ({', '.join(available_models())})")
+    p.add_argument("--rank", type=int, default=20, help="SWAG rank K for --estimate [20]")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="storage dtype for --estimate [float32]")
+    p.add_argument("--width", type=positive_int, help="model width for --estimate")
+    p.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model for --estimate [10]")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.estimate:
+        return _estimate(args)
+    if not args.prior:
+        raise UsageError("'ptyl inspect' needs a PRIOR file or --estimate MODEL")
+    return _inspect(args)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ptyl.models import build_model
+
+    try:
+        from ptyl.memory import estimate_report
+    except ImportError as err:  # pragma: no cover - ptyl.memory ships with ptyl
+        raise UsageError(f"--estimate is unavailable: {err}") from err
+    kwargs = {"width": args.width} if args.width else {}
+    model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
+    dtype = getattr(torch, args.dtype)
+    print(f"model: {args.estimate} {kwargs or ''}".rstrip())
+    print(estimate_report(model, args.rank, dtype, head="head"))
+    return 0
+
+
+def _stats(t) -> tuple[float, float, float]:
+    flat = t.detach().float().reshape(-1)
+    return float(flat.min()), float(flat.median()), float(flat.max())
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ptyl.experiments import pretrained_weights_path
+    from ptyl.io import load_posterior, read_metadata
+
+    path = args.prior
+    meta = read_metadata(path)
+    post = load_posterior(path)
+    shown = {"source", "architecture", "model", "model_kwargs", "objective", "num_classes", "image_size",
+             "num_snapshots", "rank", "dtype", "created", "swag_epochs", "swag_lr", "pretrain_epochs"}
+    print(f"prior file: {path} ({os.path.getsize(path) / 1024:.1f} KiB, format version {meta['format_version']})")
+    for key in ("source", "architecture", "model_kwargs", "objective", "num_classes", "image_size", "dtype",
+                "num_snapshots", "pretrain_epochs", "swag_epochs", "swag_lr", "created"):
+        if key in meta:
+            print(f"{key}: {meta[key]}")
+    print(f"rank: {post.rank}")
+    print(f"parameters: {post.num_parameters:,} in {len(post.names)} tensors")
+    weights = pretrained_weights_path(path)
+    print(f"pretrained weights: {weights.name} ({'found' if weights.is_file() else 'missing'})")
+    others = {k: v for k, v in meta.items() if k not in shown and k not in ("format", "format_version", "parameters")}
+    if others:
+        print("other metadata: " + ", ".join(f"{k}={v}" for k, v in others.items()))
+    header = f"{'name':<32} {'shape':<18} {'numel':>8} {'var min':>10} {'var median':>10} {'var max':>10} {'dev norm':>9}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for name in post.names[: args.top]:
+        lo, mid, hi = _stats(post.variance[name])
+        dev = float(post.deviations[name].float().norm()) if post.rank else 0.0
+        shape = "x".join(map(str, post.shapes[name])) or "scalar"
+        print(f"{name:<32} {shape:<18} {post.mean[name].numel():>8,} {lo:>10.3e} {mid:>10.3e} {hi:>10.3e} {dev:>9.3f}")
+    if len(post.names) > args.top:
+        print(f"... {len(post.names) - args.top} more tensors (--top N shows more)")
+    import torch
+
+    allvar = torch.cat([v.float().reshape(-1) for v in post.variance.values()])
+    lo, mid, hi = _stats(allvar)
+    print(f"{'all':<32} {'':<18} {allvar.numel():>8,} {lo:>10.3e} {mid:>10.3e} {hi:>10.3e}")
+    return 0

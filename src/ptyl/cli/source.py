@@ -1,0 +1,110 @@
+"""``ptyl pretrain`` and ``ptyl learn-prior``: the source side (train on the source data, learn the SWAG prior)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ptyl.cli._common import (
+    add_common, dtype_name, info, model_kwargs, positive_float, positive_int, progress,
+)
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    from ptyl.data import available_datasets
+    from ptyl.models import available_models
+
+    parser.add_argument("--data", default="kmnist", choices=available_datasets(),
+                        help="source data set (its train split) [kmnist]")
+    parser.add_argument("--model", default="smallcnn", choices=available_models(), help="architecture [smallcnn]")
+    parser.add_argument("--width", type=positive_int, help="model width (channels of the first stage)")
+    parser.add_argument("--objective", default="supervised", choices=("supervised", "simclr"),
+                        help="source objective: cross-entropy or SimCLR (self-supervised) [supervised]")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="learning rate [0.05]")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="batch size [128]")
+    parser.add_argument("--n-per-class", type=positive_int,
+                        help="use only this many source examples per class (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed [0]")
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="train a model on the source data set (writes weights)",
+                              description="Train a model on the source data set's train split and write its "
+                                          "weights (safetensors) — the input of 'ptyl learn-prior --init'.")
+    _add_source_options(p)
+    p.add_argument("--epochs", type=int, default=5, help="training epochs [5]")
+    p.add_argument("--out", default="pretrained.safetensors", help="weights file to write [pretrained.safetensors]")
+    add_common(p)
+    p.set_defaults(func=run_pretrain)
+
+    p = subparsers.add_parser("learn-prior", help="learn a prior on the source data set (writes a prior file)",
+                              description="Pretrain on the source data (or start from --init), then keep training at "
+                                          "a high constant learning rate while SWAG collects, and write the posterior "
+                                          "as a prior file plus the pretrained (SWA-mean) weights next to it.")
+    _add_source_options(p)
+    p.add_argument("--pretrain-epochs", type=int, default=5, help="pretraining epochs (ignored with --init) [5]")
+    p.add_argument("--swag-epochs", type=positive_int, default=3, help="epochs of SWAG collection [3]")
+    p.add_argument("--swag-lr", type=positive_float, help="constant learning rate while SWAG collects [--lr]")
+    p.add_argument("--rank", type=int, default=20, help="SWAG rank K (deviation columns kept) [20]")
+    p.add_argument("--init", help="weights file from 'ptyl pretrain' to start from instead of pretraining")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="storage dtype of the prior file [float32]")
+    p.add_argument("--out", default="prior.safetensors", help="prior file to write [prior.safetensors]")
+    add_common(p)
+    p.set_defaults(func=run_learn_prior)
+
+
+def _source_accuracy(model, data_name: str) -> float:
+    from torch.utils.data import DataLoader
+
+    from ptyl.data import load_dataset
+    from ptyl.inference.bma import predict_probs
+    from ptyl.metrics import accuracy
+
+    test = load_dataset(data_name, "test")
+    return float(accuracy(predict_probs(model, DataLoader(test, batch_size=512)), test.targets))
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from ptyl.experiments import pretrain_source
+
+    if args.epochs < 0:
+        from ptyl.cli._common import UsageError
+
+        raise UsageError(f"--epochs must be >= 0, got {args.epochs}")
+    info(args, f"pretraining {args.model} on {args.data} ({args.objective}, {args.epochs} epochs)")
+    model, meta = pretrain_source(args.data, args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                  objective=args.objective, n_per_class=args.n_per_class,
+                                  model_kwargs=model_kwargs(args), seed=args.seed, out=args.out,
+                                  progress=progress(args))
+    line = f"weights written to {args.out}"
+    if args.objective == "supervised":
+        line += f" (source test accuracy {_source_accuracy(model, args.data):.4f})"
+    print(line)
+    return 0
+
+
+def run_learn_prior(args: argparse.Namespace) -> int:
+    from ptyl.experiments import learn_source_prior, pretrained_weights_path
+    from ptyl.io import read_metadata
+
+    if args.pretrain_epochs < 0:
+        from ptyl.cli._common import UsageError
+
+        raise UsageError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
+    info(args, f"learning a prior: {args.model} on {args.data} ({args.objective}), rank {args.rank}")
+    path = learn_source_prior(args.data, args.model, pretrain_epochs=args.pretrain_epochs,
+                              swag_epochs=args.swag_epochs, rank=args.rank, lr=args.lr, swag_lr=args.swag_lr,
+                              batch_size=args.batch_size, objective=args.objective, n_per_class=args.n_per_class,
+                              model_kwargs=model_kwargs(args), init=args.init, dtype=args.dtype, out=args.out,
+                              seed=args.seed, progress=progress(args))
+    meta = read_metadata(path)
+    count = sum(_numel(p["shape"]) for p in meta["parameters"])
+    print(f"prior written to {path} (rank {meta['rank']}, {count:,} parameters, "
+          f"{meta.get('num_snapshots', '?')} snapshots); pretrained weights: {pretrained_weights_path(path)}")
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,170 @@
+"""End-to-end tests of the ``ptyl`` command line on tiny settings (real entry point, real files)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ptyl.cli import main
+from ptyl.experiments import pretrained_weights_path
+
+FAST = ["--n-per-class", "2", "--steps", "3", "--eps", "0.01", "--quiet"]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # exactly one line, no traceback
+    assert err[0].startswith("ptyl: error: ")
+    return err[0]
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("pretrain", "learn-prior", "inspect", "finetune", "evaluate", "demo"):
+        assert command in out
+    for command in ("pretrain", "learn-prior", "inspect", "finetune", "evaluate", "demo"):
+        assert main([command, "--help"]) == 0
+        assert "--config" in capsys.readouterr().out
+
+
+def test_learn_prior_writes_prior_and_weights_and_inspect_shows_rank(tiny_prior, capsys):
+    assert tiny_prior.is_file() and pretrained_weights_path(tiny_prior).is_file()
+    assert main(["inspect", str(tiny_prior), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "rank: 3" in out and "source: kmnist" in out and "architecture: smallcnn" in out
+    assert "features.conv1.weight" in out and "more tensors" in out  # --top 3 of 9 tensors
+
+
+def test_pretrain_then_learn_prior_from_init(tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    assert main(["pretrain", "--data", "kmnist", "--n-per-class", "4", "--width", "4", "--epochs", "1",
+                 "--batch-size", "16", "--quiet", "--out", str(weights)]) == 0
+    assert "source test accuracy" in capsys.readouterr().out
+    prior = tmp_path / "p.safetensors"
+    assert main(["learn-prior", "--init", str(weights), "--n-per-class", "4", "--swag-epochs", "1", "--rank", "2",
+                 "--batch-size", "16", "--dtype", "bf16", "--quiet", "--out", str(prior)]) == 0
+    assert main(["inspect", str(prior)]) == 0
+    out = capsys.readouterr().out
+    assert "rank: 2" in out and "dtype: bfloat16" in out and "'width': 4" in out
+
+
+def test_inspect_estimate(capsys):
+    assert main(["inspect", "--estimate", "smallcnn", "--rank", "5", "--dtype", "bf16", "--width", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters covered" in out and "K=5" in out
+
+
+@pytest.mark.parametrize("baseline", [None, "standard", "l2sp", "diag", "scratch"])
+def test_finetune_each_baseline_and_evaluate(tiny_prior, tmp_path, baseline, capsys):
+    out = tmp_path / "run"
+    extra = ["--baseline", baseline] if baseline else []
+    assert main(["finetune", "--prior", str(tiny_prior), "--data", "mnist", *FAST, *extra, "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["prior"] == {None: "lowrank", "scratch": "standard"}.get(baseline, baseline)
+    assert report["num_train"] == 20 and 0 <= report["metrics"]["accuracy"] <= 1
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    if baseline in (None, "scratch"):  # evaluate reproduces the test metrics from the saved weights
+        assert main(["evaluate", "--weights", str(out / "model.safetensors"), "--quiet"]) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        assert metrics["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
+        assert metrics["nll"] == pytest.approx(report["metrics"]["nll"], rel=1e-4)
+
+
+def test_finetune_sgld_saves_samples_and_evaluate_does_bma(tiny_prior, tmp_path, capsys):
+    out = tmp_path / "sgld"
+    assert main(["finetune", "--prior", str(tiny_prior), *FAST, "--method", "sgld", "--num-samples", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--weights", str(out / "model.safetensors"), "--samples",
+                 str(out / "samples.safetensors"), "--quiet"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["nll"] == pytest.approx(report["metrics"]["nll"], rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:best scale")
+def test_finetune_tune_selects_from_the_grid(tiny_prior, tmp_path):
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--prior", str(tiny_prior), *FAST, "--tune", "--budget", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["tuning"]["table"]) == 2
+    assert report["hyperparameters"]["scale"] in report["tuning"]["grid"]["scale"]
+
+
+def test_finetune_segmentation(tiny_prior, tmp_path):
+    out = tmp_path / "seg"
+    assert main(["finetune", "--prior", str(tiny_prior), "--task", "segmentation", "--n-train", "4", "--n-test", "4",
+                 "--steps", "2", "--eps", "0.01", "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["metrics"]) >= {"miou", "pixel_accuracy", "nll", "ece"}
+
+
+def test_config_file_with_flag_override(tiny_prior, tmp_path):
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"prior: {tiny_prior}\nn-per-class: 3\nsteps: 2\nlr: 0.5\neps: 0.01\nquiet: true\n"
+                      f"out: {tmp_path / 'from-config'}\n")
+    assert main(["finetune", "--config", str(config), "--lr", "0.02"]) == 0
+    report = json.loads((tmp_path / "from-config" / "results.json").read_text())
+    assert report["n_per_class"] == 3 and report["hyperparameters"]["lr"] == 0.02  # flag beats file
+    toml = tmp_path / "ft.toml"
+    toml.write_text(f'prior = "{tiny_prior}"\nquiet = true\n[finetune]\nn_per_class = 2\nsteps = 2\neps = 0.01\n'
+                    f'out = "{tmp_path / "toml"}"\n')
+    assert main(["finetune", "--config", str(toml)]) == 0
+    assert json.loads((tmp_path / "toml" / "results.json").read_text())["n_per_class"] == 2
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("n-per-klass: 3\n")
+    assert main(["finetune", "--config", str(config)]) == 2
+    assert "unknown option 'n-per-klass'" in _error_line(capsys)
+
+
+def test_bad_flag_is_one_line_and_exit_2(capsys):
+    assert main(["finetune", "--n-per-class", "ten"]) == 2
+    assert "invalid positive_int value" in _error_line(capsys)
+    assert main(["finetune", "--frobnicate"]) == 2
+    assert "unrecognized arguments: --frobnicate" in _error_line(capsys)
+    assert main(["finetune", "--method", "adam"]) == 2
+    assert "invalid choice" in _error_line(capsys)
+
+
+def test_missing_prior_file(tmp_path, capsys):
+    assert main(["finetune", "--prior", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "nope.safetensors" in _error_line(capsys)
+    assert main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
+    assert "not found" in _error_line(capsys)
+
+
+def test_prior_for_another_architecture(tiny_prior, tmp_path, capsys):
+    assert main(["finetune", "--prior", str(tiny_prior), "--model", "resnet8", *FAST, "--out", str(tmp_path)]) == 2
+    assert "'smallcnn'" in _error_line(capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope.safetensors"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| n/class | method | accuracy | nll | ece |" in out and "lowrank-sgld" in out
+    for name in ("prior.safetensors", "results.json", "data_efficiency.png", "summary.md"):
+        assert (tmp_path / name).is_file()
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank", "lowrank-sgld"}
+
+
+def test_installed_script_reports_errors_in_one_line(tmp_path):
+    script = Path(sys.executable).with_name("ptyl")
+    assert script.is_file(), "the ptyl console script is not installed (pip install -e .)"
+    proc = subprocess.run([str(script), "inspect", str(tmp_path / "missing.safetensors")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"ptyl: error: prior file not found: {tmp_path / 'missing.safetensors'}"]

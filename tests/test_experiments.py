@@ -1,0 +1,142 @@
+"""The transfer-experiment runner: source prior + pretrained weights, method parsing, the tuned comparison, reports."""
+
+import math
+
+import pytest
+import torch
+
+from ptyl.errors import ConfigError, ParameterMismatchError
+from ptyl.experiments import (
+    learn_source_prior, load_pretrained, load_weights, parse_method, plot_data_efficiency, pretrained_weights_path,
+    run_transfer, save_weights, summarize, train_config,
+)
+from ptyl.io import load_posterior, read_metadata
+from ptyl.models import SmallCNN
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the machine's cores are shared: one thread per test process avoids oversubscription (3x faster here)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("prior") / "prior.safetensors"
+    return learn_source_prior("kmnist", "smallcnn", pretrain_epochs=1, swag_epochs=2, rank=3, lr=0.05, batch_size=32,
+                              n_per_class=8, model_kwargs={"width": 4}, out=out, progress=False)
+
+
+def test_prior_file_metadata_and_pretrained_weights_are_the_swa_mean(tiny_prior):
+    meta = read_metadata(tiny_prior)
+    assert meta["source"] == "kmnist" and meta["architecture"] == "smallcnn" and meta["objective"] == "supervised"
+    assert meta["num_classes"] == 10 and meta["rank"] == 3 and meta["model_kwargs"]["width"] == 4
+    assert pretrained_weights_path(tiny_prior).is_file()
+    post = load_posterior(tiny_prior)
+    assert not any(n.startswith("head.") for n in post.names)  # the source head is not part of the prior
+    model, _ = load_pretrained(tiny_prior)
+    params = dict(model.named_parameters())
+    for name, mean in post.mean.items():
+        torch.testing.assert_close(params[name], mean)
+    # BatchNorm statistics were recomputed for the SWA mean (defaults are mean 0 / var 1)
+    assert not torch.allclose(model.features.bn1.running_mean, torch.zeros(4))
+
+
+def test_load_pretrained_with_new_head(tiny_prior):
+    model, _ = load_pretrained(tiny_prior, num_classes=3)
+    assert model.head.out_features == 3
+
+
+def test_weights_roundtrip_and_mismatch(tmp_path):
+    model = SmallCNN(width=4, num_classes=5)
+    path = save_weights(model, tmp_path / "w.safetensors", {"model": "smallcnn", "model_kwargs": {"width": 4},
+                                                            "num_classes": 5})
+    loaded, meta = load_weights(path)
+    assert meta["num_classes"] == 5
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    save_weights(model, tmp_path / "bad.safetensors", {"model": "smallcnn", "model_kwargs": {"width": 8},
+                                                       "num_classes": 5})
+    with pytest.raises(ParameterMismatchError, match="do not fit"):
+        load_weights(tmp_path / "bad.safetensors")
+
+
+def test_parse_method():
+    assert parse_method("lowrank-sgld").prior == "lowrank" and parse_method("lowrank-sgld").inference == "sgld"
+    assert parse_method("l2sp").inference == "map"
+    swag = parse_method("swag")
+    assert (swag.prior, swag.inference, swag.pretrained) == ("standard", "swag", True)
+    scratch = parse_method("scratch")
+    assert scratch.prior == "standard" and not scratch.pretrained
+    for bad in ("lowrank-adam", "bayes", "scratchy"):
+        with pytest.raises(ConfigError, match="unknown method"):
+            parse_method(bad)
+
+
+def test_train_config_keeps_the_step_budget():
+    small, large = train_config("map", 20, steps=60, batch_size=10), train_config("map", 600, steps=60, batch_size=10)
+    assert small.epochs == 30 and large.epochs == 2  # 2 steps/epoch vs 60 steps/epoch
+    swag = train_config("swag", 100, steps=100, batch_size=10)
+    assert swag.swag_collect_every >= 1 and swag.burn_in_fraction == 0.5
+
+
+def test_run_transfer_records_every_method(tiny_prior, tmp_path):
+    torch.manual_seed(0)
+    methods = ["lowrank", "scratch"]
+    results = run_transfer(tiny_prior, "mnist", n_per_class=[2], seeds=[0, 1], methods=methods, budget=2, steps=2,
+                           eps=1e-2, max_test=50, out_dir=tmp_path, progress=False)
+    assert [r["method"] for r in results] == methods * 2
+    for r in results:
+        assert r["num_train"] == 20 and r["num_test"] == 50 and r["n_per_class"] == 2
+        assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["nll"]) and r["wall_time_s"] > 0
+        assert len(r["validation"]) == 2  # the same budget for every method
+        axis = "scale" if r["prior"] == "lowrank" else "variance"
+        assert set(r["selected"]) == {axis, "lr"}
+    assert not results[1]["pretrained"] and results[0]["pretrained"]
+    # different seeds draw different few-shot subsets, so the runs differ
+    assert results[0]["nll"] != results[2]["nll"]
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_run_transfer_records_divergence_instead_of_crashing(tiny_prior):
+    results = run_transfer(tiny_prior, "mnist", n_per_class=[2], methods=["standard"], steps=4, max_test=20,
+                           grids={"standard": {"variance": [1.0], "lr": [1e9]}}, progress=False)
+    assert "diverged" in results[0]["error"] and math.isnan(results[0]["accuracy"])
+    assert "failed" in summarize(results)
+
+
+def _fake(method, n, seed, acc, nll):
+    return {"method": method, "n_per_class": n, "seed": seed, "accuracy": acc, "nll": nll, "ece": 0.1, "brier": 0.2,
+            "selected": {"lr": 0.01}, "edge_warnings": [], "wall_time_s": 1.0, "source": "kmnist", "target": "mnist"}
+
+
+def test_summarize_mean_and_std_over_seeds(tmp_path):
+    results = [_fake("standard", 10, 0, 0.5, 1.0), _fake("standard", 10, 1, 0.7, 2.0), _fake("lowrank", 10, 0, 0.9, 0.5),
+               _fake("standard", 100, 0, 0.8, 0.6)]
+    table = summarize(results)
+    lines = table.splitlines()
+    assert lines[0].startswith("| n/class | method | accuracy | nll")
+    std = torch.tensor([0.5, 0.7]).std().item()
+    assert f"0.6000 ± {std:.4f}" in table and "1.5000 ± 0.7071" in table
+    assert lines[2].startswith("| 10 | standard") and lines[3].startswith("| 10 | lowrank")
+    assert lines[4].startswith("| 100 | standard")
+    png = plot_data_efficiency(results, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simclr_source_prior_covers_the_trunk_only(tmp_path):
+    torch.manual_seed(0)
+    path = learn_source_prior("kmnist", "smallcnn", pretrain_epochs=1, swag_epochs=1, rank=2, batch_size=16,
+                              n_per_class=4, model_kwargs={"width": 4}, objective="simclr",
+                              out=tmp_path / "simclr.safetensors", progress=False)
+    meta = read_metadata(path)
+    assert meta["objective"] == "simclr" and meta["architecture"] == "smallcnn"
+    names = load_posterior(path).names
+    assert names and all(n.startswith("features.") for n in names)  # no projection.*, no head.*
+    model, _ = load_pretrained(path, num_classes=10)  # the classifier loads the shared trunk
+    assert model.head.out_features == 10
+
