@@ -10,7 +10,6 @@ import gzip
 import math
 import os
 import struct
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ptyl.data.datasets import ImageDataset, resize_images, to_image_tensor
 from ptyl.errors import DataError
+from ptyl.io.atomic import atomic_write_bytes
 
 __all__ = ["read_idx", "write_idx", "load_idx_pair", "load_npz", "load_image_folder", "IMAGE_EXTENSIONS"]
 
@@ -83,18 +83,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_idx(path: str | os.PathLike, array: np.ndarray | torch.Tensor) -> None:
     """Write ``array`` as an idx file (gzip-compressed if ``path`` ends in ``.gz``), atomically.
 
@@ -115,7 +103,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray | torch.Tensor) -> None
     payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, mtime=0)  # mtime=0: identical bytes for identical data
-    _atomic_write(path, payload)
+    atomic_write_bytes(path, payload)
 
 
 def load_idx_pair(

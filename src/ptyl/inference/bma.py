@@ -11,9 +11,7 @@ stored statistics belong to the weights they were accumulated with.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 from torch.utils.data import RandomSampler
 
 from ptyl.errors import DataError, InvalidValueError, PtylError
+from ptyl.io.atomic import atomic_write
 
 __all__ = ["SampleBank", "bma_predict", "predict_probs", "collect_targets"]
 
@@ -160,14 +159,7 @@ class SampleBank:
 
 
 def _atomic_save_safetensors(tensors: StateDict, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 # --------------------------------------------------------------------------------------------- prediction helpers

@@ -17,8 +17,6 @@ never leaves a half-written prior behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptyl.errors import InvalidValueError, PriorFileError
+from ptyl.io.atomic import atomic_write
 from ptyl.posterior.gaussian import SourcePosterior
 
 FORMAT = "ptyl-prior"
@@ -43,22 +42,6 @@ def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value not in _DTYPES:
         raise InvalidValueError(f"unknown dtype {value!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[value]
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_posterior(

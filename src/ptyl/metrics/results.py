@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 
 from ptyl.errors import DataError, InvalidValueError
+from ptyl.io.atomic import atomic_write_text
 
 __all__ = ["save_json", "load_json", "to_jsonable"]
 
@@ -55,18 +54,7 @@ def save_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
     """
     path = Path(path)
     text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text + "\n")
 
 
 def load_json(path: str | Path) -> Any:
