@@ -124,8 +124,10 @@ class LowRankGaussianPrior(Prior):
             group = tensors[start:start + len(names)]
             start += len(names)
             m, d, u = self._group(j, dtype)
-            theta = torch.cat([t.detach().reshape(-1) for t in group]) if len(group) > 1 else group[0].detach().reshape(-1)
-            w = theta - m
+            if len(group) > 1:  # the concatenation is a fresh copy: centre it in place
+                w = torch.cat([t.detach().reshape(-1) for t in group]).sub_(m)
+            else:
+                w = group[0].detach().reshape(-1) - m
             w_over = w / d
             quad += torch.dot(w, w_over).double()  # float64 accumulation across groups: P can be 1e7+
             v += u @ w_over
