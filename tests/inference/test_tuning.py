@@ -144,3 +144,57 @@ def test_bad_input_is_named():
         tune(model_fn, data, "standard", {"variance": [1.0]}, config=CONFIG, metric="auc", progress=False)
     with pytest.raises(DataError):
         validation_split(TensorDataset(torch.randn(4, 2), torch.randn(4)))
+
+
+def test_tune_splits_segmentation_masks_at_random_and_scores_per_pixel():
+    from torch import nn
+
+    from ptyl.data.segmentation import DigitCanvasSegmentation
+    from ptyl.metrics.segmentation import evaluate_segmentation
+
+    gen = torch.Generator().manual_seed(0)
+    digits, labels = torch.rand(12, 1, 6, 6, generator=gen), torch.arange(12) % 3
+    data = DigitCanvasSegmentation(digits, labels, 10, canvas_size=6, digits_per_canvas=(1, 1), threshold=0.5)
+    train, val = validation_split(data, 0.2, seed=5, split="random")
+    assert sorted(train.indices + val.indices) == list(range(10)) and len(val) == 2
+    assert val.indices == validation_split(data, 0.2, seed=5, split="random")[1].indices  # seeded
+    with pytest.raises(DataError, match="split='random'"):
+        validation_split(data)  # the default stays class-balanced, and says what to do
+
+    class PixelNet(nn.Module):  # per-pixel logits [B, 4, H, W]
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Conv2d(1, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, data.num_classes, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.features(x)))
+
+    def pixel_model():
+        torch.manual_seed(7)
+        return PixelNet()
+
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.01, optimizer="adam", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = tune(pixel_model, data, "standard", {"variance": [0.1, 10.0]}, config=config, seed=5,
+                      progress=False)  # split="auto": no labels of shape [n], so a random split
+    assert result.split == {"train": 8, "val": 2, "total": 10}
+    # the validation NLL is the per-pixel NLL of an independent fit on the same random split
+    fit_part, val_part = validation_split(data, 0.2, seed=5, split="random")
+    torch.manual_seed(5)
+    model = pixel_model()
+    prior = MethodSpec("standard").build_prior(model, variance=result.best["variance"])
+    fitted = fit(model, fit_part, prior, replace_seed(config, 5), num_data=len(fit_part), head="head")
+    expected = evaluate_segmentation(fitted.predict(val_part), data.masks[val_part.indices])["nll"]
+    best_row = next(r for r in result.table if r["variance"] == result.best["variance"])
+    assert best_row["val_nll"] == pytest.approx(expected, rel=1e-5)
+    assert result.final is not None and len(result.final.train_loader.dataset) == len(data)
+    with pytest.raises(ConfigError, match="split"):
+        tune(pixel_model, data, "standard", {"variance": [1.0]}, config=config, split="stratified", progress=False)
+
+
+def replace_seed(config: TrainConfig, seed: int) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(config, seed=seed)

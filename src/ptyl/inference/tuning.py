@@ -4,7 +4,9 @@ and every baseline goes through, so that baselines are tuned as hard as the meth
 For every point of the grid (the Cartesian product of the axes):
 
 1. split the n training examples into a class-balanced 80 % / 20 % (``val_fraction``) train/validation pair
-   (:func:`ptyl.data.balanced_split`; ``seed`` picks the split; the same split for every trial);
+   (:func:`ptyl.data.balanced_split`; ``seed`` picks the split; the same split for every trial); data without one
+   class label per example (segmentation: the target is a mask) get a seeded random 80 / 20 split instead
+   (``split="auto"``, the default; ``split="balanced"`` / ``"random"`` force one) and per-pixel metrics;
 2. build a fresh model (``model_fn()``) and its prior (``method``: ``standard`` / ``l2sp`` / ``diag`` / ``lowrank``
    / ``none``, see :func:`ptyl.priors.make_prior`);
 3. fit with :func:`ptyl.inference.trainer.fit` on the 80 % (``num_data`` = its size) and score the validation set
@@ -62,6 +64,7 @@ __all__ = ["MethodSpec", "TuneResult", "default_grid", "tune", "validation_split
 
 PRIOR_KEYS = ("scale", "eps", "rank", "variance", "head_variance")
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
+SPLITS = ("auto", "balanced", "random")
 METRICS = {"nll": "min", "ece": "min", "brier": "min", "accuracy": "max"}
 DEFAULT_LRS = (0.003, 0.01, 0.03)
 DEFAULT_RANGES: dict[str, tuple[str, float, float]] = {
@@ -218,28 +221,65 @@ def _logspace(lo: float, hi: float, n: int) -> list[float]:
     return [float(f"{10.0 ** (lo + (hi - lo) * i / (n - 1)):.6g}") for i in range(n)]
 
 
-def validation_split(train_set: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Class-balanced, disjoint ``(train, val)`` split of an :class:`ImageDataset` or an ``(x, y)``
-    :class:`TensorDataset` (``round(val_fraction * n_c)`` of every class in val)."""
+def validation_split(
+    train_set: Dataset, val_fraction: float = 0.2, seed: int = 0, split: str = "balanced"
+) -> tuple[Dataset, Dataset]:
+    """Disjoint ``(train, val)`` split.
+
+    ``split="balanced"`` (default): class-balanced split of an :class:`ImageDataset` or an ``(x, y)``
+    :class:`TensorDataset` (``round(val_fraction * n_c)`` of every class in val).
+    ``split="random"``: a seeded uniform split with ``round(val_fraction * n)`` examples in val (at least one on each
+    side), for data without one class label per example, e.g. segmentation canvases whose target is a mask.
+    """
     from ptyl.data import balanced_split, stratified_split_indices
 
+    if split == "random":
+        return _random_split(train_set, val_fraction, seed)
+    if split != "balanced":
+        raise ConfigError(f"unknown split {split!r}; choose one of {SPLITS}")
     if hasattr(train_set, "subset") and hasattr(train_set, "targets"):
         return balanced_split(train_set, val_fraction, seed)
     if isinstance(train_set, TensorDataset) and len(train_set.tensors) >= 2:
         targets = train_set.tensors[1]
         if targets.is_floating_point() or targets.dim() != 1:
-            raise DataError("validation_split needs integer class labels of shape [n] to balance classes")
+            raise DataError("validation_split needs integer class labels of shape [n] to balance classes "
+                            "(pass split='random' for targets without one class label per example)")
         train_idx, val_idx = stratified_split_indices(targets, val_fraction, seed)
         if val_idx.numel() == 0:
             raise DataError("no class has 2 or more examples, so the validation set would be empty")
         return Subset(train_set, train_idx.tolist()), Subset(train_set, val_idx.tolist())
-    raise DataError(f"cannot split a {type(train_set).__name__}: pass an ImageDataset or an (x, y) TensorDataset")
+    raise DataError(f"cannot split a {type(train_set).__name__} by class: pass an ImageDataset or an (x, y) "
+                    "TensorDataset, or split='random'")
+
+
+def _random_split(train_set: Dataset, val_fraction: float, seed: int) -> tuple[Subset, Subset]:
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise InvalidValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    n = len(train_set)
+    if n < 2:
+        raise DataError(f"a random split needs at least 2 examples, got {n}")
+    n_val = min(max(1, round(val_fraction * n)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    train_idx, val_idx = perm[n_val:].sort().values, perm[:n_val].sort().values
+    return Subset(train_set, train_idx.tolist()), Subset(train_set, val_idx.tolist())
+
+
+def _has_class_labels(dataset: Dataset) -> bool:
+    """Whether :func:`validation_split` can balance classes: integer labels of shape ``[n]``."""
+    if hasattr(dataset, "subset") and hasattr(dataset, "targets"):
+        targets = torch.as_tensor(dataset.targets)
+    elif isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        targets = dataset.tensors[1]
+    else:
+        return False
+    return targets.dim() == 1 and not targets.is_floating_point()
 
 
 def _targets(dataset: Dataset) -> torch.Tensor:
+    """Targets of every example stacked: labels ``[n]``, or masks ``[n, H, W]`` for segmentation."""
     if hasattr(dataset, "targets"):
         return torch.as_tensor(dataset.targets).long()
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    return torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))]).long()
 
 
 def _check_grid(grid: Mapping[str, Sequence[Any]], spec: MethodSpec) -> dict[str, list[Any]]:
@@ -301,6 +341,7 @@ def tune(
     progress: bool = True,
     refit: bool = True,
     objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    split: str = "auto",
 ) -> TuneResult:
     """Grid search on a class-balanced split (see the module docstring).
 
@@ -311,6 +352,9 @@ def tune(
         grid: axis name -> values (see the module docstring).
         seed: picks the split and seeds every fit (``config.seed`` is replaced): same seed, same table.
         metric: selection criterion on the validation set: ``nll`` (default), ``ece``, ``brier`` or ``accuracy``.
+        split: ``"balanced"`` (class-balanced, needs integer labels ``[n]``), ``"random"`` (seeded uniform split, for
+            targets that are not one class per example, e.g. segmentation masks; the metrics are then per pixel), or
+            ``"auto"`` (default): balanced when the data set has such labels, random otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -319,9 +363,13 @@ def tune(
     spec = _as_spec(method_spec)
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose one of {tuple(METRICS)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {SPLITS}")
     axes = _check_grid(grid, spec)
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
-    fit_part, val_part = validation_split(train_set, val_fraction, seed)
+    if split == "auto":
+        split = "balanced" if _has_class_labels(train_set) else "random"
+    fit_part, val_part = validation_split(train_set, val_fraction, seed, split)
     val_targets = _targets(val_part)
     combos = list(itertools.product(*axes.values()))
     table = []
