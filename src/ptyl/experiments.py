@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -79,7 +78,7 @@ WEIGHTS_FORMAT = "ptyl-weights"
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write ``model.state_dict()`` (parameters and buffers) to a safetensors file with JSON metadata that says how to
     rebuild the model (``model``, ``model_kwargs``, ``num_classes``, ``task``...). Atomic; no pickle."""
-    from ptyl.io.prior_file import atomic_write
+    from ptyl.io import atomic_write
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
                if isinstance(v, torch.Tensor)}
@@ -90,17 +89,11 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -
 
 def read_weights_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a weights file written by :func:`save_weights`."""
-    path = Path(path)
-    if not path.is_file():
+    from ptyl.io.prior_file import read_json_header
+
+    if not Path(path).is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise PriorFileError(f"{path}: not a readable safetensors weights file: {err}") from err
-    if "ptyl_weights" not in header:
-        raise PriorFileError(f"{path}: safetensors file without ptyl weights metadata (was it written by ptyl?)")
-    return json.loads(header["ptyl_weights"])
+    return read_json_header(path, "ptyl_weights", what="weights")
 
 
 def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -543,7 +536,7 @@ def plot_data_efficiency(results: Sequence[dict[str, Any]], path: str | Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ptyl.io.prior_file import atomic_write
+    from ptyl.io import atomic_write
 
     groups = _group(results)
     methods = list(dict.fromkeys(m for m, _ in groups))

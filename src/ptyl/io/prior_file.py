@@ -83,20 +83,25 @@ def save_posterior(
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a prior file, validated for format and version (tensors are not read)."""
-    path = _existing(path)
+def read_json_header(path: str | Path, key: str, what: str = "prior") -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a safetensors file's metadata (tensors are not read)."""
+    path = _existing(path, what)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise PriorFileError(f"{path}: not a readable safetensors prior file (truncated or corrupt?): {err}") from err
-    if "ptyl" not in header:
-        raise PriorFileError(f"{path}: safetensors file without ptyl metadata; is it a ptyl prior file?")
+        raise PriorFileError(f"{path}: not a readable safetensors {what} file (truncated or corrupt?): {err}") from err
+    if key not in header:
+        raise PriorFileError(f"{path}: safetensors file without ptyl metadata; is it a ptyl {what} file?")
     try:
-        meta = json.loads(header["ptyl"])
+        return json.loads(header[key])
     except json.JSONDecodeError as err:
         raise PriorFileError(f"{path}: metadata is not valid JSON: {err}") from err
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a prior file, validated for format and version (tensors are not read)."""
+    meta = read_json_header(path, "ptyl")
     if meta.get("format") != FORMAT:
         raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     version = meta.get("format_version")
@@ -184,8 +189,8 @@ def load_prior(
     return prior
 
 
-def _existing(path: str | Path) -> Path:
+def _existing(path: str | Path, what: str = "prior") -> Path:
     path = Path(path)
     if not path.is_file():
-        raise PriorFileError(f"prior file not found: {path}")
+        raise PriorFileError(f"{what} file not found: {path}")
     return path
