@@ -164,3 +164,17 @@ def test_reference_importer_round_trip(tmp_path):
     torch.save(torch.randn(P + 1), prefix + "_mean.pt")
     with pytest.raises(PriorFileError, match="sizes disagree"):
         import_reference(prefix)
+
+
+def test_rank_zero_round_trip_keeps_dtype(tmp_path):
+    torch.manual_seed(0)
+    post = random_posterior(TinyNet(), rank=0, dtype=torch.float64)
+    path = save_posterior(post, tmp_path / "diag.safetensors")
+    back = load_posterior(path)
+    assert back.rank == 0
+    for n in post.names:
+        assert back.deviations[n].shape == (0, *post.mean[n].shape)
+        # the empty deviations follow the stored tensors (dtype, and device via map_location), not torch defaults
+        assert back.deviations[n].dtype == back.mean[n].dtype == torch.float64
+        assert back.deviations[n].device == back.mean[n].device
+    assert all(torch.equal(back.mean[n], post.mean[n]) for n in post.names)

@@ -72,11 +72,12 @@ def test_posterior_and_sampling():
     assert torch.isfinite(p).all() and (p - post.mean["features.0.weight"]).abs().max() < 1.0
 
 
-def test_sample_statistics_match_swag_covariance():
-    """Samples of the collector follow N(mu, 1/2(diag s2 + D D^T/(K-1)))."""
+@pytest.mark.parametrize("rank", [3, 1])
+def test_sample_statistics_match_swag_covariance(rank):
+    """Samples of the collector follow N(mu, 1/2(diag s2 + D D^T/max(K-1, 1))), the prior's covariance."""
     torch.manual_seed(0)
     w = torch.nn.Linear(3, 1, bias=False)
-    swag = SWAGCollector(w, rank=3)
+    swag = SWAGCollector(w, rank=rank)
     gen = torch.Generator().manual_seed(1)
     for _ in range(8):
         swag.collect({"weight": torch.randn(1, 3, generator=gen)})

@@ -467,10 +467,8 @@ def select_prior_scale(
         warnings.warn(f"the evidence is maximised at the bound lam={scale:g} of {bounds}: widen the bounds")
     final, final_evidence = None, None
     if refit:
-        if last[0] == scale and config.method == "map":
-            final = last[1]
-        else:
-            final, _ = fresh_fit(scale, config)
+        reuse = last[0] == scale and config.method == "map"
+        final = last[1] if reuse else fresh_fit(scale, config)[0]
         if config.method == "map":
             torch.manual_seed(config.seed)  # l2sp is centred on the *pretrained* weights: rebuild from a fresh model
             final_prior = build_prior(model_fn(), scale)
@@ -478,6 +476,7 @@ def select_prior_scale(
                 warnings.simplefilter("ignore")
                 final_evidence = laplace_log_evidence(final.model, final_prior, train_set, likelihood=likelihood,
                                                       hessian=hessian, noise_variance=noise_variance,
-                                                      approximation=approximation, batch_size=config.batch_size * 8)
+                                                      approximation=approximation, batch_size=config.batch_size * 8,
+                                                      curvature_at_map=last[2] if reuse else None)
     curve_dict = {"scale": [10.0**t for t, _ in curve], "log_evidence": [v for _, v in curve]}
     return EvidenceResult(scale, curve_dict, final, history, final_evidence, edge)

@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptyl import distributed as ddp
 from ptyl.errors import ConfigError, DataError
-from ptyl.inference.bma import SampleBank, bma_predict, predict_probs
+from ptyl.inference.bma import SampleBank, _to_device, bma_predict, predict_probs
 from ptyl.inference.schedules import CyclicalSchedule
 from ptyl.inference.sgld import SGLD
+from ptyl.io.atomic import atomic_write
 from ptyl.params import name_matches, named_parameters
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.priors.base import Prior
@@ -159,16 +160,6 @@ def _param_groups(model: nn.Module, head: str | Sequence[str] | None, lr: float,
     return [g for g in groups if g["params"]]
 
 
-def _move_batch(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move_batch(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _move_batch(v, device) for k, v in batch.items()}
-    return batch
-
-
 class _Run:
     """State of one training run: built once, checkpointed each epoch."""
 
@@ -177,6 +168,10 @@ class _Run:
         self.net = model  # DDP: fit() replaces this by the DDP wrapper; forward/backward go through it
         self.objective = objective or supervised_objective
         self.device = torch.device(config.device) if config.device else next(model.parameters()).device
+        # before the optimiser, SWAG moments and noise generator are built, so all of them live on this device
+        model.to(self.device)
+        if isinstance(prior, nn.Module):  # a prior built on another device (e.g. before config.device moved the model)
+            prior.to(self.device)
         self.loader, self.loader_gen = _loader(data, config.batch_size, config.seed)
         self.num_data = int(num_data or len(self.loader.dataset))
         self.steps_per_epoch = len(self.loader)
@@ -254,8 +249,6 @@ class _Run:
     def save(self) -> None:
         if self.checkpoint is None:
             return
-        from ptyl.io.prior_file import atomic_write
-
         if ddp.is_main_process():  # DDP: one writer; the barrier keeps the others from reading a half-written file
             state = self.state()
             atomic_write(self.checkpoint, lambda tmp: torch.save(state, tmp))
@@ -287,7 +280,7 @@ class _Run:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def train_step(self, batch: Any) -> tuple[float, float]:
-        batch = _move_batch(batch, self.device)
+        batch = _to_device(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         data_loss = self.objective(self.net, batch)
         loss = data_loss
@@ -369,7 +362,6 @@ def fit(
     if resume:
         run.load()
     sgld_steps = run._sgld_collect_steps() if config.method == "sgld" else set()
-    model.to(run.device)
     run.net = ddp.wrap_model(model)  # DDP: identity unless a process group with > 1 rank exists
     show = config.progress and ddp.is_main_process()
     bar = tqdm(total=config.epochs, initial=run.epoch, desc=f"fit[{config.method}]", disable=not show)
@@ -407,7 +399,7 @@ def _draw_swag_samples(run: _Run, result: FitResult) -> None:
     if run.swag.num_snapshots < 2:
         raise ConfigError("downstream SWAG collected fewer than 2 snapshots: use more epochs or a lower burn_in")
     mean_state = {k: v.clone() for k, v in run.model.state_dict().items()}
-    gen = torch.Generator().manual_seed(run.config.seed + 2)
+    gen = torch.Generator(device=run.device).manual_seed(run.config.seed + 2)  # sample_into draws on this device
     run.bank.clear()
     for _ in range(run.config.num_samples):
         run.swag.sample_into(run.model, generator=gen)

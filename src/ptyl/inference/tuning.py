@@ -153,7 +153,7 @@ class TuneResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from ptyl.io.prior_file import atomic_write
+        from ptyl.io.atomic import atomic_write
 
         x = x or next((k for k in ("scale", "variance") if k in self.grid), None) or next(
             (k for k, v in self.grid.items() if all(_is_number(a) for a in v)), None)

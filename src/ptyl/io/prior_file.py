@@ -17,6 +17,7 @@ never leaves a half-written prior behind.
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,8 @@ def load_posterior(
                 name, shape = entry["name"], tuple(entry["shape"])
                 for kind in _KINDS:
                     key = f"{kind}::{name}"
-                    if kind == "deviations" and rank == 0:
-                        stores[kind][name] = torch.zeros((0, *shape))
+                    if kind == "deviations" and rank == 0:  # same device and dtype as the mean read just before
+                        stores[kind][name] = stores["mean"][name].new_zeros((0, *shape))
                         continue
                     if key not in keys:
                         raise PriorFileError(f"{path}: tensor {key!r} listed in the metadata is missing")
@@ -177,8 +178,6 @@ def load_prior(
     ``prior.skipped`` (a warning is issued); with ``strict=True`` they raise :class:`ParameterMismatchError`.
     ``map_location`` defaults to the model's device.
     """
-    import warnings
-
     if map_location is None:
         map_location = next(model.parameters()).device
     posterior = load_posterior(path, map_location=map_location).matched_to(model, strict=strict)

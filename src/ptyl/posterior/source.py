@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ptyl.errors import ConfigError
 from ptyl.inference.trainer import Objective, TrainConfig, fit
 from ptyl.params import Selector
 from ptyl.posterior.gaussian import SourcePosterior
@@ -72,8 +73,6 @@ def learn_prior(
         metadata: recorded in the prior file (source dataset, architecture, objective...).
     """
     if schedule not in ("constant", "cyclical"):
-        from ptyl.errors import ConfigError
-
         raise ConfigError(f"source schedule must be 'constant' or 'cyclical', got {schedule!r}")
     collector = SWAGCollector(model, rank=rank, head=head, exclude=exclude)
     config = TrainConfig(
@@ -89,7 +88,7 @@ def learn_prior(
         "source_schedule": schedule,
         "source_lr": lr,
         "source_epochs": epochs,
-        "excluded": [h for h in ([head] if isinstance(head, str) else list(head or []))],
+        "excluded": [head] if isinstance(head, str) else list(head or []),
         **(metadata or {}),
     }
     return collector.posterior(metadata=meta)

@@ -94,9 +94,10 @@ class SWAGCollector:
             theta64 = theta.to(device=mean.device, dtype=torch.float64)
             delta = theta64 - mean
             mean.add_(delta / n)
-            self._m2[name].add_(delta * (theta64 - mean))
+            deviation = theta64 - mean  # from the updated mean: Welford's second factor and the new column
+            self._m2[name].add_(delta * deviation)
             if slot is not None:
-                self._dev[name][slot].copy_(theta64 - mean)
+                self._dev[name][slot].copy_(deviation)
 
     def _deviation_order(self) -> list[int]:
         """Ring-buffer slots from oldest to newest."""
@@ -141,14 +142,15 @@ class SWAGCollector:
         generator: torch.Generator | None = None,
         bn_loader: Iterable | None = None,
     ) -> None:
-        """Write theta = mu + sqrt(scale/2) sigma z1 + sqrt(scale / (2 (K-1))) D z2 into the model; with
-        ``bn_loader`` recompute BatchNorm statistics afterwards."""
+        """Write theta = mu + sqrt(scale/2) sigma z1 + sqrt(scale / (2 max(K-1, 1))) D z2 into the model (the
+        covariance of :meth:`SourcePosterior.dense_covariance`, K = 1 included); with ``bn_loader`` recompute
+        BatchNorm statistics afterwards."""
         self._need(2)
         params = named_parameters(model)
         order = self._deviation_order()
         k = len(order)
         device = next(iter(self._mean.values())).device
-        z2 = torch.randn(k, generator=generator, dtype=torch.float64, device=device) if k > 1 else None
+        z2 = torch.randn(k, generator=generator, dtype=torch.float64, device=device) if k > 0 else None
         var = self.variance()
         for name in self.names:
             mean = self._mean[name]
@@ -156,7 +158,7 @@ class SWAGCollector:
             theta = mean + math.sqrt(scale / 2.0) * var[name].clamp_min(0).sqrt() * z1
             if z2 is not None:
                 dev = self._dev[name][order].double().reshape(k, -1)
-                theta += math.sqrt(scale / (2.0 * (k - 1))) * (z2 @ dev).reshape(mean.shape)
+                theta += math.sqrt(scale / (2.0 * max(k - 1, 1))) * (z2 @ dev).reshape(mean.shape)
             params[name].copy_(theta.to(params[name].dtype))
         if bn_loader is not None:  # update_bn takes x from (x, y) batches itself
             torch.optim.swa_utils.update_bn(bn_loader, model, device=next(model.parameters()).device)

@@ -12,7 +12,7 @@ so a training step adds ``prior.penalty(model) / N`` to the mean cross-entropy o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,15 @@ class Prior(nn.Module):
         return f"tensors={len(self.names)}, parameters={self.num_parameters:,}"
 
 
+def sum_log_probs(priors: Iterable[Prior], named: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``sum_b log p_b`` of independent priors over disjoint groups (``None`` when there are none)."""
+    total = None
+    for prior in priors:
+        term = prior.log_prob(named)
+        total = term if total is None else total + term
+    return total
+
+
 class CompositePrior(Prior):
     """Independent priors over disjoint parameter groups (e.g. learned backbone prior + isotropic head prior).
 
@@ -80,10 +89,7 @@ class CompositePrior(Prior):
 
     def log_prob(self, params: nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor:
         named = named_parameters(params)
-        total = None
-        for prior in self.parts.values():
-            term = prior.log_prob(named)
-            total = term if total is None else total + term
+        total = sum_log_probs(self.parts.values(), named)
         if total is None:  # everything unregularised
             device = next(iter(named.values())).device if named else None
             return torch.zeros((), device=device)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.params import name_matches, named_parameters
-from ptyl.priors.base import Prior
+from ptyl.priors.base import Prior, sum_log_probs
 from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.lowrank import LowRankGaussianPrior
 
@@ -66,12 +66,7 @@ class BlockLowRankPrior(Prior):
         return self.parts[self.blocks.index(name)]
 
     def log_prob(self, params: nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        named = named_parameters(params)
-        total = None
-        for prior in self.parts:
-            term = prior.log_prob(named)
-            total = term if total is None else total + term
-        return total
+        return sum_log_probs(self.parts, named_parameters(params))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocks={len(self.blocks)}"

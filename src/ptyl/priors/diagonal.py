@@ -24,7 +24,7 @@ class DiagonalGaussianPrior(Prior):
         if set(mean) != set(variance):
             raise InvalidValueError("mean and variance must name the same parameters")
         super().__init__(list(mean), [tuple(t.shape) for t in mean.values()])
-        log_det = torch.zeros((), dtype=torch.float64)
+        log_det = torch.zeros((), dtype=torch.float64)  # CPU scalar: `+` below moves it to the tensors' device
         for i, name in enumerate(self.names):
             m, v = mean[name].detach(), variance[name].detach()
             if tuple(v.shape) != self.shapes[i]:
@@ -33,7 +33,7 @@ class DiagonalGaussianPrior(Prior):
             check_positive(v, f"variance of {name!r}")
             self.register_buffer(f"mean_{i}", m)
             self.register_buffer(f"var_{i}", v)
-            log_det += v.double().log().sum()
+            log_det = log_det + v.double().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:

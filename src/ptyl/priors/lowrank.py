@@ -73,8 +73,7 @@ class LowRankGaussianPrior(Prior):
         self.groups = self._plan_groups()
         shape_of = dict(zip(self.names, self.shapes))
         self.group_shapes = [[shape_of[n] for n in names] for names in self.groups]
-        capacitance = torch.eye(self.rank, dtype=torch.float64)
-        log_det_d = torch.zeros((), dtype=torch.float64)
+        capacitance = log_det_d = None
         for j, names in enumerate(self.groups):
             m = torch.cat([mean[n].detach().reshape(-1) for n in names])
             d = torch.cat([diag[n].detach().reshape(-1) for n in names])
@@ -82,8 +81,12 @@ class LowRankGaussianPrior(Prior):
             self.register_buffer(f"mean_g{j}", m)
             self.register_buffer(f"diag_g{j}", d)
             self.register_buffer(f"factor_g{j}", u)
+            if capacitance is None:  # on the tensors' device: a CPU accumulator cannot take CUDA terms in place
+                capacitance = torch.eye(self.rank, dtype=torch.float64, device=u.device)
+                log_det_d = torch.zeros((), dtype=torch.float64, device=u.device)
             d64 = d.double()
-            for chunk in torch.split(torch.arange(d.numel()), 1 << 20):  # bounded float64 temporaries
+            for start in range(0, d.numel(), 1 << 20):  # bounded float64 temporaries (slices: no index tensor)
+                chunk = slice(start, start + (1 << 20))
                 u64 = u[:, chunk].double()
                 capacitance += (u64 / d64[chunk]) @ u64.T
             log_det_d += d64.log().sum()
