@@ -312,6 +312,19 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
+def fmt_mean_std(values: Sequence[float]) -> str:
+    """``"mean ± std"`` over seeds (3 decimals); a single value alone."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def mean_std_fields(stats: dict[str, Sequence[float]]) -> dict[str, float]:
+    """``{"<k>_mean": ..., "<k>_std": ...}`` for every metric ``k`` (std 0 for a single value), for JSON summaries."""
+    return {**{f"{k}_mean": statistics.mean(v) for k, v in stats.items()},
+            **{f"{k}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in stats.items()}}
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

@@ -47,7 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import add_common_args, fmt_table, machine_info, machine_line, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args, fmt_mean_std, fmt_table, machine_info, machine_line, mean_std_fields, set_threads,
+    write_results,
+)
 
 from ptyl.data import DigitCanvasSegmentation, few_shot_subset, load_dataset  # noqa: E402
 from ptyl.inference.trainer import TrainConfig  # noqa: E402
@@ -163,12 +166,6 @@ def run(s: Settings, progress: bool) -> tuple[list[dict], float]:
     return rows, source["seconds"]
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 KEYS = ("miou", "pixel_accuracy", "nll", "ece")
 
 
@@ -179,12 +176,11 @@ def summarise(rows: list[dict], s: Settings) -> tuple[list[list[str]], list[dict
             cell = [r for r in rows if r["n_canvases"] == n and r["method"] == method]
             stats = {k: [r[k] for r in cell] for k in KEYS}
             chosen = ", ".join(f"{v:g}" for r in cell for v in r["best"].values())
-            table.append([str(n), method, *(mean_std(stats[k]) for k in KEYS), chosen,
+            table.append([str(n), method, *(fmt_mean_std(stats[k]) for k in KEYS), chosen,
                           f"{sum(r['at_edge'] for r in cell)}/{len(cell)}",
                           f"{sum(r['diverged_trials'] for r in cell)}/{sum(len(r['tuning']) for r in cell)}"])
             summary.append({"n_canvases": n, "method": method, "seeds": len(cell),
-                            **{f"{k}_mean": statistics.mean(v) for k, v in stats.items()},
-                            **{f"{k}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in stats.items()}})
+                            **mean_std_fields(stats)})
     return table, summary
 
 
@@ -279,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--progress", action="store_true", help="tqdm bars for the source stage")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or 1)  # 1 thread by default: on a shared 2-core machine 2 threads contend
+    set_threads(args.threads)  # 1 thread by default (see common.set_threads)
     s = settings(args.quick)
     info = machine_info()
     start = time.perf_counter()

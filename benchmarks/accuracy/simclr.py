@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 import warnings
@@ -43,7 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import add_common_args, fmt_table, machine_info, machine_line, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args, fmt_mean_std, fmt_table, machine_info, machine_line, mean_std_fields, set_threads,
+    write_results,
+)
 
 from ptyl.data import SimCLRAugment, few_shot_subset, load_dataset  # noqa: E402
 from ptyl.inference.trainer import TrainConfig  # noqa: E402
@@ -175,12 +177,6 @@ def run(s: Settings, progress: bool) -> tuple[list[dict], dict]:
     return rows, timing
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def summarise(rows: list[dict], s: Settings) -> tuple[list[list[str]], list[dict]]:
     table, summary = [], []
     for n in s.ns:
@@ -188,11 +184,10 @@ def summarise(rows: list[dict], s: Settings) -> tuple[list[list[str]], list[dict
             cell = [r for r in rows if r["n_per_class"] == n and r["method"] == label]
             stats = {k: [r[k] for r in cell] for k in ("accuracy", "nll", "ece")}
             edges = sum(bool(r["edge_warnings"]) for r in cell)
-            table.append([str(n), label, *(mean_std(stats[k]) for k in ("accuracy", "nll", "ece")),
+            table.append([str(n), label, *(fmt_mean_std(stats[k]) for k in ("accuracy", "nll", "ece")),
                           f"{edges}/{len(cell)}"])
             summary.append({"n_per_class": n, "method": label, "seeds": len(cell),
-                            **{f"{k}_mean": statistics.mean(v) for k, v in stats.items()},
-                            **{f"{k}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in stats.items()}})
+                            **mean_std_fields(stats)})
     return table, summary
 
 
@@ -201,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--progress", action="store_true", help="tqdm bars for the source stage")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or 1)  # 1 thread by default: on a shared 2-core machine 2 threads contend
+    set_threads(args.threads)  # 1 thread by default (see common.set_threads)
     s = settings(args.quick)
     info = machine_info()
     start = time.perf_counter()

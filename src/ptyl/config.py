@@ -72,8 +72,10 @@ def _coerce(action: argparse.Action, value: Any, key: str, source: str) -> Any:
     def one(v: Any) -> Any:
         if action.type is not None and not isinstance(v, bool):
             try:
-                v = action.type(v) if isinstance(v, str) or action.type in (int, float) else v
-            except (TypeError, ValueError) as err:
+                # int/float take numbers as they are; other flag types (positive_int, dtype_name, ...) parse text,
+                # so a YAML/TOML number goes through them as text and gets the same checks as on the command line
+                v = action.type(v) if isinstance(v, str) or action.type in (int, float) else action.type(str(v))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
                 raise ConfigError(f"{source}: option {key!r}: invalid value {v!r} ({err})") from err
         if action.choices is not None and v not in action.choices:
             raise ConfigError(f"{source}: option {key!r}: invalid choice {v!r} (choose from "

@@ -82,7 +82,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
                if isinstance(v, torch.Tensor)}
-    meta = {"format": WEIGHTS_FORMAT, **metadata}
+    meta = {**metadata, "format": WEIGHTS_FORMAT}  # format last: metadata copied from another file cannot mislabel it
     header = {"ptyl_weights": json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -93,7 +93,11 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any]:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return read_json_header(path, "ptyl_weights", what="weights")
+    meta = read_json_header(path, "ptyl_weights", what="weights")
+    if meta.get("format") != WEIGHTS_FORMAT:
+        raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {WEIGHTS_FORMAT!r}; is it a ptyl weights "
+                             "file?")
+    return meta
 
 
 def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -430,8 +434,7 @@ def run_transfer(
         from ptyl.models import replace_head
 
         def fresh() -> nn.Module:
-            model = build_from_metadata(meta, num_classes=num_classes)
-            return model
+            return build_from_metadata(meta, num_classes=num_classes)
 
         def from_pretrained() -> nn.Module:
             model = build_from_metadata(meta)
@@ -521,7 +524,8 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
     header = ["n/class", "method", *metrics, "selected", "time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     groups = _group(results)
-    for (method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], list(groups).index(kv[0]))):
+    order = {key: i for i, key in enumerate(groups)}  # run order within one n
+    for (method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0]])):
         cells = [str(n), method, *(_fmt([r[m] for r in runs]) for m in metrics), _fmt_selected(runs),
                  f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")

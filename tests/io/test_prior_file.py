@@ -178,3 +178,11 @@ def test_rank_zero_round_trip_keeps_dtype(tmp_path):
         assert back.deviations[n].dtype == back.mean[n].dtype == torch.float64
         assert back.deviations[n].device == back.mean[n].device
     assert all(torch.equal(back.mean[n], post.mean[n]) for n in post.names)
+
+
+def test_wrong_kind_of_ptyl_file_is_named(tmp_path, post):
+    from ptyl.io.prior_file import read_json_header
+
+    path = save_posterior(post, tmp_path / "p.safetensors")
+    with pytest.raises(PriorFileError, match="it is a ptyl prior file, not a weights file"):
+        read_json_header(path, "ptyl_weights", what="weights")

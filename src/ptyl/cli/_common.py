@@ -30,7 +30,7 @@ def add_common(parser: argparse.ArgumentParser, *, top_level: bool = False) -> N
                        help="no progress bars or progress messages")
     group.add_argument("--debug", action="store_true", default=default(False),
                        help="show the full traceback on errors")
-    group.add_argument("--threads", type=int, default=default(None), metavar="N",
+    group.add_argument("--threads", type=positive_int, default=default(None), metavar="N",
                        help="number of CPU threads torch may use (default: torch's choice)")
     if not top_level:
         group.add_argument("--config", metavar="FILE",
@@ -64,6 +64,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 

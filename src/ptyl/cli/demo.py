@@ -50,7 +50,9 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ptyl.experiments import learn_source_prior, plot_data_efficiency, run_transfer, save_json, summarize
+    from ptyl.experiments import (
+        learn_source_prior, parse_method, plot_data_efficiency, run_transfer, save_json, summarize,
+    )
 
     if getattr(args, "threads", None) is None:
         import torch
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("methods", "n_per_class", "seeds", "budget", "steps"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    for method in settings["methods"]:
+        parse_method(method)  # a typo fails now, not after the source stage
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from ptyl.cli._common import (
-    UsageError, add_common, info, nonnegative_float, positive_float, positive_int, progress, require,
+    UsageError, add_common, info, model_kwargs, nonnegative_float, positive_float, positive_int, progress, require,
 )
 
 BASELINES = ("standard", "l2sp", "diag", "scratch")
 # Defaults that worked on KMNIST -> MNIST (see `ptyl demo`); use --tune to select them by validation NLL instead.
 DEFAULT_SCALE = 1e4
 DEFAULT_VARIANCE = {"standard": 1.0, "l2sp": 1e-2, "scratch": 1.0}
+SAMPLES_FORMAT = "ptyl-samples"
 
 
 def add_parsers(subparsers) -> None:
@@ -97,7 +98,7 @@ def _base_model(args: argparse.Namespace, num_classes: int, in_channels: int) ->
             _check_architecture(args, meta)
             meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}
         else:
-            kwargs = {"in_channels": in_channels, **({"width": args.width} if args.width else {})}
+            kwargs = {"in_channels": in_channels, **model_kwargs(args)}
             meta = {"model": args.model or "smallcnn", "model_kwargs": kwargs}
         return build_from_metadata(meta, num_classes=num_classes), meta
     meta = read_metadata(args.prior)
@@ -236,15 +237,22 @@ def _save_samples(bank, path: Path, meta: dict[str, Any]) -> None:
     from ptyl.io.prior_file import atomic_write
 
     tensors = {f"{i:04d}::{name}": t.contiguous() for i, state in enumerate(bank) for name, t in state.items()}
-    header = {"ptyl_weights": json.dumps({"format": "ptyl-samples", "num_samples": len(bank), **meta})}
+    header = {"ptyl_weights": json.dumps({**meta, "format": SAMPLES_FORMAT, "num_samples": len(bank)})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def _load_samples(path: str) -> list[dict[str, Any]]:
     from safetensors.torch import load_file
 
+    from ptyl.errors import PriorFileError
+    from ptyl.io.prior_file import read_json_header
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"samples file not found: {path}")
+    meta = read_json_header(path, "ptyl_weights", what="samples")  # a clear error for a corrupt or foreign file
+    if meta.get("format") != SAMPLES_FORMAT:
+        raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {SAMPLES_FORMAT!r}; pass the "
+                             "samples.safetensors written by 'ptyl finetune' with a sampling method")
     flat = load_file(path)
     samples: dict[int, dict[str, Any]] = {}
     for key, t in flat.items():
@@ -291,6 +299,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from ptyl.data.segmentation import make_segmentation_splits
         from ptyl.metrics.segmentation import evaluate_segmentation
 
+        if args.split != "test":
+            raise UsageError(f"--split {args.split} is for classification weights; segmentation weights are "
+                             "evaluated on their test canvases")
         seg = meta["segmentation"]
         _, test = make_segmentation_splits(data, 1, int(seg["n_test"]), seed=int(meta.get("seed", 0)),
                                            canvas_size=int(seg["canvas_size"]))

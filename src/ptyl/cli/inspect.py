@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ptyl.cli._common import UsageError, add_common, dtype_name, positive_int
+from ptyl.cli._common import UsageError, add_common, dtype_name, model_kwargs, nonnegative_int, positive_int
 
 
 def add_parsers(subparsers) -> None:
@@ -19,7 +19,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--top", type=positive_int, default=20, help="show the first N parameter tensors [20]")
     p.add_argument("--estimate", metavar="MODEL", choices=available_models(),
                    help=f"estimate memory for this architecture instead ({', '.join(available_models())})")
-    p.add_argument("--rank", type=int, default=20, help="SWAG rank K for --estimate [20]")
+    p.add_argument("--rank", type=nonnegative_int, default=20, help="SWAG rank K for --estimate [20]")
     p.add_argument("--dtype", type=dtype_name, default="float32", help="storage dtype for --estimate [float32]")
     p.add_argument("--width", type=positive_int, help="model width for --estimate")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model for --estimate [10]")
@@ -44,7 +44,7 @@ def _estimate(args: argparse.Namespace) -> int:
         from ptyl.memory import estimate_report
     except ImportError as err:  # pragma: no cover - ptyl.memory ships with ptyl
         raise UsageError(f"--estimate is unavailable: {err}") from err
-    kwargs = {"width": args.width} if args.width else {}
+    kwargs = model_kwargs(args)
     model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
     dtype = getattr(torch, args.dtype)
     print(f"model: {args.estimate} {kwargs or ''}".rstrip())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ptyl.cli._common import (
-    add_common, dtype_name, info, model_kwargs, positive_float, positive_int, progress,
+    add_common, dtype_name, info, model_kwargs, nonnegative_int, positive_float, positive_int, progress,
 )
 
 
@@ -31,7 +31,7 @@ def add_parsers(subparsers) -> None:
                               description="Train a model on the source data set's train split and write its "
                                           "weights (safetensors) — the input of 'ptyl learn-prior --init'.")
     _add_source_options(p)
-    p.add_argument("--epochs", type=int, default=5, help="training epochs [5]")
+    p.add_argument("--epochs", type=nonnegative_int, default=5, help="training epochs [5]")
     p.add_argument("--out", default="pretrained.safetensors", help="weights file to write [pretrained.safetensors]")
     add_common(p)
     p.set_defaults(func=run_pretrain)
@@ -41,7 +41,8 @@ def add_parsers(subparsers) -> None:
                                           "a high constant learning rate while SWAG collects, and write the posterior "
                                           "as a prior file plus the pretrained (SWA-mean) weights next to it.")
     _add_source_options(p)
-    p.add_argument("--pretrain-epochs", type=int, default=5, help="pretraining epochs (ignored with --init) [5]")
+    p.add_argument("--pretrain-epochs", type=nonnegative_int, default=5,
+                   help="pretraining epochs (ignored with --init) [5]")
     p.add_argument("--swag-epochs", type=positive_int, default=3, help="epochs of SWAG collection [3]")
     p.add_argument("--swag-lr", type=positive_float, help="constant learning rate while SWAG collects [--lr]")
     p.add_argument("--rank", type=int, default=20, help="SWAG rank K (deviation columns kept) [20]")
@@ -66,10 +67,6 @@ def _source_accuracy(model, data_name: str) -> float:
 def run_pretrain(args: argparse.Namespace) -> int:
     from ptyl.experiments import pretrain_source
 
-    if args.epochs < 0:
-        from ptyl.cli._common import UsageError
-
-        raise UsageError(f"--epochs must be >= 0, got {args.epochs}")
     info(args, f"pretraining {args.model} on {args.data} ({args.objective}, {args.epochs} epochs)")
     model, meta = pretrain_source(args.data, args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                   objective=args.objective, n_per_class=args.n_per_class,
@@ -86,10 +83,6 @@ def run_learn_prior(args: argparse.Namespace) -> int:
     from ptyl.experiments import learn_source_prior, pretrained_weights_path
     from ptyl.io import read_metadata
 
-    if args.pretrain_epochs < 0:
-        from ptyl.cli._common import UsageError
-
-        raise UsageError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
     info(args, f"learning a prior: {args.model} on {args.data} ({args.objective}), rank {args.rank}")
     path = learn_source_prior(args.data, args.model, pretrain_epochs=args.pretrain_epochs,
                               swag_epochs=args.swag_epochs, rank=args.rank, lr=args.lr, swag_lr=args.swag_lr,

@@ -93,7 +93,10 @@ def read_json_header(path: str | Path, key: str, what: str = "prior") -> dict[st
     except (SafetensorError, OSError, ValueError) as err:
         raise PriorFileError(f"{path}: not a readable safetensors {what} file (truncated or corrupt?): {err}") from err
     if key not in header:
-        raise PriorFileError(f"{path}: safetensors file without ptyl metadata; is it a ptyl {what} file?")
+        kinds = {"ptyl": "prior", "ptyl_weights": "weights"}  # the JSON keys ptyl writes
+        found = [kind for k, kind in kinds.items() if k in header]
+        hint = f"it is a ptyl {found[0]} file, not a {what} file" if found else f"is it a ptyl {what} file?"
+        raise PriorFileError(f"{path}: safetensors file without ptyl metadata for a {what} file; {hint}")
     try:
         return json.loads(header[key])
     except json.JSONDecodeError as err:

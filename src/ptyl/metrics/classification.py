@@ -70,49 +70,62 @@ def flatten_predictions(
     return flat_probs, flat_targets
 
 
+def _check_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise InvalidValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+
+
+# The metrics on already validated, flattened ``p [M, C]`` / ``y [M]``: evaluate_probs validates once and calls these.
+def _accuracy(p: torch.Tensor, y: torch.Tensor) -> float:
+    return multiclass_accuracy(p, y, num_classes=p.shape[1], average="micro", validate_args=False).item()
+
+
+def _nll(p: torch.Tensor, y: torch.Tensor) -> float:
+    p_true = p.gather(1, y[:, None]).squeeze(1).double()
+    return -torch.log(p_true.clamp_min(_TINY)).mean().item()
+
+
+def _ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
+    return multiclass_calibration_error(
+        p, y, num_classes=p.shape[1], n_bins=n_bins, norm="l1", validate_args=False
+    ).item()
+
+
+def _brier(p: torch.Tensor, y: torch.Tensor) -> float:
+    one_hot = torch.nn.functional.one_hot(y, p.shape[1]).double()
+    return (p.double() - one_hot).pow(2).sum(dim=1).mean().item()
+
+
 def accuracy(probs: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None) -> float:
     """Top-1 accuracy (torchmetrics ``multiclass_accuracy``, micro average)."""
-    p, y = flatten_predictions(probs, targets, ignore_index)
-    return multiclass_accuracy(p, y, num_classes=p.shape[1], average="micro", validate_args=False).item()
+    return _accuracy(*flatten_predictions(probs, targets, ignore_index))
 
 
 def nll(probs: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None) -> float:
     """Mean negative log-likelihood ``-mean log p_y`` (computed in float64, ``p_y`` clamped at float32 tiny)."""
-    p, y = flatten_predictions(probs, targets, ignore_index)
-    p_true = p.gather(1, y[:, None]).squeeze(1).double()
-    return -torch.log(p_true.clamp_min(_TINY)).mean().item()
+    return _nll(*flatten_predictions(probs, targets, ignore_index))
 
 
 def expected_calibration_error(
     probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15, ignore_index: int | None = None
 ) -> float:
     """Top-label L1 ECE over ``n_bins`` equal-width bins (torchmetrics ``multiclass_calibration_error``)."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise InvalidValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    p, y = flatten_predictions(probs, targets, ignore_index)
-    return multiclass_calibration_error(
-        p, y, num_classes=p.shape[1], n_bins=n_bins, norm="l1", validate_args=False
-    ).item()
+    _check_bins(n_bins)
+    return _ece(*flatten_predictions(probs, targets, ignore_index), n_bins)
 
 
 def brier_score(probs: torch.Tensor, targets: torch.Tensor, ignore_index: int | None = None) -> float:
     """Mean over examples of ``sum_c (p_c - onehot_c)^2`` (float64)."""
-    p, y = flatten_predictions(probs, targets, ignore_index)
-    one_hot = torch.nn.functional.one_hot(y, p.shape[1]).double()
-    return (p.double() - one_hot).pow(2).sum(dim=1).mean().item()
+    return _brier(*flatten_predictions(probs, targets, ignore_index))
 
 
 def evaluate_probs(
     probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15, ignore_index: int | None = None
 ) -> dict[str, float]:
     """``{"accuracy", "nll", "ece", "brier"}`` as plain floats."""
+    _check_bins(n_bins)
     p, y = flatten_predictions(probs, targets, ignore_index)  # validate/flatten once
-    return {
-        "accuracy": accuracy(p, y),
-        "nll": nll(p, y),
-        "ece": expected_calibration_error(p, y, n_bins=n_bins),
-        "brier": brier_score(p, y),
-    }
+    return {"accuracy": _accuracy(p, y), "nll": _nll(p, y), "ece": _ece(p, y, n_bins), "brier": _brier(p, y)}
 
 
 def calibration_bins(
@@ -122,18 +135,17 @@ def calibration_bins(
 
     Bins are ``[b_i, b_{i+1})`` with ``b = linspace(0, 1, n_bins + 1)`` (torchmetrics' convention); a confidence of
     exactly 1 falls in the last bin. Returns float64 tensors ``edges [n_bins+1]``, ``accuracy``, ``confidence`` (0 for
-    empty bins) and ``count [n_bins]``. ``sum(count/N * |accuracy - confidence|)`` equals the ECE whenever no
-    confidence is exactly 1 (torchmetrics gives those a separate bin).
+    empty bins) and ``count [n_bins]``, on the device of ``probs``. ``sum(count/N * |accuracy - confidence|)`` equals
+    the ECE whenever no confidence is exactly 1 (torchmetrics gives those a separate bin).
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise InvalidValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    _check_bins(n_bins)
     p, y = flatten_predictions(probs, targets, ignore_index)
     confidence, prediction = p.double().max(dim=1)
     correct = (prediction == y).double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=confidence.device)
     index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).scatter_add_(0, index, torch.ones_like(confidence))
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).scatter_add_(0, index, confidence)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).scatter_add_(0, index, correct)
+    count = confidence.new_zeros(n_bins).scatter_add_(0, index, torch.ones_like(confidence))
+    conf_sum = confidence.new_zeros(n_bins).scatter_add_(0, index, confidence)
+    acc_sum = confidence.new_zeros(n_bins).scatter_add_(0, index, correct)
     safe = count.clamp_min(1)
     return {"edges": edges, "accuracy": acc_sum / safe, "confidence": conf_sum / safe, "count": count}

@@ -29,14 +29,13 @@ def reliability_diagram(
     (:func:`ptyl.metrics.classification.expected_calibration_error`, same bins).
     """
     path = Path(path)
-    bins = calibration_bins(probs, targets, n_bins=n_bins, ignore_index=ignore_index)
+    bins = {k: v.cpu().numpy() for k, v in calibration_bins(probs, targets, n_bins, ignore_index).items()}
     ece = expected_calibration_error(probs, targets, n_bins=n_bins, ignore_index=ignore_index)
-    edges = bins["edges"].numpy()
     width = 1.0 / n_bins
-    left = edges[:-1]
-    filled = bins["count"].numpy() > 0
-    accuracy = bins["accuracy"].numpy()
-    confidence = bins["confidence"].numpy()
+    left = bins["edges"][:-1]
+    filled = bins["count"] > 0
+    accuracy = bins["accuracy"]
+    confidence = bins["confidence"]
 
     # Figure + Agg canvas directly: no pyplot global state, safe in threads and headless runs.
     figure = Figure(figsize=(5.0, 6.0), layout="constrained")
@@ -54,7 +53,7 @@ def reliability_diagram(
     top.legend(loc="upper left", fontsize="small")
     heading = f"ECE = {ece:.4f} ({n_bins} bins)"
     top.set_title(f"{title}\n{heading}" if title else f"Reliability diagram, {heading}")
-    bottom.bar(left, bins["count"].numpy(), width=width, align="edge", color="gray", edgecolor="black")
+    bottom.bar(left, bins["count"], width=width, align="edge", color="gray", edgecolor="black")
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("count")
 

@@ -113,7 +113,9 @@ class TextClassifier(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(int(hidden), num_classes)
+        ref = next(encoder.parameters(), None)  # the head follows the encoder's device and (floating) dtype
+        like = {"device": ref.device, "dtype": ref.dtype} if ref is not None and ref.is_floating_point() else {}
+        self.head = nn.Linear(int(hidden), num_classes, **like)
 
     def embed(
         self,
