@@ -14,15 +14,6 @@ from ptyl.io import load_posterior, read_metadata
 from ptyl.models import SmallCNN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the machine's cores are shared: one thread per test process avoids oversubscription (3x faster here)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_prior(tmp_path_factory):
     torch.manual_seed(0)

@@ -37,6 +37,11 @@ def name_matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
+def as_name_list(names: str | Sequence[str] | None) -> list[str]:
+    """``"head"`` -> ``["head"]``, a sequence -> a list, ``None`` -> ``[]``."""
+    return [names] if isinstance(names, str) else list(names or [])
+
+
 def _matches(selector: Selector, name: str, tensor: torch.Tensor) -> bool:
     if selector is None:
         return False

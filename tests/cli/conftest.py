@@ -6,14 +6,6 @@ import torch
 from ptyl.cli import main
 
 
-@pytest.fixture(scope="package", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="package")
 def tiny_prior(tmp_path_factory):
     """A smallcnn (width 4) prior learned on 80 KMNIST images by ``ptyl learn-prior``."""

@@ -29,15 +29,6 @@ NUM_DATA = 50
 CHAINS = 2000
 
 
-@pytest.fixture
-def single_thread():
-    """The chains are small tensors: intra-op threads only add synchronisation cost on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_target(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Precision A and mean m: 2-D strongly correlated, or a rotated 10-D with eigenvalues in [1, 4]."""
     gen = torch.Generator().manual_seed(dim)
@@ -89,12 +80,12 @@ def run_chains(dim: int, temperature: float, momentum: float, steps: int = 1000,
     [(2, 1.0, 0.0), (10, 1.0, 0.0), (2, 0.5, 0.0), (2, 1.0, 0.9), (10, 1.0, 0.9)],
     ids=["2d", "10d", "2d-cold", "2d-sghmc", "10d-sghmc"],
 )
-def test_sgld_samples_gaussian_posterior(dim, temperature, momentum, single_thread):
+def test_sgld_samples_gaussian_posterior(dim, temperature, momentum):
     samples, mean, cov = run_chains(dim, temperature, momentum)
     assert_matches_gaussian(samples, mean, cov)
 
 
-def test_cyclical_sgld_samples_gaussian_posterior(single_thread):
+def test_cyclical_sgld_samples_gaussian_posterior():
     """cSG-MCMC: collect only in sampling phases (2 per cycle, the last at the cycle's end).
 
     Exploration is SGD (temperature 0), which contracts the chains towards the mode; each sampling phase must

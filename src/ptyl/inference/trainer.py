@@ -44,7 +44,7 @@ from ptyl.inference.bma import SampleBank, _to_device, bma_predict, predict_prob
 from ptyl.inference.schedules import CyclicalSchedule
 from ptyl.inference.sgld import SGLD
 from ptyl.io.atomic import atomic_write
-from ptyl.params import name_matches, named_parameters
+from ptyl.params import as_name_list, name_matches, named_parameters
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.priors.base import Prior
 
@@ -148,7 +148,7 @@ def _loader(data: Dataset | DataLoader, batch_size: int, seed: int) -> tuple[Dat
 
 
 def _param_groups(model: nn.Module, head: str | Sequence[str] | None, lr: float, head_lr: float | None):
-    heads = [head] if isinstance(head, str) else list(head or [])
+    heads = as_name_list(head)
     head_params, body = [], []
     for name, p in named_parameters(model).items():
         if not p.requires_grad:

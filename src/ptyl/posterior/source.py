@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptyl.errors import ConfigError
 from ptyl.inference.trainer import Objective, TrainConfig, fit
-from ptyl.params import Selector
+from ptyl.params import Selector, as_name_list
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.swag import SWAGCollector
 
@@ -88,7 +88,7 @@ def learn_prior(
         "source_schedule": schedule,
         "source_lr": lr,
         "source_epochs": epochs,
-        "excluded": [head] if isinstance(head, str) else list(head or []),
+        "excluded": as_name_list(head),
         **(metadata or {}),
     }
     return collector.posterior(metadata=meta)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ptyl.errors import ConfigError, ParameterMismatchError
-from ptyl.params import name_matches, named_parameters
+from ptyl.params import as_name_list, name_matches, named_parameters
 from ptyl.priors.base import CompositePrior, Prior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
 
@@ -65,7 +65,7 @@ def make_prior(
     if method not in METHODS:
         raise ConfigError(f"unknown prior method {method!r}; choose one of {METHODS}")
     params = {n: p for n, p in named_parameters(model).items() if p.requires_grad}
-    heads = [head] if isinstance(head, str) else list(head or [])
+    heads = as_name_list(head)
     free = [n for n in params if any(name_matches(n, u) for u in unregularized)]
     head_names = [n for n in params if n not in free and any(name_matches(n, h) for h in heads)]
     if heads and not head_names and head_variance is not None:
