@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from ptyl.errors import InvalidValueError, ParameterMismatchError, PriorFileError
 from ptyl.io import import_reference, load_posterior, load_prior, read_metadata, save_posterior
+from ptyl.io.integrity import tensor_records
 from ptyl.posterior import SourcePosterior
 from tests.helpers import TinyNet, random_posterior
 
@@ -24,7 +25,7 @@ def test_round_trip_fp32_exact(tmp_path, post):
         assert torch.equal(back.variance[n], post.variance[n])
         assert torch.equal(back.deviations[n], post.deviations[n])
     meta = read_metadata(path)
-    assert meta["format_version"] == 1 and meta["rank"] == 3 and meta["source"] == "unit"
+    assert meta["format_version"] == 2 and meta["rank"] == 3 and meta["source"] == "unit"
     assert meta["architecture"] == "TinyNet"
     assert [p["name"] for p in meta["parameters"]] == post.names
     assert [f for f in os.listdir(tmp_path)] == ["p.safetensors"]  # no temp file left behind
@@ -87,6 +88,8 @@ def test_missing_file_truncated_and_foreign(tmp_path, post):
 
 
 def _rewrite(path, out, tensor_fn=None, meta_fn=None):
+    """Rewrite a prior file with edited tensors (checksums recomputed: a consistent file with bad values, as another
+    tool might write) and/or edited metadata."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -94,6 +97,7 @@ def _rewrite(path, out, tensor_fn=None, meta_fn=None):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if tensor_fn:
         tensor_fn(tensors)
+        meta["tensors"] = tensor_records(tensors)
     if meta_fn:
         meta_fn(meta)
     save_file(tensors, str(out), metadata={"ptyl": json.dumps(meta)})

@@ -1,48 +1,106 @@
 """Prior files: one ``.safetensors`` file, tensors keyed by parameter name, JSON metadata.
 
-Layout (format version 1)::
+Layout (format version 2; version 1 is the same without ``tensors``)::
 
     mean::<param name>         parameter shape
     variance::<param name>     parameter shape, > 0
     deviations::<param name>   (K, *parameter shape)   (present for every parameter, K may be 0 -> omitted)
 
-    metadata["ptyl"] = JSON {"format": "ptyl-prior", "format_version": 1, "rank": K, "num_snapshots": n,
-                             "parameters": [{"name", "shape"}...], "dtype", "source", "architecture", "objective", ...}
+    metadata["ptyl"] = JSON {"format": "ptyl-prior", "format_version": 2, "rank": K, "num_snapshots": n,
+                             "parameters": [{"name", "shape"}...], "dtype",
+                             "tensors": {"<kind>::<param name>": {"dtype", "shape", "sha256"}...},
+                             "source", "architecture", "objective", ...}
 
 No pickle anywhere: safetensors holds raw tensors and a JSON header, so a prior file can be shared like pretrained
-weights and opened safely. Writes go to a temporary file in the same folder and are renamed into place, so a crash
-never leaves a half-written prior behind.
+weights and opened safely. Reading checks the header against :data:`PRIOR_METADATA` (every field's type and range),
+each tensor's dtype (a float type, the one recorded) and shape, and in version 2 the SHA-256 of each tensor's bytes
+(``verify=False`` or ``PTYL_VERIFY_CHECKSUMS=0`` skip the hashing for very large files). Every failure is a
+:class:`PriorFileError` naming the file. Writes go to a temporary file in the same folder and are renamed into place,
+so a crash never leaves a half-written prior behind.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ptyl.errors import InvalidValueError, PriorFileError
+from ptyl.errors import InvalidValueError, PriorFileError, PtylError
 from ptyl.io.atomic import atomic_write
+from ptyl.io.header import existing_file, read_json_header
+from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, dtype_name, tensor_records
+from ptyl.io.schema import Integer, ListOf, MapOf, Nullable, Number, Object, String, validate_header
 from ptyl.posterior.gaussian import SourcePosterior
 
+__all__ = ["FORMAT", "FORMAT_VERSION", "PRIOR_METADATA", "PriorFile", "load_posterior", "load_prior",
+           "load_prior_file", "read_json_header", "read_metadata", "save_posterior"]
+
 FORMAT = "ptyl-prior"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _KINDS = ("mean", "variance", "deviations")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+# entries that describe the file itself; the posterior's free-form metadata is everything else
+_FORMAT_KEYS = ("format", "format_version", "parameters", "tensors")
+
+
+def _rank_within_snapshots(meta: dict) -> tuple[str, str] | None:
+    if "num_snapshots" in meta and meta["num_snapshots"] < meta["rank"]:
+        return "num_snapshots", f"= {meta['num_snapshots']} is below the rank {meta['rank']} (K <= snapshots)"
+    return None
+
+
+_PARAMETER = Object(required={"name": String(nonempty=True), "shape": ListOf(Integer(minimum=0))})
+PRIOR_METADATA_V1 = Object(
+    required={
+        "format": String(choices=(FORMAT,)),
+        "format_version": Integer(choices=READABLE_VERSIONS),
+        "rank": Integer(minimum=0),
+        "parameters": ListOf(_PARAMETER, min_length=1, unique_key="name"),
+        "dtype": String(choices=tuple(FLOAT_DTYPES)),
+    },
+    optional={  # written by ptyl itself; read back by the CLI and experiments
+        **dict.fromkeys(("model", "architecture", "source", "objective", "task", "init", "created",
+                         "pretrained_weights"), String()),
+        "model_kwargs": Object(),
+        "num_classes": Integer(minimum=1),
+        "image_size": Nullable(Integer(minimum=1)),
+        **dict.fromkeys(("num_snapshots", "num_source_examples", "swag_epochs", "swag_rank"), Integer(minimum=0)),
+        "pretrain_epochs": Nullable(Integer(minimum=0)),
+        "seed": Integer(),
+        "swag_lr": Number(minimum=0, exclusive=True),
+        "skipped": ListOf(String()),
+    },
+    checks=(_rank_within_snapshots,),
+)
+
+
+def _records_match_dtype(meta: dict) -> tuple[str, str] | None:
+    for key, record in meta["tensors"].items():
+        if record["dtype"] != meta["dtype"]:
+            return f"tensors.{key}.dtype", f"is {record['dtype']!r} but the file's 'dtype' is {meta['dtype']!r}"
+    return None
+
+
+PRIOR_METADATA = PRIOR_METADATA_V1.extended(required={"tensors": MapOf(TENSOR_RECORD)}, checks=(_records_match_dtype,))
+"""The schema of a version-2 prior file's ``ptyl`` header (:mod:`ptyl.io.schema`)."""
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    if value not in _DTYPES:
-        raise InvalidValueError(f"unknown dtype {value!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[value]
+    if value not in FLOAT_DTYPES:
+        raise InvalidValueError(f"unknown dtype {value!r}; choose one of {sorted(FLOAT_DTYPES)}")
+    return FLOAT_DTYPES[value]
 
 
 def save_posterior(
@@ -51,11 +109,12 @@ def save_posterior(
     dtype: torch.dtype | str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a posterior (the learned prior) to ``path`` atomically.
+    """Write a posterior (the learned prior) to ``path`` atomically, in format version 2 (with checksums).
 
     Args:
         dtype: storage dtype (``float16``/``bfloat16`` halve the file); default keeps the posterior's dtype.
-        metadata: extra JSON-able entries merged over ``posterior.metadata``.
+        metadata: extra JSON-able entries merged over ``posterior.metadata``; checked against
+            :data:`PRIOR_METADATA` before anything is written (a file that could not be read back is never written).
     """
     dtype = _dtype(dtype)
     posterior.validate()
@@ -66,6 +125,10 @@ def save_posterior(
                 continue
             t = t.detach().to("cpu", dtype=dtype or t.dtype).contiguous().clone()
             tensors[f"{kind}::{name}"] = t
+    found = sorted({dtype_name(t.dtype) for t in tensors.values()})
+    if not set(found) <= set(FLOAT_DTYPES) or len(found) > 1:
+        raise InvalidValueError(f"cannot write {path}: a prior file holds tensors of one dtype among "
+                                f"{', '.join(FLOAT_DTYPES)}; got {', '.join(found)} (pass dtype=...)")
     if dtype is not None and dtype in (torch.float16, torch.bfloat16):
         for name, t in posterior.variance.items():  # a tiny variance may underflow to 0 in half precision
             if (tensors[f"variance::{name}"] <= 0).any():
@@ -77,89 +140,127 @@ def save_posterior(
         "format_version": FORMAT_VERSION,
         "rank": posterior.rank,
         "parameters": [{"name": n, "shape": list(s)} for n, s in posterior.shapes.items()],
-        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "dtype": found[0],
+        "tensors": tensor_records(tensors),
     }
     meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    header = {"ptyl": json.dumps(meta)}
+    validate_header(meta, PRIOR_METADATA, f"cannot write {path}", error=InvalidValueError)
+    try:
+        header = {"ptyl": json.dumps(meta, allow_nan=False)}
+    except (TypeError, ValueError) as err:
+        raise InvalidValueError(f"cannot write {path}: metadata is not JSON-serialisable: {err}") from err
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def read_json_header(path: str | Path, key: str, what: str = "prior") -> dict[str, Any]:
-    """The JSON object stored under ``key`` in a safetensors file's metadata (tensors are not read)."""
-    path = _existing(path, what)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise PriorFileError(f"{path}: not a readable safetensors {what} file (truncated or corrupt?): {err}") from err
-    if key not in header:
-        kinds = {"ptyl": "prior", "ptyl_weights": "weights"}  # the JSON keys ptyl writes
-        found = [kind for k, kind in kinds.items() if k in header]
-        hint = f"it is a ptyl {found[0]} file, not a {what} file" if found else f"is it a ptyl {what} file?"
-        raise PriorFileError(f"{path}: safetensors file without ptyl metadata for a {what} file; {hint}")
-    try:
-        return json.loads(header[key])
-    except json.JSONDecodeError as err:
-        raise PriorFileError(f"{path}: metadata is not valid JSON: {err}") from err
-
-
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a prior file, validated for format and version (tensors are not read)."""
+    """The JSON metadata of a prior file (version 1 or 2), validated field by field against its version's schema
+    (tensors are not read). Any malformed header raises :class:`PriorFileError` naming the file and the field."""
     meta = read_json_header(path, "ptyl")
+    # format and version first: a foreign or newer file gets that message, not a complaint about some other field
     if meta.get("format") != FORMAT:
         raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise PriorFileError(
-            f"{path}: prior file format version {version!r} is not supported (this ptyl reads version {FORMAT_VERSION})"
-        )
-    return meta
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise PriorFileError(f"{path}: prior file format version {version!r} is not supported (metadata field "
+                             f"'format_version'; this ptyl reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    return validate_header(meta, PRIOR_METADATA_V1 if version == 1 else PRIOR_METADATA, path)
+
+
+@dataclass
+class PriorFile:
+    """What :func:`load_prior_file` read: the posterior, the whole validated header, and whether checksums were
+    verified (``False`` for version-1 files, which have none, and when verification was switched off)."""
+
+    posterior: SourcePosterior
+    metadata: dict[str, Any]
+    format_version: int
+    checksums_verified: bool
+
+
+def load_prior_file(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    *,
+    verify: bool | None = None,
+) -> PriorFile:
+    """Read and validate a prior file; see :func:`load_posterior`."""
+    path = existing_file(path)
+    dtype = _dtype(dtype)
+    meta = read_metadata(path)
+    records = meta["tensors"] if meta["format_version"] >= 2 else None
+    verify = records is not None and checksums_enabled(verify)
+    rank = meta["rank"]
+    stores: dict[str, dict[str, torch.Tensor]] = {k: {} for k in _KINDS}
+    expected = set()
+    # checksums are taken on the host: read there, move afterwards
+    with _open(path, "cpu" if verify else map_location) as f:
+        keys = set(_call(f.keys, path))
+        for entry in meta["parameters"]:
+            name, shape = entry["name"], tuple(entry["shape"])
+            for kind in _KINDS:
+                key = f"{kind}::{name}"
+                if kind == "deviations" and rank == 0:  # same device and dtype as the mean read just before
+                    stores[kind][name] = stores["mean"][name].new_zeros((0, *shape))
+                    continue
+                if key not in keys:
+                    raise PriorFileError(f"{path}: tensor {key!r} listed in the metadata is missing")
+                expected.add(key)
+                want = (rank, *shape) if kind == "deviations" else shape
+                t = _call(lambda: f.get_tensor(key), path)  # noqa: B023 - called at once
+                if tuple(t.shape) != want:
+                    raise PriorFileError(f"{path}: {key!r} has shape {tuple(t.shape)}, metadata says {want}")
+                if records is not None and key not in records:
+                    raise PriorFileError(f"{path}: metadata field 'tensors' has no record for {key!r}")
+                # version 1 records one dtype for the whole file
+                record = records[key] if records is not None else {"dtype": meta["dtype"]}
+                check_tensor(path, key, t, record, dtypes=FLOAT_DTYPES, verify=verify)
+                if verify:
+                    t = t.to(map_location)
+                stores[kind][name] = t.to(dtype) if dtype is not None else t
+    extra = keys - expected
+    if extra:
+        raise PriorFileError(f"{path}: tensors not listed in the metadata: {sorted(extra)[:5]}")
+    if records is not None and set(records) != expected:
+        raise PriorFileError(f"{path}: metadata field 'tensors' records tensors the file does not hold: "
+                             f"{sorted(set(records) - expected)[:5]}")
+    try:
+        posterior = SourcePosterior(stores["mean"], stores["variance"], stores["deviations"],
+                                    {k: v for k, v in meta.items() if k not in _FORMAT_KEYS})
+    except PtylError as err:
+        raise type(err)(f"{path}: {err}") from err
+    return PriorFile(posterior, meta, meta["format_version"], verify)
+
+
+def _open(path: Path, device: str | torch.device):
+    return _call(lambda: safe_open(str(path), framework="pt", device=str(device)), path)
+
+
+def _call(fn, path: Path):
+    """Run a safetensors call; whatever it raises on a damaged file becomes a :class:`PriorFileError`."""
+    try:
+        return fn()
+    except PtylError:
+        raise
+    except Exception as err:  # SafetensorError, OSError, and torch errors for dtypes it cannot build
+        raise PriorFileError(f"{path}: could not read tensors (truncated or corrupt?): {err}") from err
 
 
 def load_posterior(
     path: str | Path,
     map_location: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    *,
+    verify: bool | None = None,
 ) -> SourcePosterior:
-    """Read and validate a prior file. Raises :class:`PriorFileError` for unreadable/foreign files, missing or extra
-    tensors and shape disagreements, :class:`InvalidValueError` for NaN/Inf or non-positive variance."""
-    path = _existing(path)
-    dtype = _dtype(dtype)
-    meta = read_metadata(path)
-    params = meta.get("parameters")
-    if not isinstance(params, list) or not params:
-        raise PriorFileError(f"{path}: metadata lists no parameters")
-    rank = int(meta.get("rank", 0))
-    stores: dict[str, dict[str, torch.Tensor]] = {k: {} for k in _KINDS}
-    try:
-        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-            keys = set(f.keys())
-            expected = set()
-            for entry in params:
-                name, shape = entry["name"], tuple(entry["shape"])
-                for kind in _KINDS:
-                    key = f"{kind}::{name}"
-                    if kind == "deviations" and rank == 0:  # same device and dtype as the mean read just before
-                        stores[kind][name] = stores["mean"][name].new_zeros((0, *shape))
-                        continue
-                    if key not in keys:
-                        raise PriorFileError(f"{path}: tensor {key!r} listed in the metadata is missing")
-                    expected.add(key)
-                    t = f.get_tensor(key)
-                    want = (rank, *shape) if kind == "deviations" else shape
-                    if tuple(t.shape) != want:
-                        raise PriorFileError(f"{path}: {key!r} has shape {tuple(t.shape)}, metadata says {want}")
-                    stores[kind][name] = t.to(dtype) if dtype is not None else t
-    except (SafetensorError, OSError) as err:
-        raise PriorFileError(f"{path}: could not read tensors (truncated or corrupt?): {err}") from err
-    extra = keys - expected
-    if extra:
-        raise PriorFileError(f"{path}: tensors not listed in the metadata: {sorted(extra)[:5]}")
-    meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "parameters")}
-    try:
-        return SourcePosterior(stores["mean"], stores["variance"], stores["deviations"], meta)
-    except InvalidValueError as err:
-        raise type(err)(f"{path}: {err}") from err
+    """Read and validate a prior file (format version 1 or 2).
+
+    Raises :class:`PriorFileError` for unreadable/foreign files, a malformed header (naming the field), missing or
+    extra tensors, shape or dtype disagreements, and (version 2) a failed checksum; :class:`InvalidValueError` for
+    NaN/Inf or non-positive variance. ``verify=False`` skips the checksums (default: on unless the environment sets
+    ``PTYL_VERIFY_CHECKSUMS=0``).
+    """
+    return load_prior_file(path, map_location, dtype, verify=verify).posterior
 
 
 def load_prior(
@@ -173,26 +274,20 @@ def load_prior(
     strict: bool = True,
     map_location: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    verify: bool | None = None,
 ):
     """Load a prior file and match it to ``model`` by parameter name.
 
     Returns the (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)``; see :meth:`SourcePosterior.to_prior`.
     With ``strict=False`` parameters absent from the model or of another shape are skipped and listed in
     ``prior.skipped`` (a warning is issued); with ``strict=True`` they raise :class:`ParameterMismatchError`.
-    ``map_location`` defaults to the model's device.
+    ``map_location`` defaults to the model's device; ``verify`` as in :func:`load_posterior`.
     """
     if map_location is None:
         map_location = next(model.parameters()).device
-    posterior = load_posterior(path, map_location=map_location).matched_to(model, strict=strict)
+    posterior = load_posterior(path, map_location=map_location, verify=verify).matched_to(model, strict=strict)
     prior = posterior.to_prior(kind=kind, scale=scale, eps=eps, rank=rank, dtype=_dtype(dtype))
     prior.skipped = tuple(posterior.metadata.get("skipped", ()))
     if prior.skipped:
         warnings.warn(f"prior {path}: skipped {len(prior.skipped)} parameter(s) not in the model: {prior.skipped[:5]}")
     return prior
-
-
-def _existing(path: str | Path, what: str = "prior") -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise PriorFileError(f"{what} file not found: {path}")
-    return path
