@@ -5,7 +5,7 @@ Shared by every ptyl file format: :func:`read_json_header` (the JSON header, opt
 (atomic single- and multi-file writes).
 """
 
-from ptyl.io.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from ptyl.io.atomic import atomic_files, atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temp_files
 from ptyl.io.header import read_json_header
 from ptyl.io.prior_file import (
     FORMAT_VERSION,
@@ -21,6 +21,7 @@ from ptyl.io.reference import import_reference
 __all__ = [
     "FORMAT_VERSION",
     "PriorFile",
+    "atomic_files",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -30,5 +31,6 @@ __all__ = [
     "load_prior_file",
     "read_json_header",
     "read_metadata",
+    "remove_stale_temp_files",
     "save_posterior",
 ]
