@@ -208,18 +208,21 @@ def estimate_report(
     exclude: Selector = None,
     head: str | Sequence[str] | None = None,
     prior_rank: int | None = None,
+    posterior_dtype: torch.dtype = torch.float32,
 ) -> str:
-    """A readable table of :func:`estimate_memory` (what ``ptyl inspect --estimate`` prints)."""
+    """A readable table of :func:`estimate_memory` (what ``ptyl inspect --estimate`` prints); ``posterior_dtype`` is
+    the prior file's storage dtype (``save_posterior(dtype=...)``)."""
     est = estimate_memory(model, rank, include, exclude=exclude, head=head, storage_dtype=storage_dtype,
-                          prior_rank=prior_rank)
+                          prior_rank=prior_rank, posterior_dtype=posterior_dtype)
     dtype_name = str(storage_dtype).replace("torch.", "")
+    file_dtype = str(posterior_dtype).replace("torch.", "")
     k = est["prior_rank"]
     rows = [
         ("SWAG mean (float64)", est["swag_mean"]),
         ("SWAG M2 (float64)", est["swag_m2"]),
         (f"SWAG deviations (K={rank}, {dtype_name})", est["swag_deviations"]),
         ("SWAG collection total", est["swag_total"]),
-        (f"posterior / prior file (float32, K={rank})", est["posterior_total"]),
+        (f"posterior / prior file ({file_dtype}, K={rank})", est["posterior_total"]),
         (f"prior mean ({dtype_name})", est["prior_mean"]),
         (f"prior diagonal ({dtype_name})", est["prior_diag"]),
         (f"prior factor (k={k}, {dtype_name})", est["prior_factor"]),

@@ -1,4 +1,8 @@
-"""``ptyl inspect``: what is in a prior file, or how much memory a prior for a model would take."""
+"""``ptyl inspect``: what is in a prior file, or how much memory a prior for a model would take.
+
+Every malformed file (unreadable, foreign, badly formed header, wrong dtype, failed checksum) is a ptyl error: one
+``ptyl: error: ...`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,14 @@ def add_parsers(subparsers) -> None:
                                           "collection and of the prior for that model.")
     p.add_argument("prior", nargs="?", help="prior file (.safetensors)")
     p.add_argument("--top", type=positive_int, default=20, help="show the first N parameter tensors [20]")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 checksums of a version-2 file (very large files; the environment variable "
+                        "PTYL_VERIFY_CHECKSUMS=0 does the same)")
     p.add_argument("--estimate", metavar="MODEL", choices=available_models(),
                    help=f"estimate memory for this architecture instead ({', '.join(available_models())})")
     p.add_argument("--rank", type=nonnegative_int, default=20, help="SWAG rank K for --estimate [20]")
-    p.add_argument("--dtype", type=dtype_name, default="float32", help="storage dtype for --estimate [float32]")
+    p.add_argument("--dtype", type=dtype_name, default="float32",
+                   help="storage dtype (SWAG deviations, prior file, prior) for --estimate [float32]")
     p.add_argument("--width", type=positive_int, help="model width for --estimate")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model for --estimate [10]")
     add_common(p)
@@ -45,28 +53,43 @@ def _estimate(args: argparse.Namespace) -> int:
     except ImportError as err:  # pragma: no cover - ptyl.memory ships with ptyl
         raise UsageError(f"--estimate is unavailable: {err}") from err
     kwargs = model_kwargs(args)
-    model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
+    with torch.device("meta"):  # shapes only: no memory is allocated, however wide the model
+        model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
     dtype = getattr(torch, args.dtype)
     print(f"model: {args.estimate} {kwargs or ''}".rstrip())
-    print(estimate_report(model, args.rank, dtype, head="head"))
+    print(estimate_report(model, args.rank, dtype, head="head", posterior_dtype=dtype))
     return 0
 
 
-def _stats(t) -> tuple[float, float, float]:
+def _stats(t) -> str:
+    """``min median max`` of a tensor's values, blank for an empty tensor."""
     flat = t.detach().float().reshape(-1)
-    return float(flat.min()), float(flat.median()), float(flat.max())
+    if flat.numel() == 0:
+        return f"{'-':>10} {'-':>10} {'-':>10}"
+    return f"{float(flat.min()):>10.3e} {float(flat.median()):>10.3e} {float(flat.max()):>10.3e}"
+
+
+def _checksums(loaded) -> str:
+    if loaded.format_version < 2:
+        return "none (format version 1)"
+    if loaded.checksums_verified:
+        return f"verified (SHA-256 of {len(loaded.metadata['tensors'])} tensors)"
+    return "not verified (--no-verify or PTYL_VERIFY_CHECKSUMS=0)"
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import torch
+
     from ptyl.experiments import pretrained_weights_path
-    from ptyl.io import load_posterior, read_metadata
+    from ptyl.io import load_prior_file
 
     path = args.prior
-    meta = read_metadata(path)
-    post = load_posterior(path)
+    loaded = load_prior_file(path, verify=False if args.no_verify else None)
+    meta, post = loaded.metadata, loaded.posterior
     shown = {"source", "architecture", "model", "model_kwargs", "objective", "num_classes", "image_size",
              "num_snapshots", "rank", "dtype", "created", "swag_epochs", "swag_lr", "pretrain_epochs"}
-    print(f"prior file: {path} ({os.path.getsize(path) / 1024:.1f} KiB, format version {meta['format_version']})")
+    print(f"prior file: {path} ({os.path.getsize(path) / 1024:.1f} KiB, format version {loaded.format_version})")
+    print(f"checksums: {_checksums(loaded)}")
     for key in ("source", "architecture", "model_kwargs", "objective", "num_classes", "image_size", "dtype",
                 "num_snapshots", "pretrain_epochs", "swag_epochs", "swag_lr", "created"):
         if key in meta:
@@ -75,7 +98,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"parameters: {post.num_parameters:,} in {len(post.names)} tensors")
     weights = pretrained_weights_path(path)
     print(f"pretrained weights: {weights.name} ({'found' if weights.is_file() else 'missing'})")
-    others = {k: v for k, v in meta.items() if k not in shown and k not in ("format", "format_version", "parameters")}
+    internal = ("format", "format_version", "parameters", "tensors")
+    others = {k: v for k, v in meta.items() if k not in shown and k not in internal}
     if others:
         print("other metadata: " + ", ".join(f"{k}={v}" for k, v in others.items()))
     header = f"{'name':<32} {'shape':<18} {'numel':>8} {'var min':>10} {'var median':>10} {'var max':>10} {'dev norm':>9}"
@@ -83,15 +107,11 @@ def _inspect(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for name in post.names[: args.top]:
-        lo, mid, hi = _stats(post.variance[name])
         dev = float(post.deviations[name].float().norm()) if post.rank else 0.0
         shape = "x".join(map(str, post.shapes[name])) or "scalar"
-        print(f"{name:<32} {shape:<18} {post.mean[name].numel():>8,} {lo:>10.3e} {mid:>10.3e} {hi:>10.3e} {dev:>9.3f}")
+        print(f"{name:<32} {shape:<18} {post.mean[name].numel():>8,} {_stats(post.variance[name])} {dev:>9.3f}")
     if len(post.names) > args.top:
         print(f"... {len(post.names) - args.top} more tensors (--top N shows more)")
-    import torch
-
     allvar = torch.cat([v.float().reshape(-1) for v in post.variance.values()])
-    lo, mid, hi = _stats(allvar)
-    print(f"{'all':<32} {'':<18} {allvar.numel():>8,} {lo:>10.3e} {mid:>10.3e} {hi:>10.3e}")
+    print(f"{'all':<32} {'':<18} {allvar.numel():>8,} {_stats(allvar)}")
     return 0
