@@ -168,6 +168,13 @@ def test_reference_importer_round_trip(tmp_path):
     torch.save(torch.randn(P + 1), prefix + "_mean.pt")
     with pytest.raises(PriorFileError, match="sizes disagree"):
         import_reference(prefix)
+    torch.save(torch.arange(P), prefix + "_mean.pt")  # integers are not a mean
+    with pytest.raises(PriorFileError, match="floating-point"):
+        import_reference(prefix)
+    torch.save(mean, prefix + "_mean.pt")
+    torch.save(-var, prefix + "_variance.pt")
+    with pytest.raises(InvalidValueError, match="resnet_prior_\\*.pt: .*non-positive"):
+        import_reference(prefix)
 
 
 def test_rank_zero_round_trip_keeps_dtype(tmp_path):

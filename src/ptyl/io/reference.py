@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptyl.errors import PriorFileError
+from ptyl.errors import PriorFileError, PtylError
 from ptyl.posterior.gaussian import SourcePosterior
 
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -52,10 +52,10 @@ def import_reference(prefix: str | Path, model: nn.Module | None = None, name_pr
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PriorFileError(f"{prefix}_model.pt is not a state dict of tensors")
     for name, t in (("mean", mean), ("variance", var)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 1:
-            raise PriorFileError(f"{prefix}_{name}.pt must hold a flat 1-D tensor")
-    if not isinstance(cov, torch.Tensor) or cov.dim() != 2:
-        raise PriorFileError(f"{prefix}_covmat.pt must hold a [K, P] tensor")
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
+            raise PriorFileError(f"{prefix}_{name}.pt must hold a flat 1-D floating-point tensor")
+    if not isinstance(cov, torch.Tensor) or cov.dim() != 2 or not cov.is_floating_point():
+        raise PriorFileError(f"{prefix}_covmat.pt must hold a [K, P] floating-point tensor")
     if model is not None:
         names = [n for n, _ in model.named_parameters() if n in state]
     else:
@@ -79,4 +79,7 @@ def import_reference(prefix: str | Path, model: nn.Module | None = None, name_pr
     if name_prefix:
         out = {k: {name_prefix + n: t for n, t in d.items()} for k, d in out.items()}
     meta = {"source": f"imported from reference files {Path(prefix).name}_*.pt", "num_snapshots": int(cov.shape[0])}
-    return SourcePosterior(out["mean"], out["variance"], out["deviations"], meta)
+    try:
+        return SourcePosterior(out["mean"], out["variance"], out["deviations"], meta)
+    except PtylError as err:  # NaN/Inf or a non-positive variance: say which files
+        raise type(err)(f"{prefix}_*.pt: {err}") from err
