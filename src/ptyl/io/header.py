@@ -15,7 +15,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from ptyl.errors import PriorFileError, PtylError
-from ptyl.io.schema import Spec, validate_header
+from ptyl.io.schema import Spec, describe, validate_header
 
 __all__ = ["HEADER_KINDS", "existing_file", "read_json_header"]
 
@@ -62,7 +62,7 @@ def read_json_header(
     except RecursionError:
         raise error(f"{path}: the {key!r} metadata entry nests too deeply to be a ptyl header") from None
     if not isinstance(meta, dict):
-        raise error(f"{path}: the {key!r} metadata entry must be a JSON object, got {type(meta).__name__}")
+        raise error(f"{path}: the {key!r} metadata entry must be a JSON object, got {describe(meta)}")
     if schema is not None:
         validate_header(meta, schema, path, entry=key, error=error)
     return meta

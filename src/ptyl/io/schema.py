@@ -47,10 +47,14 @@ def _show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-             int: "an integer", float: "a number"}
-    return names.get(type(value), type(value).__name__)
+def describe(value: Any) -> str:
+    """A JSON value for an error message: ``null``, ``a boolean (true)``, ``a string '2'``, ``a list [1, 2]``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    return f"{names.get(type(value), type(value).__name__)} {_show(value)}"
 
 
 def _join(where: str, key: str | int) -> str:
@@ -68,7 +72,7 @@ class Spec:
         raise NotImplementedError
 
     def fail(self, value: Any, where: str) -> None:
-        raise SchemaError(where, f"must be {self.description}, got {_kind(value)} {_show(value)}")
+        raise SchemaError(where, f"must be {self.description}, got {describe(value)}")
 
 
 @dataclass(frozen=True)
