@@ -150,3 +150,26 @@ def test_failed_rename_during_commit_restores_what_was_replaced(tmp_path):
             out.write_text(blocker, "new b")
     assert a.read_text() == "old a" and (blocker / "keep").read_text() == "k"
     assert _temps(tmp_path) == []
+
+
+def test_prior_and_weights_are_written_both_or_neither(tmp_path):
+    """The learn-prior case (issue 15, class 7): the weights are saved first, then the prior save fails."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ptyl.errors import InvalidValueError
+    from ptyl.io import save_posterior
+    from tests.helpers import TinyNet, random_posterior
+
+    post = random_posterior(TinyNet(), rank=2, dtype=torch.float32)
+    post.variance[post.names[0]] = post.variance[post.names[0]] * 0 + 1e-30  # underflows in float16
+    weights, prior = tmp_path / "out.pretrained.safetensors", tmp_path / "out.safetensors"
+    with pytest.raises(InvalidValueError, match="underflows"):
+        with atomic_files():
+            atomic_write(weights, lambda tmp: save_file({"w": torch.zeros(3)}, tmp))
+            save_posterior(post, prior, dtype="float16")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_files():
+        atomic_write(weights, lambda tmp: save_file({"w": torch.zeros(3)}, tmp))
+        save_posterior(post, prior)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([prior.name, weights.name])
