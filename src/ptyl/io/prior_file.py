@@ -193,8 +193,7 @@ def load_prior_file(
     rank = meta["rank"]
     stores: dict[str, dict[str, torch.Tensor]] = {k: {} for k in _KINDS}
     expected = set()
-    # checksums are taken on the host: read there, move afterwards
-    with _open(path, "cpu" if verify else map_location) as f:
+    with _open(path, "cpu" if verify else map_location) as f:  # checksums are taken on the host
         keys = set(_call(f.keys, path))
         for entry in meta["parameters"]:
             name, shape = entry["name"], tuple(entry["shape"])
@@ -205,19 +204,13 @@ def load_prior_file(
                     continue
                 if key not in keys:
                     raise PriorFileError(f"{path}: tensor {key!r} listed in the metadata is missing")
-                expected.add(key)
-                want = (rank, *shape) if kind == "deviations" else shape
-                t = _call(lambda: f.get_tensor(key), path)  # noqa: B023 - called at once
-                if tuple(t.shape) != want:
-                    raise PriorFileError(f"{path}: {key!r} has shape {tuple(t.shape)}, metadata says {want}")
                 if records is not None and key not in records:
                     raise PriorFileError(f"{path}: metadata field 'tensors' has no record for {key!r}")
-                # version 1 records one dtype for the whole file
-                record = records[key] if records is not None else {"dtype": meta["dtype"]}
-                check_tensor(path, key, t, record, dtypes=FLOAT_DTYPES, verify=verify)
-                if verify:
-                    t = t.to(map_location)
-                stores[kind][name] = t.to(dtype) if dtype is not None else t
+                expected.add(key)
+                record = records[key] if records is not None else {"dtype": meta["dtype"]}  # v1: one dtype per file
+                want = (rank, *shape) if kind == "deviations" else shape
+                t = _read_tensor(f, path, key, want, record, verify)
+                stores[kind][name] = t.to(map_location if verify else t.device, dtype=dtype or t.dtype)
     extra = keys - expected
     if extra:
         raise PriorFileError(f"{path}: tensors not listed in the metadata: {sorted(extra)[:5]}")
@@ -230,6 +223,15 @@ def load_prior_file(
     except PtylError as err:
         raise type(err)(f"{path}: {err}") from err
     return PriorFile(posterior, meta, meta["format_version"], verify)
+
+
+def _read_tensor(f, path: Path, key: str, shape: tuple[int, ...], record: dict[str, Any], verify: bool) -> torch.Tensor:
+    """One tensor, checked: the shape the metadata implies, a float dtype as recorded, and (``verify``) its checksum."""
+    t = _call(lambda: f.get_tensor(key), path)
+    if tuple(t.shape) != shape:
+        raise PriorFileError(f"{path}: {key!r} has shape {tuple(t.shape)}, metadata says {shape}")
+    check_tensor(path, key, t, record, dtypes=FLOAT_DTYPES, verify=verify)
+    return t
 
 
 def _open(path: Path, device: str | torch.device):
