@@ -2,7 +2,7 @@
 
 The property: whatever the damage, loading ends in a ptyl error (a :class:`PtylError` subclass) or reproduces the
 original tensors exactly; a changed data byte is always caught by the version-2 checksums. Examples are derandomised
-(the same ~2,900 mutations on every run, so CI is reproducible); ``PTYL_FUZZ_SCALE=10`` runs ten times as many, and
+(the same 2,400 mutations on every run, so CI is reproducible); ``PTYL_FUZZ_SCALE=10`` runs ten times as many, and
 ``PTYL_FUZZ_RANDOM=1`` draws new ones, for a longer campaign.
 """
 
@@ -48,7 +48,8 @@ def _original(dtype: str):
     torch.manual_seed(0)
     post = random_posterior(TinyNet(), rank=2, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_posterior(post, Path(tmp) / "p.safetensors", dtype=dtype, metadata={"source": "fuzz"})
+        path = save_posterior(post, Path(tmp) / "p.safetensors", dtype=dtype,  # fixed bytes: reproducible examples
+                              metadata={"source": "fuzz", "created": "2025-01-01T00:00:00+00:00"})
         return path.read_bytes(), load_posterior(path)
 
 
@@ -97,7 +98,7 @@ def _mutations(draw, region: str):
     return dtype, _flip(data, positions, masks)
 
 
-@_settings(900)
+@_settings(700)
 @given(_mutations("header"))
 def test_header_byte_mutations_are_errors_or_exact(mutation):
     dtype, data = mutation
@@ -105,7 +106,7 @@ def test_header_byte_mutations_are_errors_or_exact(mutation):
     _outcome(data, ORIGINALS[dtype][1])
 
 
-@_settings(500)
+@_settings(300)
 @given(_mutations("data"))
 def test_data_byte_mutations_are_always_caught_by_the_checksum(mutation):
     dtype, data = mutation
@@ -116,7 +117,7 @@ def test_data_byte_mutations_are_always_caught_by_the_checksum(mutation):
         load_posterior(path, verify=True)
 
 
-@_settings(300)
+@_settings(200)
 @given(st.sampled_from(sorted(ORIGINALS)), st.sampled_from(["truncate", "append", "insert", "delete"]),
        st.integers(0, 10**6), st.binary(min_size=1, max_size=16))
 def test_structural_mutations(dtype, how, where, chunk):
@@ -158,7 +159,7 @@ def _with_entry(data: bytes, header: dict, entry_text: str) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + data[_header_end(data):]
 
 
-@_settings(700)
+@_settings(600)
 @given(st.sampled_from(sorted(ORIGINALS)), st.data())
 def test_metadata_field_mutations_are_errors_or_exact(dtype, draw):
     """Smarter than byte flips: set, delete or add a field anywhere in the ``ptyl`` entry, with any JSON value."""
@@ -240,7 +241,7 @@ def _check_config(config) -> str:
     return "typed"
 
 
-@_settings(600)
+@_settings(400)
 @given(st.dictionaries(CONFIG_KEYS, CONFIG_VALUES | st.dictionaries(CONFIG_KEYS, CONFIG_VALUES, max_size=3),
                        max_size=4))
 def test_config_values_are_errors_or_typed_like_the_command_line(config):
@@ -255,7 +256,7 @@ CONFIG_TEMPLATES = {
 }
 
 
-@_settings(300)
+@_settings(200)
 @given(st.sampled_from(sorted(CONFIG_TEMPLATES)), st.data())
 def test_config_file_byte_mutations_are_errors_or_typed(suffix, draw):
     template = CONFIG_TEMPLATES[suffix]
