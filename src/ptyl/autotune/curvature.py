@@ -1,0 +1,225 @@
+"""Curvature of the summed negative log-likelihood at the current weights, as blocks over named parameters.
+
+Three block types, each over a disjoint set of parameter names (every other parameter has zero curvature):
+
+- :class:`KronBlock`: K-FAC for an ``nn.Linear`` / ``nn.Conv2d`` (weight and bias together), ``G ~= B (x) A`` on the
+  row-major matrix ``[W | b]`` of shape ``[out, in']`` (Martens & Grosse 2015, https://arxiv.org/abs/1503.05671;
+  convolutions: Grosse & Martens 2016, https://arxiv.org/abs/1602.01407, "expand" setting of Eschenhagen et al. 2023,
+  https://arxiv.org/abs/2311.00636). See :mod:`ptyl.autotune.kfac`.
+- :class:`DiagBlock`: the exact diagonal of the GGN (:mod:`ptyl.autotune.ggn`).
+- :class:`DenseBlock`: the exact GGN over a small set of parameters, e.g. the head ("last-layer" Laplace).
+
+:func:`compute_curvature` picks them: ``"kfac"`` (Kronecker blocks for supported layers, the diagonal for every other
+parameter), ``"diag"``, or ``"full"`` (one dense block; small parameter sets only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptyl.autotune.likelihoods import Likelihood
+from ptyl.errors import ConfigError
+
+METHODS = ("kfac", "diag", "full")
+FISHERS = ("exact", "mc")
+MAX_DENSE = 4096  # parameters in one dense block (its matrix is MAX_DENSE^2 float64 numbers)
+
+
+@dataclass
+class KronBlock:
+    """GGN block of one layer ~= B (x) A over the row-major ``[out, in']`` matrix ``[W.reshape(out, -1) | b]``.
+
+    ``names`` lists the weight name then, if ``has_bias``, the bias name.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    has_bias: bool
+    a: torch.Tensor  # [in', in'] input factor (mean over examples and locations)
+    b: torch.Tensor  # [out, out] output-gradient factor (sum over examples and locations)
+
+    def gather(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-name flat tensors ``[..., numel]`` -> the block matrix ``[..., out, in']``."""
+        out = self.b.shape[0]
+        w = pieces[self.names[0]]
+        w = w.reshape(*w.shape[:-1], out, -1)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, pieces[self.names[1]].unsqueeze(-1)], dim=-1)
+
+    def dense(self) -> torch.Tensor:
+        """B (x) A permuted to ``names`` order (tests and tiny layers only)."""
+        full = torch.kron(self.b, self.a)
+        out, cols = self.b.shape[0], self.a.shape[0]
+        index = torch.arange(out * cols).reshape(out, cols)
+        order = index[:, : cols - int(self.has_bias)].reshape(-1)
+        if self.has_bias:
+            order = torch.cat([order, index[:, -1]])
+        return full[order][:, order]
+
+    def restrict(self, keep: Sequence[str]):
+        """The block over a subset of its names (the others held fixed = the corresponding sub-block)."""
+        keep_w, keep_b = self.names[0] in keep, self.has_bias and self.names[1] in keep
+        if keep_w and (keep_b or not self.has_bias):
+            return self
+        if keep_w:
+            return KronBlock(self.names[:1], self.shapes[:1], False, self.a[:-1, :-1], self.b)
+        if keep_b:
+            return DenseBlock(self.names[1:], self.shapes[1:], self.b * self.a[-1, -1])
+        return None
+
+
+@dataclass
+class DiagBlock:
+    """The diagonal ``h`` of the GGN over ``names`` (flat, names order)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    h: torch.Tensor
+
+    def gather(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([pieces[n] for n in self.names], dim=-1)
+
+    def dense(self) -> torch.Tensor:
+        return torch.diag(self.h)
+
+    def restrict(self, keep: Sequence[str]):
+        return _restrict_flat(self, keep, lambda idx: DiagBlock(*_sub(self, keep), self.h[idx]))
+
+
+@dataclass
+class DenseBlock:
+    """The exact GGN ``H`` over ``names`` (flat, names order)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    h: torch.Tensor
+
+    def gather(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([pieces[n] for n in self.names], dim=-1)
+
+    def dense(self) -> torch.Tensor:
+        return self.h
+
+    def restrict(self, keep: Sequence[str]):
+        return _restrict_flat(self, keep, lambda idx: DenseBlock(*_sub(self, keep), self.h[idx][:, idx]))
+
+
+def _sub(block, keep):
+    pairs = [(n, s) for n, s in zip(block.names, block.shapes) if n in keep]
+    return tuple(n for n, _ in pairs), tuple(s for _, s in pairs)
+
+
+def _restrict_flat(block, keep, make):
+    if all(n in keep for n in block.names):
+        return block
+    if not any(n in keep for n in block.names):
+        return None
+    sizes = [math.prod(s) for s in block.shapes]
+    mask = torch.cat([torch.full((k,), n in keep) for n, k in zip(block.names, sizes)])
+    return make(mask.nonzero().squeeze(1))
+
+
+Block = KronBlock | DiagBlock | DenseBlock
+
+
+@dataclass
+class Curvature:
+    """Blocks of the GGN of ``-sum_n log p(y_n | x_n, theta)`` and the summed log-likelihood, at one theta."""
+
+    blocks: list[Block]
+    log_likelihood: float
+    num_data: int
+    method: str = "kfac"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for b in self.blocks for n in b.names]
+
+    def dense(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The block-diagonal approximation as a dense matrix over ``names`` (tests only)."""
+        sizes = [math.prod(s) for s in shapes]
+        offsets = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))]))
+        full = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+        for block in self.blocks:
+            idx = torch.cat([torch.arange(offsets[n], offsets[n] + math.prod(s))
+                             for n, s in zip(block.names, block.shapes)])
+            full[idx[:, None], idx[None, :]] = block.dense().to(full)
+        return full
+
+
+def check_choice(value: str, choices: Iterable[str], what: str) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {choices}")
+    return value
+
+
+def compute_curvature(
+    model: nn.Module,
+    data: Iterable,
+    likelihood: Likelihood,
+    names: Sequence[str],
+    *,
+    method: str = "kfac",
+    fisher: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> Curvature:
+    """GGN blocks over the parameters ``names`` of ``model`` (eval mode) on every batch of ``data``.
+
+    Args:
+        method: ``"kfac"`` (Kronecker blocks for ``nn.Linear`` / ``nn.Conv2d``, diagonal for the rest), ``"diag"``
+            or ``"full"`` (one dense block, at most :data:`MAX_DENSE` parameters).
+        fisher: ``"exact"`` — the expectation over the likelihood's outputs in closed form (one backward pass per
+            column of L, i.e. per class); ``"mc"`` — ``mc_samples`` sampled targets per example (seeded).
+    """
+    from ptyl.autotune.ggn import ggn_blocks
+    from ptyl.autotune.kfac import kron_blocks
+
+    check_choice(method, METHODS, "curvature method")
+    check_choice(fisher, FISHERS, "fisher")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ConfigError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+    names = list(names)
+    if method == "full" and sum(math.prod(s) for s in _shapes(model, names)) > MAX_DENSE:
+        raise ConfigError(f"curvature 'full' is for at most {MAX_DENSE} parameters; use 'kfac' or 'diag'")
+    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    options = dict(fisher=fisher, mc_samples=mc_samples, generator=generator)
+    was_training = model.training
+    model.eval()  # BatchNorm running statistics, no dropout: the function whose curvature we take
+    try:
+        blocks, rest, log_lik, count = [], names, None, None
+        if method == "kfac":
+            blocks, rest, log_lik, count = kron_blocks(model, data, likelihood, names, **options)
+        if rest:
+            structure = "full" if method == "full" else "diag"
+            more, ll, n = ggn_blocks(model, data, likelihood, rest, structure=structure, **options)
+            blocks += more
+            log_lik, count = (ll, n) if log_lik is None else (log_lik, count)
+    finally:
+        model.train(was_training)
+    return Curvature(blocks, log_lik, count, method, {"fisher": fisher, "mc_samples": mc_samples})
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _shapes(model: nn.Module, names: Sequence[str]) -> list[tuple[int, ...]]:
+    from ptyl.params import named_parameters
+
+    params = named_parameters(model)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ConfigError(f"the model has no parameter(s) {missing[:5]}")
+    return [tuple(params[n].shape) for n in names]
+
+
+__all__ = ["Block", "Curvature", "DenseBlock", "DiagBlock", "FISHERS", "KronBlock", "METHODS", "compute_curvature"]

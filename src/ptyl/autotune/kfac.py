@@ -1,0 +1,159 @@
+"""K-FAC factors of the GGN for ``nn.Linear`` and ``nn.Conv2d`` layers, from forward inputs and output gradients.
+
+For a layer ``s = W a`` (bias: a constant 1 appended to ``a``) evaluated at locations t (one for a plain linear
+layer; the output pixels of a convolution, with ``a_nt`` the unfolded input patch; the positions of a sequence), the
+GGN block is ``sum_n sum_{t,t'} (L_n^T J_nt)^T (L_n^T J_nt') (x) a_nt a_nt'^T``. K-FAC ("expand" setting, Martens &
+Grosse 2015, https://arxiv.org/abs/1503.05671; Grosse & Martens 2016, https://arxiv.org/abs/1602.01407; Eschenhagen
+et al. 2023, https://arxiv.org/abs/2311.00636) keeps t = t' and factorises the sum over examples:
+
+    G ~= B (x) A,   A = 1/(N T) sum_{n,t} a_nt a_nt^T,   B = sum_{n,t} sum_c g_ntc g_ntc^T
+
+where ``g_ntc = d <f_n, L_n[:, c]> / d s_nt`` is the output gradient for column c of the likelihood's Hessian square
+root (``fisher="exact"``, one backward pass per column) or for a sampled target (``fisher="mc"``).
+Exact when: one example (N = 1) with one location; or a single linear layer with a Gaussian likelihood (B_n is the
+same for every n); or, in the expand setting, a single convolution with a per-location Gaussian likelihood.
+
+The forward hooks keep each layer's input and output; ``torch.autograd.grad`` w.r.t. the outputs gives the g's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptyl.autotune.curvature import KronBlock
+from ptyl.autotune.data import checked_batches
+from ptyl.autotune.likelihoods import Likelihood
+from ptyl.errors import ConfigError
+from ptyl.params import normalize_name
+
+
+def supported(module: nn.Module) -> bool:
+    """Layers with a Kronecker block: Linear, and Conv2d without groups and with zero padding."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+        and not isinstance(module.padding, str)
+
+
+def plan_layers(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+    """module name -> (module, its parameter names in the block) for every supported layer whose weight is in
+    ``names`` (a layer whose weight is held fixed but whose bias is not leaves the bias to the diagonal GGN)."""
+    wanted, plan = set(names), {}
+    for mod_name, module in model.named_modules():
+        if not supported(module):
+            continue
+        prefix = normalize_name(f"{mod_name}.") if mod_name else ""
+        w = prefix + "weight"
+        if w not in wanted or not module.weight.requires_grad:
+            continue
+        b = prefix + "bias"
+        has_bias = module.bias is not None and b in wanted and module.bias.requires_grad
+        plan[mod_name] = (module, (w, b) if has_bias else (w,))
+    return plan
+
+
+def _inputs(module: nn.Module, x: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """The layer's input rows a_nt as [N T, in'] (float64, bias column of ones appended)."""
+    if isinstance(module, nn.Conv2d):
+        x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, in k k, T]
+        a = x.transpose(1, 2).reshape(-1, x.shape[1])
+    else:
+        a = x.reshape(-1, x.shape[-1])
+    a = a.double()
+    return torch.cat([a, torch.ones_like(a[:, :1])], dim=1) if has_bias else a
+
+
+def _grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Output gradients g_nt as [N T, out] (float64)."""
+    if isinstance(module, nn.Conv2d):
+        g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+    return g.reshape(-1, g.shape[-1]).double()
+
+
+class _Recorder:
+    """Forward hooks keeping each planned layer's input and output of the current forward pass."""
+
+    def __init__(self, plan):
+        self.plan, self.inputs, self.outputs, self.handles = plan, {}, {}, []
+        for name, (module, _) in plan.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            if name in self.outputs:
+                raise ConfigError(f"layer {name!r} runs more than once per forward pass (shared weights): K-FAC does "
+                                  "not support it; use curvature='diag'")
+            self.inputs[name], self.outputs[name] = args[0].detach(), output
+        return hook
+
+    def clear(self):
+        self.inputs, self.outputs = {}, {}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _columns(likelihood: Likelihood, out: torch.Tensor, fisher: str, mc_samples: int, generator):
+    """The vectors v [B, O] to back-propagate: columns of L (exact) or sampled gradients / sqrt(m) (mc)."""
+    if fisher == "exact":
+        root = likelihood.hessian_sqrt(out)
+        return [root[:, :, c] for c in range(root.shape[2])]
+    return [likelihood.sample_gradient(out, generator) / math.sqrt(mc_samples) for _ in range(mc_samples)]
+
+
+def kron_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: Sequence[str], *, fisher: str,
+                mc_samples: int, generator) -> tuple[list[KronBlock], list[str], float, int]:
+    """K-FAC blocks for the supported layers among ``names``; returns (blocks, names left over, summed
+    log-likelihood, number of examples)."""
+    plan = plan_layers(model, names)
+    covered = {n for _, block_names in plan.values() for n in block_names}
+    rest = [n for n in names if n not in covered]
+    a_sum = {name: None for name in plan}
+    b_sum = {name: None for name in plan}
+    rows = dict.fromkeys(plan, 0)
+    log_lik, count = torch.zeros((), dtype=torch.float64), 0
+    device = next(model.parameters()).device
+    recorder = _Recorder(plan)
+    try:
+        for x, y in checked_batches(data, device):
+            recorder.clear()
+            with torch.enable_grad():
+                out = model(x)
+            f = likelihood.outputs(out)
+            log_lik += likelihood.log_prob(out.detach().double(), y).sum().cpu()
+            count += x.shape[0]
+            if not plan:
+                continue
+            layer_names = list(plan)
+            outputs = [recorder.outputs[n] for n in layer_names]
+            for v in _columns(likelihood, out, fisher, mc_samples, generator):
+                grads = torch.autograd.grad(f, outputs, grad_outputs=v.to(f.dtype), retain_graph=True,
+                                            allow_unused=True)
+                for name, g in zip(layer_names, grads):
+                    if g is None:
+                        continue
+                    g = _grads(plan[name][0], g)
+                    b_sum[name] = g.T @ g if b_sum[name] is None else b_sum[name] + g.T @ g
+            for name in layer_names:
+                module, block_names = plan[name]
+                a = _inputs(module, recorder.inputs[name], len(block_names) == 2)
+                a_sum[name] = a.T @ a if a_sum[name] is None else a_sum[name] + a.T @ a
+                rows[name] += a.shape[0]
+    finally:
+        recorder.remove()
+    blocks = []
+    for name, (module, block_names) in plan.items():
+        shapes = tuple(tuple(getattr(module, n.rsplit(".", 1)[-1]).shape) for n in block_names)
+        out_dim = module.weight.shape[0]
+        b = b_sum[name] if b_sum[name] is not None else torch.zeros(out_dim, out_dim, dtype=torch.float64)
+        blocks.append(KronBlock(block_names, shapes, len(block_names) == 2, a_sum[name] / rows[name], b))
+    return blocks, rest, float(log_lik), count
+
+
+__all__ = ["kron_blocks", "plan_layers", "supported"]
