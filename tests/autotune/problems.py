@@ -23,7 +23,8 @@ def random_posterior(model: nn.Module, rank: int = 3, skip: str | None = None, c
         if skip and n.startswith(skip):
             continue
         mean[n] = 0.1 * torch.randn(p.shape, generator=gen, dtype=F64)
-        var[n] = torch.full(p.shape, 0.3, dtype=F64) if constant else torch.rand(p.shape, generator=gen, dtype=F64) + 0.05
+        spread = torch.rand(p.shape, generator=gen, dtype=F64) + 0.05
+        var[n] = torch.full(p.shape, 0.3, dtype=F64) if constant else spread
         dev[n] = 0.3 * torch.randn((rank, *p.shape), generator=gen, dtype=F64)
     return SourcePosterior(mean, var, dev)
 
@@ -83,3 +84,26 @@ def posterior(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, cov: torch.T
     prec = x.T @ x / noise + torch.linalg.inv(cov)
     post_cov = torch.linalg.inv(prec)
     return post_cov @ (x.T @ y / noise + torch.linalg.solve(cov, mean)), post_cov
+
+
+def maximise_log(fn, init: float = 0.0) -> float:
+    """argmax over t of fn(t) for a smooth 1-D function of a float64 tensor t (LBFGS to machine precision)."""
+    t = torch.tensor(init, dtype=F64, requires_grad=True)
+    opt = torch.optim.LBFGS([t], lr=1.0, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -fn(t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(t.detach())
+
+
+def dense_log_marginal(x, y, mean, cov, noise):
+    """Differentiable exact log N(y; X mu, X Sigma X^T + s2 I) (cov may depend on a tensor)."""
+    c = x @ cov @ x.T + noise * torch.eye(len(y), dtype=F64)
+    r = y - x @ mean
+    return -0.5 * (r @ torch.linalg.solve(c, r) + torch.linalg.slogdet(c)[1] + len(y) * math.log(2 * math.pi))

@@ -104,7 +104,7 @@ def test_cnn_with_one_location_and_one_example_is_exact():
 def test_linear_bias_block_is_exact_for_any_batch():
     exact, dense, spans, curv = blockwise(mlp(), torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,)),
                                           Categorical())
-    for (a, b), block in zip(spans, curv.blocks):
+    for (_, b), block in zip(spans, curv.blocks):
         out = block.b.shape[0]
         torch.testing.assert_close(dense[b - out:b, b - out:b], exact[b - out:b, b - out:b], rtol=1e-10, atol=1e-12)
 

@@ -9,11 +9,16 @@ al. 2024) and an online Laplace marginal likelihood with K-FAC curvature (Immer 
 
 from ptyl.autotune.build import HYPERS, KINDS, build_family
 from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock, KronBlock, compute_curvature
+from ptyl.autotune.deelbo import deelbo_loss, deelbo_tune
 from ptyl.autotune.families import BlockFamily, CompositeFamily, IsotropicFamily, LeafFamily, LearnedFamily
 from ptyl.autotune.likelihoods import Categorical, Gaussian, Likelihood, get_likelihood
+from ptyl.autotune.marglik import CURVATURES, marglik_tune, update_hypers
 from ptyl.autotune.occam import laplace_log_evidence, occam_log_det
+from ptyl.autotune.result import TuneResult
+from ptyl.autotune.variational import VariationalPosterior
 
 __all__ = [
+    "CURVATURES",
     "HYPERS",
     "KINDS",
     "BlockFamily",
@@ -28,9 +33,15 @@ __all__ = [
     "LeafFamily",
     "LearnedFamily",
     "Likelihood",
+    "TuneResult",
+    "VariationalPosterior",
     "build_family",
     "compute_curvature",
+    "deelbo_loss",
+    "deelbo_tune",
     "get_likelihood",
     "laplace_log_evidence",
+    "marglik_tune",
     "occam_log_det",
+    "update_hypers",
 ]

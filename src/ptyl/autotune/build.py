@@ -135,7 +135,7 @@ def build_family(
             raise ParameterMismatchError(f"{len(uncovered)} backbone parameter(s) have no learned prior: "
                                          f"{uncovered[:6]}; pass them in `unregularized`, or strict=False")
         if uncovered:
-            warnings.warn(f"{len(uncovered)} backbone parameter(s) left without a prior: {uncovered[:6]}")
+            warnings.warn(f"{len(uncovered)} backbone parameter(s) left without a prior: {uncovered[:6]}", stacklevel=2)
             free += uncovered
         covered = [n for n in backbone if n in matched.mean]
         parts["backbone"] = _learned_family(matched, covered, kind, rank, scale, eps, learn, blocks, dtype)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock, KronBlock
+from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock
 from ptyl.autotune.families import Family, LeafFamily
 from ptyl.errors import ConfigError
 

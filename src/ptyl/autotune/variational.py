@@ -1,0 +1,105 @@
+"""Diagonal Gaussian variational posterior q(theta) = N(m, diag s^2) around a model's weights.
+
+The mean m *is* the model's parameters (so MAP-style predictions use the model as it is); q adds one log standard
+deviation per covered parameter. Reparameterisation (Kingma & Welling 2014): theta = m + s * e, e ~ N(0, I).
+Parameters outside q (left without a prior) stay point estimates.
+
+    KL(q || p) = -E_q[log p(theta)] - H[q],   H[q] = sum log s + P/2 (1 + log 2 pi)
+
+with E_q[log p] closed form for every prior family (:meth:`~ptyl.autotune.families.LeafFamily.expected_log_prob`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ptyl.autotune.data import checked_batches
+from ptyl.autotune.families import Family
+from ptyl.errors import ConfigError
+from ptyl.params import normalize_name
+
+
+class VariationalPosterior(nn.Module):
+    """q = N(m, diag s^2) over the parameters ``names`` of ``model``; ``m`` is read from the model on every call."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], init_std: float = 1e-3):
+        super().__init__()
+        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+            raise ConfigError(f"init_std must be a positive finite number, got {init_std!r}")
+        raw = {normalize_name(n): n for n, _ in model.named_parameters()}
+        missing = [n for n in names if n not in raw]
+        if missing:
+            raise ConfigError(f"the model has no parameter(s) {missing[:5]}")
+        params = dict(model.named_parameters())
+        self.names: tuple[str, ...] = tuple(names)
+        self.raw_names: tuple[str, ...] = tuple(raw[n] for n in names)
+        self.log_std = nn.ParameterList(
+            [nn.Parameter(torch.full_like(params[r].detach(), math.log(init_std))) for r in self.raw_names])
+
+    def means(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        return {n: params[r] for n, r in zip(self.names, self.raw_names)}
+
+    def variances(self) -> dict[str, torch.Tensor]:
+        return {n: (2.0 * s).exp() for n, s in zip(self.names, self.log_std)}
+
+    def std(self) -> dict[str, torch.Tensor]:
+        return {n: s.exp() for n, s in zip(self.names, self.log_std)}
+
+    def sample(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Raw parameter name -> m + s * e (differentiable in m and s), for ``functional_call``."""
+        params = dict(model.named_parameters())
+        out = {}
+        for r, s in zip(self.raw_names, self.log_std):
+            noise = torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
+            out[r] = params[r] + s.exp() * noise
+        return out
+
+    def entropy(self) -> torch.Tensor:
+        total = sum(s.double().sum() for s in self.log_std)
+        count = sum(s.numel() for s in self.log_std)
+        return total + 0.5 * count * (1.0 + math.log(2.0 * math.pi))
+
+    def kl(self, model: nn.Module, family: Family) -> torch.Tensor:
+        """KL(q || p_h), differentiable in m, s and the family's hyper-parameters (float64)."""
+        return -family.expected_log_prob(self.means(model), self.variances()) - self.entropy()
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, data: Iterable, num_samples: int = 10, seed: int = 0,
+                transform=lambda out: torch.softmax(out, dim=-1)) -> torch.Tensor:
+        """Bayesian model average over ``num_samples`` draws of q: the mean of ``transform(model_theta(x))`` (class
+        probabilities by default), in data order, model in eval mode."""
+        device = self.log_std[0].device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        draws = [self.sample(model, generator) for _ in range(num_samples)]
+        was_training = model.training
+        model.eval()
+        try:
+            chunks = []
+            for x, _ in checked_batches(data, device):
+                chunks.append(sum(transform(functional_call(model, d, (x,), strict=False)) for d in draws)
+                              / num_samples)
+        finally:
+            model.train(was_training)
+        return torch.cat(chunks)
+
+
+class SampledModel(nn.Module):
+    """Calls ``model`` with the parameters set to the current draw (``functional_call``), so any objective
+    ``objective(model, batch)`` sees a sample of q."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.draw: dict[str, torch.Tensor] = {}
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.model, self.draw, args, kwargs, strict=False)
+
+
+__all__ = ["SampledModel", "VariationalPosterior"]
