@@ -128,6 +128,29 @@ def test_diag_and_full_are_exact(method):
     torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-12)
 
 
+class SequenceNet(nn.Module):
+    """A Linear over positions (weight sharing across T = 5) and a LayerNorm (no Kronecker block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.embed(x))).mean(1))
+
+
+def test_diag_is_exact_with_weight_sharing_and_other_layers():
+    model = SequenceNet().double()
+    x, y = torch.randn(6, 5, 3, dtype=F64), torch.randint(0, 3, (6,))
+    exact, dense, _, curv = blockwise(model, x, y, Categorical(), method="diag")
+    torch.testing.assert_close(dense, torch.diag(exact.diagonal()), rtol=1e-10, atol=1e-12)
+    kinds = [type(b).__name__ for b in compute_curvature(model, [(x, y)], Categorical(),
+                                                         names_shapes(model)[0]).blocks]
+    assert kinds == ["KronBlock", "KronBlock", "DiagBlock"]  # the LayerNorm falls back to the exact diagonal
+
+
 def test_monte_carlo_fisher_converges_to_exact():
     model, x, y = mlp(), torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
     names, _ = names_shapes(model)
@@ -164,7 +187,8 @@ def test_diag_matches_the_existing_evidence_curvature():
     x, y = torch.randn(12, 1, 6, 6, dtype=F64), torch.randint(0, 3, (12,))
     names = [n for n, _ in model.named_parameters()]
     ours = compute_curvature(model, [(x, y)], Categorical(), names, method="kfac")
-    ours_diag = compute_curvature(model, [(x, y)], Categorical(), names, method="diag").blocks[0].h
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    ours_diag = compute_curvature(model, [(x, y)], Categorical(), names, method="diag").dense(names, shapes).diagonal()
     ref = existing(model, torch.utils.data.TensorDataset(x, y), names)
     torch.testing.assert_close(ours_diag, torch.cat([ref.hessian_diag[n].reshape(-1) for n in names]))
     assert ours.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-12)

@@ -108,6 +108,28 @@ def test_hyper_gradients_match_dense_autograd(net, kind):
     torch.testing.assert_close(got, torch.stack([log_lam.grad, log_eps.grad]), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "diag"])
+def test_eps_zero_fast_path_matches_dense(net, kind):
+    """eps = 0: Sigma = lam Sigma_0 with Sigma_0 factorised once; value, E_q and d/d log lam against dense."""
+    family = build_family(net, kind, posterior=random_posterior(net, skip="head"), scale=2.5, head_variance=None)
+    leaf = family.leaves()[0]
+    assert leaf.scaled_only
+    theta = perturbed(net)
+    var = {n: 0.01 + 0.1 * t.abs() for n, t in theta.items()}
+    for _ in range(2):  # the second call uses the cached factorisation
+        leaf.log_scale.grad = None
+        family.expected_log_prob(theta, var).backward()
+    log_lam = torch.tensor(math.log(2.5), dtype=F64, requires_grad=True)
+    cov = log_lam.exp() * (torch.diag(leaf.base_diag) + (leaf.base_factor.T @ leaf.base_factor
+                                                         if leaf.base_factor is not None else 0))
+    flat = lambda d: torch.cat([d[n].reshape(-1) for n in leaf.names])  # noqa: E731
+    dense = MultivariateNormal(leaf.mean, cov).log_prob(flat(theta)) - 0.5 * torch.trace(
+        torch.linalg.solve(cov, torch.diag(flat(var))))
+    dense.backward()
+    assert float(family.expected_log_prob(theta, var).detach()) == pytest.approx(float(dense.detach()), abs=1e-9)
+    assert float(leaf.log_scale.grad) == pytest.approx(float(log_lam.grad), rel=1e-10)
+
+
 def test_hyper_values_and_learnable_parameters(net):
     family = build_family(net, "lowrank", posterior=random_posterior(net, skip="head"), scale=10.0, eps=1e-3,
                           learn=("scale", "eps", "head_variance"))

@@ -13,7 +13,7 @@ from ptyl.autotune.deelbo import deelbo_loss, deelbo_tune
 from ptyl.autotune.families import BlockFamily, CompositeFamily, IsotropicFamily, LeafFamily, LearnedFamily
 from ptyl.autotune.likelihoods import Categorical, Gaussian, Likelihood, get_likelihood
 from ptyl.autotune.marglik import CURVATURES, marglik_tune, update_hypers
-from ptyl.autotune.occam import laplace_log_evidence, occam_log_det
+from ptyl.autotune.occam import LaplaceEvidence, laplace_log_evidence
 from ptyl.autotune.result import TuneResult
 from ptyl.autotune.variational import VariationalPosterior
 
@@ -30,6 +30,7 @@ __all__ = [
     "Gaussian",
     "IsotropicFamily",
     "KronBlock",
+    "LaplaceEvidence",
     "LeafFamily",
     "LearnedFamily",
     "Likelihood",
@@ -42,6 +43,5 @@ __all__ = [
     "get_likelihood",
     "laplace_log_evidence",
     "marglik_tune",
-    "occam_log_det",
     "update_hypers",
 ]

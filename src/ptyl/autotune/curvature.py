@@ -10,7 +10,8 @@ Three block types, each over a disjoint set of parameter names (every other para
 - :class:`DenseBlock`: the exact GGN over a small set of parameters, e.g. the head ("last-layer" Laplace).
 
 :func:`compute_curvature` picks them: ``"kfac"`` (Kronecker blocks for supported layers, the diagonal for every other
-parameter), ``"diag"``, or ``"full"`` (one dense block; small parameter sets only).
+parameter), ``"diag"`` (per layer from the same hooks for Linear / Conv2d, per-example gradients for the rest), or
+``"full"`` (one dense block; small parameter sets only).
 """
 
 from __future__ import annotations
@@ -196,8 +197,9 @@ def compute_curvature(
     model.eval()  # BatchNorm running statistics, no dropout: the function whose curvature we take
     try:
         blocks, rest, log_lik, count = [], names, None, None
-        if method == "kfac":
-            blocks, rest, log_lik, count = kron_blocks(model, data, likelihood, names, **options)
+        if method in ("kfac", "diag"):  # Linear / Conv2d layers from forward inputs and output gradients
+            structure = "kron" if method == "kfac" else "diag"
+            blocks, rest, log_lik, count = kron_blocks(model, data, likelihood, names, structure=structure, **options)
         if rest:
             structure = "full" if method == "full" else "diag"
             more, ll, n = ggn_blocks(model, data, likelihood, rest, structure=structure, **options)

@@ -13,8 +13,9 @@ from one mini-batch and ``num_samples`` reparameterised draws:
     loss = mean_batch[-log p(y | x, m + s e)] + KL(q || p_h) / (kappa N)
 
 jointly in m, log s (optimiser ``optimizer``, learning rate ``lr``) and log h (Adam, ``hyper_lr``). The KL is closed
-form (O(P k^2) for the low-rank family). Predictions: the model itself (the variational mean, "MAP-style") or
-``result.posterior.predict(model, data)`` (Bayesian model average over q).
+form: O(P k) per step for the learned prior with eps = 0 (Sigma = lam Sigma_0, factorised once) and the isotropic
+ones, O(P k^2) per step with eps > 0 (the capacitance depends on eps / lam). Predictions: the model itself (the
+variational mean, "MAP-style") or ``result.posterior.predict(model, data)`` (Bayesian model average over q).
 
 ``kappa=None`` uses max(1, P / N): the paper's P / N, never below 1 — it targets P >> N, and with P < N the ordinary
 ELBO already weighs the data fully (kappa < 1 would *down*-weight it).

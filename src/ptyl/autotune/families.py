@@ -16,7 +16,9 @@ head                   v_h I, centred on 0                                      
 =====================  =====================================================================  ====================
 
 Every leaf family is ``N(mu, diag(d) + U^T U)`` with ``d = lam a + eps`` and ``U = sqrt(lam) V`` (``a``, ``V`` fixed);
-:class:`~ptyl.autotune.woodbury.Woodbury` evaluates it in O(P k^2) (capacitance) + O(P k) without a P x P matrix.
+:class:`~ptyl.autotune.woodbury.Woodbury` evaluates it without a P x P matrix. Cost per call: with eps = 0 (ptyl's
+default) Sigma = lam Sigma_0 and Sigma_0 is factorised once, so a call is O(P k + k^3); with eps > 0 the capacitance
+depends on eps / lam and is rebuilt, O(P k^2) per call.
 ``E_q[log p]`` under a diagonal Gaussian q = N(m, diag s^2) is closed form:
 
     E_q[log p(theta)] = log p(m) - 1/2 tr(Sigma^-1 diag s^2)
@@ -30,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ptyl.autotune.woodbury import Woodbury
+from ptyl.autotune.woodbury import ScaledWoodbury, Woodbury
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.params import check_names_and_shapes, named_parameters
 from ptyl.priors.base import LOG_2PI, CompositePrior, Prior
@@ -95,9 +97,23 @@ class LeafFamily(nn.Module):
     def center(self) -> torch.Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def covariance_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
-        """(d [P], U [k, P] or None) with Sigma = diag(d) + U^T U, differentiable in the hyper-parameters."""
+    def variance_diag(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """d [P] (differentiable in the hyper-parameters)."""
         raise NotImplementedError
+
+    def factor(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(f, V) with U = f V: a differentiable scalar and a fixed [k, P] matrix; None without a low-rank part."""
+        return None
+
+    @property
+    def variance_shape_fixed(self) -> bool:
+        """True when d(h) changes only by a common factor (then K-FAC blocks are prepared once per curvature)."""
+        return False
+
+    def covariance_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d [P], U [k, P] or None) with Sigma = diag(d) + U^T U, differentiable in the hyper-parameters."""
+        f = self.factor()
+        return self.variance_diag(), None if f is None else f[0] * f[1]
 
     def hyper_values(self) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -110,7 +126,7 @@ class LeafFamily(nn.Module):
         return self.hyper_values()
 
     # --- densities ----------------------------------------------------------------------------------------------
-    def woodbury(self) -> Woodbury:
+    def woodbury(self) -> Woodbury | ScaledWoodbury:
         return Woodbury.build(*self.covariance_parts())
 
     def residual(self, flat: torch.Tensor) -> torch.Tensor:
@@ -172,6 +188,7 @@ class LearnedFamily(LeafFamily):
             self.register_buffer("log_eps", None)
             self.fixed_eps = torch.tensor(check_hyper(eps, "eps", allow_zero=True), dtype=dtype)
         self.label = label
+        self.scaled_only = self.log_eps is None and float(eps) == 0.0  # Sigma = lam Sigma_0: the O(P k) path
 
     @property
     def rank(self) -> int:
@@ -186,11 +203,25 @@ class LearnedFamily(LeafFamily):
     def center(self) -> torch.Tensor:
         return self.mean
 
-    def covariance_parts(self):
-        lam = self.scale()
-        d = lam * self.base_diag + self.eps()
-        u = None if self.base_factor is None else lam.sqrt() * self.base_factor
-        return d, u
+    def variance_diag(self) -> torch.Tensor:
+        return self.scale() * self.base_diag + self.eps()
+
+    def factor(self):
+        return None if self.base_factor is None else (self.scale().sqrt(), self.base_factor)
+
+    @property
+    def variance_shape_fixed(self) -> bool:
+        return self.scaled_only
+
+    def woodbury(self):
+        if not self.scaled_only:
+            return Woodbury.build(*self.covariance_parts())
+        key = (self.base_diag.device, self.base_diag.dtype)
+        if getattr(self, "_base_cache", (None,))[0] != key:  # Sigma_0 = diag(a) + V^T V, factorised once
+            with torch.no_grad():
+                base = Woodbury.build(self.base_diag, self.base_factor)
+                self._base_cache = (key, base, base.precision_diagonal())
+        return ScaledWoodbury(self._base_cache[1], self._base_cache[2], self.scale())
 
     def hyper_values(self) -> dict[str, float]:
         suffix = f"[{self.label}]" if self.label else ""
@@ -230,8 +261,13 @@ class IsotropicFamily(LeafFamily):
     def center(self) -> torch.Tensor | None:
         return self.center_flat
 
-    def covariance_parts(self):
-        return self.variance().expand(self.num_parameters), None
+    def variance_diag(self) -> torch.Tensor:
+        return self.variance().expand(self.num_parameters)
+
+    variance_shape_fixed = True
+
+    def woodbury(self):
+        return ScaledWoodbury(_UnitCovariance(self.num_parameters), 1.0, self.variance())
 
     def hyper_values(self) -> dict[str, float]:
         return {self.hyper_name: float(self.variance().detach())}
@@ -239,6 +275,19 @@ class IsotropicFamily(LeafFamily):
     def to_prior(self) -> Prior:
         center = None if self.center_flat is None else self.unflatten(self.center_flat)
         return IsotropicGaussianPrior(dict(zip(self.names, self.shapes)), float(self.variance().detach()), center)
+
+
+class _UnitCovariance:
+    """Sigma_0 = I (for :class:`ScaledWoodbury`): the isotropic families cost O(P)."""
+
+    def __init__(self, size: int):
+        self.diag = torch.empty(size, device="meta")  # only its numel is read
+
+    def mahalanobis(self, r: torch.Tensor) -> torch.Tensor:
+        return r.pow(2).sum()
+
+    def log_det(self) -> float:
+        return 0.0
 
 
 class CompositeFamily(nn.Module):

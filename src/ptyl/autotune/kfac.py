@@ -14,6 +14,10 @@ Exact when: one example (N = 1) with one location; or a single linear layer with
 same for every n); or, in the expand setting, a single convolution with a per-location Gaussian likelihood.
 
 The forward hooks keep each layer's input and output; ``torch.autograd.grad`` w.r.t. the outputs gives the g's.
+The same pass gives the *exact diagonal* of these layers' GGN blocks (``structure="diag"``): the per-example
+gradient for column c is ``sum_t g_ntc a_nt^T``, so ``diag G = sum_{n,c} (sum_t g_ntc a_nt^T)^2`` elementwise
+(for one location: ``sum_n (sum_c g_nc^2) (a_n^2)^T``, one matrix product) — C backward passes per batch instead of
+one per example and class.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptyl.autotune.curvature import KronBlock
+from ptyl.autotune.curvature import DiagBlock, KronBlock
 from ptyl.autotune.data import checked_batches
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
@@ -58,21 +62,32 @@ def plan_layers(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Mo
 
 
 def _inputs(module: nn.Module, x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """The layer's input rows a_nt as [N T, in'] (float64, bias column of ones appended)."""
+    """The layer's inputs a_nt as [N, T, in'] (float64, bias column of ones appended)."""
     if isinstance(module, nn.Conv2d):
-        x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, in k k, T]
-        a = x.transpose(1, 2).reshape(-1, x.shape[1])
+        a = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
     else:
-        a = x.reshape(-1, x.shape[-1])
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
     a = a.double()
-    return torch.cat([a, torch.ones_like(a[:, :1])], dim=1) if has_bias else a
+    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if has_bias else a
 
 
 def _grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Output gradients g_nt as [N T, out] (float64)."""
+    """Output gradients g_nt as [N, T, out] (float64)."""
     if isinstance(module, nn.Conv2d):
-        g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
-    return g.reshape(-1, g.shape[-1]).double()
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).double()
+    return g.reshape(g.shape[0], -1, g.shape[-1]).double()
+
+
+_BUDGET = 2**24  # per-example gradient entries held at once for the diagonal of a weight-shared layer
+
+
+def _diag_update(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """sum_n (sum_t g_nt a_nt^T)^2 over one column's gradients: [out, in']."""
+    if g.shape[1] == 1:
+        return g[:, 0].pow(2).T @ a[:, 0].pow(2)
+    chunk = max(1, _BUDGET // (g.shape[2] * a.shape[2]))
+    return sum(torch.einsum("nto,nti->noi", g[i:i + chunk], a[i:i + chunk]).pow(2).sum(0)
+               for i in range(0, g.shape[0], chunk))
 
 
 class _Recorder:
@@ -108,15 +123,13 @@ def _columns(likelihood: Likelihood, out: torch.Tensor, fisher: str, mc_samples:
 
 
 def kron_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: Sequence[str], *, fisher: str,
-                mc_samples: int, generator) -> tuple[list[KronBlock], list[str], float, int]:
-    """K-FAC blocks for the supported layers among ``names``; returns (blocks, names left over, summed
-    log-likelihood, number of examples)."""
+                mc_samples: int, generator, structure: str = "kron") -> tuple[list, list[str], float, int]:
+    """K-FAC blocks (``structure="kron"``) or exact diagonal blocks (``"diag"``) for the supported layers among
+    ``names``; returns (blocks, names left over, summed log-likelihood, number of examples)."""
     plan = plan_layers(model, names)
     covered = {n for _, block_names in plan.values() for n in block_names}
     rest = [n for n in names if n not in covered]
-    a_sum = {name: None for name in plan}
-    b_sum = {name: None for name in plan}
-    rows = dict.fromkeys(plan, 0)
+    stats = {name: {"a": 0.0, "b": 0.0, "diag": 0.0, "rows": 0} for name in plan}
     log_lik, count = torch.zeros((), dtype=torch.float64), 0
     device = next(model.parameters()).device
     recorder = _Recorder(plan)
@@ -128,32 +141,48 @@ def kron_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names:
             f = likelihood.outputs(out)
             log_lik += likelihood.log_prob(out.detach().double(), y).sum().cpu()
             count += x.shape[0]
-            if not plan:
-                continue
-            layer_names = list(plan)
-            outputs = [recorder.outputs[n] for n in layer_names]
-            for v in _columns(likelihood, out, fisher, mc_samples, generator):
-                grads = torch.autograd.grad(f, outputs, grad_outputs=v.to(f.dtype), retain_graph=True,
-                                            allow_unused=True)
-                for name, g in zip(layer_names, grads):
-                    if g is None:
-                        continue
-                    g = _grads(plan[name][0], g)
-                    b_sum[name] = g.T @ g if b_sum[name] is None else b_sum[name] + g.T @ g
-            for name in layer_names:
-                module, block_names = plan[name]
-                a = _inputs(module, recorder.inputs[name], len(block_names) == 2)
-                a_sum[name] = a.T @ a if a_sum[name] is None else a_sum[name] + a.T @ a
-                rows[name] += a.shape[0]
+            if plan:
+                _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc_samples, generator)
     finally:
         recorder.remove()
-    blocks = []
-    for name, (module, block_names) in plan.items():
-        shapes = tuple(tuple(getattr(module, n.rsplit(".", 1)[-1]).shape) for n in block_names)
-        out_dim = module.weight.shape[0]
-        b = b_sum[name] if b_sum[name] is not None else torch.zeros(out_dim, out_dim, dtype=torch.float64)
-        blocks.append(KronBlock(block_names, shapes, len(block_names) == 2, a_sum[name] / rows[name], b))
-    return blocks, rest, float(log_lik), count
+    return [_block(module, block_names, stats[name], structure, device)
+            for name, (module, block_names) in plan.items()], rest, float(log_lik), count
+
+
+def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc_samples, generator) -> None:
+    layer_names = list(plan)
+    inputs = {n: _inputs(plan[n][0], recorder.inputs[n], len(plan[n][1]) == 2) for n in layer_names}
+    outputs = [recorder.outputs[n] for n in layer_names]
+    for v in _columns(likelihood, out, fisher, mc_samples, generator):
+        grads = torch.autograd.grad(f, outputs, grad_outputs=v.to(f.dtype), retain_graph=True, allow_unused=True)
+        for name, g in zip(layer_names, grads):
+            if g is None:
+                continue
+            g = _grads(plan[name][0], g)
+            if structure == "diag":
+                stats[name]["diag"] = stats[name]["diag"] + _diag_update(g, inputs[name])
+            else:
+                g = g.reshape(-1, g.shape[-1])
+                stats[name]["b"] = stats[name]["b"] + g.T @ g
+    if structure != "diag":
+        for name in layer_names:
+            a = inputs[name].reshape(-1, inputs[name].shape[-1])
+            stats[name]["a"] = stats[name]["a"] + a.T @ a
+            stats[name]["rows"] += a.shape[0]
+
+
+def _block(module: nn.Module, block_names, stat, structure: str, device):
+    shapes = tuple(tuple(getattr(module, n.rsplit(".", 1)[-1]).shape) for n in block_names)
+    out_dim, has_bias = module.weight.shape[0], len(block_names) == 2
+    if structure == "diag":
+        d = stat["diag"]
+        if not torch.is_tensor(d):  # the layer never influenced the outputs
+            d = torch.zeros(out_dim, module.weight[0].numel() + int(has_bias), dtype=torch.float64, device=device)
+        flat = d[:, : d.shape[1] - int(has_bias)].reshape(-1)
+        return DiagBlock(block_names, shapes, torch.cat([flat, d[:, -1]]) if has_bias else flat)
+    b = stat["b"] if torch.is_tensor(stat["b"]) else torch.zeros(out_dim, out_dim, dtype=torch.float64,
+                                                                 device=device)
+    return KronBlock(block_names, shapes, has_bias, stat["a"] / stat["rows"], b)
 
 
 __all__ = ["kron_blocks", "plan_layers", "supported"]

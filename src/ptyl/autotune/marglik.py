@@ -35,7 +35,7 @@ from ptyl.autotune.curvature import MAX_DENSE, check_choice, compute_curvature
 from ptyl.autotune.data import as_loader, count_examples, finite_flag, to_device
 from ptyl.autotune.families import CompositeFamily, Family
 from ptyl.autotune.likelihoods import Likelihood, get_likelihood
-from ptyl.autotune.occam import laplace_log_evidence
+from ptyl.autotune.occam import LaplaceEvidence
 from ptyl.autotune.result import (
     TuneResult,
     check_epoch,
@@ -67,9 +67,10 @@ def update_hypers(part: Family, model: nn.Module, loader: Iterable, likelihood: 
         method = "full" if part.num_parameters <= MAX_DENSE else "kfac"
     curv = compute_curvature(model, loader, likelihood, list(part.names), method=method, fisher=fisher,
                              mc_samples=mc_samples, seed=seed)
+    laplace = LaplaceEvidence(part, curv)  # K-FAC eigendecompositions once per update
     for step in range(steps + 1):
         hyper_opt.zero_grad(set_to_none=True)
-        evidence = laplace_log_evidence(part, model, curv)
+        evidence = laplace(model)
         if not torch.isfinite(evidence):  # one sync per hyper step, not per training step
             raise InvalidValueError(f"the Laplace evidence became non-finite at epoch {epoch} (hyper-parameters "
                                     f"{part.hyper_values()}): the weights or hyper-parameters diverged; lower lr or "
@@ -110,7 +111,7 @@ def marglik_tune(
     schedule: str = "cosine",
     hyper_every: int = 5,
     burnin: int = 0,
-    hyper_steps: int = 50,
+    hyper_steps: int = 20,
     hyper_lr: float = 0.1,
     fisher: str = "exact",
     mc_samples: int = 1,

@@ -6,95 +6,99 @@ GGN ``H`` of the summed negative log-likelihood and the prior N(mu, Sigma):
     log p(D | h) ~= log p(D | theta*) + log p(theta* | h) + P/2 log 2 pi - 1/2 log det(H + Sigma^-1)
                  =  log p(D | theta*) - 1/2 (theta* - mu)^T Sigma^-1 (theta* - mu) - 1/2 log det(I + Sigma H)
 
-The Occam term ``log det(I + Sigma H)`` for Sigma = diag(d) + U^T U, with ``H' = D^1/2 H D^1/2`` (D = diag d) and the
-whitened factor ``W = U D^-1/2`` (matrix determinant lemma; ``H (I + D H)^-1 = D^-1/2 H' (I + H')^-1 D^-1/2``):
+The Occam term ``log det(I + Sigma H)`` for Sigma = diag(d) + U^T U, U = f V (a scalar f(h) times a fixed [k, P]
+matrix), with ``H' = D^1/2 H D^1/2`` (D = diag d) and ``W = U D^-1/2`` (matrix determinant lemma):
 
     log det(I + Sigma H) = log det(I + H') + log det(I_k + W H' (I + H')^-1 W^T)
 
 ``H`` is block-diagonal (curvature blocks), so the first term is a sum over blocks and the k x k matrix a sum of
 per-block terms; the low-rank prior's coupling across blocks is kept exactly. Per block:
 
-- diagonal GGN: exact, O(n);  dense GGN (last layer): exact, O(n^3).
-- K-FAC ``H = B (x) A``: ``D^1/2 (B (x) A) D^1/2`` is Kronecker only if the block's variances ``d`` (as the ``[out,
-  in']`` matrix of the layer) are a product ``r_o c_i``. We fit that product in log space (two-way additive fit of
-  ``log d``, exact for a constant — isotropic, L2-SP, head — or per-row/per-column variance) and use
-  ``H' ~= (R^1/2 B R^1/2) (x) (C^1/2 A C^1/2)``: eigenvalues of the two small factors give ``log det(I + H')`` and
-  Kronecker solves give ``(I + H')^-1 W^T``. This equals replacing the block's ``H`` by the PSD matrix
-  ``S H S`` with ``S = diag(sqrt(d_fit / d))``: always a valid (positive) determinant, exact when the fit is exact and
-  in the limit H -> 0. (laplace-torch only allows a scalar or per-layer prior precision with K-FAC, the exact case.)
+- diagonal GGN: exact, O(n) (+ O(n k^2) for the k x k term);  dense GGN (last layer): exact, O(n^3).
+- K-FAC ``H = B (x) A`` over the layer's ``[out, in']`` matrix: ``D^1/2 (B (x) A) D^1/2`` is Kronecker only if the
+  block's variances are a product ``d_oi = r_o c_i``. We replace the block's diagonal variance by its Kronecker fit
+  ``d~ = s(h) r c^T`` (two-way additive fit of ``log d`` for the shape ``r c^T``, normalised to geometric mean 1; the
+  scale ``s(h)`` = the geometric mean of the block's ``d(h)``), keeping the low-rank part exactly: the Occam term of
+  the valid covariance ``diag(d~) + U^T U``. With the eigendecompositions ``R^1/2 B R^1/2 = Q_B diag(l) Q_B^T`` and
+  ``C^1/2 A C^1/2 = Q_A diag(m) Q_A^T``:
+
+      log det(I + H'_b) = sum_ij log(1 + s l_i m_j),
+      W_b H'_b (I + H'_b)^-1 W_b^T = f^2 / s * X diag(s l m / (1 + s l m)) X^T,   X = Q_B^T (V_b / sqrt(r c^T)) Q_A
+
+  Exact when the variances are constant per layer (isotropic, L2-SP, head priors; laplace-torch's K-FAC supports only
+  this case) or per-row/per-column.
+
+Cost. When a family's variances change with h only by a common factor (isotropic families; the learned prior with
+eps = 0, ``d = lam a``) the shape ``r c^T`` is fixed: :class:`LaplaceEvidence` eigendecomposes and transforms V once
+per curvature (O(out^3 + in^3 + k P (out + in)), no gradient) and every evaluation is O(P k^2), exactly
+differentiable through s(h) and f(h). Otherwise (eps > 0) the shape moves with eps / lam and each evaluation redoes
+that work with gradients through the shape (:func:`~ptyl.autotune.kron.kron_solve`, eigenvalue gradients only).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock
 from ptyl.autotune.families import Family, LeafFamily
+from ptyl.autotune.kron import kron_log_det, kron_solve, kronecker_shape
 from ptyl.errors import ConfigError
 
 
-class _KronSolve(torch.autograd.Function):
-    """Y = (I + B (x) A)^-1 X for symmetric PSD B [o, o], A [i, i] and X [k, o, i] (row-major vec), by the
-    eigendecompositions of B and A. The backward pass is the derivative of the inverse, d(K^-1) = -K^-1 dK K^-1:
-    grad_B = -sum_k Z_k A Y_k^T, grad_A = -sum_k Z_k^T B Y_k with Z = K^-1 grad_Y (no eigenvector derivatives, so
-    repeated eigenvalues are harmless)."""
+@dataclass
+class _KronTerms:
+    """What one K-FAC block needs per evaluation: eigenvalue products l_i m_j and the transformed factor X."""
 
-    @staticmethod
-    def _solve(qb, lam, qa, mu, x):
-        z = qb.T @ x @ qa
-        return qb @ (z / (1.0 + lam[:, None] * mu[None, :])) @ qa.T
-
-    @staticmethod
-    def forward(ctx, b, a, x):
-        lam, qb = torch.linalg.eigh(b)
-        mu, qa = torch.linalg.eigh(a)
-        y = _KronSolve._solve(qb, lam, qa, mu, x)
-        ctx.save_for_backward(b, a, qb, lam, qa, mu, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        b, a, qb, lam, qa, mu, y = ctx.saved_tensors
-        z = _KronSolve._solve(qb, lam, qa, mu, grad_y)
-        grad_b = -(z @ a @ y.transpose(-1, -2)).sum(0)
-        grad_a = -(z.transpose(-1, -2) @ b @ y).sum(0)
-        return grad_b, grad_a, z
+    eig: torch.Tensor  # [out, in']
+    x: torch.Tensor | None  # [k, out * in']
 
 
-def kron_solve(b: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(I + B (x) A)^-1 applied to each ``[out, in]`` matrix of ``x`` [k, out, in] (differentiable)."""
-    return _KronSolve.apply(b, a, x)
+def _prepare_kron(block, d: torch.Tensor, v: torch.Tensor | None) -> _KronTerms:
+    r, c = kronecker_shape(d)
+    b = r.sqrt()[:, None] * block.b.to(d) * r.sqrt()[None, :]
+    a = c.sqrt()[:, None] * block.a.to(d) * c.sqrt()[None, :]
+    lam, qb = torch.linalg.eigh(b)
+    mu, qa = torch.linalg.eigh(a)
+    eig = (lam[:, None] * mu[None, :]).clamp(min=0)  # PSD factors: drop round-off negatives
+    x = None if v is None else (qb.T @ (v / (r[:, None] * c[None, :]).sqrt()) @ qa).flatten(1)
+    return _KronTerms(eig, x)
 
 
-def kronecker_fit(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r [out], c [in']) with r_o c_i ~= d_oi: least squares of log d on row + column effects."""
-    log_d = d.log()
-    half = 0.5 * log_d.mean()
-    return (log_d.mean(1) - half).exp(), (log_d.mean(0) - half).exp()
+def _live_kron(block, d: torch.Tensor, f: torch.Tensor | None, v: torch.Tensor | None):
+    """The K-FAC block's terms with the Kronecker fit of the current d (gradients through the shape too)."""
+    r, c = kronecker_shape(d)
+    rs = (d.log().mean().exp() * r).sqrt()  # the scale goes with the rows: d~ = (s r) c^T
+    b = rs[:, None] * block.b.to(d) * rs[None, :]
+    a = c.sqrt()[:, None] * block.a.to(d) * c.sqrt()[None, :]
+    if v is None:
+        return kron_log_det(b, a), None
+    w = f * v / (rs[:, None] * c.sqrt()[None, :])
+    return kron_log_det(b, a), w.flatten(1) @ (w - kron_solve(b, a, w)).flatten(1).T
 
 
-def _block_terms(block, d: torch.Tensor, w: torch.Tensor | None):
-    """(log det(I + H'_b), W_b H'_b (I + H'_b)^-1 W_b^T or None) for one curvature block."""
+def _block_terms(block, prepared, d: torch.Tensor, f: torch.Tensor | None, v: torch.Tensor | None):
+    """(log det(I + H'_b), W_b H'_b (I + H'_b)^-1 W_b^T or None) for one curvature block at the current h."""
     if isinstance(block, DiagBlock):
-        hp = d * block.h.to(d)
-        gain = None if w is None else (w * (hp / (1.0 + hp))) @ w.T
-        return torch.log1p(hp).sum(), gain
+        h = block.h.to(d)
+        gain = None if v is None else f.pow(2) * (v * (h / (1.0 + d * h))) @ v.T
+        return torch.log1p(d * h).sum(), gain
     if isinstance(block, DenseBlock):
         s = d.sqrt()
         hp = s[:, None] * block.h.to(d) * s[None, :]
         chol = torch.linalg.cholesky(torch.eye(len(s), dtype=d.dtype, device=d.device) + hp)
-        gain = None if w is None else w @ w.T - w @ torch.cholesky_solve(w.T, chol)
+        gain = None
+        if v is not None:
+            w = f * v / s
+            gain = w @ w.T - w @ torch.cholesky_solve(w.T, chol)
         return 2.0 * chol.diagonal().log().sum(), gain
-    r, c = kronecker_fit(d)
-    b_hat = r.sqrt()[:, None] * block.b.to(d) * r.sqrt()[None, :]
-    a_hat = c.sqrt()[:, None] * block.a.to(d) * c.sqrt()[None, :]
-    lam = torch.linalg.eigvalsh(b_hat)  # PSD factors: round-off negatives of ~1e-16 leave 1 + lam mu > 0
-    mu = torch.linalg.eigvalsh(a_hat)
-    log_det = torch.log1p(lam[:, None] * mu[None, :]).sum()
-    if w is None:
-        return log_det, None
-    y = kron_solve(b_hat, a_hat, w)
-    return log_det, w.flatten(1) @ (w - y).flatten(1).T
+    if prepared is None:
+        return _live_kron(block, d, f, v)
+    scale = d.log().mean().exp()
+    t = scale * prepared.eig
+    gain = None if v is None else (f.pow(2) / scale) * (prepared.x * (t / (1.0 + t)).reshape(-1)) @ prepared.x.T
+    return torch.log1p(t).sum(), gain
 
 
 def assign_blocks(curvature: Curvature, leaves: list[LeafFamily]) -> list[list]:
@@ -114,33 +118,68 @@ def assign_blocks(curvature: Curvature, leaves: list[LeafFamily]) -> list[list]:
     return out
 
 
-def occam_log_det(leaf: LeafFamily, blocks: list) -> torch.Tensor:
-    """log det(I + Sigma H) over one leaf family's parameters (see the module docstring)."""
-    d, u = leaf.covariance_parts()
-    d_pieces = dict(zip(leaf.names, d.split(leaf.numels)))
-    w_pieces = None if u is None else dict(zip(leaf.names, (u / d.sqrt()).split(leaf.numels, dim=1)))
-    total = torch.zeros((), dtype=d.dtype, device=d.device)
-    gain = None if u is None else torch.zeros(u.shape[0], u.shape[0], dtype=d.dtype, device=d.device)
-    for block in blocks:
-        w = None if w_pieces is None else block.gather(w_pieces)
-        log_det, g = _block_terms(block, block.gather(d_pieces), w)
-        total = total + log_det
-        if g is not None:
-            gain = gain + g
-    if gain is not None:
-        eye = torch.eye(gain.shape[0], dtype=d.dtype, device=d.device)
-        total = total + 2.0 * torch.linalg.cholesky(eye + 0.5 * (gain + gain.T)).diagonal().log().sum()
-    return total
+class _LeafOccam:
+    """log det(I + Sigma H) over one leaf family, prepared for one curvature."""
+
+    def __init__(self, leaf: LeafFamily, blocks: list):
+        self.leaf, self.blocks = leaf, blocks
+        self.prepared = [None] * len(blocks)
+        if not leaf.variance_shape_fixed:
+            return
+        with torch.no_grad():
+            d = self._pieces(leaf.variance_diag())
+            factor = leaf.factor()
+            v = None if factor is None else self._pieces(factor[1], rows=True)
+            self.prepared = [_prepare_kron(b, b.gather(d), None if v is None else b.gather(v))
+                             if not isinstance(b, (DiagBlock, DenseBlock)) else None for b in blocks]
+
+    def _pieces(self, flat: torch.Tensor, rows: bool = False) -> dict[str, torch.Tensor]:
+        return dict(zip(self.leaf.names, flat.split(self.leaf.numels, dim=1 if rows else 0)))
+
+    def __call__(self) -> torch.Tensor:
+        d_all = self.leaf.variance_diag()
+        d = self._pieces(d_all)
+        factor = self.leaf.factor()
+        f, v = (None, None) if factor is None else (factor[0], self._pieces(factor[1], rows=True))
+        total = torch.zeros((), dtype=d_all.dtype, device=d_all.device)
+        gain = None
+        for block, prepared in zip(self.blocks, self.prepared):
+            log_det, g = _block_terms(block, prepared, block.gather(d), f, None if v is None else block.gather(v))
+            total = total + log_det
+            if g is not None:
+                gain = g if gain is None else gain + g
+        if gain is not None:
+            eye = torch.eye(gain.shape[0], dtype=d_all.dtype, device=d_all.device)
+            total = total + 2.0 * torch.linalg.cholesky(eye + 0.5 * (gain + gain.T)).diagonal().log().sum()
+        return total
+
+
+class LaplaceEvidence:
+    """The Laplace log evidence of ``family`` for one curvature (at theta*), as a function of the hyper-parameters.
+
+    Construction prepares the K-FAC blocks (no gradient); each call is differentiable in the family's parameters:
+
+        evidence = LaplaceEvidence(family, curvature)
+        value = evidence(model)            # log p(D | theta*) - 1/2 Mahalanobis(theta*) - 1/2 log det(I + Sigma H)
+    """
+
+    def __init__(self, family: Family, curvature: Curvature):
+        leaves = family.leaves()
+        self.log_likelihood = curvature.log_likelihood
+        self.parts = [_LeafOccam(leaf, blocks) for leaf, blocks in zip(leaves, assign_blocks(curvature, leaves))]
+
+    def occam(self) -> torch.Tensor:
+        """log det(I + Sigma H) summed over the leaf families."""
+        return sum(part() for part in self.parts)
+
+    def __call__(self, params) -> torch.Tensor:
+        total = sum(part.leaf.mahalanobis(params) + part() for part in self.parts)
+        return self.log_likelihood - 0.5 * total
 
 
 def laplace_log_evidence(family: Family, params, curvature: Curvature) -> torch.Tensor:
-    """log p(D | h) ~= log p(D | theta*) - 1/2 Mahalanobis(theta*) - 1/2 log det(I + Sigma H) (0-dim tensor,
-    differentiable in the family's hyper-parameters). ``params``: the model (or a mapping) at theta*."""
-    leaves = family.leaves()
-    total = torch.zeros((), dtype=leaves[0].dtype)
-    for leaf, blocks in zip(leaves, assign_blocks(curvature, leaves)):
-        total = total - 0.5 * (leaf.mahalanobis(params) + occam_log_det(leaf, blocks))
-    return total + curvature.log_likelihood
+    """One evaluation of :class:`LaplaceEvidence` (0-dim tensor, differentiable in the hyper-parameters)."""
+    return LaplaceEvidence(family, curvature)(params)
 
 
-__all__ = ["assign_blocks", "kron_solve", "kronecker_fit", "laplace_log_evidence", "occam_log_det"]
+__all__ = ["LaplaceEvidence", "assign_blocks", "laplace_log_evidence"]

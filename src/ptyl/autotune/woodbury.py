@@ -8,6 +8,9 @@ With the whitened factor ``W = U diag(d)^-1/2`` and the capacitance ``C = I_k + 
 
 Forming C costs O(P k^2); each quantity above then costs O(P k) + O(k^3). Everything is plain autograd, so it is
 differentiable in ``d`` and ``U`` (and through them in the prior's hyper-parameters).
+
+:class:`ScaledWoodbury` is Sigma = c Sigma_0 with Sigma_0 factorised once (no gradient) and a differentiable scalar c:
+every quantity is then O(P k) (O(P) for the trace, with diag(Sigma_0^-1) cached) — the learned prior with eps = 0.
 """
 
 from __future__ import annotations
@@ -68,4 +71,20 @@ class Woodbury:
         return value - (self._solve(self.whitened) / self.diag.sqrt()).pow(2).sum(0)
 
 
-__all__ = ["Woodbury"]
+class ScaledWoodbury:
+    """Sigma = scale * Sigma_0: ``base`` factorises Sigma_0 (fixed), ``scale`` is a 0-dim (differentiable) tensor."""
+
+    def __init__(self, base: Woodbury, base_precision: torch.Tensor, scale: torch.Tensor):
+        self.base, self.base_precision, self.scale = base, base_precision, scale
+
+    def mahalanobis(self, r: torch.Tensor) -> torch.Tensor:
+        return self.base.mahalanobis(r) / self.scale
+
+    def log_det(self) -> torch.Tensor:
+        return self.base.log_det() + self.base.diag.numel() * self.scale.log()
+
+    def trace_with_diag(self, s2: torch.Tensor) -> torch.Tensor:
+        return (s2 * self.base_precision).sum() / self.scale
+
+
+__all__ = ["ScaledWoodbury", "Woodbury"]
