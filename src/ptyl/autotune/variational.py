@@ -12,7 +12,7 @@ with E_q[log p] closed form for every prior family (:meth:`~ptyl.autotune.famili
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,9 +27,11 @@ from ptyl.params import normalize_name
 class VariationalPosterior(nn.Module):
     """q = N(m, diag s^2) over the parameters ``names`` of ``model``; ``m`` is read from the model on every call."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], init_std: float = 1e-3):
+    def __init__(self, model: nn.Module, names: Sequence[str], init_std: float | Mapping[str, torch.Tensor] = 1e-3):
+        """``init_std``: one number, or name -> tensor of initial standard deviations."""
         super().__init__()
-        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+        if not isinstance(init_std, Mapping) and not (
+                isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
             raise ConfigError(f"init_std must be a positive finite number, got {init_std!r}")
         raw = {normalize_name(n): n for n, _ in model.named_parameters()}
         missing = [n for n in names if n not in raw]
@@ -38,8 +40,13 @@ class VariationalPosterior(nn.Module):
         params = dict(model.named_parameters())
         self.names: tuple[str, ...] = tuple(names)
         self.raw_names: tuple[str, ...] = tuple(raw[n] for n in names)
-        self.log_std = nn.ParameterList(
-            [nn.Parameter(torch.full_like(params[r].detach(), math.log(init_std))) for r in self.raw_names])
+        def log_std(name: str, raw_name: str) -> torch.Tensor:
+            p = params[raw_name].detach()
+            if isinstance(init_std, Mapping):
+                return init_std[name].detach().to(p).log().reshape(p.shape).clone()
+            return torch.full_like(p, math.log(init_std))
+
+        self.log_std = nn.ParameterList([nn.Parameter(log_std(n, r)) for n, r in zip(self.names, self.raw_names)])
 
     def means(self, model: nn.Module) -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
