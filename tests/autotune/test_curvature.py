@@ -148,7 +148,41 @@ def test_diag_is_exact_with_weight_sharing_and_other_layers():
     torch.testing.assert_close(dense, torch.diag(exact.diagonal()), rtol=1e-10, atol=1e-12)
     kinds = [type(b).__name__ for b in compute_curvature(model, [(x, y)], Categorical(),
                                                          names_shapes(model)[0]).blocks]
-    assert kinds == ["KronBlock", "KronBlock", "DiagBlock"]  # the LayerNorm falls back to the exact diagonal
+    assert kinds == ["KronBlock", "DiagBlock", "KronBlock"]  # the LayerNorm: its exact diagonal, same pass
+
+
+class NormNet(nn.Module):
+    """Conv -> BatchNorm (running statistics) -> ReLU -> pool -> scale -> Linear; ``scale`` belongs to no layer
+    (its diagonal comes from per-example gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.scale = nn.Parameter(torch.ones(3))
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.head(h * self.scale)
+
+
+@pytest.mark.parametrize("method", ["kfac", "diag"])
+def test_batchnorm_and_unknown_parameters_get_the_exact_diagonal(method):
+    model = NormNet().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+    model.eval()
+    x, y = torch.randn(5, 2, 5, 5, dtype=F64), torch.randint(0, 4, (5,))
+    exact, dense, _, curv = blockwise(model, x, y, Categorical(), method=method)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    offsets = dict(zip(sizes, torch.tensor([0, *sizes.values()]).cumsum(0).tolist()))
+    for name in ("scale", "bn.weight", "bn.bias"):  # the other blocks are tested above
+        a, b = offsets[name], offsets[name] + sizes[name]
+        torch.testing.assert_close(dense.diagonal()[a:b], exact.diagonal()[a:b], rtol=1e-10, atol=1e-12)
+    assert {b.names: type(b).__name__ for b in curv.blocks}[("bn.weight", "bn.bias")] == "DiagBlock"
 
 
 def test_monte_carlo_fisher_converges_to_exact():

@@ -182,7 +182,7 @@ def compute_curvature(
             column of L, i.e. per class); ``"mc"`` — ``mc_samples`` sampled targets per example (seeded).
     """
     from ptyl.autotune.ggn import ggn_blocks
-    from ptyl.autotune.kfac import kron_blocks
+    from ptyl.autotune.kfac import layer_blocks
 
     check_choice(method, METHODS, "curvature method")
     check_choice(fisher, FISHERS, "fisher")
@@ -199,7 +199,7 @@ def compute_curvature(
         blocks, rest, log_lik, count = [], names, None, None
         if method in ("kfac", "diag"):  # Linear / Conv2d layers from forward inputs and output gradients
             structure = "kron" if method == "kfac" else "diag"
-            blocks, rest, log_lik, count = kron_blocks(model, data, likelihood, names, structure=structure, **options)
+            blocks, rest, log_lik, count = layer_blocks(model, data, likelihood, names, structure=structure, **options)
         if rest:
             structure = "full" if method == "full" else "diag"
             more, ll, n = ggn_blocks(model, data, likelihood, rest, structure=structure, **options)

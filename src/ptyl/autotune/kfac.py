@@ -17,7 +17,8 @@ The forward hooks keep each layer's input and output; ``torch.autograd.grad`` w.
 The same pass gives the *exact diagonal* of these layers' GGN blocks (``structure="diag"``): the per-example
 gradient for column c is ``sum_t g_ntc a_nt^T``, so ``diag G = sum_{n,c} (sum_t g_ntc a_nt^T)^2`` elementwise
 (for one location: ``sum_n (sum_c g_nc^2) (a_n^2)^T``, one matrix product) — C backward passes per batch instead of
-one per example and class.
+one per example and class. Normalisation layers (BatchNorm in eval mode, LayerNorm) get their exact diagonal from
+the same pass (:mod:`ptyl.autotune.affine`), in either structure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptyl.autotune.affine import affine_grads, supported_affine
 from ptyl.autotune.curvature import DiagBlock, KronBlock
 from ptyl.autotune.data import checked_batches
 from ptyl.autotune.likelihoods import Likelihood
@@ -45,19 +47,22 @@ def supported(module: nn.Module) -> bool:
 
 
 def plan_layers(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
-    """module name -> (module, its parameter names in the block) for every supported layer whose weight is in
-    ``names`` (a layer whose weight is held fixed but whose bias is not leaves the bias to the diagonal GGN)."""
+    """module name -> (module, its parameter names in the block) for every Linear / Conv2d layer whose weight is in
+    ``names`` (a layer whose weight is held fixed but whose bias is not leaves the bias to the diagonal GGN), and
+    every normalisation layer with a parameter in ``names``."""
     wanted, plan = set(names), {}
     for mod_name, module in model.named_modules():
-        if not supported(module):
-            continue
         prefix = normalize_name(f"{mod_name}.") if mod_name else ""
-        w = prefix + "weight"
-        if w not in wanted or not module.weight.requires_grad:
+        w, b = prefix + "weight", prefix + "bias"
+        trainable = lambda p: p is not None and p.requires_grad  # noqa: E731
+        if supported_affine(module):
+            kept = tuple(n for n, p in ((w, module.weight), (b, module.bias)) if n in wanted and trainable(p))
+            if kept:
+                plan[mod_name] = (module, kept)
             continue
-        b = prefix + "bias"
-        has_bias = module.bias is not None and b in wanted and module.bias.requires_grad
-        plan[mod_name] = (module, (w, b) if has_bias else (w,))
+        if not supported(module) or w not in wanted or not trainable(module.weight):
+            continue
+        plan[mod_name] = (module, (w, b) if b in wanted and trainable(module.bias) else (w,))
     return plan
 
 
@@ -122,7 +127,7 @@ def _columns(likelihood: Likelihood, out: torch.Tensor, fisher: str, mc_samples:
     return [likelihood.sample_gradient(out, generator) / math.sqrt(mc_samples) for _ in range(mc_samples)]
 
 
-def kron_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: Sequence[str], *, fisher: str,
+def layer_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: Sequence[str], *, fisher: str,
                 mc_samples: int, generator, structure: str = "kron") -> tuple[list, list[str], float, int]:
     """K-FAC blocks (``structure="kron"``) or exact diagonal blocks (``"diag"``) for the supported layers among
     ``names``; returns (blocks, names left over, summed log-likelihood, number of examples)."""
@@ -151,12 +156,19 @@ def kron_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names:
 
 def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc_samples, generator) -> None:
     layer_names = list(plan)
-    inputs = {n: _inputs(plan[n][0], recorder.inputs[n], len(plan[n][1]) == 2) for n in layer_names}
+    affine = {n for n in layer_names if supported_affine(plan[n][0])}
+    inputs = {n: recorder.inputs[n] if n in affine else _inputs(plan[n][0], recorder.inputs[n], len(plan[n][1]) == 2)
+              for n in layer_names}
     outputs = [recorder.outputs[n] for n in layer_names]
     for v in _columns(likelihood, out, fisher, mc_samples, generator):
         grads = torch.autograd.grad(f, outputs, grad_outputs=v.to(f.dtype), retain_graph=True, allow_unused=True)
         for name, g in zip(layer_names, grads):
             if g is None:
+                continue
+            if name in affine:
+                per_example = affine_grads(plan[name][0], inputs[name], g)
+                for key, value in per_example.items():
+                    stats[name][key] = stats[name].get(key, 0.0) + value.pow(2).sum(0)
                 continue
             g = _grads(plan[name][0], g)
             if structure == "diag":
@@ -165,7 +177,7 @@ def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc
                 g = g.reshape(-1, g.shape[-1])
                 stats[name]["b"] = stats[name]["b"] + g.T @ g
     if structure != "diag":
-        for name in layer_names:
+        for name in (n for n in layer_names if n not in affine):
             a = inputs[name].reshape(-1, inputs[name].shape[-1])
             stats[name]["a"] = stats[name]["a"] + a.T @ a
             stats[name]["rows"] += a.shape[0]
@@ -173,6 +185,11 @@ def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc
 
 def _block(module: nn.Module, block_names, stat, structure: str, device):
     shapes = tuple(tuple(getattr(module, n.rsplit(".", 1)[-1]).shape) for n in block_names)
+    if supported_affine(module):
+        parts = [stat.get(n.rsplit(".", 1)[-1], 0.0) for n in block_names]
+        flat = [p.reshape(-1) if torch.is_tensor(p) else torch.zeros(math.prod(s), dtype=torch.float64, device=device)
+                for p, s in zip(parts, shapes)]
+        return DiagBlock(block_names, shapes, torch.cat(flat))
     out_dim, has_bias = module.weight.shape[0], len(block_names) == 2
     if structure == "diag":
         d = stat["diag"]
@@ -185,4 +202,4 @@ def _block(module: nn.Module, block_names, stat, structure: str, device):
     return KronBlock(block_names, shapes, has_bias, stat["a"] / stat["rows"], b)
 
 
-__all__ = ["kron_blocks", "plan_layers", "supported"]
+__all__ = ["layer_blocks", "plan_layers", "supported"]
