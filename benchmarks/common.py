@@ -285,11 +285,10 @@ def run_prior_cases(specs: Sequence[dict[str, Any]], fresh_process_each: bool = 
 
 # ----------------------------------------------------------------------------------------------------------- output
 def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table."""
-    cells = [[str(c) for c in row] for row in rows]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
+    """A GitHub markdown table (:func:`ptyl.pipeline.reporting.markdown_table`)."""
+    from ptyl.pipeline.reporting import markdown_table  # lazily: the prior-case worker sets sys.path first
+
+    return markdown_table(headers, rows)
 
 
 def fmt_time(seconds: float) -> str:
@@ -313,16 +312,17 @@ def fmt_count(n: int) -> str:
 
 
 def fmt_mean_std(values: Sequence[float]) -> str:
-    """``"mean ± std"`` over seeds (3 decimals); a single value alone."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """``"mean ± std"`` over seeds (3 decimals); a single value alone (:func:`ptyl.pipeline.reporting.fmt_mean_std`)."""
+    from ptyl.pipeline.reporting import fmt_mean_std as fmt
+
+    return fmt(values, digits=3)
 
 
 def mean_std_fields(stats: dict[str, Sequence[float]]) -> dict[str, float]:
-    """``{"<k>_mean": ..., "<k>_std": ...}`` for every metric ``k`` (std 0 for a single value), for JSON summaries."""
-    return {**{f"{k}_mean": statistics.mean(v) for k, v in stats.items()},
-            **{f"{k}_std": statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in stats.items()}}
+    """``{"<k>_mean": ..., "<k>_std": ...}`` per metric (:func:`ptyl.pipeline.reporting.mean_std_fields`)."""
+    from ptyl.pipeline.reporting import mean_std_fields as fields
+
+    return fields(stats)
 
 
 def _json_default(obj: Any) -> Any:

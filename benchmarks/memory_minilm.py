@@ -210,7 +210,7 @@ def main() -> None:
         "SWAG keeps mean and M2 in float64 whatever the storage dtype, so only the K deviation columns shrink; its "
         "peak adds float64 temporaries of one parameter tensor (the 11.7M-entry word embedding is the largest). "
         "The prior step's peak is about three times the prior's own size: inside `load_prior` the loaded posterior, "
-        "the per-parameter tensors `SourcePosterior.to_prior` makes, and the `LowRankGaussianPrior`'s packed "
+        "the per-parameter tensors `ptyl.priors.learned_prior` makes, and the `LowRankGaussianPrior`'s packed "
         "(concatenated) buffers coexist, plus the penalty's gradient. Freeing each per-parameter tensor once packed "
         "(or packing straight from the posterior) would bring the peak down to about posterior + prior.",
         "Reproduce: `python benchmarks/memory_minilm.py" + (" --quick`" if args.quick else "`"),

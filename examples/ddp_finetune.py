@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, Subset
 
 from ptyl import distributed as ddp
 from ptyl.data import few_shot_subset, load_dataset
-from ptyl.inference.bma import collect_targets, predict_probs
-from ptyl.inference.trainer import TrainConfig, fit
+from ptyl.inference import collect_targets, predict_probs
 from ptyl.io import load_posterior, save_posterior
 from ptyl.metrics import evaluate_probs, save_json
 from ptyl.models import build_model
-from ptyl.posterior.source import learn_prior, pretrain
+from ptyl.pipeline import learn_prior, pretrain
 from ptyl.priors import make_prior
+from ptyl.training import TrainConfig, fit
 
 # --- settings (override with --name=value) --------------------------------------------------------------------------
 source = "kmnist"
@@ -121,7 +121,7 @@ if device.type == "cuda":
     model = ddp.wrap_model(model, sync_batchnorm=True)  # fit() trains an already-wrapped model as it is
 prior_dist = make_prior(ddp.unwrap_model(model), "lowrank", posterior=posterior, scale=scale, eps=eps).to(device)
 t0 = timed_barrier()
-result = fit(model, train, prior_dist, TrainConfig(method="map", epochs=epochs, batch_size=batch_size, lr=lr,
+result = fit(model, train, prior_dist, TrainConfig(inference="map", epochs=epochs, batch_size=batch_size, lr=lr,
                                                    seed=seed, progress=progress),
              checkpoint=out / "finetune.pt")
 finetune_s = timed_barrier() - t0

@@ -10,10 +10,10 @@ import torch
 
 import ptyl
 from ptyl.data import few_shot_subset, load_dataset
-from ptyl.inference.trainer import TrainConfig, fit
 from ptyl.metrics import evaluate_probs
 from ptyl.models import SmallCNN, replace_head
-from ptyl.posterior.source import learn_prior, pretrain
+from ptyl.pipeline import learn_prior, pretrain
+from ptyl.training import TrainConfig, fit
 
 torch.manual_seed(0)
 out = "quickstart_prior.safetensors"
@@ -40,7 +40,7 @@ replace_head(model, num_classes=10)
 backbone_prior = ptyl.load_prior(out, model, scale=1e4)
 print(f"-log p(backbone) at the prior mean: {float(backbone_prior.penalty(model)):.1f}")
 prior = ptyl.make_prior(model, "lowrank", posterior=posterior, scale=1e4)
-result = fit(model, train, prior, TrainConfig(method="map", epochs=50, lr=0.1, batch_size=32))
+result = fit(model, train, prior, TrainConfig(inference="map", epochs=50, lr=0.1, batch_size=32))
 
 # 4. Evaluate: accuracy, NLL, ECE, Brier on MNIST's test split.
 metrics = evaluate_probs(result.predict(test), test.targets)

@@ -17,7 +17,7 @@ Steps (Shwartz-Ziv et al. 2022, https://arxiv.org/abs/2205.10279):
 
 We fine-tune with Adam (``TrainConfig(optimizer="adam")``): with plain SGD at this budget the network learns
 foreground vs background but not the digit classes. With ``--tune``, lambda and v are picked by
-``ptyl.inference.tuning.tune`` (3 trials each, per-pixel validation NLL on a random 80/20 split of the canvases,
+``ptyl.tuning.tune`` (3 trials each, per-pixel validation NLL on a random 80/20 split of the canvases,
 then a refit on all of them); see ``benchmarks/accuracy/segmentation.py`` for the full comparison.
 """
 
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 from ptyl.data import DigitCanvasSegmentation, few_shot_subset, load_dataset
-from ptyl.inference.trainer import TrainConfig, fit
-from ptyl.inference.tuning import MethodSpec, default_grid, tune
 from ptyl.io import load_posterior, save_posterior
 from ptyl.metrics.segmentation import evaluate_segmentation
 from ptyl.models import SmallCNN
 from ptyl.models.segmentation import SegmentationNet
-from ptyl.posterior.source import learn_prior, pretrain
+from ptyl.pipeline import learn_prior, pretrain
 from ptyl.priors import make_prior
+from ptyl.training import TrainConfig, fit
+from ptyl.tuning import PriorSpec, default_grid, tune
 
 parser = argparse.ArgumentParser(description="KMNIST classification prior -> MNIST canvas segmentation")
 parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
@@ -101,7 +101,7 @@ for name, method, kwargs in [
     ("standard fine-tuning", "standard", {"variance": args.variance}),
 ]:
     if args.tune:  # canvases have masks, not labels: tune splits them at random and scores per-pixel NLL
-        spec = MethodSpec(method, posterior=kwargs.get("posterior"), head="decoder", head_variance=1.0)
+        spec = PriorSpec(method, posterior=kwargs.get("posterior"), head="decoder", head_variance=1.0)
         tuned = tune(start_model, train, spec, default_grid(method, budget=3, lrs=(lr,)), config=config,
                      seed=args.seed, progress=args.progress)
         print(f"chosen for {name}: {tuned.best}")

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from ptyl.data import SimCLRAugment, few_shot_subset, load_dataset
-from ptyl.inference.trainer import TrainConfig, fit
 from ptyl.io import load_posterior, read_metadata, save_posterior
 from ptyl.metrics import evaluate_probs
 from ptyl.models import SmallCNN
 from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
-from ptyl.posterior.source import learn_prior, pretrain
+from ptyl.pipeline import learn_prior, pretrain
 from ptyl.priors import make_prior
+from ptyl.training import TrainConfig, fit
 
 parser = argparse.ArgumentParser(description="SimCLR source prior -> few-shot MNIST")
 parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")

@@ -46,14 +46,13 @@ from torch.utils.data import DataLoader
 
 from ptyl.data import few_shot_subset
 from ptyl.data.text import TextDataset, collate_text, load_text_dataset
-from ptyl.inference.bma import collect_targets, predict_probs
-from ptyl.inference.trainer import TrainConfig, fit
+from ptyl.inference import collect_targets, predict_probs
 from ptyl.memory import estimate_report
 from ptyl.metrics import evaluate_probs
 from ptyl.models.hf import LORA_PATTERNS, TextClassifier, add_lora, load_hf_encoder, text_classification_objective
 from ptyl.posterior import SWAGCollector
-from ptyl.priors import CompositePrior, IsotropicGaussianPrior, make_prior, variance_from_weight_decay
-from ptyl.priors.block import block_prior
+from ptyl.priors import make_prior, variance_from_weight_decay
+from ptyl.training import TrainConfig, fit
 
 TOP_LAYERS = (4, 5)
 
@@ -121,10 +120,10 @@ def main() -> None:
     # --- source: fine-tune, then SWAG over the LoRA parameters only ----------------------------------------------
     common = dict(objective=text_classification_objective, progress=args.progress, seed=args.seed,
                   grad_clip=args.grad_clip)
-    fit(model, loader(source, args.batch_size, True, args.seed), None, method="map", epochs=args.source_epochs,
+    fit(model, loader(source, args.batch_size, True, args.seed), None, inference="map", epochs=args.source_epochs,
         lr=args.lr, batch_size=args.batch_size, **common)
     collector = SWAGCollector(model, rank=args.rank, include=LORA_PATTERNS)
-    swag_config = TrainConfig(method="swag", epochs=args.swag_epochs, lr=args.lr, swag_lr=args.lr,
+    swag_config = TrainConfig(inference="swag", epochs=args.swag_epochs, lr=args.lr, swag_lr=args.lr,
                               burn_in_fraction=0.0, schedule="constant", swag_collect_every=2,
                               batch_size=args.batch_size)
     fit(model, loader(source, args.batch_size, True, args.seed + 1), None, swag_config, collector=collector,
@@ -138,21 +137,14 @@ def main() -> None:
     # --- downstream: same start (SWA mean, fresh head), different priors ----------------------------------------
     n = len(train)
 
-    def head_prior(m: TextClassifier) -> IsotropicGaussianPrior:
-        head = {"head." + k: p for k, p in m.head.named_parameters()}
-        return IsotropicGaussianPrior.from_model(head, variance=1.0, centered=False)
-
     priors = {
         "standard": lambda m: make_prior(m, "standard", variance=variance_from_weight_decay(args.weight_decay, n)),
         "learned": lambda m: make_prior(m, "lowrank", posterior=posterior, scale=args.scale, eps=args.eps),
-        "learned-block": lambda m: CompositePrior({
-            "backbone": block_prior(posterior, "auto", scale=args.scale, eps=args.eps),
-            "head": head_prior(m),
-        }),
+        "learned-block": lambda m: make_prior(m, "block", posterior=posterior, scale=args.scale, eps=args.eps),
     }
     for name, build in priors.items():
         m = copy.deepcopy(model)  # every method starts from the same source classifier
-        fit(m, loader(train, args.batch_size, True, args.seed), build(m), method="map", epochs=args.epochs,
+        fit(m, loader(train, args.batch_size, True, args.seed), build(m), inference="map", epochs=args.epochs,
             lr=args.lr, batch_size=args.batch_size, num_data=n, **common)
         results[name] = evaluate(m, test_loader)
 

@@ -50,9 +50,9 @@ def _flat(model) -> torch.Tensor:
 
 def _scenarios(out: Path, data_file: Path) -> dict[str, torch.Tensor]:
     """Source SWAG -> prior file -> MAP and SGLD fine-tuning -> zero-data-gradient step. Returns numbers to compare."""
-    from ptyl.inference.trainer import TrainConfig, fit
+    from ptyl.training import TrainConfig, fit
     from ptyl.io import save_posterior
-    from ptyl.posterior.source import learn_prior, pretrain
+    from ptyl.pipeline import learn_prior, pretrain
     from ptyl.priors import make_prior
 
     tensors = load_file(str(data_file))
@@ -83,7 +83,7 @@ def _scenarios(out: Path, data_file: Path) -> dict[str, torch.Tensor]:
 
     model = _model(2)
     prior = make_prior(model, "standard", variance=1.0, head_variance=1.0)
-    fit(model, data(BATCH), prior, TrainConfig(method="sgld", epochs=2, batch_size=BATCH, lr=1e-3, num_samples=2,
+    fit(model, data(BATCH), prior, TrainConfig(inference="sgld", epochs=2, batch_size=BATCH, lr=1e-3, num_samples=2,
                                                progress=False))
     res["sgld.params"] = _flat(model)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from ptyl.priors.learned import learned_prior
 from ptyl.errors import InvalidValueError
 from ptyl.memory import available_memory, check_fits, estimate_memory, estimate_report, format_bytes
 from ptyl.posterior import SWAGCollector
@@ -33,7 +34,7 @@ def test_posterior_and_prior_estimates_equal_their_tensors(dtype, k):
                 p.add_(0.01 * torch.randn_like(p))
         swag.collect(model)
     post = swag.posterior()
-    prior = post.to_prior("lowrank", rank=k, dtype=dtype)
+    prior = learned_prior(post, "lowrank", rank=k, dtype=dtype)
     est = estimate_memory(model, 4, "features.2", storage_dtype=dtype, prior_rank=k)
     assert est["posterior_total"] == _nbytes([*post.mean.values(), *post.variance.values(), *post.deviations.values()])
     assert est["prior_total"] == _nbytes(prior.buffers())

@@ -4,14 +4,15 @@
     python benchmarks/accuracy/segmentation.py --quick   # smoke test, under a minute
 
 Source (once): a SmallCNN (width 16) trained with cross-entropy on the 8,000-image KMNIST train split, then SWAG while
-training goes on at a constant learning rate (``learn_prior``): a low-rank Gaussian over ``features.*``.
+training goes on at a constant learning rate (:func:`ptyl.pipeline.learn_source_prior`): a low-rank Gaussian over
+``features.*`` and the SWA-mean weights next to it.
 
 Downstream: per-pixel segmentation of MNIST digit canvases (:class:`ptyl.data.DigitCanvasSegmentation`: 28x28
 canvases holding one MNIST digit each, mask = 1 + digit class where the intensity exceeds 0.3, else background; 11
 classes). Training canvases come from the MNIST train split (``seed`` draws them, so each seed is a different
 training set), the 300 test canvases from the disjoint MNIST test split (fixed). The model is
-``SegmentationNet(SmallCNN)``: its encoder ``features.*`` starts at the source SWAG mean (the names match the prior),
-the decoder is new and gets N(0, 1). Backbone priors:
+``SegmentationNet(SmallCNN)`` (:class:`ptyl.pipeline.SegmentationTask`): its encoder ``features.*`` starts at the
+source SWA mean (the names match the prior), the decoder is new and gets N(0, 1). Backbone priors:
 
 =================  ===============================================  ============================
 learned prior      N(mu, lam Sigma), low-rank SWAG from the source  Shwartz-Ziv et al. 2022
@@ -24,7 +25,8 @@ the network only learned foreground vs background (mIoU ~0.10, earlier version o
 invariant, so even the stiffest prior on the grid cannot make a trial diverge (SGD diverged for strict priors at lr
 0.3); the table counts diverged trials anyway.
 
-Tuning, the same budget for every method: :func:`ptyl.inference.tuning.tune` with ``default_grid(kind, budget)``
+Tuning, the same budget for every method (:func:`ptyl.pipeline.run_transfer`, the pipeline the CLI and the demo use):
+:func:`ptyl.tuning.tune` with ``default_grid(kind, budget)``
 (``budget`` log-spaced values of the method's main axis over the library's default range: lambda in 10^[0, 8],
 standard v in 10^[-2, 2], L2-SP v in 10^[-4, 0]) at the one shared learning rate. Canvases carry a mask, not one
 label, so ``tune`` splits them at random (seeded 80 / 20, ``split="auto"``); every trial is scored by per-pixel
@@ -38,12 +40,8 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,20 +50,16 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from ptyl.data import DigitCanvasSegmentation, few_shot_subset, load_dataset  # noqa: E402
-from ptyl.inference.trainer import TrainConfig  # noqa: E402
-from ptyl.inference.tuning import MethodSpec, default_grid, tune  # noqa: E402
-from ptyl.metrics.segmentation import evaluate_segmentation  # noqa: E402
-from ptyl.models import SmallCNN  # noqa: E402
-from ptyl.models.segmentation import SegmentationNet  # noqa: E402
-from ptyl.posterior.source import learn_prior, pretrain  # noqa: E402
+from ptyl.pipeline import SegmentationTask, learn_source_prior, run_transfer  # noqa: E402
+from ptyl.priors import PriorKind  # noqa: E402
+from ptyl.tuning import default_grid  # noqa: E402
 
 NAME = "segmentation"
-# label -> make_prior method (the grid is ptyl.inference.tuning.default_grid(method, budget))
+# label -> prior kind (the grid is ptyl.tuning.default_grid(kind, budget))
 METHODS = {
-    "learned prior (low-rank SWAG)": "lowrank",
-    "standard fine-tuning": "standard",
-    "L2-SP": "l2sp",
+    "learned prior (low-rank SWAG)": PriorKind.LOWRANK,
+    "standard fine-tuning": PriorKind.STANDARD,
+    "L2-SP": PriorKind.L2SP,
 }
 CANVAS = {"canvas_size": 28, "digits_per_canvas": (1, 1), "threshold": 0.3, "num_digit_classes": 10}
 
@@ -79,7 +73,6 @@ class Settings:
     source_lr: float = 0.1
     source_batch: int = 256
     rank: int = 10
-    snapshots: int = 12
     ns: tuple[int, ...] = (20, 100)
     steps: tuple[int, ...] = (400, 800)  # Adam steps per n on the 80 % split (epochs fixed from these)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -94,76 +87,52 @@ class Settings:
 def settings(quick: bool) -> Settings:
     if not quick:
         return Settings()
-    return Settings(source_size=500, pretrain_epochs=1, swag_epochs=1, source_batch=100, rank=2, snapshots=3,
+    return Settings(source_size=500, pretrain_epochs=1, swag_epochs=1, source_batch=100, rank=2,
                     ns=(10,), steps=(6,), seeds=(0,), budget=2, n_test=20)
 
 
 # ------------------------------------------------------------------------------------------------- source stage
-def learn_source(s: Settings, progress: bool) -> dict[str, Any]:
-    source = load_dataset("kmnist", "train")
-    if s.source_size is not None:
-        source = few_shot_subset(source, s.source_size // source.num_classes, seed=0)
+def learn_source(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
+    """The pipeline's source stage (:func:`ptyl.pipeline.learn_source_prior`): a prior file + SWA-mean weights."""
     start = time.perf_counter()
-    torch.manual_seed(0)
-    classifier = SmallCNN(width=s.width)
-    pretrain(classifier, source, epochs=s.pretrain_epochs, lr=s.source_lr, batch_size=s.source_batch,
-             progress=progress)
-    every = max(1, s.swag_epochs * math.ceil(len(source) / s.source_batch) // s.snapshots)
-    posterior = learn_prior(classifier, source, epochs=s.swag_epochs, lr=s.source_lr, rank=s.rank,
-                            collect_every=every, head="head", batch_size=s.source_batch, progress=progress,
-                            metadata={"source": "kmnist-train"})
-    state = {k: v.clone() for k, v in classifier.state_dict().items() if not k.startswith("head.")}
+    path = learn_source_prior("kmnist", "smallcnn", pretrain_epochs=s.pretrain_epochs, swag_epochs=s.swag_epochs,
+                              rank=s.rank, lr=s.source_lr, batch_size=s.source_batch,
+                              n_per_class=None if s.source_size is None else s.source_size // 10,
+                              model_kwargs={"width": s.width}, out=out / "segmentation_prior.safetensors",
+                              progress=progress)
     seconds = time.perf_counter() - start
-    print(f"source: {posterior.num_parameters} parameters, rank {posterior.rank}, {seconds:.0f} s", flush=True)
-    return {"posterior": posterior, "state": state, "seconds": seconds}
-
-
-def make_model(source: dict[str, Any], s: Settings) -> SegmentationNet:
-    """SegmentationNet whose encoder holds the source weights and SWAG mean; new decoder."""
-    classifier = SmallCNN(width=s.width)
-    classifier.load_state_dict(source["state"], strict=False)
-    source["posterior"].load_mean_into(classifier)
-    return SegmentationNet(classifier, num_classes=CANVAS["num_digit_classes"] + 1,
-                           decoder_channels=s.decoder_channels)
+    print(f"source: {path} ({seconds:.0f} s)", flush=True)
+    return path, seconds
 
 
 # ------------------------------------------------------------------------------------------------ downstream
-def tune_and_test(method: str, source, train, test, s: Settings, steps: int, seed: int) -> dict[str, Any]:
-    """``tune`` over the method's main axis (random 80/20 canvas split, per-pixel val NLL), refit on all, test."""
-    kind = METHODS[method]
-    grid = default_grid(kind, budget=s.budget, lrs=(s.lr,))
-    n_fit = len(train) - max(1, round(0.2 * len(train)))  # tune's split: epochs give ~`steps` steps on the 80 %
-    epochs = max(1, math.ceil(steps / math.ceil(n_fit / s.batch_size)))
-    config = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=s.lr, optimizer=s.optimizer, progress=False)
-    spec = MethodSpec(kind, posterior=source["posterior"], head="decoder", head_variance=1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # grid-edge warnings: recorded in result.edge_warnings
-        result = tune(lambda: make_model(source, s), train, spec, grid, seed=seed, config=config, progress=False)
-    metrics = evaluate_segmentation(result.final.predict(test), test.masks)
-    axis = next(k for k in grid if k != "lr")
-    diverged = sum(not math.isfinite(r["val_nll"]) for r in result.table)
-    return {**metrics, "best": {axis: result.best[axis]}, "at_edge": axis in " ".join(result.edge_warnings),
-            "diverged_trials": diverged, "tuning": result.table, "split": result.split, "epochs": epochs}
-
-
-def run(s: Settings, progress: bool) -> tuple[list[dict], float]:
-    source = learn_source(s, progress)
-    train_pool, test_pool = load_dataset("mnist", "train"), load_dataset("mnist", "test")
-    test = DigitCanvasSegmentation(test_pool.images, test_pool.targets, s.n_test, seed=10_000, **CANVAS)
+def run(s: Settings, out: Path, progress: bool) -> tuple[list[dict], float]:
+    """Every method through :func:`ptyl.pipeline.run_transfer` with the segmentation task (``tune`` over the
+    method's main axis on a random 80/20 canvas split, per-pixel val NLL; refit on all canvases; test)."""
+    prior, source_s = learn_source(s, out, progress)
+    task = SegmentationTask("mnist", n_test=s.n_test, decoder_channels=s.decoder_channels, test_seed=10_000, **CANVAS)
+    labels = {str(kind): label for label, kind in METHODS.items()}
     rows = []
     for n, steps in zip(s.ns, s.steps):
+        n_fit = n - max(1, round(0.2 * n))  # tune's split: epochs give ~`steps` steps on the 80 %
+        epochs = max(1, math.ceil(steps / math.ceil(n_fit / s.batch_size)))
         for seed in s.seeds:
-            train = DigitCanvasSegmentation(train_pool.images, train_pool.targets, n, seed=seed, **CANVAS)
-            for method in METHODS:
-                start = time.perf_counter()
-                row = {"method": method, "n_canvases": n, "seed": seed,
-                       **tune_and_test(method, source, train, test, s, steps, seed),
-                       "seconds": time.perf_counter() - start}
+            records = run_transfer(prior, task=task, n_per_class=[n], seeds=[seed], methods=list(labels),
+                                   budget=s.budget, lrs=(s.lr,), epochs=epochs, batch_size=s.batch_size,
+                                   train_overrides={"optimizer": s.optimizer}, progress=False)
+            for record in records:
+                axis = METHODS[labels[record["method"]]].recipe.axis
+                row = {"method": labels[record["method"]], "n_canvases": n, "seed": seed,
+                       **{k: record[k] for k in KEYS}, "best": {axis: record["selected"].get(axis)},
+                       "at_edge": any(w.startswith(f"best {axis}=") for w in record["edge_warnings"]),
+                       "diverged_trials": sum(not math.isfinite(r["val_nll"]) for r in record["validation"]),
+                       "tuning": record["validation"], "split": record["split"], "epochs": epochs,
+                       "seconds": record["wall_time_s"]}
                 rows.append(row)
-                print(f"n={n:4d} seed={seed} {method:30s} mIoU={row['miou']:.3f} pixacc={row['pixel_accuracy']:.3f} "
-                      f"nll={row['nll']:.3f} ece={row['ece']:.3f} best={row['best']} ({row['seconds']:.0f} s)",
-                      flush=True)
-    return rows, source["seconds"]
+                print(f"n={n:4d} seed={seed} {row['method']:30s} mIoU={row['miou']:.3f} "
+                      f"pixacc={row['pixel_accuracy']:.3f} nll={row['nll']:.3f} ece={row['ece']:.3f} "
+                      f"best={row['best']} ({row['seconds']:.0f} s)", flush=True)
+    return rows, source_s
 
 
 KEYS = ("miou", "pixel_accuracy", "nll", "ece")
@@ -255,17 +224,17 @@ def render(rows: list[dict], s: Settings, info: dict, elapsed: float, source_s: 
         f"(background + 10 digits), foreground = intensity > {CANVAS['threshold']}. Model: SegmentationNet(SmallCNN("
         f"width={s.width})), decoder width {s.decoder_channels}, decoder prior N(0, 1).",
         f"Source: KMNIST train ({'8,000' if s.source_size is None else s.source_size} images), {s.pretrain_epochs} "
-        f"epochs + {s.swag_epochs} SWAG epochs, lr {s.source_lr}, rank {s.rank}, ~{s.snapshots} snapshots "
+        f"epochs + {s.swag_epochs} SWAG epochs, lr {s.source_lr}, rank {s.rank}, ~{2 * s.rank} snapshots "
         f"({source_s:.0f} s).",
         f"Downstream: {s.optimizer} (cosine), lr {s.lr}, batch {s.batch_size}, about {list(s.steps)} steps on the 80 % "
         f"split for {list(s.ns)} canvases (the refit on all canvases keeps the epochs, so ~25 % more steps). "
-        f"Tuning: `ptyl.inference.tuning.tune`, {s.budget} trials per method "
+        f"Tuning: `ptyl.pipeline.run_transfer` (`ptyl.tuning.tune`), {s.budget} trials per method "
         f"({'; '.join(f'{m}: {r}' for m, r in ranges.items())}), random 80/20 split of the canvases (seeded), "
         "per-pixel validation NLL; the chosen value is refit on all training canvases and tested. "
         "Per-seed values and every trial are in segmentation.json.",
     ])
     data = {"command": command, "machine": info, "elapsed_s": elapsed, "settings": asdict(s), "canvas": CANVAS,
-            "methods": {m: {"prior": k, "grid": grids[m]} for m, k in METHODS.items()},
+            "methods": {m: {"prior": str(k), "grid": grids[m]} for m, k in METHODS.items()},
             "summary": summary, "paired_differences": diffs, "runs": rows, "source_s": source_s}
     return md, data
 
@@ -279,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     s = settings(args.quick)
     info = machine_info()
     start = time.perf_counter()
-    rows, source_s = run(s, args.progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, source_s = run(s, out, args.progress)
     elapsed = time.perf_counter() - start
     command = "python benchmarks/accuracy/segmentation.py" + (" --quick" if args.quick else "")
     md, data = render(rows, s, info, elapsed, source_s, command)

@@ -9,17 +9,17 @@ same protocol and budget (Harvey et al., TMLR 2024: tuned baselines are strong).
 
 Source (cached, re-used if the file exists): a SmallCNN of width 16 pretrained on the 8,000-image KMNIST train split,
 then SWAG (rank 20) at a constant learning rate; the SWA mean (BatchNorm statistics recomputed) is the pretrained
-backbone and the SWAG posterior is the learned prior (:func:`ptyl.experiments.learn_source_prior`).
+backbone and the SWAG posterior is the learned prior (:func:`ptyl.pipeline.learn_source_prior`).
 
 Target: MNIST (embedded t10k: train split 8,000 / test split 2,000). For every seed and n (examples per class),
 ``few_shot_subset(train, n, seed)`` draws the subsample, so every seed is a different subsample *and* a different
 80/20 tuning split. ``full`` is the largest class-balanced subset of the train split: 714 per class (the rarest
 class, '5', has 714 examples; n = 1000 per class is impossible with 8,000 images). Methods (see
-:func:`ptyl.experiments.parse_method`): ``standard`` (fine-tuning under N(0, v I)), ``l2sp`` (N(theta_0, v I)),
+:func:`ptyl.pipeline.parse_method`): ``standard`` (fine-tuning under N(0, v I)), ``l2sp`` (N(theta_0, v I)),
 ``diag`` / ``lowrank`` (learned prior N(mu, lam Sigma), MAP), ``lowrank-sgld`` / ``lowrank-csgld`` (learned low-rank
 prior, SGLD / cyclical SGLD, Bayesian model averaging), ``swag`` (downstream SWAG under N(0, v I), BMA) and
 ``scratch`` (random init, N(0, v I): the source-free control). Each is tuned by
-:func:`ptyl.experiments.run_transfer` (validation NLL, ``--budget`` log-spaced values of lambda or v per learning rate)
+:func:`ptyl.pipeline.run_transfer` (validation NLL, ``--budget`` log-spaced values of lambda or v per learning rate)
 and refit on all n*10 examples, then scored on the 2,000 test images: accuracy, NLL, ECE, Brier.
 
 Outputs (``--out``, default ``benchmarks/results``): ``accuracy.json`` (every run, rewritten atomically after every
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,13 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import DEFAULT_OUT, ROOT, machine_info, machine_line, set_threads, write_results  # noqa: E402
 
 from ptyl.errors import ConfigError  # noqa: E402
-from ptyl.experiments import (  # noqa: E402
+from ptyl.pipeline import (  # noqa: E402
+    group_results,
     learn_source_prior,
+    mean_std,
     parse_method,
     plot_data_efficiency,
     run_transfer,
     summarize,
 )
+from ptyl.priors import PriorKind  # noqa: E402
 
 NAME = "accuracy"
 METHODS = ("standard", "l2sp", "diag", "lowrank", "lowrank-sgld", "lowrank-csgld", "swag", "scratch")
@@ -169,10 +171,7 @@ def main_axis(record: dict[str, Any]) -> tuple[str, float | None]:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return mean_std(values, finite_only=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ report
@@ -181,9 +180,7 @@ def comparison(results: list[dict[str, Any]], n_labels: dict[int, str]) -> tuple
 
     A difference counts only if it exceeds 1 std (the larger of the two methods' seed spreads); the paired
     per-seed difference (same subsample) is shown too."""
-    groups: dict[tuple[str, int], dict[int, dict]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r["n_per_class"]), {})[r["seed"]] = r
+    groups = {key: {r["seed"]: r for r in runs} for key, runs in group_results(results).items()}
     lines = ["| n/class | method | vs | Δ accuracy (paired) | Δ NLL (paired) | verdict |",
              "|---|---|---|---|---|---|"]
     verdicts = []
@@ -236,9 +233,7 @@ def comparison(results: list[dict[str, Any]], n_labels: dict[int, str]) -> tuple
 
 def lambda_table(results: list[dict[str, Any]], n_labels: dict[int, str]) -> str:
     lines = ["| n/class | method | axis | selected per seed | lr per seed |", "|---|---|---|---|---|"]
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r["n_per_class"]), []).append(r)
+    groups = group_results(results, ("method", "n_per_class"))
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in results))}
     for (method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
         runs = sorted(runs, key=lambda r: r["seed"])
@@ -348,7 +343,7 @@ def render(cfg: dict[str, Any], meta: dict[str, Any], results: list[dict[str, An
         f"evaluated on {'the first ' + str(key['max_test']) + ' balanced' if key['max_test'] else 'all 2,000'} test "
         f"images. {'; '.join(full) + ' per class (largest class-balanced subset; n = 1000 is impossible).' if full else ''}",  # noqa: E501
         "",
-        f"Tuning (identical for every method, `ptyl.experiments.run_transfer`): budget {key['budget']} trials = "
+        f"Tuning (identical for every method, `ptyl.pipeline.run_transfer`): budget {key['budget']} trials = "
         f"{key['budget'] // len(key['lrs'])} log-spaced values of λ (learned: 10^{key['lambda_log10_range'][0]:g}.."
         f"10^{key['lambda_log10_range'][1]:g}) or v (standard / scratch / "
         f"SWAG: 10^-2..10^2; L2-SP: 10^-4..10^0) × lr {key['lrs']}, chosen by validation NLL on a class-balanced "
@@ -460,14 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         lam = tuple(key["lambda_log10_range"])
         grids = None
         plan = parse_method(method)
-        if key.get("temperatures") and plan.inference in ("sgld", "csgld"):
-            from ptyl.inference.tuning import default_grid
+        if key.get("temperatures") and plan.inference.strategy.uses_temperature:
+            from ptyl.tuning import default_grid
 
             grid = default_grid(plan.prior, key["budget"], lrs=key["lrs"],
-                                log10_range=lam if plan.prior in ("lowrank", "diag") else None)
+                                log10_range=lam if plan.needs_posterior else None)
             grids = {method: {**grid, "temperature": key["temperatures"]}}
         record = run_transfer(prior, TARGET, n_per_class=[n], seeds=[seed], methods=[method], budget=key["budget"],
-                              lrs=key["lrs"], ranges={"lowrank": lam, "diag": lam}, grids=grids, steps=key["steps"],
+                              lrs=key["lrs"], ranges={PriorKind.LOWRANK: lam, PriorKind.DIAG: lam}, grids=grids, steps=key["steps"],
                               num_samples=key["num_samples"],
                               max_test=key["max_test"], progress=args.progress)[0]
         record.update({"n_label": label, "label": LABELS.get(method, method)})

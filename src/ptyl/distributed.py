@@ -5,9 +5,10 @@ Launch any script that calls :func:`init_from_env` with::
     torchrun --nproc_per_node=N script.py ...
 
 Every helper here is a no-op (or the identity) in an ordinary single-process run, so the same script runs both ways.
-:func:`ptyl.inference.trainer.fit` (and with it :func:`ptyl.posterior.source.learn_prior`) uses them by itself once
-a process group exists: it wraps the model in DDP, shards a Dataset with a :class:`DistributedSampler`, averages the
-logged loss over ranks, collects SWAG on rank 0 only and writes checkpoints from rank 0 only.
+:func:`ptyl.training.fit` (and with it :func:`ptyl.pipeline.learn_prior`) uses them by itself once a process
+group exists (through :class:`ptyl.training.environment.DistributedEnvironment`): it wraps the model in DDP, shards a
+Dataset with a :class:`DistributedSampler`, averages the logged loss over ranks, collects SWAG on rank 0 only and
+writes checkpoints from rank 0 only.
 
 Why the prior is counted exactly once (Shwartz-Ziv et al. 2022, arXiv 2205.10279, eq. 2). Rank r, holding a shard
 B_r of the global batch B (|B_r| = b, W ranks, |B| = W b), minimises
@@ -46,7 +47,8 @@ from ptyl.errors import ConfigError
 
 __all__ = [
     "init_from_env", "is_distributed", "is_main_process", "rank", "local_rank", "world_size", "wrap_model",
-    "unwrap_model", "distributed_loader", "set_epoch", "all_reduce_mean", "all_reduce_sum", "gather_tensor",
+    "unwrap_model", "distributed_loader", "set_epoch", "all_reduce_mean", "all_reduce_sum", "all_reduce_min",
+    "gather_tensor",
     "broadcast_state", "barrier", "run_on_main", "cleanup", "per_rank_batch_size",
 ]
 
@@ -179,14 +181,14 @@ def set_epoch(loader: Any, epoch: int) -> None:
 
 
 # --- collectives (identity in one process) -------------------------------------------------------------------------
-def _reduce(value: T, mean: bool) -> T:
+def _reduce(value: T, mean: bool, op: str = "SUM") -> T:
     if not _initialized():
         return value
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to(_comm_device(), copy=True)
     else:
         tensor = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     if mean:
         tensor = tensor / dist.get_world_size()
     return tensor.to(value.device) if isinstance(value, torch.Tensor) else float(tensor)  # type: ignore[return-value]
@@ -200,6 +202,11 @@ def all_reduce_mean(value: T) -> T:
 def all_reduce_sum(value: T) -> T:
     """Sum over ranks (e.g. correct-prediction counts). Identity in one process."""
     return _reduce(value, mean=False)
+
+
+def all_reduce_min(value: T) -> T:
+    """Minimum over ranks (e.g. the first step at which any rank saw a non-finite loss). Identity in one process."""
+    return _reduce(value, mean=False, op="MIN")
 
 
 def gather_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Exception hierarchy. Every error ptyl raises on bad input subclasses :class:`PtylError`."""
+"""Exception hierarchy. Every error ptyl raises on bad input subclasses :class:`PtylError`.
+
+Only :class:`DivergenceError` reports a numerical failure (the training or the predictions became NaN/Inf); every
+other class is a user error (a wrong value, file or name) that no retry can fix. Code that searches
+hyper-parameters (:func:`ptyl.tuning.tune`) swallows ``DivergenceError`` alone.
+"""
 
 from __future__ import annotations
 
@@ -28,3 +33,11 @@ class DataError(PtylError, ValueError):
 
 class ConfigError(PtylError, ValueError):
     """A configuration value or command-line option is invalid."""
+
+
+class DivergenceError(PtylError, FloatingPointError):
+    """Training diverged: a non-finite loss, parameters or predictions; the message names the step."""
+
+
+class CheckpointError(PtylError, ValueError):
+    """A training checkpoint is missing, truncated, corrupt, unsafe to unpickle, or from other settings."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ptyl.cli import main
-from ptyl.experiments import pretrained_weights_path
+from ptyl.pipeline import pretrained_weights_path
 
 FAST = ["--n-per-class", "2", "--steps", "3", "--eps", "0.01", "--quiet"]
 

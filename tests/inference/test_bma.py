@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ptyl.errors import DataError, InvalidValueError, PtylError
-from ptyl.inference.bma import SampleBank, bma_predict, collect_targets, predict_probs
+from ptyl.inference import SampleBank, bma_predict, collect_targets, predict_probs
 
 
 class BNNet(nn.Module):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ptyl.priors.learned import learned_prior
 from ptyl.errors import InvalidValueError, ParameterMismatchError, PriorFileError
 from ptyl.io import import_reference, load_posterior, load_prior, read_metadata, save_posterior
 from ptyl.io.integrity import tensor_records
@@ -47,7 +48,7 @@ def test_load_prior_by_name_regardless_of_order(tmp_path, post):
     path = save_posterior(post, tmp_path / "p.safetensors")
     model = TinyNet()
     prior = load_prior(path, model, scale=0.5, eps=0.01, rank=2)
-    ref = post.to_prior("lowrank", scale=0.5, eps=0.01, rank=2)
+    ref = learned_prior(post, "lowrank", scale=0.5, eps=0.01, rank=2)
     assert torch.allclose(prior.log_prob(model), ref.log_prob(model))
     # a posterior whose dict order is reversed still maps by name
     rev = SourcePosterior(*(dict(reversed(list(d.items()))) for d in (post.mean, post.variance, post.deviations)))

@@ -142,14 +142,14 @@ def test_encoder_layer_names(transformers):
 
 
 def test_fit_with_dict_batches(transformers):
-    from ptyl.inference.trainer import fit
+    from ptyl.training import fit
     from ptyl.models.hf import TextClassifier, add_lora, text_classification_objective
 
     model = TextClassifier(tiny_bert(transformers, layers=2), num_classes=2)
     add_lora(model, rank=2)
     batch = tiny_batch(batch_size=8)
     data = [({k: v[i] for k, v in batch.items()}, i % 2) for i in range(8)]
-    result = fit(model, data, None, objective=text_classification_objective, method="map", epochs=2, batch_size=4,
+    result = fit(model, data, None, objective=text_classification_objective, inference="map", epochs=2, batch_size=4,
                  lr=0.05, progress=False)
     assert len(result.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     probs = result.predict(DataLoader(data, batch_size=4, shuffle=False))

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from ptyl.priors.learned import learned_prior
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.priors import LowRankGaussianPrior
 from ptyl.priors.block import OTHER_BLOCK, BlockLowRankPrior, assign_blocks, auto_block, block_prior
@@ -62,7 +63,7 @@ def test_differs_from_global_prior_when_blocks_correlate():
     post = random_posterior(TinyNet(), rank=3)
     params = _random_params(post)
     blocked = block_prior(post, "auto").log_prob(params)
-    global_ = post.to_prior("lowrank").log_prob(params)
+    global_ = learned_prior(post, "lowrank").log_prob(params)
     assert not torch.allclose(blocked, global_)
     # a single block covering everything is the global prior
     single = block_prior(post, ["features"]).log_prob(params)
@@ -76,7 +77,7 @@ def test_unlisted_parameters_go_to_other_block_and_rank_zero_is_diagonal():
                       OTHER_BLOCK: ["features.0.weight", "features.0.bias"]}
     prior = block_prior(post, ["features.2"], rank=0)
     params = _random_params(post)
-    expected = sum(post.restrict(names).to_prior("diag").log_prob(params) for names in groups.values())
+    expected = sum(learned_prior(post.restrict(names), "diag").log_prob(params) for names in groups.values())
     torch.testing.assert_close(prior.log_prob(params), expected)
     assert isinstance(block_prior(post, "auto").block("features.0"), LowRankGaussianPrior)
 

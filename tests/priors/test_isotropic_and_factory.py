@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from ptyl.priors.learned import learned_prior
 from ptyl.errors import ConfigError, InvalidValueError, ParameterMismatchError
 from ptyl.priors import IsotropicGaussianPrior, make_prior, variance_from_weight_decay
 from tests.helpers import TinyNet, random_posterior
@@ -50,7 +51,7 @@ def test_make_prior_covers_backbone_and_head():
 
 def test_make_prior_errors_are_clear():
     model = TinyNet().double()
-    with pytest.raises(ConfigError, match="unknown prior method"):
+    with pytest.raises(ConfigError, match="unknown prior kind"):
         make_prior(model, "bogus")
     with pytest.raises(ConfigError, match="needs a learned posterior"):
         make_prior(model, "lowrank")
@@ -74,7 +75,7 @@ def test_prior_for_other_architecture_names_the_mismatch():
 def test_wrapper_prefixes_are_ignored():
     model = TinyNet().double()
     post = random_posterior(model)
-    prior = post.to_prior("lowrank")
+    prior = learned_prior(post, "lowrank")
     wrapped = {"module." + n: p for n, p in model.named_parameters()}
     assert torch.allclose(prior.log_prob(wrapped), prior.log_prob(model))
 

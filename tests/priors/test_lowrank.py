@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from ptyl.priors.learned import learned_prior
 from ptyl.errors import InvalidValueError
 from ptyl.priors import DiagonalGaussianPrior, LowRankGaussianPrior
 from tests.helpers import TinyNet, random_posterior
@@ -20,7 +21,7 @@ def test_lowrank_log_prob_and_grad_match_dense_mvn(scale, eps, rank):
     model = TinyNet().double()
     post = random_posterior(model, rank=3)
     assert 150 <= post.num_parameters <= 300
-    prior = post.to_prior("lowrank", scale=scale, eps=eps, rank=rank)
+    prior = learned_prior(post, "lowrank", scale=scale, eps=eps, rank=rank)
     params = {n: p for n, p in model.named_parameters() if n in post.mean}
     for p in params.values():
         p.data.normal_()
@@ -40,7 +41,7 @@ def test_lambda_scales_whole_covariance_not_lambda_squared():
     model = TinyNet().double()
     post = random_posterior(model, rank=3)
     lam = 4.0
-    p1, p4 = post.to_prior("lowrank", scale=1.0), post.to_prior("lowrank", scale=lam)
+    p1, p4 = learned_prior(post, "lowrank", scale=1.0), learned_prior(post, "lowrank", scale=lam)
     (_, d1, u1), (_, d4, u4) = p1.flat_parts(), p4.flat_parts()
     assert torch.allclose(u4, math.sqrt(lam) * u1)
     assert torch.allclose(d4, lam * d1)
@@ -54,7 +55,7 @@ def test_lambda_scales_whole_covariance_not_lambda_squared():
 def test_diag_prior_matches_independent_normals():
     model = TinyNet().double()
     post = random_posterior(model)
-    prior = post.to_prior("diag", scale=2.0, eps=0.05)
+    prior = learned_prior(post, "diag", scale=2.0, eps=0.05)
     assert isinstance(prior, DiagonalGaussianPrior)
     params = {n: torch.randn(s, dtype=torch.float64, requires_grad=True) for n, s in post.shapes.items()}
     lp = prior.log_prob(params)
@@ -70,24 +71,24 @@ def test_diag_prior_matches_independent_normals():
 
 def test_rank_zero_gives_diagonal_and_rank_above_K_raises():
     post = random_posterior(TinyNet().double(), rank=3)
-    assert isinstance(post.to_prior("lowrank", rank=0), DiagonalGaussianPrior)
+    assert isinstance(learned_prior(post, "lowrank", rank=0), DiagonalGaussianPrior)
     with pytest.raises(InvalidValueError, match="exceeds"):
-        post.to_prior("lowrank", rank=4)
+        learned_prior(post, "lowrank", rank=4)
 
 
 @pytest.mark.parametrize("bad", [dict(scale=0.0), dict(scale=-1.0), dict(eps=-1e-3), dict(scale=float("nan"))])
 def test_bad_hyperparameters_raise(bad):
     post = random_posterior(TinyNet().double())
     with pytest.raises(InvalidValueError):
-        post.to_prior("lowrank", **bad)
+        learned_prior(post, "lowrank", **bad)
 
 
 def test_float32_params_with_bf16_storage_close_to_fp64():
     model = TinyNet().double()
     post = random_posterior(model)
     theta = {n: post.mean[n] + 0.1 * torch.randn(s, dtype=torch.float64) for n, s in post.shapes.items()}
-    exact = post.to_prior("lowrank", scale=1.0, eps=0.01).log_prob(theta)
-    lean = post.to_prior("lowrank", scale=1.0, eps=0.01, dtype=torch.bfloat16)
+    exact = learned_prior(post, "lowrank", scale=1.0, eps=0.01).log_prob(theta)
+    lean = learned_prior(post, "lowrank", scale=1.0, eps=0.01, dtype=torch.bfloat16)
     assert lean.mean_g0.dtype == torch.bfloat16
     approx = lean.log_prob({n: t.float() for n, t in theta.items()})
     assert approx.dtype == torch.float32
@@ -97,7 +98,7 @@ def test_float32_params_with_bf16_storage_close_to_fp64():
 def test_no_grad_path_equals_grad_path():
     model = TinyNet().double()
     post = random_posterior(model)
-    prior = post.to_prior("lowrank", scale=0.5, eps=0.01)
+    prior = learned_prior(post, "lowrank", scale=0.5, eps=0.01)
     params = {n: torch.randn(s, dtype=torch.float64, requires_grad=True) for n, s in post.shapes.items()}
     with torch.no_grad():
         a = prior.log_prob(params)
@@ -117,9 +118,9 @@ def test_grouping_of_many_tensors_matches_dense(monkeypatch):
 
     model = TinyNet().double()
     post = random_posterior(model, rank=3)
-    reference = post.to_prior("lowrank", scale=0.7, eps=0.01)
+    reference = learned_prior(post, "lowrank", scale=0.7, eps=0.01)
     monkeypatch.setattr(lowrank, "GROUP_NUMEL", 10)
-    grouped = post.to_prior("lowrank", scale=0.7, eps=0.01)
+    grouped = learned_prior(post, "lowrank", scale=0.7, eps=0.01)
     assert len(grouped.groups) > 1 and len(reference.groups) == 1
     params = {n: torch.randn(s, dtype=torch.float64, requires_grad=True) for n, s in post.shapes.items()}
     a = reference.log_prob(params)

@@ -15,20 +15,25 @@ import time
 from pathlib import Path
 
 from ptyl.cli._common import add_common, info, positive_int, progress
+from ptyl.pipeline.methods import Method
+from ptyl.priors.registry import PriorKind
+from ptyl.training.registry import Inference
 
+METHODS = [Method.of(PriorKind.STANDARD).name, Method.of(PriorKind.L2SP).name, Method.of(PriorKind.LOWRANK).name,
+           Method.of(PriorKind.LOWRANK, Inference.SGLD).name]
 # Sized for about 8 minutes on 2 shared CPU cores. Every method gets `budget` log-spaced values of its prior-strength
 # axis over a 4-decade range (its stable, sensible region; learned-prior scales below ~1e3 make SGD at lr 0.1 diverge
 # because the smallest SWAG variances are ~1e-6) at one learning rate. SGLD runs at temperature 0.01 (a cold
 # posterior): at T = 1 the posterior of 100 examples under these priors is so broad that its BMA is poor.
 FULL = dict(source="kmnist", target="mnist", model="smallcnn", width=16, pretrain_epochs=3, swag_epochs=2, rank=20,
             source_lr=0.05, source_batch_size=64, source_per_class=None, n_per_class=[10, 100], seeds=[0, 1],
-            methods=["standard", "l2sp", "lowrank", "lowrank-sgld"], budget=4, lr=0.1, steps=200,
-            num_samples=8, temperature=0.01, max_test=None, eps=0.0,
-            ranges={"standard": (-1.0, 3.0), "l2sp": (-2.0, 2.0), "lowrank": (3.0, 7.0), "diag": (3.0, 7.0)})
+            methods=METHODS, budget=4, lr=0.1, steps=200, num_samples=8, temperature=0.01, max_test=None, eps=0.0,
+            ranges={PriorKind.STANDARD: (-1.0, 3.0), PriorKind.L2SP: (-2.0, 2.0), PriorKind.LOWRANK: (3.0, 7.0),
+                    PriorKind.DIAG: (3.0, 7.0)})
 # Seconds: a handful of source images, a tiny network, two trials per method. Exercises every stage, proves nothing.
 QUICK = dict(source="kmnist", target="mnist", model="smallcnn", width=4, pretrain_epochs=1, swag_epochs=1, rank=4,
              source_lr=0.05, source_batch_size=32, source_per_class=20, n_per_class=[2, 4], seeds=[0],
-             methods=["standard", "l2sp", "lowrank", "lowrank-sgld"], budget=2, lr=0.01, steps=6, num_samples=2,
+             methods=METHODS, budget=2, lr=0.01, steps=6, num_samples=2,
              temperature=0.01, max_test=100, eps=1e-3, ranges=None)
 
 
@@ -50,9 +55,8 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ptyl.experiments import (
-        learn_source_prior, parse_method, plot_data_efficiency, run_transfer, save_json, summarize,
-    )
+    from ptyl.metrics import save_json
+    from ptyl.pipeline import learn_source_prior, parse_method, plot_data_efficiency, run_transfer, summarize
 
     if getattr(args, "threads", None) is None:
         import torch
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print(header)
     print(f"each method: {s['budget']} tuning trials (validation NLL, 80/20 split), lr {s['lr']}, {s['steps']} steps, "
           f"SGLD temperature {s['temperature']}, {s['num_samples']} BMA samples; prior-strength ranges (log10) "
-          f"{s['ranges']}")
+          f"{_plain(s['ranges'])}")
     print()
     print(table)
     print()
@@ -110,3 +114,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wall time: {wall:.0f}s (source {source_time:.0f}s)")
     sys.stdout.flush()
     return 0
+
+
+def _plain(ranges):
+    """The ranges with plain-string keys, as printed before prior kinds were enum members."""
+    return None if ranges is None else {str(k): v for k, v in ranges.items()}

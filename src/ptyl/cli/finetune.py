@@ -1,4 +1,8 @@
-"""``ptyl finetune`` (downstream training under a learned prior or a baseline) and ``ptyl evaluate``."""
+"""``ptyl finetune`` (downstream training under a learned prior or a baseline) and ``ptyl evaluate``.
+
+Both go through the pipeline's tasks (:mod:`ptyl.pipeline.tasks`): the same data, model adapter and metrics as the
+demo and the benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,20 @@ from ptyl.cli._common import (
     UsageError, add_common, info, model_kwargs, nonnegative_float, positive_float, positive_int, progress, require,
 )
 
-BASELINES = ("standard", "l2sp", "diag", "scratch")
-# Defaults that worked on KMNIST -> MNIST (see `ptyl demo`); use --tune to select them by validation NLL instead.
-DEFAULT_SCALE = 1e4
-DEFAULT_VARIANCE = {"standard": 1.0, "l2sp": 1e-2, "scratch": 1.0}
-SAMPLES_FORMAT = "ptyl-samples"
+
+def _baselines() -> list[str]:
+    """Every prior kind but the learned low-rank default, and the random-initialisation start (from the registries)."""
+    from ptyl.pipeline import Start
+    from ptyl.priors import PriorKind
+
+    return [str(k) for k in PriorKind if k is not PriorKind.LOWRANK] + [str(Start.SCRATCH)]
 
 
 def add_parsers(subparsers) -> None:
     from ptyl.data import available_datasets
     from ptyl.models import available_models
+    from ptyl.pipeline import ClassificationTask, SegmentationTask
+    from ptyl.training import Inference
 
     p = subparsers.add_parser(
         "finetune", help="fine-tune on a target data set under the learned prior (or a baseline)",
@@ -33,20 +41,22 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--prior", help="prior file from 'ptyl learn-prior' (not needed for --baseline scratch)")
     p.add_argument("--data", default="mnist", choices=available_datasets(), help="target data set [mnist]")
     p.add_argument("--n-per-class", type=positive_int, default=10, help="training examples per class [10]")
-    p.add_argument("--method", default="map", choices=("map", "sgld", "csgld", "swag"),
+    p.add_argument("--inference", "--method", dest="inference", default=str(Inference.MAP),
+                   choices=[str(i) for i in Inference],
                    help="inference: MAP, SGLD + BMA, cyclical SGLD + BMA, downstream SWAG + BMA [map]")
-    p.add_argument("--baseline", choices=BASELINES,
-                   help="replace the learned low-rank prior: standard (N(0, variance)), l2sp (N(pretrained, "
-                        "variance)), diag (learned diagonal), scratch (random init, N(0, variance))")
+    p.add_argument("--baseline", choices=_baselines(),
+                   help="replace the learned low-rank prior by another prior kind (standard: N(0, variance), l2sp: "
+                        "N(pretrained, variance), diag: learned diagonal, block: learned per-block, none: no prior) "
+                        "or start from a random initialisation under the standard prior (scratch)")
     p.add_argument("--model", choices=available_models(),
                    help="architecture (default: the prior's; must match it)")
     p.add_argument("--width", type=positive_int, help="model width (scratch only; else the prior's)")
-    p.add_argument("--scale", type=positive_float, default=DEFAULT_SCALE,
-                   help=f"prior scale lambda of a learned prior [{DEFAULT_SCALE:g}]")
+    p.add_argument("--scale", type=positive_float,
+                   help="prior scale lambda of a learned prior [the prior kind's default, 1e4]")
     p.add_argument("--eps", type=nonnegative_float, default=0.0, help="isotropic jitter eps of a learned prior [0]")
     p.add_argument("--rank", type=int, help="use the first k <= K deviation columns (default: all)")
     p.add_argument("--variance", type=positive_float,
-                   help="prior variance of standard / l2sp / scratch [1, 0.01, 1]")
+                   help="prior variance of standard / l2sp / scratch [the prior kind's default: 1, 0.01, 1]")
     p.add_argument("--head-variance", type=positive_float, default=1.0, help="prior variance of the new head [1]")
     p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate [0.01]")
     p.add_argument("--epochs", type=positive_int, help="epochs (default: from --steps)")
@@ -57,7 +67,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--tune", action="store_true",
                    help="select the prior strength and lr by validation NLL (80/20 class-balanced split), then refit")
     p.add_argument("--budget", type=positive_int, default=4, help="trials for --tune [4]")
-    p.add_argument("--task", default="classification", choices=("classification", "segmentation"),
+    p.add_argument("--task", default=ClassificationTask.name, choices=(ClassificationTask.name, SegmentationTask.name),
                    help="classification (few-shot) or digit-canvas segmentation [classification]")
     p.add_argument("--n-train", type=positive_int, default=64, help="segmentation: training canvases [64]")
     p.add_argument("--n-test", type=positive_int, default=64, help="segmentation: test canvases [64]")
@@ -80,112 +90,79 @@ def add_parsers(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- finetune
-def _check_architecture(args: argparse.Namespace, meta: dict[str, Any]) -> None:
+def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[dict[str, Any], Any]:
+    """(model metadata, pretrained state dict or None for a random start)."""
+    from ptyl.io import read_metadata
+    from ptyl.pipeline import load_pretrained
+
+    if scratch and not args.prior:
+        return {"model": args.model or "smallcnn", "model_kwargs": {"in_channels": in_channels, **model_kwargs(args)}}, None
+    meta = read_metadata(args.prior)
     arch = meta.get("model") or meta.get("architecture")
     if args.model and arch and args.model != arch:
         raise UsageError(f"prior {args.prior} was learned for architecture {arch!r}, but --model is {args.model!r}; "
                          f"drop --model or learn a prior for {args.model!r}")
+    if scratch:
+        return {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, None
+    return meta, load_pretrained(args.prior)[0].state_dict()
 
 
-def _base_model(args: argparse.Namespace, num_classes: int, in_channels: int) -> tuple[Any, dict[str, Any]]:
-    """(model with a fresh head, metadata describing it): pretrained from the prior's weights, or from scratch."""
-    from ptyl.experiments import build_from_metadata, load_pretrained
-    from ptyl.io import read_metadata
+def _task(args: argparse.Namespace, image_size: int | None):
+    from ptyl.pipeline import ClassificationTask, SegmentationTask
 
-    if args.baseline == "scratch":
-        if args.prior:
-            meta = read_metadata(args.prior)
-            _check_architecture(args, meta)
-            meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}
-        else:
-            kwargs = {"in_channels": in_channels, **model_kwargs(args)}
-            meta = {"model": args.model or "smallcnn", "model_kwargs": kwargs}
-        return build_from_metadata(meta, num_classes=num_classes), meta
-    meta = read_metadata(args.prior)
-    _check_architecture(args, meta)
-    model, _ = load_pretrained(args.prior, num_classes=num_classes)
-    return model, meta
+    if args.task == SegmentationTask.name:
+        return SegmentationTask(args.data, n_test=args.n_test, canvas_size=args.canvas_size), args.n_train
+    return ClassificationTask(args.data, image_size=image_size), args.n_per_class
 
 
 def _prior_spec(args: argparse.Namespace, head: str):
-    from ptyl.inference.tuning import MethodSpec
     from ptyl.io import load_posterior
+    from ptyl.pipeline import Start
+    from ptyl.priors import PriorKind
+    from ptyl.tuning import PriorSpec
 
-    kind = {"scratch": "standard", None: "lowrank"}.get(args.baseline, args.baseline)
-    posterior = load_posterior(args.prior) if kind in ("lowrank", "diag") else None
-    variance = args.variance if args.variance is not None else DEFAULT_VARIANCE.get(args.baseline or "", None)
-    return MethodSpec(kind=kind, posterior=posterior, scale=args.scale, eps=args.eps, rank=args.rank,
-                      variance=variance, head=head, head_variance=args.head_variance)
-
-
-def _datasets(args: argparse.Namespace, image_size: int | None):
-    from ptyl.data import few_shot_subset, load_dataset
-
-    if args.task == "segmentation":
-        from ptyl.data.segmentation import make_segmentation_splits
-
-        train, test = make_segmentation_splits(args.data, args.n_train, args.n_test, seed=args.seed,
-                                               canvas_size=args.canvas_size)
-        return train, test, train.num_classes
-    train = few_shot_subset(load_dataset(args.data, "train", image_size=image_size), args.n_per_class, args.seed)
-    test = load_dataset(args.data, "test", image_size=image_size)
-    return train, test, train.num_classes
+    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or PriorKind.LOWRANK)
+    recipe = kind.recipe
+    posterior = load_posterior(args.prior) if recipe.needs_posterior else None
+    chosen = {"scale": args.scale, "variance": args.variance}
+    if recipe.axis is not None and chosen.get(recipe.axis) is None:
+        chosen[recipe.axis] = recipe.default
+    return PriorSpec(kind=kind, posterior=posterior, scale=chosen["scale"] or 1.0, eps=args.eps, rank=args.rank,
+                     variance=chosen["variance"], head=head, head_variance=args.head_variance)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from ptyl.experiments import save_weights, train_config
-    from ptyl.inference.trainer import fit
-    from ptyl.inference.tuning import default_grid, tune
-    from ptyl.metrics import evaluate_probs, reliability_diagram, save_json
+    from ptyl.io import read_metadata, save_samples, save_weights
+    from ptyl.metrics import reliability_diagram, save_json
+    from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
+    from ptyl.training import fit
+    from ptyl.tuning import default_grid, tune
 
     require(args, "out")
-    if args.baseline != "scratch":
+    scratch = args.baseline == Start.SCRATCH
+    if not scratch:
         require(args, "prior")
     if args.prior and not Path(args.prior).is_file():
         raise FileNotFoundError(f"prior file not found: {args.prior}")
     start = time.perf_counter()
     out = Path(args.out)
-    segmentation = args.task == "segmentation"
-    image_size = None
-    if args.prior:
-        from ptyl.io import read_metadata
-
-        image_size = read_metadata(args.prior).get("image_size")
-    train, test, num_classes = _datasets(args, image_size)
-    in_channels = int(train[0][0].shape[0])
-    torch.manual_seed(args.seed)
-    classifier, meta = _base_model(args, num_classes if not segmentation else 10, in_channels)
-    head = "head"
-    if segmentation:
-        from ptyl.models.segmentation import SegmentationNet
-
-        def model_fn():
-            torch.manual_seed(args.seed)
-            base, _ = _base_model(args, 10, in_channels)
-            return SegmentationNet(base, num_classes=num_classes)
-
-        head = "decoder"
-    else:
-        state = {k: v.clone() for k, v in classifier.state_dict().items()}
-
-        def model_fn():
-            model, _ = _base_model(args, num_classes, in_channels)
-            if args.baseline != "scratch":
-                model.load_state_dict(state)  # same pretrained backbone and head init in every trial
-            return model
-
-    spec = _prior_spec(args, head)
-    config = train_config(args.method, len(train), steps=args.steps, batch_size=args.batch_size,
+    image_size = read_metadata(args.prior).get("image_size") if args.prior else None
+    task, size = _task(args, image_size)
+    train, test = task.train_set(size, args.seed), task.test_set(args.seed)
+    meta, state = _source(args, scratch, int(train[0][0].shape[0]))
+    model_fn = pretrained_model_fn(meta, state, task)
+    spec = _prior_spec(args, task.head)
+    config = train_config(args.inference, len(train), steps=args.steps, batch_size=args.batch_size,
                           num_samples=args.num_samples, temperature=args.temperature, lr=args.lr,
                           seed=args.seed, progress=progress(args))
     if args.epochs:
         config.epochs = args.epochs
     selected: dict[str, Any] = {}
     tuning = None
-    info(args, f"fine-tuning on {len(train)} {args.data} {'canvases' if segmentation else 'examples'}: "
-               f"prior {spec.kind}, method {args.method}, {config.epochs} epochs")
+    info(args, f"fine-tuning on {len(train)} {args.data} training examples: prior {spec.kind}, inference "
+               f"{config.inference}, {config.epochs} epochs")
     if args.tune:
         grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
         tuned = tune(model_fn, train, spec, grid, seed=args.seed, config=config, progress=progress(args))
@@ -193,35 +170,25 @@ def run_finetune(args: argparse.Namespace) -> int:
     else:
         torch.manual_seed(args.seed)
         model = model_fn()
-        prior = spec.build_prior(model)
-        result = fit(model, train, prior, config, num_data=len(train), head=head)
+        result = fit(model, train, spec.build_prior(model), config, num_data=len(train), head=task.head)
     probs = result.predict(test)
-    targets = test.masks if segmentation else test.targets
-    if segmentation:
-        from ptyl.metrics.segmentation import evaluate_segmentation
-
-        metrics = evaluate_segmentation(probs, targets)
-    else:
-        metrics = evaluate_probs(probs, targets)
+    targets = task.targets(test)
+    metrics = task.evaluate(probs, targets)
     out.mkdir(parents=True, exist_ok=True)
-    reliability_diagram(probs, targets, out / "reliability.png",
-                        title=f"{spec.kind} / {args.method} on {args.data}")
+    reliability_diagram(probs, targets, out / "reliability.png", title=f"{spec.kind} / {config.inference} on {args.data}")
     weights_meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}
-    weights_meta.update({"num_classes": num_classes if not segmentation else 10, "task": args.task,
-                         "data": args.data, "seed": args.seed, "prior": args.prior, "method": args.method,
-                         "baseline": args.baseline, "n_per_class": None if segmentation else args.n_per_class,
-                         "batch_size": args.batch_size})
-    if segmentation:
-        weights_meta["segmentation"] = {"num_classes": num_classes, "decoder_channels": 32,
-                                        "canvas_size": args.canvas_size, "n_test": args.n_test,
-                                        "n_train": args.n_train}
+    weights_meta.update({**task.metadata(), "seed": args.seed, "prior": args.prior, "method": config.inference,
+                         "baseline": args.baseline, "batch_size": args.batch_size, task.size_key: size})
+    if "segmentation" in weights_meta:
+        weights_meta["segmentation"]["n_train"] = size
     save_weights(result.model, out / "model.safetensors", weights_meta)
     if result.samples is not None and len(result.samples):
-        _save_samples(result.samples, out / "samples.safetensors", weights_meta)
+        save_samples(result.samples, out / "samples.safetensors", weights_meta)
     hyper = {"scale": spec.scale, "eps": spec.eps, "rank": spec.rank, "variance": spec.variance,
              "head_variance": spec.head_variance, "lr": config.lr, **selected}
-    report = {"task": args.task, "data": args.data, "prior_file": args.prior, "prior": spec.kind,
-              "baseline": args.baseline, "method": args.method, "n_per_class": None if segmentation else args.n_per_class,
+    report = {"task": args.task, "data": args.data, "prior_file": args.prior, "prior": str(spec.kind),
+              "baseline": args.baseline, "method": config.inference,
+              "n_per_class": size if isinstance(task, ClassificationTask) else None,
               "num_train": len(train), "num_test": len(test), "seed": args.seed, "metrics": metrics,
               "hyperparameters": hyper, "tuning": tuning, "config": asdict(config), "history": result.history,
               "wall_time_s": time.perf_counter() - start}
@@ -231,100 +198,45 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_samples(bank, path: Path, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from ptyl.io.prior_file import atomic_write
-
-    tensors = {f"{i:04d}::{name}": t.contiguous() for i, state in enumerate(bank) for name, t in state.items()}
-    header = {"ptyl_weights": json.dumps({**meta, "format": SAMPLES_FORMAT, "num_samples": len(bank)})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def _load_samples(path: str) -> list[dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    from ptyl.errors import PriorFileError
-    from ptyl.io.prior_file import read_json_header
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"samples file not found: {path}")
-    meta = read_json_header(path, "ptyl_weights", what="samples")  # a clear error for a corrupt or foreign file
-    if meta.get("format") != SAMPLES_FORMAT:
-        raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {SAMPLES_FORMAT!r}; pass the "
-                             "samples.safetensors written by 'ptyl finetune' with a sampling method")
-    flat = load_file(path)
-    samples: dict[int, dict[str, Any]] = {}
-    for key, t in flat.items():
-        index, _, name = key.partition("::")
-        samples.setdefault(int(index), {})[name] = t
-    return [samples[i] for i in sorted(samples)]
-
-
 # ----------------------------------------------------------------------------------------------- evaluate
-def _training_loader(meta: dict[str, Any]):
-    """The fine-tuning set, rebuilt from the weights' metadata: BMA recomputes each sample's BatchNorm statistics on
-    it, exactly as ``ptyl finetune`` did."""
-    from torch.utils.data import DataLoader
-
-    if meta.get("task") == "segmentation":
-        from ptyl.data.segmentation import make_segmentation_splits
-
-        seg = meta["segmentation"]
-        train, _ = make_segmentation_splits(meta["data"], int(seg["n_train"]), 1, seed=int(meta.get("seed", 0)),
-                                            canvas_size=int(seg["canvas_size"]))
-    else:
-        from ptyl.data import few_shot_subset, load_dataset
-
-        if not meta.get("n_per_class"):
-            return None
-        train = few_shot_subset(load_dataset(meta["data"], "train", image_size=meta.get("image_size")),
-                                int(meta["n_per_class"]), int(meta.get("seed", 0)))
-    return DataLoader(train, batch_size=int(meta.get("batch_size", 32)), shuffle=False)
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from ptyl.experiments import load_weights
-    from ptyl.inference.bma import bma_predict, predict_probs
-    from ptyl.metrics import evaluate_probs, save_json
+    from ptyl.inference import bma_predict, predict_probs
+    from ptyl.io import load_samples
+    from ptyl.metrics import save_json
+    from ptyl.pipeline import ClassificationTask, get_task, load_weights
 
     require(args, "weights")
     model, meta = load_weights(args.weights)
     data = args.data or meta.get("data")
     if data is None:
         raise UsageError("the weights file does not say which data set it was trained on: pass --data")
-    if meta.get("task") == "segmentation":
-        from ptyl.data.segmentation import make_segmentation_splits
-        from ptyl.metrics.segmentation import evaluate_segmentation
-
-        if args.split != "test":
-            raise UsageError(f"--split {args.split} is for classification weights; segmentation weights are "
-                             "evaluated on their test canvases")
-        seg = meta["segmentation"]
-        _, test = make_segmentation_splits(data, 1, int(seg["n_test"]), seed=int(meta.get("seed", 0)),
-                                           canvas_size=int(seg["canvas_size"]))
-        targets = test.masks
-    else:
-        from ptyl.data import load_dataset
-
-        test = load_dataset(data, args.split, image_size=meta.get("image_size"))
-        if test.num_classes != meta.get("num_classes", test.num_classes):
+    task_class = get_task(meta.get("task", ClassificationTask.name))
+    if task_class is ClassificationTask:
+        task = ClassificationTask.from_metadata(meta, data=data, eval_split=args.split)
+        if task.num_classes != meta.get("num_classes", task.num_classes):
             raise UsageError(f"{args.weights} predicts {meta['num_classes']} classes but {data!r} has "
-                             f"{test.num_classes}")
-        targets = test.targets
+                             f"{task.num_classes}")
+    elif args.split != "test":
+        raise UsageError(f"--split {args.split} is for classification weights; {task_class.name} weights are "
+                         "evaluated on their test set")
+    else:
+        task = task_class.from_metadata(meta, data=data)
+    seed = int(meta.get("seed", 0))
+    test = task.test_set(seed)
     loader = DataLoader(test, batch_size=256, shuffle=False)
     if args.samples:
-        bn_loader = _training_loader(meta) if data == meta.get("data") else None
-        probs = bma_predict(model, _load_samples(args.samples), loader, bn_loader=bn_loader, progress=progress(args))
+        # BMA recomputes each sample's BatchNorm statistics on the fine-tuning set, exactly as 'ptyl finetune' did
+        size = meta.get(task.size_key) or (meta.get("segmentation") or {}).get("n_train")
+        bn_loader = None
+        if data == meta.get("data") and size:
+            bn_loader = DataLoader(task.train_set(int(size), seed), batch_size=int(meta.get("batch_size", 32)),
+                                   shuffle=False)
+        probs = bma_predict(model, load_samples(args.samples), loader, bn_loader=bn_loader, progress=progress(args))
     else:
         probs = predict_probs(model, loader, progress=progress(args))
-    if meta.get("task") == "segmentation":
-        metrics = evaluate_segmentation(probs, targets)
-    else:
-        metrics = evaluate_probs(probs, targets)
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in task.evaluate(probs, task.targets(test)).items()}
     result = {"weights": args.weights, "samples": args.samples, "data": data, "split": args.split,
               "num_examples": len(test), **metrics}
     if args.out:

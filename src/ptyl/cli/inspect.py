@@ -80,8 +80,8 @@ def _checksums(loaded) -> str:
 def _inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from ptyl.experiments import pretrained_weights_path
     from ptyl.io import load_prior_file
+    from ptyl.pipeline import pretrained_weights_path
 
     path = args.prior
     loaded = load_prior_file(path, verify=False if args.no_verify else None)

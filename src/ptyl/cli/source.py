@@ -12,12 +12,13 @@ from ptyl.cli._common import (
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     from ptyl.data import available_datasets
     from ptyl.models import available_models
+    from ptyl.pipeline.source import OBJECTIVES
 
     parser.add_argument("--data", default="kmnist", choices=available_datasets(),
                         help="source data set (its train split) [kmnist]")
     parser.add_argument("--model", default="smallcnn", choices=available_models(), help="architecture [smallcnn]")
     parser.add_argument("--width", type=positive_int, help="model width (channels of the first stage)")
-    parser.add_argument("--objective", default="supervised", choices=("supervised", "simclr"),
+    parser.add_argument("--objective", default=OBJECTIVES[0], choices=OBJECTIVES,
                         help="source objective: cross-entropy or SimCLR (self-supervised) [supervised]")
     parser.add_argument("--lr", type=positive_float, default=0.05, help="learning rate [0.05]")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="batch size [128]")
@@ -57,7 +58,7 @@ def _source_accuracy(model, data_name: str) -> float:
     from torch.utils.data import DataLoader
 
     from ptyl.data import load_dataset
-    from ptyl.inference.bma import predict_probs
+    from ptyl.inference import predict_probs
     from ptyl.metrics import accuracy
 
     test = load_dataset(data_name, "test")
@@ -65,7 +66,8 @@ def _source_accuracy(model, data_name: str) -> float:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from ptyl.experiments import pretrain_source
+    from ptyl.pipeline.source import OBJECTIVES
+    from ptyl.pipeline import pretrain_source
 
     info(args, f"pretraining {args.model} on {args.data} ({args.objective}, {args.epochs} epochs)")
     model, meta = pretrain_source(args.data, args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -73,14 +75,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
                                   model_kwargs=model_kwargs(args), seed=args.seed, out=args.out,
                                   progress=progress(args))
     line = f"weights written to {args.out}"
-    if args.objective == "supervised":
+    if args.objective == OBJECTIVES[0]:  # supervised: the source head is a real classifier
         line += f" (source test accuracy {_source_accuracy(model, args.data):.4f})"
     print(line)
     return 0
 
 
 def run_learn_prior(args: argparse.Namespace) -> int:
-    from ptyl.experiments import learn_source_prior, pretrained_weights_path
+    from ptyl.pipeline import learn_source_prior, pretrained_weights_path
     from ptyl.io import read_metadata
 
     info(args, f"learning a prior: {args.model} on {args.data} ({args.objective}), rank {args.rank}")

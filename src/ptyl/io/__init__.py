@@ -1,4 +1,5 @@
-"""Reading and writing prior files (safetensors + JSON metadata) and importing the reference layout.
+"""Every file format ptyl reads or writes, one layout each: prior files (safetensors + JSON metadata), weights,
+posterior sample files, training checkpoints, and the reference implementation's importer.
 
 Shared by every ptyl file format: :func:`read_json_header` (the JSON header, optionally schema-checked with
 :mod:`ptyl.io.schema`), :mod:`ptyl.io.integrity` (per-tensor dtype/shape/SHA-256 records) and :mod:`ptyl.io.atomic`
@@ -6,6 +7,7 @@ Shared by every ptyl file format: :func:`read_json_header` (the JSON header, opt
 """
 
 from ptyl.io.atomic import atomic_files, atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temp_files
+from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.io.header import read_json_header
 from ptyl.io.prior_file import (
     FORMAT_VERSION,
@@ -17,6 +19,8 @@ from ptyl.io.prior_file import (
     save_posterior,
 )
 from ptyl.io.reference import import_reference
+from ptyl.io.samples import load_samples, read_samples_metadata, save_samples
+from ptyl.io.weights import load_state_checked, read_weights, read_weights_metadata, save_weights
 
 __all__ = [
     "FORMAT_VERSION",
@@ -26,11 +30,20 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "import_reference",
+    "load_checkpoint",
     "load_posterior",
     "load_prior",
     "load_prior_file",
+    "load_samples",
+    "load_state_checked",
     "read_json_header",
     "read_metadata",
+    "read_samples_metadata",
+    "read_weights",
+    "read_weights_metadata",
     "remove_stale_temp_files",
+    "save_checkpoint",
     "save_posterior",
+    "save_samples",
+    "save_weights",
 ]

@@ -39,6 +39,8 @@ from ptyl.io.header import existing_file, read_json_header
 from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, dtype_name, tensor_records
 from ptyl.io.schema import Integer, ListOf, MapOf, Nullable, Number, Object, String, validate_header
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.priors.learned import learned_prior
+from ptyl.priors.registry import PriorKind
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PRIOR_METADATA", "PriorFile", "load_posterior", "load_prior",
            "load_prior_file", "read_json_header", "read_metadata", "save_posterior"]
@@ -269,7 +271,7 @@ def load_prior(
     path: str | Path,
     model: nn.Module,
     *,
-    kind: str = "lowrank",
+    kind: str = PriorKind.LOWRANK,
     scale: float = 1.0,
     eps: float = 0.0,
     rank: int | None = None,
@@ -280,7 +282,7 @@ def load_prior(
 ):
     """Load a prior file and match it to ``model`` by parameter name.
 
-    Returns the (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)``; see :meth:`SourcePosterior.to_prior`.
+    Returns the (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)``; see :func:`ptyl.priors.learned_prior`.
     With ``strict=False`` parameters absent from the model or of another shape are skipped and listed in
     ``prior.skipped`` (a warning is issued); with ``strict=True`` they raise :class:`ParameterMismatchError`.
     ``map_location`` defaults to the model's device; ``verify`` as in :func:`load_posterior`.
@@ -288,7 +290,7 @@ def load_prior(
     if map_location is None:
         map_location = next(model.parameters()).device
     posterior = load_posterior(path, map_location=map_location, verify=verify).matched_to(model, strict=strict)
-    prior = posterior.to_prior(kind=kind, scale=scale, eps=eps, rank=rank, dtype=_dtype(dtype))
+    prior = learned_prior(posterior, kind=kind, scale=scale, eps=eps, rank=rank, dtype=_dtype(dtype))
     prior.skipped = tuple(posterior.metadata.get("skipped", ()))
     if prior.skipped:
         warnings.warn(f"prior {path}: skipped {len(prior.skipped)} parameter(s) not in the model: {prior.skipped[:5]}")

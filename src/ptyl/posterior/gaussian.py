@@ -1,7 +1,8 @@
 """The learned source posterior: SWAG's mean, diagonal variance and deviation matrix, keyed by parameter name.
 
-This is what a prior file stores. :meth:`SourcePosterior.to_prior` turns it into a downstream prior by the paper's
-rescaling (Shwartz-Ziv et al. 2022, arXiv 2205.10279):
+This is what a prior file stores: plain data, no prior code (so ``ptyl.priors`` depends on this package, never the
+other way round). :func:`ptyl.priors.learned_prior` turns it into a downstream prior by the paper's rescaling
+(Shwartz-Ziv et al. 2022, arXiv 2205.10279):
 
     p(theta) = N(mu, lam * 1/2 (diag sigma^2 + D_k D_k^T / (k - 1)) + eps I)
 
@@ -10,7 +11,6 @@ where D_k holds the first k stored deviation columns (k <= K). ``lam`` multiplie
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,27 +20,7 @@ from torch import nn
 
 from ptyl.errors import InvalidValueError, ParameterMismatchError
 from ptyl.params import named_parameters
-from ptyl.priors.checks import check_finite, check_positive
-from ptyl.priors.diagonal import DiagonalGaussianPrior
-from ptyl.priors.lowrank import LowRankGaussianPrior, check_rank
-
-PRIOR_KINDS = ("lowrank", "diag")
-
-
-class _LazyMap(Mapping):
-    """Read-only mapping that applies ``fn`` to ``source[key]`` on every access (nothing is kept)."""
-
-    def __init__(self, source: Mapping[str, torch.Tensor], fn):
-        self._source, self._fn = source, fn
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._fn(self._source[key])
-
-    def __iter__(self):
-        return iter(self._source)
-
-    def __len__(self) -> int:
-        return len(self._source)
+from ptyl.validation import check_finite, check_positive
 
 
 @dataclass
@@ -113,41 +93,6 @@ class SourcePosterior:
             raise ParameterMismatchError(f"not in the posterior: {missing[:5]}")
         pick = lambda d: {n: d[n] for n in names}  # noqa: E731
         return SourcePosterior(pick(self.mean), pick(self.variance), pick(self.deviations), dict(self.metadata))
-
-    def to_prior(
-        self,
-        kind: str = "lowrank",
-        scale: float = 1.0,
-        eps: float = 0.0,
-        rank: int | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> LowRankGaussianPrior | DiagonalGaussianPrior:
-        """The rescaled prior N(mu, scale * 1/2 (diag sigma^2 + D_k D_k^T/(k-1)) + eps I).
-
-        Args:
-            kind: ``"lowrank"`` (diagonal + rank-k) or ``"diag"`` (``scale * sigma^2 + eps``, no factor 1/2 since
-                there is no low-rank half to share the variance with).
-            scale: lambda > 0, multiplies the whole covariance.
-            eps: >= 0, isotropic jitter added to the diagonal.
-            rank: k <= K columns to use (default: all K). k = 1 uses D D^T (no division by k - 1 = 0).
-            dtype: storage dtype of the prior's tensors (e.g. ``torch.bfloat16``); computation is in the params' dtype.
-        """
-        if kind not in PRIOR_KINDS:
-            raise InvalidValueError(f"unknown prior kind {kind!r}; choose one of {PRIOR_KINDS}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise InvalidValueError(f"prior scale lambda must be positive and finite, got {scale!r}")
-        if not (math.isfinite(eps) and eps >= 0):
-            raise InvalidValueError(f"eps must be >= 0 and finite, got {eps!r}")
-        k = check_rank(self.rank if rank is None else rank, self.rank)
-        store = lambda t: t.to(dtype) if dtype is not None else t  # noqa: E731
-        mean = _LazyMap(self.mean, store)
-        if kind == "diag" or k == 0:
-            return DiagonalGaussianPrior(mean, _LazyMap(self.variance, lambda v: store(scale * v + eps)))
-        factor_scale = math.sqrt(scale / (2.0 * max(k - 1, 1)))
-        # lazy: each rescaled tensor exists only while the prior packs it, so peak memory is posterior + prior
-        diag = _LazyMap(self.variance, lambda v: store(0.5 * scale * v + eps))
-        factor = _LazyMap(self.deviations, lambda dev: store(factor_scale * dev[:k]))
-        return LowRankGaussianPrior(mean, diag, factor)
 
     def dense_covariance(self, scale: float = 1.0, eps: float = 0.0, rank: int | None = None) -> torch.Tensor:
         """The P x P covariance in float64 (tests and tiny models only)."""

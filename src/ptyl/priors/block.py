@@ -24,21 +24,26 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from ptyl.errors import ConfigError, InvalidValueError
-from ptyl.params import name_matches, named_parameters
-from ptyl.priors.base import Prior, sum_log_probs
+from ptyl.params import name_matches
+from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.priors.base import CompositePrior, Prior
 from ptyl.priors.diagonal import DiagonalGaussianPrior
+from ptyl.priors.learned import learned_prior
 from ptyl.priors.lowrank import LowRankGaussianPrior
+from ptyl.priors.registry import PriorKind, PriorOptions
 
 OTHER_BLOCK = "<other>"
 
-__all__ = ["OTHER_BLOCK", "BlockLowRankPrior", "assign_blocks", "auto_block", "block_prior"]
+__all__ = ["OTHER_BLOCK", "BlockLowRankPrior", "assign_blocks", "auto_block", "block_prior", "build_block"]
 
 
-class BlockLowRankPrior(Prior):
+class BlockLowRankPrior(CompositePrior):
     """Independent priors over disjoint parameter blocks: ``log p = sum_b log p_b(theta_b)``.
+
+    A :class:`~ptyl.priors.base.CompositePrior` whose parts are the blocks (so everything a composite prior offers,
+    the evidence included, works per block).
 
     Args:
         blocks: block name (a module prefix such as ``encoder.layer.3``) -> a prior over that block's parameters
@@ -48,28 +53,25 @@ class BlockLowRankPrior(Prior):
     def __init__(self, blocks: Mapping[str, LowRankGaussianPrior | DiagonalGaussianPrior]):
         if not blocks:
             raise InvalidValueError("a block prior needs at least one block")
-        names, shapes = [], []
         for prior in blocks.values():
             if not isinstance(prior, Prior):
                 raise InvalidValueError(f"block priors must be ptyl Priors, got {type(prior).__name__}")
-            names.extend(prior.names)
-            shapes.extend(prior.shapes)
-        super().__init__(names, shapes)  # raises if two blocks share a parameter
+        # module names may not contain '.', block names do: the parts are keyed by a '/'-spelling of the name
+        super().__init__({_key(name): prior for name, prior in blocks.items()})
         self.blocks: tuple[str, ...] = tuple(blocks)
-        # ModuleDict keys may not contain '.', block names do: keep them in a list beside a ModuleList
-        self.parts = nn.ModuleList(list(blocks.values()))
 
     def block(self, name: str) -> Prior:
         """The prior of one block."""
         if name not in self.blocks:
             raise KeyError(f"no block {name!r}; blocks are {list(self.blocks)}")
-        return self.parts[self.blocks.index(name)]
-
-    def log_prob(self, params: nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return sum_log_probs(self.parts, named_parameters(params))
+        return self.parts[_key(name)]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocks={len(self.blocks)}"
+
+
+def _key(block: str) -> str:
+    return block.replace(".", "/")
 
 
 _INDEX = re.compile(r"^\d+$")
@@ -114,7 +116,7 @@ def assign_blocks(names: Sequence[str], blocks: Sequence[str] | str = "auto") ->
 
 
 def block_prior(
-    posterior,
+    posterior: SourcePosterior,
     blocks: Sequence[str] | str = "auto",
     scale: float | Mapping[str, float] = 1.0,
     eps: float = 0.0,
@@ -123,15 +125,19 @@ def block_prior(
 ) -> BlockLowRankPrior:
     """A :class:`BlockLowRankPrior` from a :class:`~ptyl.posterior.SourcePosterior`.
 
-    Each block's prior is ``posterior.restrict(block_names).to_prior("lowrank", scale_b, eps, rank, dtype)``: the
-    same rescaling as the global prior, with the deviations restricted to the block (its marginal; see the module
-    docstring for what is dropped).
+    Each block's prior is ``learned_prior(posterior.restrict(block_names), "lowrank", scale_b, eps, rank, dtype)``:
+    the same rescaling as the global prior, with the deviations restricted to the block (its marginal; see the
+    module docstring for what is dropped).
 
     Args:
         blocks: ``"auto"`` (one block per indexed module, e.g. each transformer layer) or module prefixes.
         scale: lambda for every block, or block name -> lambda for each block (including :data:`OTHER_BLOCK` if
             some parameters fall outside the listed prefixes).
         rank: k <= K deviation columns (default all; 0 gives a diagonal prior per block).
+        dtype: storage dtype of the prior's tensors.
+
+    Returns:
+        The :class:`BlockLowRankPrior`, blocks in first-appearance order.
     """
     groups = assign_blocks(posterior.names, blocks)
     if isinstance(scale, Mapping):
@@ -148,7 +154,12 @@ def block_prior(
         if not (math.isfinite(value) and value > 0):
             raise InvalidValueError(f"scale of block {b!r} must be positive and finite, got {value!r}")
     parts = {
-        b: posterior.restrict(names).to_prior("lowrank", scale=scales[b], eps=eps, rank=rank, dtype=dtype)
+        b: learned_prior(posterior.restrict(names), PriorKind.LOWRANK, scale=scales[b], eps=eps, rank=rank, dtype=dtype)
         for b, names in groups.items()
     }
     return BlockLowRankPrior(parts)
+
+
+def build_block(backbone, posterior: SourcePosterior, options: PriorOptions) -> BlockLowRankPrior:
+    """Registry builder of the per-block prior: :func:`block_prior` with ``options.blocks`` (default ``"auto"``)."""
+    return block_prior(posterior, options.blocks, options.scale, options.eps, options.rank, options.dtype)

@@ -1,49 +1,56 @@
 """Build the full downstream prior of a model: a backbone prior (learned or isotropic) plus an isotropic head prior.
 
-The methods compared in the paper, all through one function:
+Every kind of :class:`~ptyl.priors.registry.PriorKind` goes through this one function:
 
 =============  ==============================================================  =================================
-method         backbone prior                                                  reference
+kind           backbone prior                                                  reference
 =============  ==============================================================  =================================
 ``lowrank``    N(mu, lam 1/2 (diag sigma^2 + D D^T/(k-1)) + eps I) from SWAG    Shwartz-Ziv et al. 2022
 ``diag``       N(mu, lam sigma^2 + eps) from SWAG                              Shwartz-Ziv et al. 2022
+``block``      one low-rank factor per block (layer), blocks independent       :mod:`ptyl.priors.block`
 ``l2sp``       N(theta_pretrained, variance I)                                 Li et al. 2018 (L2-SP)
 ``standard``   N(0, variance I)  (= weight decay 1/(N variance))               standard fine-tuning
 ``none``       no backbone prior                                               maximum likelihood
 =============  ==============================================================  =================================
 
 The new head always gets N(0, head_variance I), or nothing if ``head_variance`` is None.
+
+>>> from torch import nn
+>>> model = nn.Sequential()
+>>> model.add_module("body", nn.Linear(3, 4)); model.add_module("head", nn.Linear(4, 2))
+>>> prior = make_prior(model, "standard", variance=1.0)
+>>> sorted(prior.parts), prior.num_parameters
+(['backbone', 'head'], 26)
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ptyl.errors import ConfigError, ParameterMismatchError
 from ptyl.params import as_name_list, name_matches, named_parameters
+from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.priors.base import CompositePrior, Prior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
+from ptyl.priors.registry import PriorKind, PriorOptions
 
-if TYPE_CHECKING:  # runtime import would be circular (the posterior builds priors)
-    from ptyl.posterior.gaussian import SourcePosterior
-
-METHODS = ("lowrank", "diag", "l2sp", "standard", "none")
+__all__ = ["make_prior"]
 
 
 def make_prior(
     model: nn.Module,
-    method: str,
+    kind: str | PriorKind,
     *,
     posterior: SourcePosterior | None = None,
-    scale: float = 1.0,
+    scale: float | Mapping[str, float] = 1.0,
     eps: float = 0.0,
     rank: int | None = None,
     variance: float | None = None,
+    blocks: str | Sequence[str] = "auto",
     head: str | Sequence[str] | None = "head",
     head_variance: float | None = 1.0,
     unregularized: Sequence[str] = (),
@@ -53,17 +60,26 @@ def make_prior(
     """The prior over every trainable parameter of ``model``.
 
     Args:
-        method: one of :data:`METHODS`.
-        posterior: the source posterior (``lowrank`` / ``diag``), e.g. from :func:`ptyl.io.load_posterior`.
-        scale, eps, rank: rescaling of the learned prior (lambda, epsilon, k).
-        variance: backbone variance for ``l2sp`` / ``standard``.
+        model: the downstream model (build the prior before training: ``l2sp`` centres on the current weights).
+        kind: a :class:`PriorKind` or its name (``"lowrank"``, ``"diag"``, ``"block"``, ``"l2sp"``,
+            ``"standard"``, ``"none"``).
+        posterior: the source posterior of a learned kind, e.g. from :func:`ptyl.io.load_posterior`.
+        scale, eps, rank: rescaling of a learned prior (lambda, epsilon, k); ``block`` also takes a mapping
+            block -> lambda.
+        variance: backbone variance of ``l2sp`` / ``standard``.
+        blocks: ``block`` only: ``"auto"`` or module prefixes (see :func:`ptyl.priors.block.block_prior`).
         head: module name(s) of the new task head. ``head_variance``: its isotropic prior variance (None: no prior).
         unregularized: names/prefixes/globs of parameters deliberately left without a prior.
         strict: a learned prior must cover every backbone parameter (else :class:`ParameterMismatchError`) and match
             the model's shapes; with ``strict=False`` uncovered parameters are left unregularised with a warning.
+        dtype: storage dtype of a learned prior's tensors.
+
+    Returns:
+        A :class:`CompositePrior` with parts ``"backbone"`` and ``"head"`` (each present when it has a prior) and the
+        unregularised parameter names in ``unregularized``.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown prior method {method!r}; choose one of {METHODS}")
+    kind = PriorKind.parse(kind)
+    recipe = kind.recipe
     params = {n: p for n, p in named_parameters(model).items() if p.requires_grad}
     heads = as_name_list(head)
     free = [n for n in params if any(name_matches(n, u) for u in unregularized)]
@@ -71,10 +87,13 @@ def make_prior(
     if heads and not head_names and head_variance is not None:
         raise ConfigError(f"no parameter belongs to the head {head!r}; name the model's head module (e.g. 'fc')")
     backbone = {n: p for n, p in params.items() if n not in head_names and n not in free}
-    parts: dict[str, Prior] = {}
-    if method in ("lowrank", "diag"):
+    options = PriorOptions(scale=scale, eps=eps, rank=rank, variance=variance, dtype=dtype, blocks=blocks)
+    if recipe.axis is not None and getattr(options, recipe.axis) is None:
+        raise ConfigError(f"prior kind {str(kind)!r} needs a backbone prior {recipe.axis}")
+    matched = None
+    if recipe.needs_posterior:
         if posterior is None:
-            raise ConfigError(f"method {method!r} needs a learned posterior (a prior file)")
+            raise ConfigError(f"prior kind {str(kind)!r} needs a learned posterior (a prior file)")
         matched = posterior.matched_to(backbone, strict=strict)
         uncovered = [n for n in backbone if n not in matched.mean]
         if uncovered and strict:
@@ -85,14 +104,14 @@ def make_prior(
         if uncovered:
             warnings.warn(f"{len(uncovered)} backbone parameter(s) left without a prior: {uncovered[:6]}")
             free += uncovered
-        parts["backbone"] = matched.to_prior(kind=method, scale=scale, eps=eps, rank=rank, dtype=dtype)
-        parts["backbone"].skipped = tuple(matched.metadata.get("skipped", ()))
-    elif method in ("l2sp", "standard"):
-        if variance is None:
-            raise ConfigError(f"method {method!r} needs a backbone prior variance")
-        parts["backbone"] = IsotropicGaussianPrior.from_model(backbone, variance, centered=(method == "l2sp"))
-    else:
+    parts: dict[str, Prior] = {}
+    backbone_prior = recipe.build(backbone, matched, options)
+    if backbone_prior is None:
         free += list(backbone)
+    else:
+        parts["backbone"] = backbone_prior
+        if matched is not None:
+            backbone_prior.skipped = tuple(matched.metadata.get("skipped", ()))
     if head_names and head_variance is not None:
         parts["head"] = IsotropicGaussianPrior.from_model(
             {n: params[n] for n in head_names}, head_variance, centered=False

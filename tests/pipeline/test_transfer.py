@@ -1,4 +1,4 @@
-"""The transfer-experiment runner: source prior + pretrained weights, method parsing, the tuned comparison, reports."""
+"""The pipeline end to end: source prior + pretrained weights, method parsing, the tuned comparison, reports."""
 
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from ptyl.errors import ConfigError, ParameterMismatchError
-from ptyl.experiments import (
+from ptyl.io import load_posterior, read_metadata, save_weights
+from ptyl.pipeline import (
     learn_source_prior, load_pretrained, load_weights, parse_method, plot_data_efficiency, pretrained_weights_path,
-    run_transfer, save_weights, summarize, train_config,
+    run_transfer, summarize, train_config,
 )
-from ptyl.io import load_posterior, read_metadata
 from ptyl.models import SmallCNN
 
 

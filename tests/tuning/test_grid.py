@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ptyl.errors import ConfigError, DataError, InvalidValueError
-from ptyl.inference.trainer import TrainConfig, fit
-from ptyl.inference.tuning import (
-    MethodSpec,
-    _edge_warnings,
+from ptyl.training import TrainConfig, fit
+from ptyl.tuning.result import edge_warnings
+from ptyl.tuning import (
+    PriorSpec,
     default_grid,
     tune,
     validation_split,
@@ -61,7 +61,7 @@ def test_tune_picks_argmin_and_matches_an_independent_fit():
     train, val = validation_split(data, 0.2, seed=1)
     torch.manual_seed(1)
     model = model_fn()
-    prior = MethodSpec("standard").build_prior(model, variance=best_row["variance"])
+    prior = PriorSpec("standard").build_prior(model, variance=best_row["variance"])
     by_hand = fit(model, train, prior, CONFIG, num_data=len(train), seed=1)
     val_nll = evaluate_probs(by_hand.predict(val), val.dataset.tensors[1][val.indices])["nll"]
     assert val_nll == pytest.approx(best_row["val_nll"], rel=1e-6)
@@ -82,7 +82,7 @@ def test_edge_warning_fires_when_every_variance_is_absurdly_tiny():
     # variances this small pin the backbone to zero, so the largest one is always best: an edge optimum
     grid = {"variance": [1e-3, 3e-3, 1e-2]}
     with pytest.warns(UserWarning, match="largest value"):
-        result = tune(model_fn, blobs(), MethodSpec("standard", head_variance=1e-3), grid, config=CONFIG,
+        result = tune(model_fn, blobs(), PriorSpec("standard", head_variance=1e-3), grid, config=CONFIG,
                       progress=False, refit=False)
     assert result.best["variance"] == 1e-2 and result.at_edge
     assert "variance" in result.edge_warnings[0]
@@ -90,11 +90,11 @@ def test_edge_warning_fires_when_every_variance_is_absurdly_tiny():
 
 def test_edge_rule():
     grid = {"scale": [1.0, 10.0, 100.0], "lr": [0.01], "rank": [2, 5], "kind": ["a", "b"]}
-    assert _edge_warnings(grid, {"scale": 10.0, "lr": 0.01, "rank": 2, "kind": "a"}) == [
+    assert edge_warnings(grid, {"scale": 10.0, "lr": 0.01, "rank": 2, "kind": "a"}) == [
         "best rank=2 is the smallest value of its grid [2, 5]: the optimum may lie outside it, extend the grid"
     ]
-    assert _edge_warnings(grid, {"scale": 10.0, "lr": 0.01, "rank": 5, "kind": "b"})[0].startswith("best rank=5")
-    assert not _edge_warnings({"scale": [1.0, 10.0, 100.0]}, {"scale": 10.0})
+    assert edge_warnings(grid, {"scale": 10.0, "lr": 0.01, "rank": 5, "kind": "b"})[0].startswith("best rank=5")
+    assert not edge_warnings({"scale": [1.0, 10.0, 100.0]}, {"scale": 10.0})
 
 
 def test_learned_prior_scale_axis_json_and_plot(tmp_path):
@@ -106,7 +106,7 @@ def test_learned_prior_scale_axis_json_and_plot(tmp_path):
         {n: torch.rand(p.shape, generator=gen) * 0.01 + 1e-3 for n, p in backbone.items()},
         {n: 0.05 * torch.randn((3, *p.shape), generator=gen) for n, p in backbone.items()},
     )
-    spec = MethodSpec("lowrank", posterior=posterior, eps=1e-4)
+    spec = PriorSpec("lowrank", posterior=posterior, eps=1e-4)
     grid = {"scale": [1.0, 100.0], "lr": [0.02, 0.05]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -184,7 +184,7 @@ def test_tune_splits_segmentation_masks_at_random_and_scores_per_pixel():
     fit_part, val_part = validation_split(data, 0.2, seed=5, split="random")
     torch.manual_seed(5)
     model = pixel_model()
-    prior = MethodSpec("standard").build_prior(model, variance=result.best["variance"])
+    prior = PriorSpec("standard").build_prior(model, variance=result.best["variance"])
     fitted = fit(model, fit_part, prior, replace_seed(config, 5), num_data=len(fit_part), head="head")
     expected = evaluate_segmentation(fitted.predict(val_part), data.masks[val_part.indices])["nll"]
     best_row = next(r for r in result.table if r["variance"] == result.best["variance"])

@@ -6,12 +6,8 @@ Model Selection in Deep Learning", ICML 2021, https://arxiv.org/abs/2104.04975):
 
     log p(D | lam) ≈ log p(D | theta*) + log p(theta* | lam) + (P/2) log 2 pi - 1/2 log det(H_lik + Sigma_lam^-1)
 
-- ``H_lik`` is the *diagonal* of the generalised Gauss-Newton matrix (``hessian="ggn"``, default) or of the empirical
-  Fisher (``"ef"``) of the summed negative log-likelihood at theta*, built from per-example gradients
-  (``torch.func.vmap`` + ``jacrev``). For softmax cross-entropy the GGN diagonal is exact, not sampled:
-  ``diag GGN = sum_i sum_c p_ic (grad log p_ic)^2``, since ``diag(p) - p p^T = L L^T`` with
-  ``L[:, c] = sqrt(p_c)(e_c - p)``.
-  For a Gaussian likelihood with noise variance s2 it is ``sum_i (grad f_i)^2 / s2``.
+- ``H_lik`` is the diagonal GGN or empirical Fisher of the summed negative log-likelihood at theta*
+  (:func:`ptyl.tuning.curvature.curvature`).
 - ``log det(diag(h) + Sigma^-1)`` has two variants (``approximation``):
     * ``"exact"`` (default): exact for the diagonal ``H_lik``. Diagonal and isotropic priors are diagonal anyway; for
       the low-rank prior ``Sigma = diag(d) + U U^T`` (U: P x k) the matrix determinant lemma gives, in O(P k^2),
@@ -38,193 +34,73 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ptyl.errors import ConfigError, DataError, InvalidValueError
-from ptyl.inference.trainer import FitResult, TrainConfig, fit
-from ptyl.params import named_parameters, normalize_name
+from ptyl.errors import ConfigError, InvalidValueError
+from ptyl.params import named_parameters
 from ptyl.priors.base import LOG_2PI, CompositePrior, Prior
 from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.factory import make_prior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
 from ptyl.priors.lowrank import LowRankGaussianPrior
+from ptyl.priors.registry import PriorKind
+from ptyl.training.config import TrainConfig
+from ptyl.training.fit import fit
+from ptyl.training.registry import Inference
+from ptyl.training.result import FitResult
+from ptyl.tuning.curvature import LIKELIHOODS, Curvature, curvature, gaussian_objective
+from ptyl.validation import check_choice, check_int, check_positive_number
 
 __all__ = [
-    "Curvature",
+    "APPROXIMATIONS",
     "EvidenceResult",
-    "curvature",
-    "gaussian_objective",
     "laplace_log_evidence",
     "posterior_log_det",
     "prior_precision_diagonal",
     "select_prior_scale",
 ]
 
-LIKELIHOODS = ("categorical", "gaussian")
-HESSIANS = ("ggn", "ef")
 APPROXIMATIONS = ("exact", "diag")
-_JACOBIAN_BUDGET = 2**24  # per-example Jacobian entries held at once (64 MiB in float32)
-
-
-def gaussian_objective(noise_variance: float = 1.0) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """Mean per-example Gaussian negative log-likelihood ``sum_o (y - f)^2 / (2 s2)`` (constant dropped), the
-    training objective that matches ``likelihood="gaussian"``."""
-    _check_positive(noise_variance, "noise_variance")
-
-    def objective(model: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        out = model(x)
-        residual = out.reshape(out.shape[0], -1) - y.reshape(y.shape[0], -1).to(out.dtype)
-        return residual.pow(2).sum(dim=1).mean() / (2.0 * noise_variance)
-
-    return objective
-
-
-@dataclass
-class Curvature:
-    """What the evidence needs from the data at theta*: ``hessian_diag`` (name -> diag of H_lik, summed over the data,
-    float64) and the summed ``log_likelihood``."""
-
-    hessian_diag: dict[str, torch.Tensor]
-    log_likelihood: float
-    num_data: int
-
-
-def _check_positive(value: float, what: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise InvalidValueError(f"{what} must be a positive finite number, got {value!r}")
-
-
-def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {what} {value!r}; choose one of {tuple(choices)}")
-
-
-def _loader(data: Dataset | DataLoader, batch_size: int) -> Iterable:
-    if isinstance(data, DataLoader):
-        return data
-    if len(data) == 0:
-        raise DataError("the training set is empty")
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
-
-
-def curvature(
-    model: nn.Module,
-    data: Dataset | DataLoader,
-    names: Sequence[str] | None = None,
-    *,
-    likelihood: str = "categorical",
-    hessian: str = "ggn",
-    noise_variance: float = 1.0,
-    batch_size: int = 256,
-) -> Curvature:
-    """Diagonal GGN / empirical Fisher of the summed negative log-likelihood w.r.t. the parameters ``names``
-    (default: all trainable ones), and the summed log-likelihood, at the model's current weights (eval mode).
-
-    ``likelihood="categorical"``: the model returns logits ``[B, C]``, targets are class indices.
-    ``likelihood="gaussian"``: the model returns ``[B]`` or ``[B, O]``, targets the same shape, noise variance s2.
-    """
-    _check_choice(likelihood, LIKELIHOODS, "likelihood")
-    _check_choice(hessian, HESSIANS, "hessian")
-    _check_positive(noise_variance, "noise_variance")
-    from torch.func import functional_call, jacrev, vmap
-
-    raw = dict(model.named_parameters())
-    by_norm = {normalize_name(n): n for n in raw}
-    if names is None:
-        names = [n for n, p in named_parameters(model).items() if p.requires_grad]
-    missing = [n for n in names if n not in by_norm]
-    if missing:
-        raise InvalidValueError(f"the model has no parameter(s) {missing[:5]}")
-    wrt = {by_norm[n]: raw[by_norm[n]].detach() for n in names}
-    fixed = {n: p.detach() for n, p in raw.items() if n not in wrt}
-    fixed.update(dict(model.named_buffers()))
-    num_params = sum(p.numel() for p in wrt.values())
-
-    def outputs(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),)).reshape(-1)
-        return torch.log_softmax(out, dim=0) if likelihood == "categorical" else out
-
-    per_example_jacobian = vmap(jacrev(outputs), in_dims=(None, 0))
-    device = next(iter(wrt.values())).device
-    diag = {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in wrt.items()}
-    log_lik = torch.zeros((), dtype=torch.float64)
-    count = 0
-    was_training = model.training
-    model.eval()  # BatchNorm running statistics, no dropout: the function whose curvature we take
-    try:
-        for batch in _loader(data, batch_size):
-            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-                raise DataError("the evidence needs (x, y) batches")
-            x_all, y_all = batch[0].to(device), batch[1].to(device)
-            with torch.no_grad():
-                out = model(x_all).reshape(x_all.shape[0], -1)
-            width = out.shape[1]
-            chunk = max(1, _JACOBIAN_BUDGET // max(width * num_params, 1))
-            log_lik += _log_likelihood(out, y_all, likelihood, noise_variance).double().cpu()
-            for start in range(0, x_all.shape[0], chunk):
-                x, y, o = x_all[start:start + chunk], y_all[start:start + chunk], out[start:start + chunk]
-                jac = per_example_jacobian(wrt, x)  # name -> [B, width, *shape]
-                weights = _curvature_weights(o, y, likelihood, hessian, noise_variance)  # [B, width]
-                for n, j in jac.items():
-                    j = j.double().reshape(j.shape[0], width, -1)
-                    diag[n] += torch.einsum("bw,bwp->p", weights, j.pow(2)).reshape(diag[n].shape)
-            count += x_all.shape[0]
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise DataError("the training set is empty")
-    return Curvature({normalize_name(n): d for n, d in diag.items()}, float(log_lik), count)
-
-
-def _log_likelihood(out: torch.Tensor, y: torch.Tensor, likelihood: str, noise_variance: float) -> torch.Tensor:
-    if likelihood == "categorical":
-        return torch.log_softmax(out.double(), dim=1).gather(1, y.long().reshape(-1, 1)).sum()
-    residual = out.double() - y.reshape(y.shape[0], -1).double()
-    log_norm = 0.5 * residual.numel() * math.log(2 * math.pi * noise_variance)
-    return -(residual.pow(2).sum() / (2 * noise_variance) + log_norm)
-
-
-def _curvature_weights(out, y, likelihood: str, hessian: str, noise_variance: float) -> torch.Tensor:
-    """Per-example, per-output weights w such that diag H = sum_b sum_w w * (d out_w / d theta)^2."""
-    out = out.double()
-    if likelihood == "categorical":  # outputs are log-probabilities
-        if hessian == "ggn":
-            return torch.softmax(out, dim=1)
-        return torch.nn.functional.one_hot(y.long(), out.shape[1]).double()
-    if hessian == "ggn":
-        return torch.full_like(out, 1.0 / noise_variance)
-    residual = out - y.reshape(y.shape[0], -1).double()
-    return residual.pow(2) / noise_variance**2
-
-
-# --- prior precision and the log-determinant ------------------------------------------------------------------
-
 
 def _leaves(prior: Prior) -> list[Prior]:
-    if isinstance(prior, CompositePrior):
+    if isinstance(prior, CompositePrior):  # block priors too: they are composite
         return [leaf for part in prior.parts.values() for leaf in _leaves(part)]
-    if isinstance(prior, (IsotropicGaussianPrior, DiagonalGaussianPrior, LowRankGaussianPrior)):
-        return [prior]
-    raise ConfigError(f"the Laplace evidence does not know the prior type {type(prior).__name__}")
+    return [prior]
 
 
-def _flat(prior: Prior, prefix: str) -> torch.Tensor:
-    return torch.cat([getattr(prior, f"{prefix}_{i}").double().reshape(-1) for i in range(len(prior.names))])
+# The two questions the evidence asks of a prior, answered per leaf in one place.
+# TODO(issue 12, `speed`): answer them with ``leaf.precision_diagonal()`` and ``leaf.posterior_log_det(h)`` once the
+# Prior interface has them (PLAN.md "Contracts"), and drop the per-class code below.
+def _precision_diagonal(leaf: Prior) -> torch.Tensor:
+    """diag(Sigma^-1) of one leaf prior, flat float64 in ``leaf.names`` order (Woodbury for the low-rank prior)."""
+    if isinstance(leaf, IsotropicGaussianPrior):
+        return torch.full((leaf.num_parameters,), 1.0 / leaf.variance, dtype=torch.float64)
+    if isinstance(leaf, DiagonalGaussianPrior):
+        return torch.cat([getattr(leaf, f"var_{i}").double().reshape(-1) for i in range(len(leaf.names))]).reciprocal()
+    if isinstance(leaf, LowRankGaussianPrior):
+        d, u, chol = _lowrank_parts(leaf)
+        v = torch.linalg.solve_triangular(chol, u / d, upper=False)  # L^-1 U^T D^-1, [k, P]
+        return 1.0 / d - v.pow(2).sum(0)
+    raise ConfigError(f"the Laplace evidence does not know the prior type {type(leaf).__name__}")
 
 
-def _hessian_vector(prior: Prior, hessian_diag: dict[str, torch.Tensor], device) -> torch.Tensor:
-    missing = [n for n in prior.names if n not in hessian_diag]
-    if missing:
-        raise InvalidValueError(f"no curvature for prior parameter(s) {missing[:5]}")
-    return torch.cat([hessian_diag[n].double().reshape(-1).to(device) for n in prior.names])
+def _log_det(leaf: Prior, h: torch.Tensor, approximation: str) -> float:
+    """log det(diag(h) + Sigma^-1) of one leaf (``"diag"``: with Sigma^-1 replaced by its diagonal)."""
+    if isinstance(leaf, LowRankGaussianPrior) and approximation == "exact":
+        d, u, chol = _lowrank_parts(leaf)
+        h = h.to(d.device)
+        g = h / (1.0 + d * h)
+        inner = torch.eye(leaf.rank, dtype=torch.float64, device=d.device) + (u * g) @ u.T
+        return float(torch.log(h + 1.0 / d).sum() - 2.0 * chol.diagonal().log().sum() + torch.linalg.slogdet(inner)[1])
+    precision = _precision_diagonal(leaf)
+    return float(torch.log(h.to(precision.device) + precision).sum())
 
 
 def _lowrank_parts(prior: LowRankGaussianPrior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,18 +109,18 @@ def _lowrank_parts(prior: LowRankGaussianPrior) -> tuple[torch.Tensor, torch.Ten
     return d, u, prior.capacitance_chol.double().to(d.device)
 
 
+def _hessian_vector(prior: Prior, hessian_diag: dict[str, torch.Tensor]) -> torch.Tensor:
+    missing = [n for n in prior.names if n not in hessian_diag]
+    if missing:
+        raise InvalidValueError(f"no curvature for prior parameter(s) {missing[:5]}")
+    return torch.cat([hessian_diag[n].double().reshape(-1).cpu() for n in prior.names])
+
+
 def prior_precision_diagonal(prior: Prior) -> dict[str, torch.Tensor]:
-    """Exact diagonal of Sigma^-1 for every parameter of ``prior`` (float64; Woodbury for the low-rank prior)."""
+    """Exact diagonal of Sigma^-1 for every parameter of ``prior`` (name -> float64 tensor of its shape)."""
     out: dict[str, torch.Tensor] = {}
     for leaf in _leaves(prior):
-        if isinstance(leaf, IsotropicGaussianPrior):
-            flat = torch.full((leaf.num_parameters,), 1.0 / leaf.variance, dtype=torch.float64)
-        elif isinstance(leaf, DiagonalGaussianPrior):
-            flat = 1.0 / _flat(leaf, "var")
-        else:
-            d, u, chol = _lowrank_parts(leaf)
-            v = torch.linalg.solve_triangular(chol, u / d, upper=False)  # L^-1 U^T D^-1, [k, P]
-            flat = 1.0 / d - v.pow(2).sum(0)
+        flat = _precision_diagonal(leaf)
         offset = 0
         for name, shape in zip(leaf.names, leaf.shapes):
             size = math.prod(shape)
@@ -254,27 +130,15 @@ def prior_precision_diagonal(prior: Prior) -> dict[str, torch.Tensor]:
 
 
 def posterior_log_det(prior: Prior, hessian_diag: dict[str, torch.Tensor], approximation: str = "exact") -> float:
-    """``log det(diag(h) + Sigma^-1)`` over the prior's parameters (see the module docstring for the variants)."""
-    _check_choice(approximation, APPROXIMATIONS, "approximation")
-    total = 0.0
-    for leaf in _leaves(prior):
-        if isinstance(leaf, LowRankGaussianPrior):
-            d, u, chol = _lowrank_parts(leaf)
-            h = _hessian_vector(leaf, hessian_diag, d.device)
-            if approximation == "diag":
-                v = torch.linalg.solve_triangular(chol, u / d, upper=False)
-                total += float(torch.log(h + 1.0 / d - v.pow(2).sum(0)).sum())
-                continue
-            g = h / (1.0 + d * h)
-            inner = torch.eye(leaf.rank, dtype=torch.float64, device=d.device) + (u * g) @ u.T
-            total += float(torch.log(h + 1.0 / d).sum() - 2.0 * chol.diagonal().log().sum()
-                           + torch.linalg.slogdet(inner)[1])
-            continue
-        precision = prior_precision_diagonal(leaf)
-        flat = torch.cat([precision[n].reshape(-1) for n in leaf.names])
-        h = _hessian_vector(leaf, hessian_diag, flat.device)
-        total += float(torch.log(h + flat).sum())
-    return total
+    """``log det(diag(h) + Sigma^-1)`` over the prior's parameters (see the module docstring for the variants).
+
+    Args:
+        prior: any ptyl prior (composite priors sum over their parts).
+        hessian_diag: name -> diagonal curvature ``h`` (e.g. :attr:`Curvature.hessian_diag`).
+        approximation: ``"exact"`` or ``"diag"``.
+    """
+    check_choice(approximation, APPROXIMATIONS, "approximation")
+    return sum(_log_det(leaf, _hessian_vector(leaf, hessian_diag), approximation) for leaf in _leaves(prior))
 
 
 def laplace_log_evidence(
@@ -381,7 +245,7 @@ def select_prior_scale(
     train_set: Dataset,
     posterior=None,
     *,
-    kind: str = "lowrank",
+    kind: str | PriorKind = PriorKind.LOWRANK,
     eps: float = 0.0,
     rank: int | None = None,
     rounds: int = 2,
@@ -403,39 +267,42 @@ def select_prior_scale(
 
     Args:
         model_fn: returns a fresh pretrained / initialised model on every call.
-        posterior: the source posterior for ``kind`` ``"lowrank"`` / ``"diag"``. For ``"standard"`` / ``"l2sp"`` the
-            selected "scale" is the isotropic prior variance (and ``posterior`` is unused).
+        posterior: the source posterior of a learned ``kind``. For an isotropic kind (``"standard"`` /
+            ``"l2sp"``) the selected "scale" is the prior variance (its recipe's strength axis) and ``posterior`` is
+            unused.
         eps, rank, head, head_variance: as in :func:`ptyl.priors.make_prior` (the head prior is not tuned).
         rounds: MAP fit -> maximise evidence, this many times (rounds >= 1).
-        config: training settings; the rounds always fit by MAP (``method="map"``), the final fit at the selected
-            scale uses ``config`` as given (so it may sample, e.g. ``method="csgld"``).
+        config: training settings; the rounds always fit by MAP (``inference="map"``), the final fit at the
+            selected scale uses ``config`` as given (so it may sample, e.g. ``inference="csgld"``).
         bounds: search interval for lam (inclusive); a maximiser at a bound sets ``edge_warning`` and warns.
         likelihood / noise_variance / hessian / approximation: see :func:`curvature` and :func:`posterior_log_det`.
             With ``likelihood="gaussian"`` the training objective defaults to :func:`gaussian_objective`.
     """
-    _check_choice(likelihood, LIKELIHOODS, "likelihood")
-    _check_choice(approximation, APPROXIMATIONS, "approximation")
-    _check_positive(init_scale, "init_scale")
+    check_choice(likelihood, LIKELIHOODS, "likelihood")
+    check_choice(approximation, APPROXIMATIONS, "approximation")
+    check_positive_number(init_scale, "init_scale")
     if not (len(bounds) == 2 and 0 < bounds[0] < bounds[1] and math.isfinite(bounds[1])):
         raise InvalidValueError(f"bounds must be (low, high) with 0 < low < high, got {bounds!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise InvalidValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if kind in ("lowrank", "diag") and posterior is None:
-        raise ConfigError(f"prior kind {kind!r} needs the source posterior")
-    if kind not in ("lowrank", "diag", "l2sp", "standard"):
-        raise ConfigError(f"prior kind {kind!r} has no scale to select; choose lowrank, diag, l2sp or standard")
+    check_int(rounds, "rounds", minimum=1)
+    kind = PriorKind.parse(kind)
+    axis = kind.recipe.axis
+    if kind.recipe.needs_posterior and posterior is None:
+        raise ConfigError(f"prior kind {str(kind)!r} needs the source posterior")
+    if axis is None:
+        raise ConfigError(f"prior kind {str(kind)!r} has no scale to select; choose one of "
+                          f"{tuple(str(k) for k in PriorKind if k.recipe.axis)}")
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
+    config.validate()
     if objective is None and likelihood == "gaussian":
         objective = gaussian_objective(noise_variance)
-    map_config = TrainConfig(**{**asdict(config), "method": "map", "progress": False})
+    map_config = TrainConfig(**{**asdict(config), "inference": Inference.MAP, "progress": False})
+    final_is_map = Inference.parse(config.inference) is Inference.MAP
 
     def build_prior(model: nn.Module, scale: float) -> Prior:
-        if kind in ("lowrank", "diag"):
-            return make_prior(model, kind, posterior=posterior, scale=scale, eps=eps, rank=rank, head=head,
-                              head_variance=head_variance)
-        return make_prior(model, kind, variance=scale, head=head, head_variance=head_variance)
+        return make_prior(model, kind, posterior=posterior, eps=eps, rank=rank, head=head,
+                          head_variance=head_variance, **{axis: scale})
 
     def fresh_fit(scale: float, cfg: TrainConfig) -> tuple[FitResult, nn.Module]:
         torch.manual_seed(cfg.seed)  # the same initial head for every scale
@@ -467,9 +334,9 @@ def select_prior_scale(
         warnings.warn(f"the evidence is maximised at the bound lam={scale:g} of {bounds}: widen the bounds")
     final, final_evidence = None, None
     if refit:
-        reuse = last[0] == scale and config.method == "map"
+        reuse = last[0] == scale and final_is_map
         final = last[1] if reuse else fresh_fit(scale, config)[0]
-        if config.method == "map":
+        if final_is_map:
             torch.manual_seed(config.seed)  # l2sp is centred on the *pretrained* weights: rebuild from a fresh model
             final_prior = build_prior(model_fn(), scale)
             with warnings.catch_warnings():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ptyl.errors import InvalidValueError
-from ptyl.inference.schedules import CyclicalSchedule, cyclical_lr
-from ptyl.inference.sgld import SGLD
+from ptyl.training.schedules import CyclicalSchedule, cyclical_lr
+from ptyl.training.sgld import SGLD
 
 
 def paper_lr(k: int, total: int, cycles: int, lr0: float) -> float:

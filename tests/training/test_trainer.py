@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ptyl.errors import ConfigError, DataError
-from ptyl.inference.trainer import TrainConfig, fit
+from ptyl.training import TrainConfig, fit
 from ptyl.metrics import evaluate_probs
 from ptyl.posterior import SWAGCollector
 from ptyl.priors import make_prior
@@ -40,7 +40,7 @@ def source_posterior(digits):
     torch.manual_seed(0)
     model = DigitNet()
     swag = SWAGCollector(model, rank=5, head="head")
-    fit(model, digits[0], None, TrainConfig(method="swag", epochs=8, lr=0.05, burn_in_fraction=0.25, progress=False),
+    fit(model, digits[0], None, TrainConfig(inference="swag", epochs=8, lr=0.05, burn_in_fraction=0.25, progress=False),
         collector=swag, head=None)
     return swag.posterior()
 
@@ -63,7 +63,7 @@ def test_sampling_methods_collect_and_average(digits, source_posterior, method):
     torch.manual_seed(2)
     model = DigitNet()
     prior = make_prior(model, "lowrank", posterior=source_posterior, eps=1e-4)
-    cfg = TrainConfig(method=method, epochs=6, lr=0.02, num_samples=4, num_cycles=2, samples_per_cycle=2,
+    cfg = TrainConfig(inference=method, epochs=6, lr=0.02, num_samples=4, num_cycles=2, samples_per_cycle=2,
                       temperature=1.0, progress=False)
     result = fit(model, digits[0], prior, cfg)
     assert len(result.samples) == 4
@@ -73,7 +73,7 @@ def test_sampling_methods_collect_and_average(digits, source_posterior, method):
 
 
 def test_resume_equals_uninterrupted(digits, tmp_path):
-    cfg = TrainConfig(method="sgld", epochs=4, lr=0.02, num_samples=3, progress=False, seed=3)
+    cfg = TrainConfig(inference="sgld", epochs=4, lr=0.02, num_samples=3, progress=False, seed=3)
 
     def run(epochs, ckpt, resume):
         torch.manual_seed(5)
@@ -112,8 +112,8 @@ def test_empty_dataset_and_bad_config(digits):
     model = DigitNet()
     with pytest.raises(DataError, match="empty"):
         fit(model, TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), progress=False)
-    with pytest.raises(ConfigError, match="unknown method"):
-        fit(model, digits[0], method="adam")
+    with pytest.raises(ConfigError, match="unknown inference"):
+        fit(model, digits[0], inference="adam")
 
 
 def test_adam_optimizer_for_map(digits):
@@ -123,4 +123,4 @@ def test_adam_optimizer_for_map(digits):
     result = fit(model, digits[0], prior, TrainConfig(epochs=4, lr=3e-3, optimizer="adam", progress=False))
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     with pytest.raises(ConfigError, match="optimizer"):
-        fit(DigitNet(), digits[0], None, TrainConfig(method="sgld", optimizer="adam", progress=False))
+        fit(DigitNet(), digits[0], None, TrainConfig(inference="sgld", optimizer="adam", progress=False))

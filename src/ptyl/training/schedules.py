@@ -68,7 +68,7 @@ class CyclicalSchedule(LRScheduler):
 
     The learning rate of every parameter group is ``initial_lr * cyclical_lr(last_epoch, K, M, 1)``. With
     ``control_temperature=True`` (default) each :meth:`step` also sets ``group["temperature"]`` of groups that have one
-    (e.g. :class:`ptyl.inference.sgld.SGLD`) to ``initial_temperature * temperature_factor()``: 0 (SGD) while
+    (e.g. :class:`ptyl.training.sgld.SGLD`) to ``initial_temperature * temperature_factor()``: 0 (SGD) while
     exploring, the group's original temperature while sampling. The original temperature is stored in the group as
     ``"initial_temperature"`` (like torch stores ``"initial_lr"``), so it survives optimizer checkpoints.
 

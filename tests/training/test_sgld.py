@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ptyl.errors import InvalidValueError
-from ptyl.inference.schedules import CyclicalSchedule
-from ptyl.inference.sgld import SGLD
+from ptyl.training.schedules import CyclicalSchedule
+from ptyl.training.sgld import SGLD
 
 NUM_DATA = 50
 CHAINS = 2000

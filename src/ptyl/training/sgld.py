@@ -1,6 +1,6 @@
 """Stochastic gradient Langevin dynamics (SGLD) and its momentum variant (SGHMC) as a ``torch.optim.Optimizer``.
 
-Convention (shared with :func:`ptyl.inference.trainer.fit`): the loss the user back-propagates is the *per-example*
+Convention (shared with :func:`ptyl.training.fit`): the loss the user back-propagates is the *per-example*
 objective
 
     U(theta) = -(1/N) sum_i log p(y_i | x_i, theta) - (1/N) log p(theta)      (CE batch mean - log prior / N)

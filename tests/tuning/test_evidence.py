@@ -10,14 +10,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ptyl.errors import ConfigError, InvalidValueError
-from ptyl.inference.evidence import (
+from ptyl.tuning import (
     curvature,
     laplace_log_evidence,
     posterior_log_det,
     prior_precision_diagonal,
     select_prior_scale,
 )
-from ptyl.inference.trainer import TrainConfig
+from ptyl.training import TrainConfig
 from ptyl.models import MLP
 from ptyl.posterior import SourcePosterior
 from ptyl.priors import make_prior

@@ -1,0 +1,64 @@
+"""The files a source stage leaves behind and how downstream code gets a model back from them: the prior file, the
+pretrained (SWA-mean) weights next to it, and any weights file written by ``ptyl finetune``.
+
+``<stem>.safetensors`` (the prior, :mod:`ptyl.io.prior_file`) goes with ``<stem>.pretrained.safetensors`` (weights,
+:mod:`ptyl.io.weights`), whose metadata names the architecture.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ptyl.io.prior_file import load_posterior, read_metadata
+from ptyl.io.weights import load_state_checked, read_weights
+from ptyl.pipeline.tasks import build_from_metadata
+
+__all__ = ["load_pretrained", "load_weights", "pretrained_weights_path"]
+
+
+def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a weights file's metadata describes and load its state.
+
+    Returns:
+        ``(model, metadata)``; a file whose tensors do not fit the described model raises
+        :class:`~ptyl.errors.ParameterMismatchError` naming it.
+    """
+    state, meta = read_weights(path, map_location)
+    return load_state_checked(build_from_metadata(meta), state, path), meta
+
+
+def pretrained_weights_path(prior_path: str | Path) -> Path:
+    """Where the source stage puts the pretrained weights of ``prior_path``: ``<stem>.pretrained.safetensors``."""
+    prior_path = Path(prior_path)
+    stem = prior_path.name.removesuffix(".safetensors")
+    return prior_path.with_name(f"{stem}.pretrained.safetensors")
+
+
+def load_pretrained(prior_path: str | Path, num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The pretrained model that goes with a prior file (the SWA mean with recomputed BatchNorm statistics).
+
+    Args:
+        prior_path: the prior file.
+        num_classes: give the model a fresh head of this many outputs.
+
+    Returns:
+        ``(model, prior metadata)``. Falls back to the prior's mean (BatchNorm statistics at their defaults) with a
+        warning when the weights file is missing.
+    """
+    from ptyl.models import replace_head
+
+    meta = read_metadata(prior_path)
+    weights = pretrained_weights_path(prior_path)
+    if weights.is_file():
+        model, _ = load_weights(weights)
+    else:
+        warnings.warn(f"{weights} not found: starting from the prior mean (BatchNorm statistics not recomputed)")
+        model = build_from_metadata(meta)
+        load_posterior(prior_path).matched_to(model).load_mean_into(model)
+    if num_classes is not None:
+        replace_head(model, num_classes)
+    return model, meta

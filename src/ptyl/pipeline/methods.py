@@ -1,0 +1,122 @@
+"""The methods a transfer experiment compares: a prior kind, an inference strategy and a start.
+
+A method is written ``<prior>[-<inference>]`` -- ``lowrank``, ``lowrank-sgld``, ``l2sp``, ``standard-swag`` -- with
+the prior a :class:`~ptyl.priors.PriorKind` or the start ``scratch`` (random initialisation under the standard prior,
+the source-free control) and the inference a :class:`~ptyl.training.Inference` (default ``map``). A bare inference
+name means the standard prior with it (``sgld`` = ``standard-sgld``).
+
+>>> method = parse_method("lowrank-sgld")
+>>> (str(method.prior), str(method.inference), str(method.start))
+('lowrank', 'sgld', 'pretrained')
+>>> str(parse_method("scratch").prior)
+'standard'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from ptyl.errors import ConfigError
+from ptyl.priors.registry import PriorKind
+from ptyl.training.config import TrainConfig
+from ptyl.training.registry import Inference
+
+__all__ = ["DEFAULT_METHODS", "Method", "Start", "parse_method", "train_config"]
+
+
+class Start(str, Enum):
+    """Where a downstream model starts: the pretrained backbone (fresh head), or a random initialisation."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    PRETRAINED = "pretrained"
+    SCRATCH = "scratch"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compared method: its backbone prior, its inference, and where it starts.
+
+    Attributes:
+        name: how results name it (what was parsed, e.g. ``"lowrank-sgld"``).
+        prior: the :class:`PriorKind` of the backbone prior.
+        inference: the :class:`Inference` strategy.
+        start: :class:`Start`.
+    """
+
+    name: str
+    prior: PriorKind
+    inference: Inference = Inference.MAP
+    start: Start = Start.PRETRAINED
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the model starts from the pretrained backbone."""
+        return self.start is Start.PRETRAINED
+
+    @property
+    def needs_posterior(self) -> bool:
+        """Whether the prior is learned (needs the source posterior)."""
+        return self.prior.recipe.needs_posterior
+
+    @classmethod
+    def of(cls, prior: str | PriorKind, inference: str | Inference = Inference.MAP) -> Method:
+        """The method of ``prior`` with ``inference``, named ``<prior>`` (MAP) or ``<prior>-<inference>``."""
+        prior, inference = PriorKind.parse(prior), Inference.parse(inference)
+        return cls(str(prior) if inference is Inference.MAP else f"{prior}-{inference}", prior, inference)
+
+
+DEFAULT_METHODS = (Method.of(PriorKind.STANDARD), Method.of(PriorKind.L2SP), Method.of(PriorKind.DIAG),
+                   Method.of(PriorKind.LOWRANK), Method.of(PriorKind.LOWRANK, Inference.SGLD))
+
+
+def parse_method(name: str | Method) -> Method:
+    """``"lowrank-sgld"`` -> ``Method(prior=LOWRANK, inference=SGLD)`` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown prior, start or inference, naming the choices.
+    """
+    if isinstance(name, Method):
+        return name
+    text = str(name).strip().lower()
+    first, _, second = text.partition("-")
+    kinds, starts, inferences = {str(k) for k in PriorKind}, {str(s) for s in Start}, {str(i) for i in Inference}
+    if not second and first not in kinds | starts and first in inferences:
+        first, second = str(PriorKind.STANDARD), first
+    if first not in kinds | starts or (second and second not in inferences):
+        raise ConfigError(f"unknown method {name!r}: use <prior>[-<inference>] with prior in "
+                          f"{tuple(sorted(kinds)) + (str(Start.SCRATCH),)} and inference in {tuple(inferences)} "
+                          "(e.g. 'lowrank', 'lowrank-sgld', 'l2sp'), or a bare inference such as 'sgld'")
+    inference = Inference.parse(second or Inference.MAP)
+    if first == Start.SCRATCH:
+        return Method(str(name), PriorKind.STANDARD, inference, Start.SCRATCH)
+    return Method(str(name), PriorKind.parse(first), inference)
+
+
+def train_config(inference: str | Inference, num_examples: int, *, steps: int = 100, batch_size: int = 32,
+                 num_samples: int = 10, temperature: float = 1.0, lr: float = 0.01, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of every method: about ``steps`` optimiser steps whatever n is (few-shot sets get
+    more epochs, at least 2), and the strategy's own settings for that budget
+    (:meth:`~ptyl.training.Strategy.adapt_to_budget`: e.g. SWAG snapshots spread over the second half).
+
+    Args:
+        inference: the strategy.
+        num_examples: training-set size.
+        steps, batch_size, num_samples, temperature, lr: as the names say.
+        overrides: any other :class:`TrainConfig` field, applied last.
+    """
+    inference = Inference.parse(inference)
+    steps_per_epoch = math.ceil(num_examples / min(batch_size, num_examples))
+    epochs = max(2, math.ceil(steps / steps_per_epoch))
+    config = TrainConfig(inference=inference, epochs=epochs, batch_size=batch_size, lr=lr, num_samples=num_samples,
+                         temperature=temperature, progress=False)
+    inference.strategy.adapt_to_budget(config, epochs * steps_per_epoch)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"unknown training option {key!r}")
+        setattr(config, key, value)
+    return config

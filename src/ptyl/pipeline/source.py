@@ -1,0 +1,265 @@
+"""The source stage: pretrain on the source task, keep training while SWAG collects (Shwartz-Ziv et al. 2022,
+arXiv 2205.10279, Sec. 3.1), save the posterior as a prior file and the SWA-mean weights next to it.
+
+Two levels: :func:`pretrain` / :func:`learn_prior` work on any model and data (the building blocks), and
+:func:`pretrain_source` / :func:`learn_source_prior` run the whole stage on a named data set and architecture (what
+``ptyl learn-prior``, the demo and the benchmarks call). The paper's recipe: start from the pretrained weights,
+continue the source objective (supervised cross-entropy, or SimCLR) at a *high constant* or *cyclical* learning rate,
+and take a SWAG snapshot at regular intervals; the task head (or SimCLR's projection head) is left out of the prior.
+
+>>> path = learn_source_prior("kmnist", "smallcnn", out="runs/prior.safetensors")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ptyl.errors import ConfigError
+from ptyl.io.prior_file import save_posterior
+from ptyl.io.weights import save_weights
+from ptyl.params import Selector, as_name_list
+from ptyl.pipeline.artifacts import load_weights, pretrained_weights_path
+from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.swag import SWAGCollector
+from ptyl.training.config import TrainConfig
+from ptyl.training.fit import fit
+from ptyl.training.registry import Inference
+from ptyl.training.trainer import Objective
+from ptyl.validation import check_choice
+
+__all__ = ["OBJECTIVES", "SCHEDULES", "learn_prior", "learn_source_prior", "pretrain", "pretrain_source"]
+
+OBJECTIVES = ("supervised", "simclr")
+SCHEDULES = ("constant", "cyclical")
+
+
+def pretrain(model: nn.Module, data: Dataset | DataLoader, *, epochs: int = 10, lr: float = 0.05,
+             batch_size: int = 128, objective: Objective | None = None, seed: int = 0, progress: bool = True,
+             checkpoint: str | os.PathLike | None = None, resume: bool = False) -> nn.Module:
+    """Ordinary training on the source task (SGD, Nesterov, cosine): produces the "pretrained" weights.
+
+    Args:
+        model: trained in place (and returned).
+        data: the source data.
+        epochs, lr, batch_size, seed, progress: as in :class:`~ptyl.training.TrainConfig`.
+        objective: ``objective(model, batch) -> loss``; default cross-entropy.
+        checkpoint, resume: see :func:`ptyl.training.fit`.
+    """
+    fit(model, data, None, TrainConfig(inference=Inference.MAP, epochs=epochs, lr=lr, batch_size=batch_size,
+                                       seed=seed, progress=progress),
+        objective=objective, head=None, checkpoint=checkpoint, resume=resume)
+    return model
+
+
+def learn_prior(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    *,
+    epochs: int = 10,
+    lr: float = 0.05,
+    schedule: str = "constant",
+    rank: int = 20,
+    collect_every: int | None = None,
+    head: str | Sequence[str] | None = "head",
+    exclude: Selector = None,
+    batch_size: int = 128,
+    objective: Objective | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> SourcePosterior:
+    """Continue training from the current (pretrained) weights and fit SWAG over the backbone.
+
+    The SWAG strategy of :mod:`ptyl.training` with no burn-in, filling a collector over the backbone: the same
+    :class:`~ptyl.training.SWAGCollection` callback as downstream SWAG.
+
+    Args:
+        model, data: the pretrained model (trained in place) and the source data.
+        epochs, lr, batch_size, seed, progress: as in :class:`~ptyl.training.TrainConfig`.
+        schedule: ``"constant"`` (a high constant learning rate, snapshots every ``collect_every`` steps or once per
+            epoch) or ``"cyclical"`` (one cosine cycle per epoch, a snapshot at the end of each cycle).
+        rank: K, deviation columns kept.
+        collect_every: snapshot interval in steps (``"constant"`` only; ``None``: once per epoch).
+        head / exclude: parameters left out of the prior (the task head; SimCLR's ``projection``).
+        objective: ``objective(model, batch) -> loss``; default cross-entropy, or
+            :class:`ptyl.posterior.simclr.SimCLRObjective`.
+        checkpoint, resume: see :func:`ptyl.training.fit`.
+        metadata: recorded in the prior file (source dataset, architecture, objective...).
+
+    Returns:
+        The :class:`SourcePosterior` (save it with :func:`ptyl.io.save_posterior`).
+    """
+    check_choice(schedule, SCHEDULES, "source schedule")
+    collector = SWAGCollector(model, rank=rank, head=head, exclude=exclude)
+    config = TrainConfig(
+        inference=Inference.SWAG, epochs=epochs, lr=lr, swag_lr=lr, batch_size=batch_size, burn_in_fraction=0.0,
+        schedule=schedule, swag_collect_every=collect_every if schedule == "constant" else None, seed=seed,
+        progress=progress,
+    )
+    fit(model, data, None, config, objective=objective, head=None, collector=collector, checkpoint=checkpoint,
+        resume=resume)
+    meta = {
+        "architecture": type(model).__name__,
+        "objective": getattr(objective, "name", "supervised") if objective is not None else "supervised",
+        "source_schedule": schedule,
+        "source_lr": lr,
+        "source_epochs": epochs,
+        "excluded": as_name_list(head),
+        **(metadata or {}),
+    }
+    return collector.posterior(metadata=meta)
+
+
+def _source_objective(objective: str, model: nn.Module, image_size: int, seed: int):
+    """``(model to train, objective callable or None, parameters to exclude)`` for the source objective."""
+    check_choice(objective, OBJECTIVES, "source objective")
+    if objective == "supervised":
+        return model, None, None
+    from ptyl.data.augment import SimCLRAugment
+    from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
+
+    return SimCLRModel(model), SimCLRObjective(SimCLRAugment(image_size), seed=seed), "projection"
+
+
+def _source_setup(source: str, model: str, n_per_class: int | None, model_kwargs: dict[str, Any] | None, seed: int):
+    """(source train data, fresh classifier, metadata describing it)."""
+    from ptyl.data import few_shot_subset, load_dataset
+    from ptyl.models import build_model
+    from ptyl.pipeline.tasks import ClassificationTask
+
+    data = load_dataset(source, "train")
+    if n_per_class:
+        data = few_shot_subset(data, int(n_per_class), seed)
+    kwargs = {"in_channels": data.image_shape[0], **(model_kwargs or {})}
+    torch.manual_seed(seed)
+    classifier = build_model(model, num_classes=data.num_classes, **kwargs)
+    meta = {"model": model.lower(), "architecture": model.lower(), "model_kwargs": kwargs,
+            "num_classes": data.num_classes, "source": source, "image_size": data.image_shape[-1],
+            "num_source_examples": len(data), "seed": seed, "task": ClassificationTask.name}
+    return data, classifier, meta
+
+
+def pretrain_source(
+    source: str = "kmnist",
+    model: str = "smallcnn",
+    *,
+    epochs: int = 5,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    objective: str = "supervised",
+    n_per_class: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``model`` on the source train split (optionally ``n_per_class`` examples per class).
+
+    Args:
+        source, model: data set and architecture names.
+        epochs, lr, batch_size, seed, progress: training settings.
+        objective: ``"supervised"`` or ``"simclr"``.
+        n_per_class: use only this many source examples per class.
+        model_kwargs: architecture options (e.g. ``{"width": 16}``).
+        out: also save the weights there (:func:`ptyl.io.save_weights`).
+
+    Returns:
+        ``(classifier, metadata)``.
+    """
+    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed)
+    trained, obj, _ = _source_objective(objective, classifier, data.image_shape[-1], seed)
+    if epochs > 0:
+        pretrain(trained, data, epochs=epochs, lr=lr, batch_size=batch_size, objective=obj, seed=seed,
+                 progress=progress)
+    meta.update({"objective": objective, "pretrain_epochs": epochs, "pretrain_lr": lr})
+    if out is not None:
+        save_weights(classifier, out, meta)
+    return classifier, meta
+
+
+def learn_source_prior(
+    source: str = "kmnist",
+    model: str = "smallcnn",
+    *,
+    pretrain_epochs: int = 5,
+    swag_epochs: int = 3,
+    rank: int = 20,
+    lr: float = 0.05,
+    swag_lr: float | None = None,
+    batch_size: int = 128,
+    objective: str = "supervised",
+    n_per_class: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    init: str | Path | None = None,
+    dtype: str | None = None,
+    out: str | Path = "prior.safetensors",
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Pretrain on the source task, learn the SWAG posterior, save it as a prior file.
+
+    The SWAG phase continues from the pretrained weights at the high constant learning rate ``swag_lr`` (default
+    ``lr``) for ``swag_epochs`` epochs, taking about ``2 * rank`` evenly spaced snapshots (so the last ``rank``
+    deviations span the second half of the run). The SWA mean, with BatchNorm statistics recomputed on the source
+    data, is saved next to the prior (:func:`~ptyl.pipeline.pretrained_weights_path`): downstream methods start from it.
+
+    Args:
+        source, model, n_per_class, model_kwargs, lr, batch_size, seed, progress: as in :func:`pretrain_source`.
+        pretrain_epochs, swag_epochs: epochs of ordinary training, then of SWAG collection.
+        rank: SWAG rank K.
+        swag_lr: the constant learning rate while SWAG collects (default ``lr``).
+        objective: ``"supervised"`` (cross-entropy) or ``"simclr"`` (:mod:`ptyl.posterior.simclr`; the projection
+            head is trained with the trunk and left out of the prior).
+        init: a weights file (``ptyl pretrain``) to start from instead of pretraining here.
+        dtype: storage dtype of the prior file (``"float32"`` default, ``"bfloat16"`` halves it).
+        out: the prior file to write.
+
+    Returns:
+        The prior file's path.
+    """
+    if swag_epochs < 1:
+        raise ConfigError(f"swag_epochs must be >= 1, got {swag_epochs}")
+    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed)
+    if init is not None:
+        classifier, init_meta = load_weights(init)
+        if init_meta.get("image_size") not in (None, data.image_shape[-1]):
+            raise ConfigError(f"{init} was trained on {init_meta['image_size']}px images, {source!r} has "
+                              f"{data.image_shape[-1]}px")
+        meta.update({k: init_meta[k] for k in ("model", "architecture", "model_kwargs") if k in init_meta})
+        meta.update({"init": str(init), "pretrain_epochs": init_meta.get("pretrain_epochs")})
+    trained, obj, exclude = _source_objective(objective, classifier, data.image_shape[-1], seed)
+    if init is None and pretrain_epochs > 0:  # the same wrapper (SimCLR: same projection head) goes on to SWAG
+        pretrain(trained, data, epochs=pretrain_epochs, lr=lr, batch_size=batch_size, objective=obj, seed=seed,
+                 progress=progress)
+        meta["pretrain_epochs"] = pretrain_epochs
+    steps = swag_epochs * math.ceil(len(data) / min(batch_size, len(data)))
+    collect_every = max(1, steps // max(2 * rank, 2))
+    meta.update({"objective": objective, "swag_epochs": swag_epochs, "swag_lr": swag_lr or lr, "swag_rank": rank})
+    posterior = learn_prior(trained, data, epochs=swag_epochs, lr=swag_lr or lr, rank=rank, collect_every=collect_every,
+                            head="head" if exclude is None else None, exclude=exclude, batch_size=batch_size,
+                            objective=obj, seed=seed + 1, progress=progress, metadata=dict(meta))
+    posterior.load_mean_into(classifier)
+    _recompute_batchnorm(classifier, data, batch_size)
+    out = Path(out)
+    weights = pretrained_weights_path(out)
+    save_weights(classifier, weights, {**meta, "swa_mean": True})
+    return save_posterior(posterior, out, dtype=dtype, metadata={"pretrained_weights": weights.name})
+
+
+def _recompute_batchnorm(model: nn.Module, data: Dataset, batch_size: int) -> None:
+    """BatchNorm running statistics of the SWA mean (the stored ones belong to the last SGD iterate)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    device = next(model.parameters()).device
+    torch.optim.swa_utils.update_bn(((x.to(device),) for x, _ in loader), model)

@@ -1,0 +1,303 @@
+"""Tasks: what changes between classification, segmentation and text in the source -> prior -> tune -> fit ->
+evaluate pipeline -- the data, the head, the metrics, the model adapter -- behind one interface, so the runner
+(:func:`ptyl.pipeline.run_transfer`), the command line and the benchmarks are written once.
+
+>>> task = ClassificationTask("digits")
+>>> task.head, task.size_key, len(task.train_set(2, seed=0))
+('head', 'n_per_class', 20)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ptyl.errors import ConfigError, PriorFileError
+
+__all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "Task", "TextTask", "build_from_metadata", "get_task"]
+
+
+class Task:
+    """One kind of downstream problem (subclass it for a new one and add it to :data:`TASKS`).
+
+    Class attributes: ``name`` (recorded in weights files), ``head`` (module name of the new head), ``size_key`` /
+    ``size_label`` (how results name the training-set size), ``metrics`` (what :meth:`evaluate` returns, the first
+    three are logged), ``objective`` / ``collate_fn`` (training loss and batching; ``None``: cross-entropy, default
+    batching).
+    """
+
+    name: ClassVar[str]
+    head: ClassVar[str] = "head"
+    size_key: ClassVar[str] = "n_per_class"
+    size_label: ClassVar[str] = "n/class"
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "nll", "ece", "brier")
+    objective: Callable | None = None
+    collate_fn: Callable | None = None
+
+    def train_set(self, n: int, seed: int) -> Dataset:
+        """The training set of size ``n`` (per class, or in all) drawn with ``seed``."""
+        raise NotImplementedError
+
+    def test_set(self, seed: int = 0) -> Dataset:
+        """The evaluation set (it may depend on ``seed``)."""
+        raise NotImplementedError
+
+    def targets(self, dataset: Dataset) -> torch.Tensor:
+        """What :meth:`evaluate` compares predictions with."""
+        return torch.as_tensor(dataset.targets)
+
+    def evaluate(self, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Metrics of predictive probabilities."""
+        from ptyl.metrics import evaluate_probs
+
+        return evaluate_probs(probs, targets)
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        """A pretrained source model -> this task's model with a fresh head (seed the RNG first)."""
+        raise NotImplementedError
+
+    def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
+        """A randomly initialised model of this task for the architecture described by ``meta``."""
+        raise ConfigError(f"task {self.name!r} has no random-initialisation start")
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able settings written into weights files (``ptyl evaluate`` rebuilds the task from them)."""
+        return {"task": self.name}
+
+    @classmethod
+    def wrap(cls, classifier: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
+        """The model a weights file of this task describes, around the classifier rebuilt from ``meta``."""
+        return classifier
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None) -> Task:
+        """The task a weights file was trained on (``data`` replaces its data set)."""
+        raise ConfigError(f"task {cls.name!r} cannot be rebuilt from a weights file")
+
+
+class ClassificationTask(Task):
+    """Few-shot image classification: ``n`` examples per class of a data set's train split, scored on its test split.
+
+    Args:
+        data: a data set name (:func:`ptyl.data.load_dataset`).
+        image_size: resize images (to match the source's resolution).
+        max_test: evaluate on a class-balanced subset of this many test images.
+        eval_split: the split evaluated (``"test"``, ``"train"``, ``"all"``).
+    """
+
+    name = "classification"
+
+    def __init__(self, data: str = "mnist", *, image_size: int | None = None, max_test: int | None = None,
+                 eval_split: str = "test") -> None:
+        from ptyl.data import load_dataset
+
+        self.data, self.image_size, self.max_test, self.eval_split = data, image_size, max_test, eval_split
+        self.pool = load_dataset(data, "train", image_size=image_size)
+        self.num_classes = self.pool.num_classes
+        self._test = None
+
+    def train_set(self, n: int, seed: int) -> Dataset:
+        from ptyl.data import few_shot_subset
+
+        return few_shot_subset(self.pool, int(n), int(seed))
+
+    def test_set(self, seed: int = 0) -> Dataset:
+        from ptyl.data import few_shot_subset, load_dataset
+
+        if self._test is None:
+            test = load_dataset(self.data, self.eval_split, image_size=self.image_size)
+            if self.max_test is not None and self.max_test < len(test):
+                test = few_shot_subset(test, max(1, self.max_test // test.num_classes), 0)
+            self._test = test
+        return self._test
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        from ptyl.models import replace_head
+
+        return replace_head(model, self.num_classes)
+
+    def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
+        return build_classifier(meta, num_classes=self.num_classes)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": self.name, "data": self.data, "num_classes": self.num_classes}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None, eval_split: str = "test") -> Task:
+        return cls(data or meta["data"], image_size=meta.get("image_size"), eval_split=eval_split)
+
+
+class SegmentationTask(Task):
+    """Per-pixel segmentation of digit canvases (:class:`ptyl.data.DigitCanvasSegmentation`) with a
+    :class:`~ptyl.models.SegmentationNet` whose encoder is the pretrained classifier's trunk and whose ``decoder`` is
+    new. Training canvases come from the data set's train split (``n`` canvases per seed), test canvases from its
+    test split (seed ``test_seed``, default ``seed + 1``).
+
+    Args:
+        data: the digit data set.
+        n_test: test canvases.
+        decoder_channels: decoder width.
+        test_seed: fixed seed of the test canvases (``None``: ``seed + 1`` of the training draw).
+        canvas: forwarded to :class:`DigitCanvasSegmentation` (``canvas_size``, ``digits_per_canvas``, ...).
+    """
+
+    name = "segmentation"
+    head = "decoder"
+    size_key = "n_canvases"
+    size_label = "canvases"
+    metrics = ("miou", "nll", "ece", "pixel_accuracy")
+
+    def __init__(self, data: str = "mnist", *, n_test: int = 64, decoder_channels: int = 32,
+                 test_seed: int | None = None, **canvas: Any) -> None:
+        from ptyl.data import load_dataset
+
+        self.data, self.n_test, self.decoder_channels, self.test_seed = data, n_test, decoder_channels, test_seed
+        self.pools = load_dataset(data, "train"), load_dataset(data, "test")
+        self.canvas = {"num_digit_classes": int(self.pools[0].num_classes), **canvas}
+        self.num_classes = int(self.canvas["num_digit_classes"]) + 1  # + background
+        self._tests: dict[int, Dataset] = {}
+
+    def _canvases(self, pool, n: int, seed: int) -> Dataset:
+        from ptyl.data import DigitCanvasSegmentation
+
+        return DigitCanvasSegmentation(pool.images, pool.targets, int(n), seed=int(seed), **self.canvas)
+
+    def train_set(self, n: int, seed: int) -> Dataset:
+        return self._canvases(self.pools[0], n, seed)
+
+    def test_set(self, seed: int = 0) -> Dataset:
+        seed = self.test_seed if self.test_seed is not None else seed + 1
+        if seed not in self._tests:
+            self._tests[seed] = self._canvases(self.pools[1], self.n_test, seed)
+        return self._tests[seed]
+
+    def targets(self, dataset: Dataset) -> torch.Tensor:
+        return dataset.masks
+
+    def evaluate(self, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        from ptyl.metrics.segmentation import evaluate_segmentation
+
+        return evaluate_segmentation(probs, targets)
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        from ptyl.models.segmentation import SegmentationNet
+
+        return SegmentationNet(model, num_classes=self.num_classes, decoder_channels=self.decoder_channels,
+                               image_channels=_image_channels(model))
+
+    def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
+        return self.adapt(build_classifier(meta))
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": self.name, "data": self.data,
+                "segmentation": {"num_classes": self.num_classes, "decoder_channels": self.decoder_channels,
+                                 "n_test": self.n_test, "test_seed": self.test_seed, **self.canvas}}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None) -> Task:
+        seg = dict(meta["segmentation"])
+        fixed = {key: seg.pop(key, None) for key in ("num_classes", "decoder_channels", "n_test", "test_seed",
+                                                      "n_train")}
+        return cls(data or meta["data"], n_test=int(fixed["n_test"]), decoder_channels=int(fixed["decoder_channels"]),
+                   test_seed=fixed["test_seed"], **seg)
+
+    @classmethod
+    def wrap(cls, classifier: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
+        from ptyl.models.segmentation import SegmentationNet
+
+        seg = meta.get("segmentation") or {}
+        return SegmentationNet(classifier, num_classes=int(seg["num_classes"]),
+                               decoder_channels=int(seg.get("decoder_channels", 32)),
+                               image_channels=int((meta.get("model_kwargs") or {}).get("in_channels", 1)))
+
+
+class TextTask(Task):
+    """Few-shot text classification with a pretrained encoder (e.g. :class:`ptyl.models.hf.TextClassifier`):
+    ``n`` sentences per class of ``pool``, scored on ``test``; batches go through
+    :func:`ptyl.data.collate_text` and the loss is :func:`ptyl.models.hf.text_classification_objective`.
+
+    Args:
+        pool: the labelled target sentences (a :class:`ptyl.data.TextDataset`).
+        test: held-out sentences.
+    """
+
+    name = "text"
+
+    def __init__(self, pool: Dataset, test: Dataset) -> None:
+        from ptyl.data import collate_text
+        from ptyl.models.hf import text_classification_objective
+
+        self.pool, self.test = pool, test
+        self.num_classes = int(pool.num_classes)
+        self.objective = text_classification_objective
+        self.collate_fn = collate_text
+
+    def train_set(self, n: int, seed: int) -> Dataset:
+        from ptyl.data import few_shot_subset
+
+        return few_shot_subset(self.pool, int(n), int(seed))
+
+    def test_set(self, seed: int = 0) -> Dataset:
+        return self.test
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        from ptyl.models import replace_head
+
+        return replace_head(model, self.num_classes)
+
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ClassificationTask, SegmentationTask, TextTask)}
+
+
+def get_task(name: str) -> type[Task]:
+    """The :class:`Task` class called ``name``."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {tuple(TASKS)}")
+    return TASKS[name]
+
+
+def _image_channels(model: nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return 1
+
+
+def build_classifier(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
+    """A fresh classifier from ``meta["model"]`` / ``meta["model_kwargs"]`` (``num_classes`` overrides the
+    metadata's number of classes)."""
+    from ptyl.models import build_model
+
+    if "model" not in meta:
+        raise PriorFileError("metadata does not name the model architecture ('model'); pass --model")
+    kwargs = dict(meta.get("model_kwargs") or {})
+    kwargs["num_classes"] = int(num_classes if num_classes is not None else meta.get("num_classes", 10))
+    return build_model(meta["model"], **kwargs)
+
+
+def build_from_metadata(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
+    """A fresh model as a weights file's metadata describes it: the classifier, wrapped for its ``task``."""
+    classifier = build_classifier(meta, num_classes)
+    return get_task(meta.get("task", ClassificationTask.name)).wrap(classifier, meta)
+
+
+def pretrained_model_fn(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, task: Task,
+                        module: nn.Module | None = None) -> Callable[[], nn.Module]:
+    """A factory of fresh downstream models: the source model (rebuilt from ``meta`` with ``state`` loaded, or a
+    copy of ``module``) adapted to ``task``; with neither ``state`` nor ``module``, a random initialisation."""
+
+    def make() -> nn.Module:
+        if module is not None:
+            return task.adapt(copy.deepcopy(module))
+        if state is None:
+            return task.scratch(meta)
+        model = build_classifier(meta)
+        model.load_state_dict(state)
+        return task.adapt(model)
+
+    return make

@@ -1,0 +1,107 @@
+"""The prior kinds ptyl knows, each declared once with its recipe.
+
+Everything that depends on the kind of a prior reads this registry: :func:`ptyl.priors.make_prior` (the builder),
+the tuning grids (:func:`ptyl.tuning.default_grid`: the strength axis and its default range), the evidence
+(:func:`ptyl.tuning.select_prior_scale`: which value it selects), method parsing (:func:`ptyl.pipeline.parse_method`)
+and the command line's choices. Adding a kind is one new builder file plus one member line below (see
+``docs/architecture.md``).
+
+>>> PriorKind.parse("lowrank").recipe.axis
+'scale'
+>>> [str(kind) for kind in PriorKind if not kind.recipe.needs_posterior]
+['l2sp', 'standard', 'none']
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from ptyl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ptyl.posterior.gaussian import SourcePosterior
+    from ptyl.priors.base import Prior
+
+__all__ = ["PriorKind", "PriorOptions", "PriorRecipe"]
+
+
+@dataclass(frozen=True)
+class PriorOptions:
+    """The values a builder may read (see :func:`ptyl.priors.make_prior` for their meaning)."""
+
+    scale: float | Mapping[str, float] = 1.0
+    eps: float = 0.0
+    rank: int | None = None
+    variance: float | None = None
+    dtype: torch.dtype | None = None
+    blocks: str | Sequence[str] = "auto"
+
+
+Builder = Callable[[dict[str, "torch.Tensor"], "SourcePosterior | None", PriorOptions], "Prior | None"]
+
+
+@dataclass(frozen=True)
+class PriorRecipe:
+    """How to build, tune and describe one kind of backbone prior.
+
+    Attributes:
+        needs_posterior: built from a learned :class:`~ptyl.posterior.SourcePosterior` (a prior file).
+        axis: the option a tuner varies to make the prior weaker or stronger (``"scale"`` = lambda of a learned
+            prior, ``"variance"`` of an isotropic one); ``None``: nothing to tune.
+        log10_range: default search interval of ``axis`` in log10 units.
+        default: value of ``axis`` when it is not tuned (the command line's default).
+        builder: ``"module:function"`` with signature ``(backbone, posterior, options) -> Prior | None``: the
+            backbone parameters (name -> tensor), the posterior matched to them (or ``None``) and the
+            :class:`PriorOptions`; ``None`` leaves the backbone unregularised. Imported on first use, so this file
+            imports no prior code.
+    """
+
+    needs_posterior: bool
+    axis: str | None
+    log10_range: tuple[float, float] | None
+    default: float | None
+    builder: str
+
+    def build(self, backbone: dict[str, Any], posterior: Any, options: PriorOptions) -> Any:
+        """Call the builder (see the class docstring)."""
+        module, _, name = self.builder.partition(":")
+        return getattr(importlib.import_module(module), name)(backbone, posterior, options)
+
+
+class PriorKind(str, Enum):
+    """A kind of backbone prior; ``PriorKind("lowrank") is PriorKind.LOWRANK`` and members compare equal to their
+    names, so plain strings work wherever a kind is expected. ``kind.recipe`` is its :class:`PriorRecipe`."""
+
+    recipe: PriorRecipe
+
+    def __new__(cls, value: str, recipe: PriorRecipe) -> PriorKind:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.recipe = recipe
+        return member
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder)
+    LOWRANK = "lowrank", PriorRecipe(True, "scale", (0.0, 8.0), 1e4, "ptyl.priors.learned:build_lowrank")
+    DIAG = "diag", PriorRecipe(True, "scale", (0.0, 8.0), 1e4, "ptyl.priors.learned:build_diagonal")
+    BLOCK = "block", PriorRecipe(True, "scale", (0.0, 8.0), 1e4, "ptyl.priors.block:build_block")
+    L2SP = "l2sp", PriorRecipe(False, "variance", (-4.0, 0.0), 1e-2, "ptyl.priors.isotropic_builders:build_l2sp")
+    STANDARD = "standard", PriorRecipe(False, "variance", (-2.0, 2.0), 1.0,
+                                       "ptyl.priors.isotropic_builders:build_standard")
+    NONE = "none", PriorRecipe(False, None, None, None, "ptyl.priors.isotropic_builders:build_none")
+
+    @classmethod
+    def parse(cls, value: str | PriorKind, what: str = "prior kind") -> PriorKind:
+        """The member named ``value`` (case-insensitive), else :class:`ConfigError` listing the kinds."""
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise ConfigError(f"unknown {what} {value!r}; choose one of {tuple(str(k) for k in cls)}") from None

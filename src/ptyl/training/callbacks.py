@@ -1,0 +1,122 @@
+"""Callbacks: code the training loop runs at fixed points, with a state that checkpoints save and restore.
+
+:class:`SWAGCollection` is the one the library itself needs: it takes SWAG snapshots while a model trains, for the
+source stage (learning a prior) and for downstream SWAG alike, and works in your own loop too, in the spirit of
+:meth:`torch.optim.swa_utils.AveragedModel.update_parameters`::
+
+    collection = SWAGCollection(SWAGCollector(model, rank=20, head="head"), every_steps=10)
+    for batch in loader:
+        loss_fn(model, batch).backward(); optimizer.step(); optimizer.zero_grad()
+        collection.step(model)                 # a snapshot every 10th step
+    posterior = collection.collector.posterior()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ptyl.posterior.swag import SWAGCollector
+from ptyl.validation import check_int
+
+if TYPE_CHECKING:
+    from ptyl.training.trainer import Trainer
+
+__all__ = ["Callback", "EvalCallback", "SWAGCollection"]
+
+
+class Callback:
+    """Base class: override the hooks you need. A callback with ``stateful = True`` has its :meth:`state_dict` saved
+    in checkpoints (stateless ones may be added or dropped between an interrupted run and its resumption)."""
+
+    stateful = False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step (after a checkpoint was restored)."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After every optimizer step; ``trainer.step`` counts the steps taken."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        """After every epoch; ``record`` (epoch, mean loss, mean prior term) goes into the history; add to it."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """After the last epoch, before the strategy's ``finalize``."""
+
+    def state_dict(self) -> Any:
+        """What a checkpoint must keep to resume exactly (``None``: nothing)."""
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class SWAGCollection(Callback):
+    """Take SWAG snapshots (Maddox et al. 2019, arXiv 1902.02476) of a training model.
+
+    Args:
+        collector: the :class:`~ptyl.posterior.SWAGCollector` to fill (it selects the parameters).
+        every_steps: a snapshot after every ``every_steps``-th step once more than ``start_step`` steps were taken;
+            ``None``: one snapshot at the end of every epoch from epoch ``start_epoch`` (0-based) on.
+        start_step, start_epoch: burn-in, in steps or epochs.
+
+    Under DDP (a :class:`~ptyl.training.Trainer` on several processes) rank 0 collects and its moments are copied to
+    every rank at the end of training, so all ranks return the same posterior.
+    """
+
+    stateful = True
+
+    def __init__(self, collector: SWAGCollector, *, every_steps: int | None = None, start_step: int = 0,
+                 start_epoch: int = 0) -> None:
+        self.collector = collector
+        self.every_steps = None if every_steps is None else check_int(every_steps, "every_steps", minimum=1)
+        self.start_step = check_int(start_step, "start_step", minimum=0)
+        self.start_epoch = check_int(start_epoch, "start_epoch", minimum=0)
+        self.steps = 0
+        self.epochs = 0
+
+    def step(self, model: nn.Module, collect: bool = True) -> None:
+        """Count one optimizer step of ``model``; take a snapshot when one is due (and ``collect`` is true)."""
+        self.steps += 1
+        if self.every_steps and self.steps > self.start_step and self.steps % self.every_steps == 0 and collect:
+            self.collector.collect(model)
+
+    def end_epoch(self, model: nn.Module, collect: bool = True) -> None:
+        """Count one finished epoch; in per-epoch mode take a snapshot when one is due."""
+        if not self.every_steps and self.epochs >= self.start_epoch and collect:
+            self.collector.collect(model)
+        self.epochs += 1
+
+    def snapshots_due(self, total_steps: int, epochs: int) -> int:
+        """How many snapshots a run of ``total_steps`` steps in ``epochs`` epochs takes (from the start)."""
+        if self.every_steps:
+            return max(0, total_steps // self.every_steps - self.start_step // self.every_steps)
+        return max(0, epochs - self.start_epoch)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.step(trainer.model, collect=trainer.env.is_main_process)  # replicas are identical: rank 0 collects
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        self.end_epoch(trainer.model, collect=trainer.env.is_main_process)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.collector.load_state_dict(trainer.env.broadcast(self.collector.state_dict()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "epochs": self.epochs, "collector": self.collector.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
+        self.collector.load_state_dict(state["collector"])
+
+
+class EvalCallback(Callback):
+    """Call ``fn(model) -> {name: value}`` after every epoch and add the numbers to the history."""
+
+    def __init__(self, fn: Callable[[nn.Module], dict[str, float]]) -> None:
+        self.fn = fn
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        record.update(self.fn(trainer.given_model))

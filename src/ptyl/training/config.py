@@ -1,0 +1,95 @@
+"""The settings of one training run: a flat dataclass, so tuning grids, config files and checkpoints can name any
+field. The inference strategy (``inference``) reads the fields it needs and checks them in
+:meth:`Strategy.validate <ptyl.training.strategies.base.Strategy.validate>`.
+
+>>> config = TrainConfig(inference="sgld", epochs=5, temperature=0.01)
+>>> config.validate()
+>>> TrainConfig(epochs=0).validate()
+Traceback (most recent call last):
+...
+ptyl.errors.InvalidValueError: epochs must be an integer >= 1, got 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ptyl.training.registry import Inference
+from ptyl.validation import check_choice, check_fraction, check_int, check_nonnegative_number, check_positive_number
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant", "cyclical")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`ptyl.training.fit`. Learning rates apply to the per-example objective U.
+
+    Attributes:
+        inference: the strategy, an :class:`~ptyl.training.Inference` name: ``map``, ``sgld``, ``csgld``, ``swag``.
+        epochs, batch_size: passes over the data and the (global) batch size.
+        lr, head_lr: learning rate (``head_lr``: of the head's parameters; ``None``: ``lr``).
+        optimizer: ``sgd`` (Nesterov momentum) or ``adam`` (map / swag; SGLD samplers have their own update).
+        momentum, nesterov: SGD momentum (SGLD: SGHMC friction ``1 - momentum``).
+        schedule: ``cosine`` | ``constant`` (map, swag before collection); swag also ``cyclical``.
+        grad_clip: clip the gradient norm to this value (``None``: no clipping).
+        temperature: posterior temperature of the SGLD samplers (1 = Bayes posterior).
+        num_cycles, samples_per_cycle, exploration_fraction: cyclical SGLD.
+        burn_in_fraction: share of the run before samples / SWAG snapshots are collected.
+        num_samples: samples kept (SGLD) or drawn (SWAG) for Bayesian model averaging.
+        swag_rank, swag_lr, swag_collect_every: downstream SWAG (rank K, collection learning rate, snapshot every n
+            steps; ``None``: once per epoch).
+        check_every: check that the loss is finite every this many steps (and at every epoch end); the loop does
+            not wait for the device in between.
+        seed, device, progress: random seed, device (``None``: the model's), progress bar.
+    """
+
+    inference: str = Inference.MAP
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.01
+    head_lr: float | None = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    temperature: float = 1.0
+    num_cycles: int = 4
+    samples_per_cycle: int = 3
+    exploration_fraction: float = 0.5
+    burn_in_fraction: float = 0.5
+    num_samples: int = 10
+    swag_rank: int = 10
+    swag_lr: float | None = None
+    swag_collect_every: int | None = None
+    check_every: int = 100
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # plain strings, never enum members: checkpoints are loaded with weights_only=True, which unpickles no classes
+        for key in ("inference", "optimizer", "schedule"):
+            value = getattr(self, key)
+            if isinstance(value, Enum):
+                setattr(self, key, value.value)
+
+    def validate(self) -> None:
+        """Raise a :class:`~ptyl.errors.PtylError` naming the first invalid field (before any training starts)."""
+        strategy = Inference.parse(self.inference).strategy
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        check_choice(self.schedule, SCHEDULES, "schedule")
+        for key in ("epochs", "batch_size", "num_samples", "check_every"):
+            check_int(getattr(self, key), key, minimum=1)
+        check_positive_number(self.lr, "lr")
+        for key in ("head_lr", "swag_lr", "grad_clip"):
+            if getattr(self, key) is not None:
+                check_positive_number(getattr(self, key), key)
+        check_nonnegative_number(self.temperature, "temperature")
+        check_fraction(self.burn_in_fraction, "burn_in_fraction")
+        check_fraction(self.momentum, "momentum")
+        strategy.validate(self)

@@ -1,0 +1,273 @@
+"""The training loop: one plain loop for every way of training, a :class:`~ptyl.training.strategies.base.Strategy`
+for what differs (optimizer, schedule, what to keep) and callbacks for the rest.
+
+Every strategy minimises (or samples) the same objective (Shwartz-Ziv et al. 2022, eq. 2):
+
+    U(theta) = mean_batch loss(f(x; theta), y) - log p(theta) / N
+
+with N the number of training examples. The hot loop never waits for the device: losses go into a device buffer
+and are checked for NaN/Inf every ``config.check_every`` steps and at every epoch end, when the parameters are
+checked too; a failure raises :class:`~ptyl.errors.DivergenceError` naming the step. After each epoch the loop
+writes a checkpoint (model, strategy, callbacks, RNG streams) and ``resume=True`` continues a run exactly where it
+stopped: the final weights equal an uninterrupted run's.
+
+Under ``torchrun`` the loop runs data-parallel through :class:`~ptyl.training.environment.DistributedEnvironment`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ptyl import distributed as ddp
+from ptyl.errors import CheckpointError, ConfigError, DivergenceError
+from ptyl.inference.bma import to_device
+from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
+from ptyl.priors.base import Prior
+from ptyl.training.callbacks import Callback
+from ptyl.training.config import TrainConfig
+from ptyl.training.environment import current_environment
+from ptyl.training.registry import Inference
+from ptyl.training.result import FitResult
+from ptyl.training.strategies.base import Strategy
+
+__all__ = ["Objective", "Trainer", "supervised_objective"]
+
+Objective = Callable[[nn.Module, Any], torch.Tensor]
+_CHECKPOINT_KEYS = ("epoch", "step", "config", "model", "strategy", "callbacks", "loader_rng", "torch_rng", "history")
+
+
+def supervised_objective(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean cross-entropy of an ``(x, y)`` batch (classification ``[B, C]`` or segmentation ``[B, C, H, W]``)."""
+    x, y = batch[0], batch[1]
+    return F.cross_entropy(model(x), y)
+
+
+class _LossWindow:
+    """Data and prior terms of the last steps, kept on the device; checked and summed only when flushed."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.buffer = torch.zeros(size, 2, dtype=torch.float32, device=device)
+        self.count, self.first_step = 0, 0
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, data_loss: torch.Tensor, prior_term: torch.Tensor, step: int) -> bool:
+        if self.count == 0:
+            self.first_step = step
+        self.buffer[self.count, 0] = data_loss.detach()  # device copies: no host synchronisation
+        self.buffer[self.count, 1] = prior_term.detach()
+        self.count += 1
+        return self.count == self.buffer.shape[0]
+
+    def flush(self, env) -> None:
+        """Add the window to the epoch sums; :class:`DivergenceError` naming the first non-finite step."""
+        if self.count == 0:
+            return
+        window = self.buffer[: self.count]
+        finite = torch.isfinite(window).all(dim=1)
+        bad = torch.nonzero(~finite)  # the one synchronisation per window
+        first = self.first_step + int(bad[0, 0]) if bad.numel() else -1
+        first = env.min(first if first >= 0 else 2**62)
+        if first < 2**62:
+            raise DivergenceError(f"non-finite loss at step {first}: lower the learning rate or strengthen the prior")
+        self.sums += window.double().sum(dim=0)
+        self.steps += self.count
+        self.count = 0
+
+    def means(self) -> torch.Tensor:
+        return self.sums / max(self.steps, 1)
+
+
+class Trainer:
+    """Train ``model`` on ``data`` under ``prior`` with one strategy (see the module docstring).
+
+    Args:
+        model: the model (a DDP-wrapped model is trained through its wrapper; checkpoints use the module).
+        data: a Dataset (shuffled with the config's seed) or your own DataLoader.
+        prior: e.g. from :func:`ptyl.priors.make_prior`; ``None`` trains by maximum likelihood.
+        config: a :class:`TrainConfig` (validated here).
+        strategy: a :class:`Strategy` instance; default: the class registered for ``config.inference``.
+        objective: ``objective(model, batch) -> loss``; default mean cross-entropy.
+        num_data: N in ``-log p(theta)/N`` (default: dataset size; under DDP the global size).
+        head: module name(s) trained with ``config.head_lr``.
+        callbacks: extra :class:`~ptyl.training.callbacks.Callback` objects, run after the strategy's own.
+        checkpoint: file written after every epoch (:func:`ptyl.io.save_checkpoint`).
+        collate_fn: how a Dataset's examples become batches (e.g. :func:`ptyl.data.collate_text`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset | DataLoader,
+        prior: Prior | None = None,
+        config: TrainConfig | None = None,
+        *,
+        strategy: Strategy | None = None,
+        objective: Objective | None = None,
+        num_data: int | None = None,
+        head: str | Sequence[str] | None = "head",
+        callbacks: Iterable[Callback] = (),
+        checkpoint: str | os.PathLike | None = None,
+        collate_fn: Callable | None = None,
+    ) -> None:
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.env = current_environment()
+        self.given_model = model
+        self.model = ddp.unwrap_model(model)
+        self.net = self.model  # replaced by the DDP wrapper in fit(); forward/backward go through it
+        self.prior, self.head, self.collate_fn = prior, head, collate_fn
+        self.objective = objective or supervised_objective
+        self.device = torch.device(self.config.device) if self.config.device else next(self.model.parameters()).device
+        self.model.to(self.device)  # before the strategy builds optimizer state, SWAG moments and noise generators
+        if isinstance(prior, nn.Module):  # a prior built on another device
+            prior.to(self.device)
+        self.loader, self.loader_generator = self.env.loader(data, self.config.batch_size, self.config.seed, collate_fn)
+        self.num_data = int(num_data or len(self.loader.dataset))
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.config.epochs * self.steps_per_epoch
+        self.strategy = strategy or Inference.parse(self.config.inference).strategy(self.config)
+        self.strategy.setup(self)
+        self.callbacks = [*self.strategy.callbacks(), *callbacks]
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.epoch = self.step = 0
+        self.history: list[dict[str, float]] = []
+        self._zero = torch.zeros((), device=self.device)
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> FitResult:
+        """Run the remaining epochs (all of them, or those after the checkpoint with ``resume=True``).
+
+        Returns:
+            A :class:`FitResult`: the trained model, the per-epoch history and the strategy's samples.
+
+        Raises:
+            DivergenceError: the loss or the parameters became non-finite (the message names the step).
+        """
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(self.config.seed)
+        if resume:
+            self.load()
+        self.net = self.env.wrap(self.given_model)
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        show = self.config.progress and self.env.is_main_process
+        bar = tqdm(total=self.config.epochs, initial=self.epoch, desc=f"fit[{self.config.inference}]",
+                   disable=not show)
+        while self.epoch < self.config.epochs:
+            record = self._epoch()
+            self.history.append(record)
+            self.epoch += 1
+            self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        bar.close()
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        samples = self.strategy.finalize(self)
+        self._check_parameters("at the end of training")
+        return FitResult(self.given_model, self.config, self.history, samples,
+                         getattr(self.strategy, "collector", None), self.loader, self.collate_fn)
+
+    def _epoch(self) -> dict[str, float]:
+        self.net.train()
+        self.env.set_epoch(self.loader, self.epoch)
+        window = _LossWindow(min(self.config.check_every, max(self.steps_per_epoch, 1)), self.device)
+        for batch in self.loader:
+            data_loss, prior_term = self._train_step(batch)
+            full = window.add(data_loss, prior_term, self.step)
+            self.strategy.on_step(self)
+            self.step += 1
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+            if full:
+                window.flush(self.env)
+        window.flush(self.env)
+        self._check_parameters(f"after epoch {self.epoch + 1} (step {self.step})")
+        self.strategy.on_epoch(self)
+        loss, prior = self.env.mean(window.means()).tolist()
+        record = {"epoch": self.epoch + 1, "loss": loss, "prior": prior}
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, record)
+        return record
+
+    def _train_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = to_device(batch, self.device)
+        optimizer = self.strategy.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        data_loss = self.objective(self.net, batch)
+        loss, prior_term = data_loss, self._zero
+        if self.prior is not None:
+            # DDP: every rank adds penalty/N and DDP averages gradients over ranks -> the prior counts once
+            prior_term = self.prior.penalty(self.net) / self.num_data
+            loss = loss + prior_term
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        optimizer.step()
+        return data_loss, prior_term
+
+    def _check_parameters(self, when: str) -> None:
+        params = [p.detach() for p in self.model.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+            raise DivergenceError(f"non-finite parameters {when}: {bad[:4]}; lower the learning rate")
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "callbacks": [callback.state_dict() for callback in self.callbacks if callback.stateful],
+            "loader_rng": self.loader_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            # stateful objectives (SimCLR's augmentation stream) resume where they stopped
+            "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
+        }
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0 only; the others wait, so nobody reads a half-written file)."""
+        if self.checkpoint is None:
+            return
+        if self.env.is_main_process:
+            save_checkpoint(self.state_dict(), self.checkpoint)
+        self.env.barrier()
+
+    def load(self) -> bool:
+        """Restore the checkpoint if it exists; ``False`` when there is none to resume from."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return False
+        state = load_checkpoint(self.checkpoint, required=_CHECKPOINT_KEYS)
+        own = asdict(self.config)
+        if state["config"] != own:
+            changed = sorted(k for k in set(state["config"]) | set(own) if state["config"].get(k) != own.get(k))
+            raise ConfigError(f"checkpoint {self.checkpoint} was made with other settings ({changed}); "
+                              "remove it or pass the same settings to resume")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.strategy.load_state_dict(state["strategy"])
+            for callback, saved in zip([c for c in self.callbacks if c.stateful], state["callbacks"], strict=True):
+                callback.load_state_dict(saved)
+            self.loader_generator.set_state(state["loader_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("objective") is not None and hasattr(self.objective, "load_state_dict"):
+                self.objective.load_state_dict(state["objective"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {self.checkpoint} does not fit this run: {err}") from err
+        self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        return True

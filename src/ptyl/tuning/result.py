@@ -1,0 +1,111 @@
+"""What a grid search returns: the table of trials, the choice, edge warnings, the refit; JSON and a plot."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptyl.errors import ConfigError
+from ptyl.training.result import FitResult
+
+__all__ = ["TuneResult", "edge_warnings", "is_number"]
+
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def edge_warnings(grid: dict[str, list[Any]], best: dict[str, Any]) -> list[str]:
+    """One message per numeric axis (2+ values) whose chosen value is its smallest or largest."""
+    messages = []
+    for key, values in grid.items():
+        if len(values) < 2 or not all(is_number(v) for v in values):
+            continue
+        lo, hi = min(values), max(values)
+        if best[key] in (lo, hi):
+            side = "smallest" if best[key] == lo else "largest"
+            messages.append(f"best {key}={best[key]:g} is the {side} value of its grid [{lo:g}, {hi:g}]: "
+                            "the optimum may lie outside it, extend the grid")
+    return messages
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`ptyl.tuning.tune`.
+
+    Attributes:
+        best: the chosen value of every grid axis.
+        table: one row per trial: the axis values, ``val_nll``, ``val_accuracy``, ``val_ece``, ``val_brier``
+            (``inf``/``nan`` and an ``error`` message if training diverged).
+        edge_warnings: one message per numeric axis whose best value lies at an edge of its grid.
+        final: the refit on all n examples (``None`` with ``refit=False``).
+        metric: the selection criterion.
+        grid: the axes searched.
+        split: sizes of the fit / validation parts and of the whole set.
+    """
+
+    best: dict[str, Any]
+    table: list[dict[str, Any]]
+    edge_warnings: list[str] = field(default_factory=list)
+    final: FitResult | None = None
+    metric: str = "nll"
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    split: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def at_edge(self) -> bool:
+        """Whether some chosen value lies on an edge of its grid."""
+        return bool(self.edge_warnings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the trained model, JSON-ready."""
+        final = None
+        if self.final is not None:
+            final = {"history": self.final.history, "config": asdict(self.final.config)}
+        return {"best": self.best, "metric": self.metric, "grid": self.grid, "split": self.split,
+                "table": self.table, "edge_warnings": self.edge_warnings, "final": final}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The result as JSON text; with ``path``, also written there atomically."""
+        from ptyl.metrics.results import save_json, to_jsonable
+
+        if path is not None:
+            save_json(path, self.to_dict())
+        return json.dumps(to_jsonable(self.to_dict()), indent=2)
+
+    def plot(self, path: str | Path, x: str | None = None) -> Path:
+        """PNG of validation NLL against ``x`` (default ``scale``, else ``variance``, else the first numeric axis) on
+        a log axis, one line per combination of the other axes; the selected point is starred. Draws on its own
+        figure (no pyplot state: the caller's matplotlib backend is left alone). Returns ``path``."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from ptyl.io.atomic import atomic_write
+
+        x = x or next((k for k in ("scale", "variance") if k in self.grid), None) or next(
+            (k for k, v in self.grid.items() if all(is_number(a) for a in v)), None)
+        if x is None or x not in self.grid:
+            raise ConfigError(f"no numeric grid axis to plot against (axes: {list(self.grid)})")
+        others = [k for k in self.grid if k != x]
+        figure = Figure(figsize=(6, 4), layout="constrained")
+        FigureCanvasAgg(figure)
+        ax = figure.subplots()
+        for combo in itertools.product(*(self.grid[k] for k in others)):
+            rows = [r for r in self.table if all(r[k] == v for k, v in zip(others, combo))]
+            rows = sorted((r for r in rows if math.isfinite(r["val_nll"])), key=lambda r: r[x])
+            label = ", ".join(f"{k}={v:g}" if is_number(v) else f"{k}={v}" for k, v in zip(others, combo))
+            ax.plot([r[x] for r in rows], [r["val_nll"] for r in rows], marker="o", label=label or None)
+        best_row = next(r for r in self.table if all(r[k] == v for k, v in self.best.items()))
+        ax.plot([best_row[x]], [best_row["val_nll"]], marker="*", markersize=16, color="k", linestyle="none",
+                label="selected")
+        ax.set_xscale("log")
+        ax.set_xlabel("lambda (prior scale)" if x == "scale" else x)
+        ax.set_ylabel("validation NLL")
+        ax.legend(fontsize=7)
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
