@@ -14,8 +14,15 @@ with s, s', s'' the item sizes of the storage dtypes (4 for float32, 2 for bfloa
 tensors :class:`ptyl.posterior.SWAGCollector`, :class:`ptyl.posterior.SourcePosterior` and
 :class:`ptyl.priors.LowRankGaussianPrior` allocate; temporaries (one parameter tensor at a time) are not counted.
 
->>> print(estimate_report(model, rank=20, storage_dtype=torch.bfloat16))
->>> check_fits(estimate_memory(model, 20)["swag_total"], device="cuda")   # raises before allocating
+>>> import torch
+>>> from ptyl.models import build_model
+>>> model = build_model("smallcnn", width=4)
+>>> print(estimate_report(model, rank=20, storage_dtype=torch.bfloat16))   # doctest: +ELLIPSIS
+parameters covered: 1,030
+...
+SWAG collection total                            57,680   56.33 KiB
+...
+>>> check_fits(estimate_memory(model, 20)["swag_total"], device="cuda")   # raises before allocating  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -131,3 +131,14 @@ def test_simclr_source_prior_covers_the_trunk_only(tmp_path):
     model, _ = load_pretrained(path, num_classes=10)  # the classifier loads the shared trunk
     assert model.head.out_features == 10
 
+
+
+def test_run_transfer_raises_user_errors_before_training(tiny_prior, monkeypatch):
+    import ptyl.pipeline.transfer as transfer
+
+    monkeypatch.setattr(transfer, "tune", lambda *a, **k: pytest.fail("a method was tuned before every grid was checked"))
+    with pytest.raises(ConfigError, match="unknown grid axis 'lrr'"):  # the second method's grid is wrong
+        run_transfer(tiny_prior, "mnist", n_per_class=[2], methods=["standard", "l2sp"], steps=2, max_test=20,
+                     grids={"l2sp": {"variance": [1.0], "lrr": [0.1]}}, progress=False)
+    with pytest.raises(ConfigError, match="unknown method"):
+        run_transfer(tiny_prior, "mnist", n_per_class=[2], methods=["standard", "lowrank-adam"], progress=False)

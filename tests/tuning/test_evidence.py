@@ -178,3 +178,19 @@ def test_bad_input_is_named():
         curvature(linear_model(), data, likelihood="poisson")
     with pytest.raises(InvalidValueError, match="noise_variance"):
         curvature(linear_model(), data, likelihood="gaussian", noise_variance=0.0)
+
+
+def test_block_prior_from_make_prior_log_det_sums_its_dense_blocks():
+    from ptyl.priors.block import assign_blocks
+    from tests.helpers import TinyNet, random_posterior
+
+    model = TinyNet().double()
+    post = random_posterior(model, rank=3)
+    prior = make_prior(model, "block", posterior=post, scale=0.5, eps=0.01, head_variance=None)
+    h = {n: torch.rand(t.shape, dtype=torch.float64) for n, t in post.mean.items()}
+    expected = 0.0
+    for names in assign_blocks(post.names, "auto").values():
+        precision = torch.linalg.inv(post.restrict(names).dense_covariance(scale=0.5, eps=0.01))
+        hb = torch.cat([h[n].reshape(-1) for n in names])
+        expected += float(torch.linalg.slogdet(torch.diag(hb) + precision)[1])
+    assert posterior_log_det(prior, h, "exact") == pytest.approx(expected, rel=1e-10)

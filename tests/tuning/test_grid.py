@@ -198,3 +198,46 @@ def replace_seed(config: TrainConfig, seed: int) -> TrainConfig:
     from dataclasses import replace
 
     return replace(config, seed=seed)
+
+
+def test_user_errors_are_raised_before_the_first_fit(monkeypatch):
+    import ptyl.tuning.grid as grid_module
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a fit started before the grid was checked")
+
+    monkeypatch.setattr(grid_module, "fit", no_fit)
+    data = blobs()
+    with pytest.raises(ConfigError, match="unknown grid axis 'lrr'"):
+        tune(model_fn, data, "standard", {"variance": [1.0], "lrr": [0.1]}, config=CONFIG, progress=False)
+    with pytest.raises(InvalidValueError, match="lr"):  # the second value of the axis, not found by a first trial
+        tune(model_fn, data, "standard", {"variance": [1.0], "lr": [0.1, -1.0]}, config=CONFIG, progress=False)
+    with pytest.raises(InvalidValueError, match="variance"):
+        tune(model_fn, data, "standard", {"variance": [1.0, 0.0]}, config=CONFIG, progress=False)
+    with pytest.raises(ConfigError, match="optimizer"):
+        tune(model_fn, data, "standard", {"variance": [1.0], "optimizer": ["sgd", "adamw"]}, config=CONFIG,
+             progress=False)
+
+
+def test_every_trial_diverging_is_a_divergence_error_not_a_config_error():
+    from ptyl.errors import DivergenceError
+
+    with pytest.raises(DivergenceError, match="every one of the 2 trials diverged"):
+        tune(model_fn, blobs(), "standard", {"variance": [1.0, 10.0], "lr": [1e9]}, config=CONFIG, progress=False)
+
+
+def test_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = tune(model_fn, blobs(), "standard", {"variance": [0.1, 1.0]}, config=CONFIG, progress=False,
+                          refit=False)
+        result.plot(tmp_path / "nll.png")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "nll.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,8 +1,8 @@
 """Labelled text for transformer fine-tuning: embedded sentiment data, your own CSV/TSV/JSONL, tokenised datasets.
 
 >>> texts, labels, classes = load_text_dataset("vader-movies")          # shipped, offline
->>> train = TextDataset(texts, labels, tokenizer, classes=classes, max_length=64)
->>> inputs, label = train[0]                                             # ({"input_ids", "attention_mask"}, int)
+>>> train = TextDataset(texts, labels, tokenizer, classes=classes, max_length=64)   # a HF tokenizer  # doctest: +SKIP
+>>> inputs, label = train[0]                     # ({"input_ids", "attention_mask"}, int)   # doctest: +SKIP
 
 Embedded sets (``src/ptyl/data/embedded/text/README.md`` gives source, licence and citation): the human-rated
 sentences of VADER (Hutto & Gilbert, ICWSM 2014) — ``"vader-movies"`` (rotten tomatoes snippets),

