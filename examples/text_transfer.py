@@ -32,7 +32,7 @@ What to expect, measured once with the defaults (``--threads 1`` on a busy 2-cor
 Fine-tuning on 32 sentences moves accuracy by about one standard error (~0.022 on 400 test sentences) under any
 prior; standard fine-tuning fit best (NLL), the learned priors kept the model closer to the source posterior and had
 the lowest ECE in this run. This is a tiny source run (256 sentences, 16 snapshots) and lambda is not tuned (see
-``ptyl.inference.tuning`` for a validation-split search): treat it as a working template, not as evidence.
+``ptyl.tuning`` for a validation-split search): treat it as a working template, not as evidence.
 """
 
 from __future__ import annotations

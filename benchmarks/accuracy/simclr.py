@@ -22,7 +22,8 @@ SimCLR learned prior           low-rank SWAG prior N(mu, lam Sigma) from the Sim
 =============================  =====================================================================
 
 Tuning: :func:`ptyl.pipeline.run_transfer` (``ptyl.tuning.tune``) with the same budget for every method:
-``--budget`` values of the method's main axis (lambda for learned priors, v for standard fine-tuning), each spanning 4 decades, at one shared learning rate;
+``--budget`` values of the method's main axis (lambda for learned priors, v for standard fine-tuning), each spanning
+4 decades, at one shared learning rate;
 selection by validation NLL on a class-balanced 80/20 split of the n training images, then a refit on all n.
 Reported: test accuracy, NLL and ECE, mean +- std over seeds.
 """

@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                                 log10_range=lam if plan.needs_posterior else None)
             grids = {method: {**grid, "temperature": key["temperatures"]}}
         record = run_transfer(prior, TARGET, n_per_class=[n], seeds=[seed], methods=[method], budget=key["budget"],
-                              lrs=key["lrs"], ranges={PriorKind.LOWRANK: lam, PriorKind.DIAG: lam}, grids=grids, steps=key["steps"],
+                              lrs=key["lrs"], ranges={PriorKind.LOWRANK: lam, PriorKind.DIAG: lam}, grids=grids,
+                              steps=key["steps"],
                               num_samples=key["num_samples"],
                               max_test=key["max_test"], progress=args.progress)[0]
         record.update({"n_label": label, "label": LABELS.get(method, method)})

@@ -5,8 +5,10 @@ Informative Priors." NeurIPS 2022. arXiv:2205.10279.
 """
 
 from ptyl.errors import (
+    CheckpointError,
     ConfigError,
     DataError,
+    DivergenceError,
     InvalidValueError,
     ParameterMismatchError,
     PriorFileError,
@@ -20,15 +22,19 @@ from ptyl.priors import (
     IsotropicGaussianPrior,
     LowRankGaussianPrior,
     Prior,
+    PriorKind,
+    learned_prior,
     make_prior,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "CompositePrior",
     "ConfigError",
     "DataError",
+    "DivergenceError",
     "DiagonalGaussianPrior",
     "InvalidValueError",
     "IsotropicGaussianPrior",
@@ -36,10 +42,12 @@ __all__ = [
     "ParameterMismatchError",
     "Prior",
     "PriorFileError",
+    "PriorKind",
     "PtylError",
     "SWAGCollector",
     "SourcePosterior",
     "import_reference",
+    "learned_prior",
     "load_posterior",
     "load_prior",
     "make_prior",

@@ -96,7 +96,7 @@ def estimate_memory(
             ``head`` exactly as :class:`~ptyl.posterior.SWAGCollector` does), a name -> tensor mapping, or P itself.
         rank: K, SWAG deviation columns.
         storage_dtype: dtype of the deviation columns (``SWAGCollector(deviation_dtype=...)``) and, unless
-            ``prior_dtype`` is given, of the prior's tensors (``SourcePosterior.to_prior(dtype=...)``).
+            ``prior_dtype`` is given, of the prior's tensors (``ptyl.priors.learned_prior(..., dtype=...)``).
         prior_rank: k <= K columns used by the prior (default K; 0 gives a diagonal prior).
 
     Returns:

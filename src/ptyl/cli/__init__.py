@@ -2,7 +2,7 @@
 
     ptyl learn-prior --data kmnist --out prior.safetensors      # source: pretrain + SWAG -> prior file
     ptyl inspect prior.safetensors                              # what is in it
-    ptyl finetune --prior prior.safetensors --data mnist --n-per-class 10 --method sgld --out run/
+    ptyl finetune --prior prior.safetensors --data mnist --n-per-class 10 --inference sgld --out run/
     ptyl evaluate --weights run/model.safetensors --data mnist
     ptyl demo                                                   # the whole story, ~8 minutes on 2 CPU cores
 

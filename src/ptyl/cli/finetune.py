@@ -96,7 +96,8 @@ def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[
     from ptyl.pipeline import load_pretrained
 
     if scratch and not args.prior:
-        return {"model": args.model or "smallcnn", "model_kwargs": {"in_channels": in_channels, **model_kwargs(args)}}, None
+        kwargs = {"in_channels": in_channels, **model_kwargs(args)}
+        return {"model": args.model or "smallcnn", "model_kwargs": kwargs}, None
     meta = read_metadata(args.prior)
     arch = meta.get("model") or meta.get("architecture")
     if args.model and arch and args.model != arch:
@@ -175,7 +176,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     targets = task.targets(test)
     metrics = task.evaluate(probs, targets)
     out.mkdir(parents=True, exist_ok=True)
-    reliability_diagram(probs, targets, out / "reliability.png", title=f"{spec.kind} / {config.inference} on {args.data}")
+    reliability_diagram(probs, targets, out / "reliability.png",
+                        title=f"{spec.kind} / {config.inference} on {args.data}")
     weights_meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}
     weights_meta.update({**task.metadata(), "seed": args.seed, "prior": args.prior, "method": config.inference,
                          "baseline": args.baseline, "batch_size": args.batch_size, task.size_key: size})

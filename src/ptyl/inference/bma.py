@@ -84,11 +84,19 @@ def predict_probs(
     input_fn: Callable[[Any], Any] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Softmax probabilities of one model over ``loader``: ``[N, C]`` (``[N, C, H, W]`` for segmentation), float32 CPU.
+    """Softmax probabilities of one model over a loader.
 
-    The model is run in eval mode under ``torch.no_grad`` and its train/eval mode is restored afterwards. ``loader``
-    yields ``(x, y)`` batches or bare inputs; ``input_fn(batch)`` overrides how the model input is taken from a batch
-    (a tensor, or a dict of keyword arguments). Inputs go to ``device`` (default: the model's device).
+    The model is run in eval mode under ``torch.no_grad`` and its train/eval mode is restored afterwards.
+
+    Args:
+        model: returns logits (or an HF-style output with ``.logits``, or a dict with ``"out"``).
+        loader: yields ``(x, y)`` batches or bare inputs, in a fixed order (no shuffling).
+        device: where inputs go (default: the model's device).
+        input_fn: ``input_fn(batch)`` -> the model input (a tensor, or a dict of keyword arguments).
+        progress: a progress bar.
+
+    Returns:
+        ``[N, C]`` (``[N, C, H, W]`` for segmentation), float32 on the CPU.
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +122,7 @@ def predict_probs(
 
 
 def collect_targets(loader: Iterable[Any]) -> torch.Tensor:
-    """Concatenate the ``y`` of every ``(x, y)`` batch (CPU, int64), in loader order."""
+    """The ``y`` of every ``(x, y)`` batch of ``loader``, concatenated in loader order (CPU, int64)."""
     _check_ordered(loader)
     targets = []
     for batch in loader:
@@ -140,14 +148,25 @@ def bma_predict(
     progress: bool = False,
     input_fn: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
-    """Bayesian model average ``(1/S) sum_s softmax(f(x; theta_s))`` over ``loader`` (float32 CPU).
+    """Bayesian model average ``(1/S) sum_s softmax(f(x; theta_s))`` over a loader.
 
     For each sample the state dict is loaded into ``model`` (strictly: names and shapes must match); if the model has
     BatchNorm layers and ``bn_loader`` is given, running statistics are recomputed with
     :func:`torch.optim.swa_utils.update_bn` on the inputs of ``bn_loader`` (otherwise the sample's stored statistics
     are used). The average is accumulated in float64. ``model``'s weights, buffers, train/eval mode and device are
-    restored afterwards, also on error. ``device`` moves the model (and inputs) there for the computation.
-    Output shape as :func:`predict_probs`: ``[N, C]`` or ``[N, C, H, W]``.
+    restored afterwards, also on error.
+
+    Args:
+        model: the architecture the samples are state dicts of.
+        samples: state dicts, e.g. a :class:`SampleBank` or :func:`ptyl.io.load_samples`.
+        loader: the inputs, in a fixed order.
+        bn_loader: training inputs to recompute BatchNorm statistics on, per sample.
+        device: move the model (and inputs) there for the computation.
+        progress: a progress bar over the samples.
+        input_fn: as in :func:`predict_probs`.
+
+    Returns:
+        As :func:`predict_probs`: ``[N, C]`` or ``[N, C, H, W]``, float32 on the CPU.
     """
     from tqdm.auto import tqdm
 

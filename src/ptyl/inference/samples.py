@@ -70,7 +70,7 @@ class SampleBank:
         return self.directory is not None
 
     def add(self, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> None:
-        """Store a copy of ``model.state_dict()`` (or of the given state dict) on CPU / disk."""
+        """Store a copy of ``model_or_state_dict`` (a module's ``state_dict()``, or a state dict) on CPU / disk."""
         if isinstance(model_or_state_dict, nn.Module):
             state = model_or_state_dict.state_dict()
         elif isinstance(model_or_state_dict, Mapping):
@@ -139,7 +139,7 @@ class SampleBank:
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a bank saved by :meth:`state_dict` (disk banks: the listed files must exist)."""
+        """Restore ``state_dict``, a bank saved by :meth:`state_dict` (disk banks: the listed files must exist)."""
         on_disk = "files" in state_dict
         if on_disk != (self.directory is not None):
             mode = "disk" if on_disk else "in-memory"

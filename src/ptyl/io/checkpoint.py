@@ -28,7 +28,15 @@ __all__ = ["load_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (a crash never leaves a half-written checkpoint). Returns ``path``."""
+    """Write a checkpoint atomically (a crash never leaves a half-written one).
+
+    Args:
+        state: tensors and plain Python containers / numbers / strings.
+        path: the file.
+
+    Returns:
+        ``path``.
+    """
     return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
 
 

@@ -55,12 +55,23 @@ def save_samples(
 
 
 def read_samples_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a sample file (tensors are not read)."""
+    """The JSON metadata of the sample file at ``path`` (tensors are not read)."""
     return read_state_metadata(path, SAMPLES_FORMAT, "samples")
 
 
 def load_samples(path: str | Path, map_location: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
-    """The samples of a file written by :func:`save_samples`, in index order."""
+    """The samples of a file written by :func:`save_samples`.
+
+    Args:
+        path: the file.
+        map_location: where the tensors are loaded.
+
+    Returns:
+        The state dicts, in index order.
+
+    Raises:
+        PriorFileError: not a ptyl samples file, or a damaged one (the message names it).
+    """
     meta = read_samples_metadata(path)
     by_index: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in read_state_tensors(path, map_location).items():

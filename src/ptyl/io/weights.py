@@ -80,19 +80,38 @@ def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path
 
 
 def read_weights_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a weights file written by :func:`save_weights` (tensors are not read)."""
+    """The JSON metadata of the weights file at ``path`` (written by :func:`save_weights`; tensors are not read)."""
     return read_state_metadata(path, WEIGHTS_FORMAT, "weights")
 
 
 def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state dict, metadata)`` of a weights file."""
+    """Read a weights file.
+
+    Args:
+        path: the file.
+        map_location: where the tensors are loaded.
+
+    Returns:
+        ``(state dict, metadata)``.
+    """
     meta = read_weights_metadata(path)
     return read_state_tensors(path, map_location), meta
 
 
 def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> nn.Module:
-    """Load ``state`` into ``model`` after checking every key and shape; a mismatch raises
-    :class:`ParameterMismatchError` naming ``path`` and the first offending keys. Returns ``model``."""
+    """Load a state dict into a model after checking every key and shape.
+
+    Args:
+        model: the model.
+        state: its new state (e.g. from :func:`read_weights`).
+        path: the file it came from (named in errors).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ParameterMismatchError: missing keys or other shapes, naming ``path`` and the first offending keys.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

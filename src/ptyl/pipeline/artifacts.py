@@ -23,6 +23,10 @@ __all__ = ["load_pretrained", "load_weights", "pretrained_weights_path"]
 def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a weights file's metadata describes and load its state.
 
+    Args:
+        path: the weights file (:func:`ptyl.io.save_weights`).
+        map_location: where its tensors are loaded.
+
     Returns:
         ``(model, metadata)``; a file whose tensors do not fit the described model raises
         :class:`~ptyl.errors.ParameterMismatchError` naming it.

@@ -65,7 +65,15 @@ class Method:
 
     @classmethod
     def of(cls, prior: str | PriorKind, inference: str | Inference = Inference.MAP) -> Method:
-        """The method of ``prior`` with ``inference``, named ``<prior>`` (MAP) or ``<prior>-<inference>``."""
+        """A method by its parts.
+
+        Args:
+            prior: the prior kind.
+            inference: the inference strategy.
+
+        Returns:
+            The :class:`Method`, named ``<prior>`` (MAP) or ``<prior>-<inference>``.
+        """
         prior, inference = PriorKind.parse(prior), Inference.parse(inference)
         return cls(str(prior) if inference is Inference.MAP else f"{prior}-{inference}", prior, inference)
 
@@ -75,7 +83,7 @@ DEFAULT_METHODS = (Method.of(PriorKind.STANDARD), Method.of(PriorKind.L2SP), Met
 
 
 def parse_method(name: str | Method) -> Method:
-    """``"lowrank-sgld"`` -> ``Method(prior=LOWRANK, inference=SGLD)`` (see the module docstring).
+    """Parse ``name`` (``"lowrank-sgld"`` -> ``Method(prior=LOWRANK, inference=SGLD)``, see the module docstring).
 
     Raises:
         ConfigError: an unknown prior, start or inference, naming the choices.
@@ -109,6 +117,9 @@ def train_config(inference: str | Inference, num_examples: int, *, steps: int = 
         num_examples: training-set size.
         steps, batch_size, num_samples, temperature, lr: as the names say.
         overrides: any other :class:`TrainConfig` field, applied last.
+
+    Returns:
+        The :class:`TrainConfig` (``progress=False``).
     """
     inference = Inference.parse(inference)
     steps_per_epoch = math.ceil(num_examples / min(batch_size, num_examples))

@@ -22,7 +22,15 @@ __all__ = ["fmt_mean_std", "group_results", "markdown_table", "mean_std", "mean_
 
 def group_results(results: Iterable[dict[str, Any]], keys: Sequence[str] = ("method", "n_per_class")
                   ) -> dict[tuple, list[dict[str, Any]]]:
-    """Records grouped by the values of ``keys``, groups and records in first-appearance order."""
+    """Group run records.
+
+    Args:
+        results: the records (dicts).
+        keys: the record keys to group by.
+
+    Returns:
+        ``{(value of each key): [records]}``, groups and records in first-appearance order.
+    """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in results:
         groups.setdefault(tuple(record[k] for k in keys), []).append(record)
@@ -30,7 +38,15 @@ def group_results(results: Iterable[dict[str, Any]], keys: Sequence[str] = ("met
 
 
 def mean_std(values: Sequence[float], finite_only: bool = False) -> tuple[float, float]:
-    """``(mean, sample std)``; std 0 for one value; ``finite_only`` drops NaN/Inf first (NaN, NaN if none left)."""
+    """Mean and sample standard deviation.
+
+    Args:
+        values: the numbers (``None`` entries are dropped).
+        finite_only: drop NaN/Inf too.
+
+    Returns:
+        ``(mean, std)``; std 0 for one value, ``(nan, nan)`` for none.
+    """
     values = [v for v in values if v is not None and (not finite_only or math.isfinite(v))]
     if not values:
         return math.nan, math.nan
@@ -38,19 +54,39 @@ def mean_std(values: Sequence[float], finite_only: bool = False) -> tuple[float,
 
 
 def fmt_mean_std(values: Sequence[float], digits: int = 4) -> str:
-    """``"mean ± std"`` (``digits`` decimals), or the value alone for one value."""
+    """Format numbers over seeds.
+
+    Args:
+        values: the numbers.
+        digits: decimals.
+
+    Returns:
+        ``"mean ± std"``, or the value alone for one value.
+    """
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def mean_std_fields(stats: dict[str, Sequence[float]]) -> dict[str, float]:
-    """``{"<k>_mean": ..., "<k>_std": ...}`` for every metric ``k`` (std 0 for a single value), for JSON summaries."""
+    """Summarise ``stats`` (metric -> values over seeds) for JSON files.
+
+    Returns:
+        ``{"<k>_mean": ..., "<k>_std": ...}`` for every metric ``k`` (std 0 for a single value).
+    """
     pairs = {k: mean_std(v) for k, v in stats.items()}
     return {**{f"{k}_mean": m for k, (m, _) in pairs.items()}, **{f"{k}_std": s for k, (_, s) in pairs.items()}}
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub markdown table."""
+    """A GitHub markdown table.
+
+    Args:
+        headers: the column titles.
+        rows: the cells (anything ``str`` can format).
+
+    Returns:
+        The table's text.
+    """
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -78,6 +114,9 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
         results: the run records.
         metrics: columns.
         size_key, size_label: the record key of the training-set size and its column header.
+
+    Returns:
+        The table's text, then a line naming the seeds.
     """
     header = [size_label, "method", *metrics, "selected", "time (s)"]
     groups = group_results(results, ("method", size_key))
@@ -93,8 +132,18 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
 def plot_data_efficiency(results: Sequence[dict[str, Any]], path: str | Path,
                          metrics: Sequence[str] = ("accuracy", "nll"), size_key: str = "n_per_class",
                          size_label: str = "training examples per class (n)") -> Path:
-    """PNG: each metric against the training-set size (log x), one line per method, error bars = std over seeds.
-    Draws on its own figure (the caller's matplotlib state is left alone). Returns ``path``."""
+    """Plot each metric against the training-set size (log x), one line per method, error bars = std over seeds.
+    Draws on its own figure (the caller's matplotlib state is left alone).
+
+    Args:
+        results: :func:`ptyl.pipeline.run_transfer` records.
+        path: the PNG file to write (atomically).
+        metrics: one panel each.
+        size_key, size_label: the record key of the training-set size and the x-axis label.
+
+    Returns:
+        ``path``.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

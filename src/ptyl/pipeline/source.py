@@ -52,6 +52,9 @@ def pretrain(model: nn.Module, data: Dataset | DataLoader, *, epochs: int = 10, 
         epochs, lr, batch_size, seed, progress: as in :class:`~ptyl.training.TrainConfig`.
         objective: ``objective(model, batch) -> loss``; default cross-entropy.
         checkpoint, resume: see :func:`ptyl.training.fit`.
+
+    Returns:
+        ``model``.
     """
     fit(model, data, None, TrainConfig(inference=Inference.MAP, epochs=epochs, lr=lr, batch_size=batch_size,
                                        seed=seed, progress=progress),

@@ -40,25 +40,41 @@ class Task:
     collate_fn: Callable | None = None
 
     def train_set(self, n: int, seed: int) -> Dataset:
-        """The training set of size ``n`` (per class, or in all) drawn with ``seed``."""
+        """A training set.
+
+        Args:
+            n: its size (per class, or in all: see ``size_key``).
+            seed: draws it; nested in ``n`` where the task allows.
+
+        Returns:
+            The dataset.
+        """
         raise NotImplementedError
 
     def test_set(self, seed: int = 0) -> Dataset:
-        """The evaluation set (it may depend on ``seed``)."""
+        """The evaluation set (it may depend on the training draw's ``seed``)."""
         raise NotImplementedError
 
     def targets(self, dataset: Dataset) -> torch.Tensor:
-        """What :meth:`evaluate` compares predictions with."""
+        """The targets of ``dataset``: what :meth:`evaluate` compares predictions with (labels, or masks)."""
         return torch.as_tensor(dataset.targets)
 
     def evaluate(self, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """Metrics of predictive probabilities."""
+        """Metrics of predictions.
+
+        Args:
+            probs: predictive probabilities (``FitResult.predict``).
+            targets: :meth:`targets` of the evaluated set.
+
+        Returns:
+            ``{metric: value}`` for the names in ``metrics``.
+        """
         from ptyl.metrics import evaluate_probs
 
         return evaluate_probs(probs, targets)
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        """A pretrained source model -> this task's model with a fresh head (seed the RNG first)."""
+        """Turn ``model``, a pretrained source model, into this task's model with a fresh head (seed the RNG first)."""
         raise NotImplementedError
 
     def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
@@ -71,12 +87,28 @@ class Task:
 
     @classmethod
     def wrap(cls, classifier: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
-        """The model a weights file of this task describes, around the classifier rebuilt from ``meta``."""
+        """The model a weights file of this task describes.
+
+        Args:
+            classifier: the classifier rebuilt from the file's metadata.
+            meta: the metadata.
+
+        Returns:
+            The model whose state the file holds.
+        """
         return classifier
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None) -> Task:
-        """The task a weights file was trained on (``data`` replaces its data set)."""
+        """The task a weights file was trained on.
+
+        Args:
+            meta: the weights file's metadata (:meth:`metadata` wrote it).
+            data: evaluate on this data set instead.
+
+        Returns:
+            The task.
+        """
         raise ConfigError(f"task {cls.name!r} cannot be rebuilt from a weights file")
 
 
@@ -129,6 +161,7 @@ class ClassificationTask(Task):
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None, eval_split: str = "test") -> Task:
+        """See :meth:`Task.from_metadata`; ``eval_split`` picks the split evaluated."""
         return cls(data or meta["data"], image_size=meta.get("image_size"), eval_split=eval_split)
 
 
@@ -200,6 +233,7 @@ class SegmentationTask(Task):
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None) -> Task:
+        """See :meth:`Task.from_metadata` (the canvas settings come from ``meta["segmentation"]``)."""
         seg = dict(meta["segmentation"])
         fixed = {key: seg.pop(key, None) for key in ("num_classes", "decoder_channels", "n_test", "test_seed",
                                                       "n_train")}
@@ -208,6 +242,7 @@ class SegmentationTask(Task):
 
     @classmethod
     def wrap(cls, classifier: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
+        """The :class:`~ptyl.models.SegmentationNet` around the classifier (see :meth:`Task.wrap`)."""
         from ptyl.models.segmentation import SegmentationNet
 
         seg = meta.get("segmentation") or {}
@@ -281,15 +316,32 @@ def build_classifier(meta: Mapping[str, Any], num_classes: int | None = None) ->
 
 
 def build_from_metadata(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """A fresh model as a weights file's metadata describes it: the classifier, wrapped for its ``task``."""
+    """A fresh model as a weights file's metadata describes it: the classifier, wrapped for its ``task``.
+
+    Args:
+        meta: ``model``, ``model_kwargs``, ``num_classes``, ``task`` (and the task's own settings).
+        num_classes: override the classifier's number of classes.
+
+    Returns:
+        The randomly initialised model.
+    """
     classifier = build_classifier(meta, num_classes)
     return get_task(meta.get("task", ClassificationTask.name)).wrap(classifier, meta)
 
 
 def pretrained_model_fn(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, task: Task,
                         module: nn.Module | None = None) -> Callable[[], nn.Module]:
-    """A factory of fresh downstream models: the source model (rebuilt from ``meta`` with ``state`` loaded, or a
-    copy of ``module``) adapted to ``task``; with neither ``state`` nor ``module``, a random initialisation."""
+    """A factory of fresh downstream models (call it after seeding: the new head is random).
+
+    Args:
+        meta: metadata naming the source architecture (a prior file's or a weights file's).
+        state: the pretrained state dict; ``None`` (and no ``module``): a random initialisation (``scratch``).
+        task: adapts the source model (a fresh head or decoder).
+        module: copy this source model instead of rebuilding it from ``meta``.
+
+    Returns:
+        ``model_fn() -> nn.Module``.
+    """
 
     def make() -> nn.Module:
         if module is not None:

@@ -61,7 +61,14 @@ class BlockLowRankPrior(CompositePrior):
         self.blocks: tuple[str, ...] = tuple(blocks)
 
     def block(self, name: str) -> Prior:
-        """The prior of one block."""
+        """The prior of one block.
+
+        Args:
+            name: the block's name (as in ``blocks``).
+
+        Returns:
+            Its :class:`~ptyl.priors.Prior`.
+        """
         if name not in self.blocks:
             raise KeyError(f"no block {name!r}; blocks are {list(self.blocks)}")
         return self.parts[_key(name)]

@@ -1,6 +1,6 @@
 """Learned diagonal Gaussian prior N(mu, diag(v)).
 
-From a SWAG posterior, ``v = lam * sigma^2 + eps`` (see :meth:`ptyl.posterior.SourcePosterior.to_prior`):
+From a SWAG posterior, ``v = lam * sigma^2 + eps`` (see :func:`ptyl.priors.learned_prior`):
 
     log N(theta; mu, diag v) = -1/2 [ sum_j (theta_j - mu_j)^2 / v_j + sum_j log v_j + P log 2 pi ]
 """

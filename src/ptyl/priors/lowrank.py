@@ -6,7 +6,7 @@ From a SWAG posterior (mean mu, diagonal sigma^2, deviations D with K columns) t
 ``N(mu, lam * 1/2 (diag sigma^2 + D_k D_k^T / (k - 1)) + eps I)``: ``d = lam sigma^2 / 2 + eps`` and
 ``U = sqrt(lam / (2 (k - 1))) D_k`` — lam scales the *whole* covariance, so the factor is scaled by sqrt(lam)
 (Shwartz-Ziv et al. 2022, arXiv 2205.10279, Sec. 3; the public reference code scaled the factor by lam, i.e. the
-low-rank covariance by lam^2). See :meth:`ptyl.posterior.SourcePosterior.to_prior`.
+low-rank covariance by lam^2). See :func:`ptyl.priors.learned_prior`.
 
 With ``r = theta - mu``, ``w = r / d``, ``C = I_k + U^T diag(d)^-1 U`` (the capacitance, fixed, factorised once):
 

@@ -33,7 +33,14 @@ __all__ = ["PriorKind", "PriorOptions", "PriorRecipe"]
 
 @dataclass(frozen=True)
 class PriorOptions:
-    """The values a builder may read (see :func:`ptyl.priors.make_prior` for their meaning)."""
+    """The values a builder may read.
+
+    Attributes:
+        scale, eps, rank: rescaling of a learned prior (lambda, jitter, number of deviation columns).
+        variance: variance of an isotropic prior.
+        dtype: storage dtype of a learned prior's tensors.
+        blocks: how a per-block prior partitions the parameters.
+    """
 
     scale: float | Mapping[str, float] = 1.0
     eps: float = 0.0
@@ -69,7 +76,17 @@ class PriorRecipe:
     builder: str
 
     def build(self, backbone: dict[str, Any], posterior: Any, options: PriorOptions) -> Any:
-        """Call the builder (see the class docstring)."""
+        """Call the builder.
+
+        Args:
+            backbone: name -> tensor of the backbone parameters the prior covers.
+            posterior: the :class:`~ptyl.posterior.SourcePosterior` matched to them (``None`` unless
+                ``needs_posterior``).
+            options: the :class:`PriorOptions`.
+
+        Returns:
+            The backbone :class:`~ptyl.priors.Prior`, or ``None`` for no backbone prior.
+        """
         module, _, name = self.builder.partition(":")
         return getattr(importlib.import_module(module), name)(backbone, posterior, options)
 
@@ -100,7 +117,18 @@ class PriorKind(str, Enum):
 
     @classmethod
     def parse(cls, value: str | PriorKind, what: str = "prior kind") -> PriorKind:
-        """The member named ``value`` (case-insensitive), else :class:`ConfigError` listing the kinds."""
+        """The member named ``value``.
+
+        Args:
+            value: a member or its name (case-insensitive).
+            what: how an error message names the value.
+
+        Returns:
+            The :class:`PriorKind` member.
+
+        Raises:
+            ConfigError: an unknown name, listing the kinds.
+        """
         try:
             return cls(str(value).strip().lower())
         except ValueError:

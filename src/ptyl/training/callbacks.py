@@ -34,23 +34,29 @@ class Callback:
     stateful = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        """Before the first step (after a checkpoint was restored)."""
+        """Before the first step (after a checkpoint was restored) of ``trainer`` (the running
+        :class:`~ptyl.training.Trainer`: its ``model``, ``step``, ``epoch``, ``config``, ``env``)."""
 
     def on_step_end(self, trainer: Trainer) -> None:
-        """After every optimizer step; ``trainer.step`` counts the steps taken."""
+        """After every optimizer step of ``trainer``; ``trainer.step`` counts the steps taken."""
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
-        """After every epoch; ``record`` (epoch, mean loss, mean prior term) goes into the history; add to it."""
+        """After every epoch.
+
+        Args:
+            trainer: the running :class:`~ptyl.training.Trainer` (``trainer.epoch`` is the epoch just finished).
+            record: epoch, mean loss, mean prior term; it goes into the history: add to it.
+        """
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        """After the last epoch, before the strategy's ``finalize``."""
+        """After the last epoch of ``trainer``, before the strategy's ``finalize``."""
 
     def state_dict(self) -> Any:
         """What a checkpoint must keep to resume exactly (``None``: nothing)."""
         return None
 
     def load_state_dict(self, state: Any) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore ``state``, what :meth:`state_dict` returned."""
 
 
 class SWAGCollection(Callback):
@@ -78,19 +84,37 @@ class SWAGCollection(Callback):
         self.epochs = 0
 
     def step(self, model: nn.Module, collect: bool = True) -> None:
-        """Count one optimizer step of ``model``; take a snapshot when one is due (and ``collect`` is true)."""
+        """Count one optimizer step; take a snapshot when one is due.
+
+        Args:
+            model: the model being trained (call after ``optimizer.step()``).
+            collect: ``False`` counts the step without collecting (DDP ranks other than 0).
+        """
         self.steps += 1
         if self.every_steps and self.steps > self.start_step and self.steps % self.every_steps == 0 and collect:
             self.collector.collect(model)
 
     def end_epoch(self, model: nn.Module, collect: bool = True) -> None:
-        """Count one finished epoch; in per-epoch mode take a snapshot when one is due."""
+        """Count one finished epoch; in per-epoch mode take a snapshot when one is due.
+
+        Args:
+            model: the model being trained.
+            collect: ``False`` counts the epoch without collecting.
+        """
         if not self.every_steps and self.epochs >= self.start_epoch and collect:
             self.collector.collect(model)
         self.epochs += 1
 
     def snapshots_due(self, total_steps: int, epochs: int) -> int:
-        """How many snapshots a run of ``total_steps`` steps in ``epochs`` epochs takes (from the start)."""
+        """How many snapshots a whole run takes (checked before training).
+
+        Args:
+            total_steps: optimizer steps of the run.
+            epochs: epochs of the run.
+
+        Returns:
+            The number of snapshots.
+        """
         if self.every_steps:
             return max(0, total_steps // self.every_steps - self.start_step // self.every_steps)
         return max(0, epochs - self.start_epoch)
@@ -113,7 +137,11 @@ class SWAGCollection(Callback):
 
 
 class EvalCallback(Callback):
-    """Call ``fn(model) -> {name: value}`` after every epoch and add the numbers to the history."""
+    """Call ``fn(model) -> {name: value}`` after every epoch and add the numbers to the history.
+
+    Args:
+        fn: evaluates the model (as given to :func:`~ptyl.training.fit`).
+    """
 
     def __init__(self, fn: Callable[[nn.Module], dict[str, float]]) -> None:
         self.fn = fn

@@ -51,7 +51,18 @@ class Inference(str, Enum):
 
     @classmethod
     def parse(cls, value: str | Inference, what: str = "inference") -> Inference:
-        """The member named ``value`` (case-insensitive), else :class:`ConfigError` listing the choices."""
+        """The member named ``value``.
+
+        Args:
+            value: a member or its name (case-insensitive).
+            what: how an error message names the value.
+
+        Returns:
+            The :class:`Inference` member.
+
+        Raises:
+            ConfigError: an unknown name, listing the choices.
+        """
         try:
             return cls(str(value).strip().lower())
         except ValueError:

@@ -53,6 +53,15 @@ def cyclical_lr(step: int, total_steps: int, num_cycles: int, lr0: float) -> flo
     ``lr = lr0 / 2 * (cos(pi * mod(step, ceil(K / M)) / ceil(K / M)) + 1)`` with ``K = total_steps``,
     ``M = num_cycles``. Steps at or beyond ``total_steps`` continue the periodic pattern (so one extra scheduler
     step at the end of training is harmless).
+
+    Args:
+        step: zero-based step.
+        total_steps: ``K``.
+        num_cycles: ``M``.
+        lr0: the peak step size.
+
+    Returns:
+        The step size at ``step``.
     """
     cycle_length = _check_schedule_args(total_steps, num_cycles)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
@@ -141,11 +150,16 @@ class CyclicalSchedule(LRScheduler):
         return self.position >= self.sampling_start
 
     def temperature_factor(self) -> float:
-        """0.0 while exploring (noise off: SGD), 1.0 while sampling."""
+        """The factor on the temperature of the current step.
+
+        Returns:
+            0.0 while exploring (noise off: SGD), 1.0 while sampling.
+        """
         return 1.0 if self.in_sampling_phase() else 0.0
 
     def apply_to_sgld(self, optimizer: Optimizer | None = None) -> None:
-        """Set ``group["temperature"] = group["initial_temperature"] * temperature_factor()`` where a group has one."""
+        """Set ``group["temperature"] = group["initial_temperature"] * temperature_factor()`` in every group of
+        ``optimizer`` (default: the scheduled one) that has a temperature."""
         optimizer = self.optimizer if optimizer is None else optimizer
         factor = self.temperature_factor()
         for group in optimizer.param_groups:
@@ -155,8 +169,14 @@ class CyclicalSchedule(LRScheduler):
 
     # --- sample collection ---
     def collection_positions(self, samples_per_cycle: int) -> list[int]:
-        """Positions within a cycle at which samples are stored: evenly spaced over the sampling phase, the last at the
-        end of the cycle."""
+        """Where in a cycle samples are stored: evenly spaced over the sampling phase, the last at the cycle's end.
+
+        Args:
+            samples_per_cycle: samples per cycle, in ``[1, length of the sampling phase]``.
+
+        Returns:
+            Zero-based positions within a cycle.
+        """
         num_sampling_steps = self.cycle_length - self.sampling_start
         if isinstance(samples_per_cycle, bool) or not isinstance(samples_per_cycle, numbers.Integral):
             raise InvalidValueError(f"samples_per_cycle must be an integer, got {samples_per_cycle!r}")
@@ -169,7 +189,14 @@ class CyclicalSchedule(LRScheduler):
         return [self.sampling_start - 1 + ((s + 1) * num_sampling_steps) // spc for s in range(spc)]
 
     def collection_steps(self, samples_per_cycle: int) -> list[int]:
-        """All zero-based steps in ``[0, total_steps)`` at which :meth:`should_collect` is true."""
+        """Every step at which :meth:`should_collect` is true.
+
+        Args:
+            samples_per_cycle: as in :meth:`collection_positions`.
+
+        Returns:
+            Zero-based steps in ``[0, total_steps)``.
+        """
         positions = self.collection_positions(samples_per_cycle)
         return [
             cycle * self.cycle_length + position
@@ -179,5 +206,12 @@ class CyclicalSchedule(LRScheduler):
         ]
 
     def should_collect(self, samples_per_cycle: int) -> bool:
-        """Whether to store a sample after the current step (call after ``optimizer.step()``, before ``step()``)."""
+        """Whether to store a sample after the current step (call after ``optimizer.step()``, before ``step()``).
+
+        Args:
+            samples_per_cycle: samples per cycle.
+
+        Returns:
+            ``True`` at the collection steps.
+        """
         return self.position in self.collection_positions(samples_per_cycle)

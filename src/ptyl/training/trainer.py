@@ -46,7 +46,15 @@ _CHECKPOINT_KEYS = ("epoch", "step", "config", "model", "strategy", "callbacks",
 
 
 def supervised_objective(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Mean cross-entropy of an ``(x, y)`` batch (classification ``[B, C]`` or segmentation ``[B, C, H, W]``)."""
+    """The default training objective.
+
+    Args:
+        model: returns logits ``[B, C]`` (classification) or ``[B, C, H, W]`` (segmentation).
+        batch: ``(x, y)``.
+
+    Returns:
+        The mean cross-entropy.
+    """
     x, y = batch[0], batch[1]
     return F.cross_entropy(model(x), y)
 
@@ -145,7 +153,10 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
-        """Run the remaining epochs (all of them, or those after the checkpoint with ``resume=True``).
+        """Run the remaining epochs.
+
+        Args:
+            resume: continue from the checkpoint if there is one (else start from epoch 0).
 
         Returns:
             A :class:`FitResult`: the trained model, the per-epoch history and the strategy's samples.
@@ -225,7 +236,11 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs."""
+        """Everything an exact resume needs.
+
+        Returns:
+            Epoch and step, config, model, strategy, stateful callbacks, RNG streams, history, objective state.
+        """
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -249,7 +264,15 @@ class Trainer:
         self.env.barrier()
 
     def load(self) -> bool:
-        """Restore the checkpoint if it exists; ``False`` when there is none to resume from."""
+        """Restore the checkpoint if it exists.
+
+        Returns:
+            ``False`` when there is none to resume from.
+
+        Raises:
+            ConfigError: it was written with other settings.
+            CheckpointError: it cannot be read or does not fit this run (the message names the file).
+        """
         if self.checkpoint is None or not self.checkpoint.is_file():
             return False
         state = load_checkpoint(self.checkpoint, required=_CHECKPOINT_KEYS)

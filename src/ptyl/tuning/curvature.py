@@ -31,8 +31,14 @@ _JACOBIAN_BUDGET = 2**24  # per-example Jacobian entries held at once (64 MiB in
 
 
 def gaussian_objective(noise_variance: float = 1.0) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """Mean per-example Gaussian negative log-likelihood ``sum_o (y - f)^2 / (2 s2)`` (constant dropped), the
-    training objective that matches ``likelihood="gaussian"``."""
+    """The training objective that matches ``likelihood="gaussian"``.
+
+    Args:
+        noise_variance: s2 > 0.
+
+    Returns:
+        ``objective(model, batch)``: the mean per-example ``sum_o (y - f)^2 / (2 s2)`` (constant dropped).
+    """
     check_positive_number(noise_variance, "noise_variance")
 
     def objective(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -46,8 +52,13 @@ def gaussian_objective(noise_variance: float = 1.0) -> Callable[[nn.Module, Any]
 
 @dataclass
 class Curvature:
-    """What the evidence needs from the data at theta*: ``hessian_diag`` (name -> diag of H_lik, summed over the data,
-    float64) and the summed ``log_likelihood``."""
+    """What the evidence needs from the data at theta*.
+
+    Attributes:
+        hessian_diag: name -> diagonal of H_lik, summed over the data (float64).
+        log_likelihood: the summed log-likelihood.
+        num_data: the number of examples.
+    """
 
     hessian_diag: dict[str, torch.Tensor]
     log_likelihood: float
@@ -75,8 +86,18 @@ def curvature(
     """Diagonal GGN / empirical Fisher of the summed negative log-likelihood w.r.t. the parameters ``names``
     (default: all trainable ones), and the summed log-likelihood, at the model's current weights (eval mode).
 
-    ``likelihood="categorical"``: the model returns logits ``[B, C]``, targets are class indices.
-    ``likelihood="gaussian"``: the model returns ``[B]`` or ``[B, O]``, targets the same shape, noise variance s2.
+    Args:
+        model: the model at theta*.
+        data: a Dataset or DataLoader of ``(x, y)``.
+        names: the parameters (default: every trainable one).
+        likelihood: ``"categorical"`` (logits ``[B, C]``, class-index targets) or ``"gaussian"`` (outputs ``[B]``
+            or ``[B, O]``, targets of the same shape, noise variance ``noise_variance``).
+        hessian: ``"ggn"`` or ``"ef"`` (empirical Fisher).
+        noise_variance: s2 of the Gaussian likelihood.
+        batch_size: examples per batch for a Dataset.
+
+    Returns:
+        A :class:`Curvature`.
     """
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     check_choice(hessian, HESSIANS, "hessian")

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.params import named_parameters
@@ -155,8 +155,19 @@ def laplace_log_evidence(
 ) -> float:
     """Laplace estimate of ``log p(D | prior)`` with the model's weights taken as the MAP theta*.
 
-    Pass ``curvature_at_map`` (from :func:`curvature`) to evaluate many priors at one theta* without touching the data.
     Trainable parameters the prior does not cover are treated as fixed (conditioned on), with a warning.
+
+    Args:
+        model: the model at theta*.
+        prior: the prior whose evidence is estimated.
+        train_set: the data (not needed with ``curvature_at_map``).
+        likelihood, hessian, noise_variance, batch_size: see :func:`ptyl.tuning.curvature`.
+        approximation: ``"exact"`` or ``"diag"`` (see :func:`posterior_log_det`).
+        curvature_at_map: a :class:`Curvature` computed once, to evaluate many priors at one theta* without touching
+            the data.
+
+    Returns:
+        ``log p(D | prior)`` (Laplace).
     """
     if curvature_at_map is None:
         if train_set is None:
@@ -201,11 +212,20 @@ class EvidenceResult:
     edge_warning: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything but the trained model.
+
+        Returns:
+            A JSON-ready dict (``scale``, ``log_evidence_curve``, ``rounds``, ...).
+        """
         return {"scale": self.scale, "log_evidence_curve": self.log_evidence_curve, "rounds": self.rounds,
                 "final_log_evidence": self.final_log_evidence, "edge_warning": self.edge_warning}
 
     def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` atomically."""
+        """Write :meth:`to_dict` to ``path`` atomically.
+
+        Returns:
+            ``path``.
+        """
         from ptyl.metrics.results import save_json
 
         return save_json(path, self.to_dict())
@@ -277,6 +297,13 @@ def select_prior_scale(
         bounds: search interval for lam (inclusive); a maximiser at a bound sets ``edge_warning`` and warns.
         likelihood / noise_variance / hessian / approximation: see :func:`curvature` and :func:`posterior_log_det`.
             With ``likelihood="gaussian"`` the training objective defaults to :func:`gaussian_objective`.
+        points_per_decade: density of the log grid the evidence is maximised on.
+        objective: the training objective.
+        refit: fit at the selected scale with ``config`` (``final``).
+        progress: a progress bar.
+
+    Returns:
+        An :class:`EvidenceResult`.
     """
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     check_choice(approximation, APPROXIMATIONS, "approximation")

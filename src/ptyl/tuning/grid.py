@@ -92,7 +92,15 @@ class PriorSpec:
         self.kind = PriorKind.parse(self.kind)
 
     def build_prior(self, model: nn.Module, **values: Any):
-        """:func:`make_prior` for ``model`` with ``values`` (grid-axis values) replacing fields."""
+        """The prior of this spec for a model.
+
+        Args:
+            model: the freshly built model (build the prior before training: L2-SP centres on its weights).
+            values: grid-axis values replacing fields (``scale=1e4``...).
+
+        Returns:
+            :func:`ptyl.priors.make_prior`'s :class:`~ptyl.priors.CompositePrior`.
+        """
         spec = replace(self, **values)
         return make_prior(model, spec.kind, posterior=spec.posterior, scale=spec.scale, eps=spec.eps, rank=spec.rank,
                           variance=spec.variance, blocks=spec.blocks, head=spec.head,

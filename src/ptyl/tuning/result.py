@@ -64,7 +64,11 @@ class TuneResult:
         return bool(self.edge_warnings)
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the trained model, JSON-ready."""
+        """Everything but the trained model.
+
+        Returns:
+            A JSON-ready dict (``best``, ``metric``, ``grid``, ``split``, ``table``, ``edge_warnings``, ``final``).
+        """
         final = None
         if self.final is not None:
             final = {"history": self.final.history, "config": asdict(self.final.config)}
@@ -72,7 +76,14 @@ class TuneResult:
                 "table": self.table, "edge_warnings": self.edge_warnings, "final": final}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The result as JSON text; with ``path``, also written there atomically."""
+        """The result as JSON.
+
+        Args:
+            path: also write it there atomically.
+
+        Returns:
+            The JSON text.
+        """
         from ptyl.metrics.results import save_json, to_jsonable
 
         if path is not None:
@@ -80,9 +91,17 @@ class TuneResult:
         return json.dumps(to_jsonable(self.to_dict()), indent=2)
 
     def plot(self, path: str | Path, x: str | None = None) -> Path:
-        """PNG of validation NLL against ``x`` (default ``scale``, else ``variance``, else the first numeric axis) on
-        a log axis, one line per combination of the other axes; the selected point is starred. Draws on its own
-        figure (no pyplot state: the caller's matplotlib backend is left alone). Returns ``path``."""
+        """Plot validation NLL against one axis (log scale), one line per combination of the other axes, the
+        selected point starred. Draws on its own figure (no pyplot state: the caller's matplotlib backend is left
+        alone).
+
+        Args:
+            path: the PNG file to write (atomically).
+            x: the axis (default ``scale``, else ``variance``, else the first numeric axis).
+
+        Returns:
+            ``path``.
+        """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 

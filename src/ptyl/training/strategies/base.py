@@ -69,8 +69,13 @@ class Strategy:
 
     @classmethod
     def adapt_to_budget(cls, config: TrainConfig, total_steps: int) -> None:
-        """Set the strategy's own fields of ``config`` for a run of ``total_steps`` optimizer steps (used by
-        :func:`ptyl.pipeline.train_config`, which fixes the step budget of every method). Default: nothing."""
+        """Set the strategy's own fields of a config for a fixed step budget (used by
+        :func:`ptyl.pipeline.train_config`, which gives every method the same budget). Default: nothing.
+
+        Args:
+            config: changed in place (its ``epochs`` are already set).
+            total_steps: optimizer steps of the run.
+        """
 
     # --- the hooks the loop calls ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:  # pragma: no cover - abstract
@@ -79,24 +84,37 @@ class Strategy:
         raise NotImplementedError
 
     def callbacks(self) -> list[Callback]:
-        """Callbacks the strategy needs the loop to run (e.g. SWAG collection); called after :meth:`setup`."""
+        """Callbacks the strategy needs the loop to run; called after :meth:`setup`.
+
+        Returns:
+            The callbacks (e.g. SWAG collection), run before the user's.
+        """
         return []
 
     def on_step(self, trainer: Trainer) -> None:
-        """After ``optimizer.step()`` (``trainer.step`` is the index of the step just taken): advance the schedule."""
+        """After ``optimizer.step()`` of ``trainer``: advance the schedule (``trainer.step`` is the index of the
+        step just taken)."""
         if self.scheduler is not None:
             self.scheduler.step()
 
     def on_epoch(self, trainer: Trainer) -> None:
-        """After the last step of an epoch."""
+        """After the last step of an epoch of ``trainer`` (``trainer.epoch`` is its 0-based index)."""
 
     def finalize(self, trainer: Trainer) -> SampleBank | None:
-        """After the last epoch: the samples to average over (``None``: predict with the trained model)."""
+        """After the last epoch of ``trainer``: the samples to average over.
+
+        Returns:
+            A :class:`~ptyl.inference.SampleBank`, or ``None`` to predict with the trained model.
+        """
         return self.bank
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, schedule and samples, for an exact resume."""
+        """What an exact resume needs.
+
+        Returns:
+            ``{"optimizer", "scheduler", "bank"}`` state dicts (``None`` where there is none).
+        """
         return {
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -104,7 +122,7 @@ class Strategy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore ``state``, what :meth:`state_dict` returned."""
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
