@@ -17,14 +17,20 @@ LAYERS = [
     {"inference"},
     {"training"},
     {"tuning"},
-    {"pipeline", "config"},
+    {"pipeline"},
     {"cli"},
 ]
+# modules that belong to a package they do not sit in: ptyl/config.py reads the command line's config files and asks
+# the parser for its subcommands (it imports ptyl.cli), so it is part of the cli layer
+PART_OF = {"config": "cli"}
 
 
 def _package(module: str) -> str | None:
+    """The ptyl package (or top-level module) ``module`` belongs to; ``None`` outside ptyl or for a plain name."""
     parts = module.split(".")
-    return parts[1] if parts[0] == "ptyl" and len(parts) > 1 else None
+    if parts[0] != "ptyl" or len(parts) < 2 or not ((SRC / parts[1]).is_dir() or (SRC / f"{parts[1]}.py").is_file()):
+        return None
+    return PART_OF.get(parts[1], parts[1])
 
 
 def _type_checking_lines(tree: ast.AST) -> set[int]:
@@ -44,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
         relative = path.relative_to(SRC)
         if relative == Path("__init__.py"):
             continue  # the top-level facade re-exports from every layer
-        package = relative.parts[0].removesuffix(".py")
+        package = PART_OF.get(relative.parts[0].removesuffix(".py"), relative.parts[0].removesuffix(".py"))
         tree = ast.parse(path.read_text(encoding="utf-8"))
         skip = _type_checking_lines(tree)
         for node in ast.walk(tree):
@@ -58,7 +64,7 @@ def import_graph() -> dict[str, set[str]]:
                                          else [])
             for name in names:
                 target = _package(name)
-                if target and target != package and ((SRC / target).is_dir() or (SRC / f"{target}.py").is_file()):
+                if target and target != package:
                     graph.setdefault(package, set()).add(target)
     return graph
 
