@@ -75,11 +75,14 @@ def _leaves(prior: Prior) -> list[Prior]:
     return [prior]
 
 
-# The two questions the evidence asks of a prior, answered per leaf in one place.
-# TODO(issue 12, `speed`): answer them with ``leaf.precision_diagonal()`` and ``leaf.posterior_log_det(h)`` once the
-# Prior interface has them (PLAN.md "Contracts"), and drop the per-class code below.
+# The two questions the evidence asks of a prior, answered per leaf in one place: by the Prior interface of issue 12
+# (``precision_diagonal()``, ``posterior_log_det(h)``, PLAN.md "Contracts") where the prior has it.
+# TODO(issue 12): once every prior has those methods (the `speed` branch), drop the per-class fallbacks below, which
+# read the priors' private buffers.
 def _precision_diagonal(leaf: Prior) -> torch.Tensor:
     """diag(Sigma^-1) of one leaf prior, flat float64 in ``leaf.names`` order (Woodbury for the low-rank prior)."""
+    if hasattr(leaf, "precision_diagonal"):
+        return leaf.precision_diagonal().double().cpu()
     if isinstance(leaf, IsotropicGaussianPrior):
         return torch.full((leaf.num_parameters,), 1.0 / leaf.variance, dtype=torch.float64)
     if isinstance(leaf, DiagonalGaussianPrior):
@@ -93,6 +96,9 @@ def _precision_diagonal(leaf: Prior) -> torch.Tensor:
 
 def _log_det(leaf: Prior, h: torch.Tensor, approximation: str) -> float:
     """log det(diag(h) + Sigma^-1) of one leaf (``"diag"``: with Sigma^-1 replaced by its diagonal)."""
+    if approximation == "exact" and hasattr(leaf, "posterior_log_det"):
+        device = next((b.device for b in leaf.buffers()), h.device)
+        return float(leaf.posterior_log_det(h.to(device)))
     if isinstance(leaf, LowRankGaussianPrior) and approximation == "exact":
         d, u, chol = _lowrank_parts(leaf)
         h = h.to(d.device)
