@@ -29,13 +29,22 @@ OTHER_MEANINGS = {
 }
 
 
-def _docstring_nodes(tree: ast.AST) -> set[int]:
+def _not_names(tree: ast.AST) -> set[int]:
+    """Strings that cannot name a prior kind: docstrings, and attribute names (``register_buffer("diag", ...)``,
+    ``getattr(obj, "mean")``)."""
     ids = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 ids.add(id(first.value))
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            position = 0 if name in ("register_buffer", "register_parameter") else 1
+            if name in ("register_buffer", "register_parameter", "getattr", "setattr", "hasattr") \
+                    and len(node.args) > position and isinstance(node.args[position], ast.Constant):
+                ids.add(id(node.args[position]))
     return ids
 
 
@@ -46,10 +55,10 @@ def test_each_name_is_spelled_in_one_place():
         if path in REGISTRIES:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        docstrings = _docstring_nodes(tree)
+        skipped = _not_names(tree)
         relative = str(path.relative_to(SRC))
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped:
                 # an identifier-like string ("lowrank", "lowrank-sgld"), not prose that happens to say "block"
                 words = set(node.value.split("-")) if re.fullmatch(r"[a-z0-9_]+(-[a-z0-9_]+)*", node.value) else set()
                 for word in words & names:
