@@ -124,15 +124,15 @@ def default_grid(
 
     Returns:
         ``{axis: values, "lr": lrs}``; for a kind without a strength axis (``none``), ``budget`` log-spaced learning
-        rates between ``min(lrs)`` and ``max(lrs)``.
+        rates between ``min(lrs)`` and ``max(lrs)`` (one, if they are equal).
     """
     recipe = PriorKind.parse(kind).recipe
     budget = check_int(budget, "budget", minimum=1)
     lrs = [check_positive_number(v, "lrs") for v in lrs]
     if not lrs:
         raise ConfigError("lrs must not be empty")
-    if recipe.axis is None:
-        return {"lr": _logspace(math.log10(min(lrs)), math.log10(max(lrs)), budget)}
+    if recipe.axis is None:  # no prior to tune: the budget goes to the learning rate (one value if lrs has one)
+        return {"lr": list(dict.fromkeys(_logspace(math.log10(min(lrs)), math.log10(max(lrs)), budget)))}
     lo, hi = map(float, log10_range if log10_range is not None else recipe.log10_range)
     points = budget // len(lrs)
     if points < 2:
