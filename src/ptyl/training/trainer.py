@@ -63,9 +63,11 @@ class _LossWindow:
     """Data and prior terms of the last steps, kept on the device; checked and summed only when flushed."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        self.buffer = torch.zeros(size, 2, dtype=torch.float32, device=device)
+        # float64 holds any loss dtype exactly (a float64 loss above 3e38 is finite, not a divergence); MPS has none
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.buffer = torch.zeros(size, 2, dtype=dtype, device=device)
         self.count, self.first_step = 0, 0
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2, dtype=dtype, device=device)
         self.steps = 0
 
     def add(self, data_loss: torch.Tensor, prior_term: torch.Tensor, step: int) -> bool:
@@ -87,7 +89,7 @@ class _LossWindow:
         first = env.min(first if first >= 0 else 2**62)
         if first < 2**62:
             raise DivergenceError(f"non-finite loss at step {first}: lower the learning rate or strengthen the prior")
-        self.sums += window.double().sum(dim=0)
+        self.sums += window.sum(dim=0).to(self.sums.dtype)
         self.steps += self.count
         self.count = 0
 
