@@ -1,0 +1,28 @@
+"""The SimCLR and segmentation accuracy benchmarks run end to end through the pipeline in --quick mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("script, name, keys", [
+    ("segmentation.py", "segmentation", ("miou", "nll", "ece")),
+    ("simclr.py", "simclr", ("accuracy", "nll", "ece")),
+])
+def test_quick_run_writes_its_tables(tmp_path, script, name, keys):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / script), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / f"{name}.md").read_text()
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert md.startswith("# ") and "|---|" in md and md.strip() in proc.stdout
+    assert data["runs"] and all(math.isfinite(run[k]) and run[k] >= 0 for run in data["runs"] for k in keys)
+    assert all(run["tuning"] for run in data["runs"])  # every method was tuned
