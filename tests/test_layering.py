@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "params", "validation", "distributed", "flat"},  # flat: the flat-buffer helpers of issue 12
     {"posterior"},
     {"priors"},
-    {"io", "memory", "data", "models", "metrics"},
+    {"io", "memory", "data", "models", "metrics", "autotune"},
     {"inference"},
     {"training"},
     {"tuning"},

@@ -26,6 +26,10 @@ OTHER_MEANINGS = {
     ("metrics/segmentation.py", "none"): "torchmetrics average='none'",
     ("tuning/result.py", "none"): "matplotlib linestyle='none'",
     ("tuning/evidence.py", "diag"): "the 'diag' log-determinant approximation",
+    ("autotune/curvature.py", "diag"): "the 'diag' curvature structure",
+    ("autotune/kfac.py", "diag"): "the 'diag' curvature structure",
+    ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",
+    ("autotune/likelihoods.py", "none"): "torch reduction='none'",
 }
 
 

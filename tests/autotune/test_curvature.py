@@ -215,7 +215,7 @@ def test_log_likelihood_and_count():
 
 def test_diag_matches_the_existing_evidence_curvature():
     """The diagonal GGN equals ptyl.inference.evidence.curvature (its per-example Jacobian implementation)."""
-    from ptyl.inference.evidence import curvature as existing
+    from ptyl.tuning import curvature as existing
 
     model = TinyNet().double()
     x, y = torch.randn(12, 1, 6, 6, dtype=F64), torch.randint(0, 3, (12,))

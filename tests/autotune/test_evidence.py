@@ -136,7 +136,7 @@ def test_evidence_equals_closed_form_linear_regression(kind, method):
 
 
 def test_diag_evidence_equals_the_existing_evidence():
-    from ptyl.inference.evidence import laplace_log_evidence as existing
+    from ptyl.tuning import laplace_log_evidence as existing
     from ptyl.priors import make_prior
     from tests.helpers import TinyNet
 

@@ -33,11 +33,15 @@ from ptyl.errors import ConfigError, ParameterMismatchError
 from ptyl.params import as_name_list, name_matches, named_parameters
 from ptyl.priors.block import assign_blocks
 from ptyl.priors.lowrank import check_rank
+from ptyl.priors.registry import PriorKind
 
-KINDS = ("lowrank", "diag", "block", "l2sp", "standard")
+KINDS = tuple(kind for kind in PriorKind if kind.recipe.axis is not None)  # the kinds with a scale to learn
 HYPERS = ("scale", "eps", "variance", "head_variance")
-_KIND_HYPERS = {"lowrank": ("scale", "eps"), "diag": ("scale", "eps"), "block": ("scale", "eps"),
-                "l2sp": ("variance",), "standard": ("variance",)}
+
+
+def _kind_hypers(kind: PriorKind) -> tuple[str, ...]:
+    """The strength axis of the kind (its recipe's), plus eps for learned priors."""
+    return (kind.recipe.axis, "eps") if kind.recipe.needs_posterior else (kind.recipe.axis,)
 
 
 def split_parameters(model: nn.Module, head, unregularized: Sequence[str], need_head: bool):
@@ -60,11 +64,11 @@ def _check_learn(kind: str, learn: Sequence[str], eps: float, head_variance: flo
     unknown = learn - set(HYPERS)
     if unknown:
         raise ConfigError(f"unknown hyper-parameter(s) {sorted(unknown)} to learn; choose from {HYPERS}")
-    usable = set(_KIND_HYPERS[kind]) | ({"head_variance"} if head_variance is not None else set())
+    usable = set(_kind_hypers(kind)) | ({"head_variance"} if head_variance is not None else set())
     if not learn & usable:
-        raise ConfigError(f"prior kind {kind!r} has no usable scale among learn={sorted(learn)}: learnable here are "
+        raise ConfigError(f"prior kind {str(kind)!r} has no usable scale among learn={sorted(learn)}: learnable here are "
                           f"{sorted(usable)}")
-    if "eps" in learn and kind in ("lowrank", "diag", "block") and eps <= 0:
+    if "eps" in learn and kind.recipe.needs_posterior and eps <= 0:
         raise ConfigError("eps is learned in log space: give it a positive initial value (e.g. eps=1e-8)")
     return learn & usable
 
@@ -73,7 +77,7 @@ def _learned_parts(posterior, names: list[str], kind: str, rank: int | None):
     """(mean, base diag a, base factor V or None) dicts of the posterior restricted to ``names``."""
     post = posterior.restrict(names)
     k = check_rank(post.rank if rank is None else rank, post.rank)
-    if kind == "diag" or k == 0:
+    if kind is PriorKind.DIAG or k == 0:
         return post.mean, post.variance, None
     half = {n: 0.5 * v for n, v in post.variance.items()}
     div = math.sqrt(2.0 * max(k - 1, 1))
@@ -82,14 +86,14 @@ def _learned_parts(posterior, names: list[str], kind: str, rank: int | None):
 
 def _learned_family(posterior, names, kind, rank, scale, eps, learn, blocks, dtype) -> LeafFamily | BlockFamily:
     learn_eps = "eps" in learn
-    if kind != "block":
+    if kind is not PriorKind.BLOCK:
         mean, a, v = _learned_parts(posterior, names, kind, rank)
         return LearnedFamily(mean, a, v, scale=scale, eps=eps, learn_scale="scale" in learn, learn_eps=learn_eps,
                              dtype=dtype)
     shared = nn.Parameter(torch.tensor(math.log(check_hyper(eps, "eps")), dtype=dtype)) if learn_eps else None
     parts = {}
     for b, block_names in assign_blocks(names, blocks).items():
-        mean, a, v = _learned_parts(posterior, block_names, "lowrank", rank)
+        mean, a, v = _learned_parts(posterior, block_names, PriorKind.LOWRANK, rank)
         parts[b] = LearnedFamily(mean, a, v, scale=scale, eps=eps, learn_scale="scale" in learn, log_eps=shared,
                                  label=b, dtype=dtype)
     return BlockFamily(parts)
@@ -121,14 +125,16 @@ def build_family(
         learn: which of :data:`HYPERS` become parameters; the others stay fixed. At least one must apply.
         blocks: ``"auto"`` or module prefixes (``block`` only).
     """
-    if kind not in KINDS:
-        raise ConfigError(f"prior kind {kind!r} has no scale to learn; choose one of {KINDS}")
+    if kind not in KINDS:  # members compare equal to their names
+        raise ConfigError(f"prior kind {str(kind)!r} has no scale to learn; choose one of "
+                          f"{tuple(str(k) for k in KINDS)}")
+    kind = PriorKind.parse(kind)
     learn = _check_learn(kind, learn, eps, head_variance)
     params, head_names, backbone, free = split_parameters(model, head, unregularized, head_variance is not None)
     parts: dict[str, LeafFamily | CompositeFamily] = {}
-    if kind in ("lowrank", "diag", "block"):
+    if kind.recipe.needs_posterior:
         if posterior is None:
-            raise ConfigError(f"prior kind {kind!r} needs the source posterior (a prior file)")
+            raise ConfigError(f"prior kind {str(kind)!r} needs the source posterior (a prior file)")
         matched = posterior.matched_to({n: params[n] for n in backbone}, strict=strict)
         uncovered = [n for n in backbone if n not in matched.mean]
         if uncovered and strict:
@@ -141,7 +147,7 @@ def build_family(
         parts["backbone"] = _learned_family(matched, covered, kind, rank, scale, eps, learn, blocks, dtype)
     elif backbone:
         shapes = {n: tuple(params[n].shape) for n in backbone}
-        center = {n: params[n] for n in backbone} if kind == "l2sp" else None
+        center = {n: params[n] for n in backbone} if kind is PriorKind.L2SP else None
         parts["backbone"] = IsotropicFamily(shapes, variance, center, learn="variance" in learn, dtype=dtype)
     if head_names and head_variance is not None:
         shapes = {n: tuple(params[n].shape) for n in head_names}

@@ -1,7 +1,7 @@
 """Likelihoods p(y | f(x; theta)) with what the tuning engines need from them.
 
 A likelihood is also a training objective (``likelihood(model, batch)`` = mean negative log-likelihood, the form
-:func:`ptyl.inference.fit` takes). For the curvature it gives, per example, a square root of the Hessian of
+:func:`ptyl.training.fit` takes). For the curvature it gives, per example, a square root of the Hessian of
 ``-log p(y | f)`` w.r.t. the outputs f (which does not depend on y for these likelihoods), ``Lambda = L L^T``, so the
 generalised Gauss-Newton matrix is ``G = sum_n J_n^T L_n L_n^T J_n`` (Martens 2020, https://arxiv.org/abs/1412.1193):
 
