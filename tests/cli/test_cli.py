@@ -168,3 +168,15 @@ def test_installed_script_reports_errors_in_one_line(tmp_path):
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"ptyl: error: prior file not found: {tmp_path / 'missing.safetensors'}"]
+
+
+def test_finetune_writes_every_output_or_none(tiny_prior, tmp_path, monkeypatch, capsys):
+    import ptyl.metrics
+
+    def failing_json(*args, **kwargs):  # the last write fails after the plot and the weights were written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ptyl.metrics, "save_json", failing_json)
+    out = tmp_path / "run"
+    assert main(["finetune", "--prior", str(tiny_prior), "--data", "mnist", *FAST, "--out", str(out)]) != 0
+    assert list(out.iterdir()) == []

@@ -58,3 +58,55 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path):
     assert meta["format"] == "ptyl-weights" and set(state) == {"weight", "bias"}
     with pytest.raises(ParameterMismatchError, match="w.safetensors.*shape mismatch"):
         load_state_checked(nn.Linear(2, 4), state, path)
+
+
+def _flip_last_data_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # the last byte belongs to the last tensor's data, never to the JSON header
+    path.write_bytes(bytes(raw))
+
+
+def test_weights_and_samples_carry_checksums_that_catch_flipped_data(tmp_path, monkeypatch):
+    weights = save_weights({"w": torch.linspace(1, 2, 16)}, tmp_path / "w.safetensors", {"model": "x"})
+    samples = save_samples(states(2), tmp_path / "s.safetensors")
+    assert "tensors" not in read_weights_metadata(weights)  # records are format data, not user metadata
+    for path in (weights, samples):
+        _flip_last_data_byte(path)
+    with pytest.raises(PriorFileError, match="w.safetensors.*'w' fails its SHA-256 checksum"):
+        read_weights(weights)
+    with pytest.raises(PriorFileError, match="s.safetensors.*checksum"):
+        load_samples(samples)
+    monkeypatch.setenv("PTYL_VERIFY_CHECKSUMS", "0")  # the documented opt-out still reads the (damaged) data
+    state, _ = read_weights(weights)
+    assert state["w"].shape == (16,)
+
+
+def test_weights_tensor_dtype_is_checked_against_its_record(tmp_path):
+    path = save_weights({"w": torch.ones(4)}, tmp_path / "w.safetensors", {})
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b'"dtype":"F32"', b'"dtype":"I32"', 1))  # safetensors' own header, same length
+    with pytest.raises(PriorFileError, match="'w' has dtype int32 but the metadata records float32"):
+        read_weights(path)
+
+
+def test_weights_written_before_integrity_records_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    save_file({"w": torch.ones(3)}, str(path), metadata={"ptyl_weights": json.dumps({"format": "ptyl-weights"})})
+    state, meta = read_weights(path)
+    assert torch.equal(state["w"], torch.ones(3)) and meta == {"format": "ptyl-weights"}
+
+
+def test_malformed_weights_header_is_named(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    header = {"format": "ptyl-weights", "tensors": {"w": {"dtype": "float32", "shape": "3"}}}
+    save_file({"w": torch.ones(3)}, str(path), metadata={"ptyl_weights": json.dumps(header)})
+    with pytest.raises(PriorFileError, match=r"bad.safetensors: metadata field 'tensors.w.shape'"):
+        read_weights(path)

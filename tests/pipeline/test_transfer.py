@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ptyl.errors import ConfigError, ParameterMismatchError
+from ptyl.errors import ConfigError, ParameterMismatchError, PriorFileError
 from ptyl.io import load_posterior, read_metadata, save_weights
 from ptyl.pipeline import (
     learn_source_prior, load_pretrained, load_weights, parse_method, plot_data_efficiency, pretrained_weights_path,
@@ -142,3 +142,25 @@ def test_run_transfer_raises_user_errors_before_training(tiny_prior, monkeypatch
                      grids={"l2sp": {"variance": [1.0], "lrr": [0.1]}}, progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         run_transfer(tiny_prior, "mnist", n_per_class=[2], methods=["standard", "lowrank-adam"], progress=False)
+
+
+def test_learn_source_prior_writes_weights_and_prior_together_or_not_at_all(tmp_path, monkeypatch):
+    import ptyl.pipeline.source as source
+
+    def failing_save(*args, **kwargs):  # runs after the weights were written inside the same group
+        raise PriorFileError("prior save failed (e.g. fp16 underflow of the variance)")
+
+    monkeypatch.setattr(source, "save_posterior", failing_save)
+    out = tmp_path / "prior.safetensors"
+    with pytest.raises(PriorFileError, match="prior save failed"):
+        learn_source_prior("kmnist", "smallcnn", pretrain_epochs=0, swag_epochs=1, rank=2, batch_size=32,
+                           n_per_class=4, model_kwargs={"width": 4}, out=out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no weights file, no temporary file
+
+
+def test_fewer_snapshots_than_the_requested_rank_is_a_warning(tmp_path):
+    out = tmp_path / "prior.safetensors"
+    with pytest.warns(UserWarning, match="fewer than the requested rank 50: the prior has rank"):
+        learn_source_prior("kmnist", "smallcnn", pretrain_epochs=0, swag_epochs=1, rank=50, batch_size=32,
+                           n_per_class=4, model_kwargs={"width": 4}, out=out, progress=False)
+    assert read_metadata(out)["rank"] < 50

@@ -135,7 +135,7 @@ def _prior_spec(args: argparse.Namespace, head: str):
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from ptyl.io import read_metadata, save_samples, save_weights
+    from ptyl.io import atomic_files, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
     from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
     from ptyl.training import fit
@@ -175,17 +175,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     probs = result.predict(test)
     targets = task.targets(test)
     metrics = task.evaluate(probs, targets)
-    out.mkdir(parents=True, exist_ok=True)
-    reliability_diagram(probs, targets, out / "reliability.png",
-                        title=f"{spec.kind} / {config.inference} on {args.data}")
     weights_meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}
     weights_meta.update({**task.metadata(), "seed": args.seed, "prior": args.prior, "method": config.inference,
                          "baseline": args.baseline, "batch_size": args.batch_size, task.size_key: size})
     if "segmentation" in weights_meta:
         weights_meta["segmentation"]["n_train"] = size
-    save_weights(result.model, out / "model.safetensors", weights_meta)
-    if result.samples is not None and len(result.samples):
-        save_samples(result.samples, out / "samples.safetensors", weights_meta)
     hyper = {"scale": spec.scale, "eps": spec.eps, "rank": spec.rank, "variance": spec.variance,
              "head_variance": spec.head_variance, "lr": config.lr, **selected}
     report = {"task": args.task, "data": args.data, "prior_file": args.prior, "prior": str(spec.kind),
@@ -194,7 +188,14 @@ def run_finetune(args: argparse.Namespace) -> int:
               "num_train": len(train), "num_test": len(test), "seed": args.seed, "metrics": metrics,
               "hyperparameters": hyper, "tuning": tuning, "config": asdict(config), "history": result.history,
               "wall_time_s": time.perf_counter() - start}
-    save_json(out / "results.json", report)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_files():  # every output file appears, or none does
+        reliability_diagram(probs, targets, out / "reliability.png",
+                            title=f"{spec.kind} / {config.inference} on {args.data}")
+        save_weights(result.model, out / "model.safetensors", weights_meta)
+        if result.samples is not None and len(result.samples):
+            save_samples(result.samples, out / "samples.safetensors", weights_meta)
+        save_json(out / "results.json", report)
     print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
     info(args, f"wrote {out / 'results.json'}, {out / 'reliability.png'}, {out / 'model.safetensors'}")
     return 0

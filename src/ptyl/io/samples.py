@@ -2,7 +2,7 @@
 
 Layout: tensor ``<index>::<state-dict key>`` for every sample (``index`` a zero-padded integer, samples in index
 order) and JSON metadata under the header key ``ptyl_weights`` with ``"format": "ptyl-samples"`` and
-``num_samples``. ``ptyl finetune`` writes all its samples to one such file; an on-disk
+``num_samples``, with the integrity records of :mod:`ptyl.io.weights`. ``ptyl finetune`` writes all its samples to one such file; an on-disk
 :class:`~ptyl.inference.SampleBank` writes one file per sample in the same layout.
 
 >>> import tempfile, torch
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ptyl.errors import PriorFileError
-from ptyl.io.weights import cpu_state, read_state_metadata, read_state_tensors, write_state_file
+from ptyl.io.weights import cpu_state, read_state_file, read_state_metadata, write_state_file
 
 __all__ = ["SAMPLES_FORMAT", "load_samples", "read_samples_metadata", "save_samples"]
 
@@ -72,9 +72,9 @@ def load_samples(path: str | Path, map_location: str | torch.device = "cpu") -> 
     Raises:
         PriorFileError: not a ptyl samples file, or a damaged one (the message names it).
     """
-    meta = read_samples_metadata(path)
+    tensors, meta = read_state_file(path, SAMPLES_FORMAT, "samples", map_location)
     by_index: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in read_state_tensors(path, map_location).items():
+    for key, tensor in tensors.items():
         index, sep, name = key.partition(_SEP)
         if not sep or not index.isdigit():
             raise PriorFileError(f"{path}: tensor {key!r} is not '<index>{_SEP}<name>'; not a ptyl samples file")

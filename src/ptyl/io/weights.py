@@ -1,7 +1,9 @@
 """Weights files: a model's ``state_dict`` (parameters and buffers) as one ``.safetensors`` file.
 
 Layout: one tensor per state-dict key, plus JSON metadata under the header key ``ptyl_weights`` with
-``"format": "ptyl-weights"`` and whatever the writer records to rebuild the model (``model``, ``model_kwargs``,
+``"format": "ptyl-weights"``, ``"tensors"`` (one integrity record per tensor: dtype, shape, SHA-256 of the raw bytes,
+see :mod:`ptyl.io.integrity`; verified on read unless ``PTYL_VERIFY_CHECKSUMS=0``; files written before the records
+existed still load, unverified) and whatever the writer records to rebuild the model (``model``, ``model_kwargs``,
 ``num_classes``, ``task``...; :func:`ptyl.pipeline.load_weights` reads them). No pickle; atomic writes.
 
 >>> import tempfile, torch
@@ -26,12 +28,16 @@ from torch import nn
 from ptyl.errors import ParameterMismatchError, PriorFileError
 from ptyl.io.atomic import atomic_write
 from ptyl.io.header import read_json_header
+from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, tensor_records
+from ptyl.io.schema import MapOf, Object, String
 
 __all__ = ["HEADER_KEY", "WEIGHTS_FORMAT", "load_state_checked", "read_weights", "read_weights_metadata",
            "save_weights"]
 
 WEIGHTS_FORMAT = "ptyl-weights"
 HEADER_KEY = "ptyl_weights"  # the JSON header key of every model-state file (weights and sample banks)
+_RECORDS = "tensors"  # header field holding the per-tensor integrity records
+STATE_METADATA = Object(required={"format": String(nonempty=True)}, optional={_RECORDS: MapOf(TENSOR_RECORD)})
 
 
 def cpu_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -41,27 +47,51 @@ def cpu_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def write_state_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, Any], fmt: str) -> Path:
-    """Write ``tensors`` with ``metadata`` (``format`` set last, so copied metadata cannot mislabel the file)."""
-    header = {HEADER_KEY: json.dumps({**metadata, "format": fmt})}
+    """Write ``tensors`` with ``metadata`` plus their integrity records (``tensors`` and ``format`` set last, so
+    copied metadata cannot mislabel the file)."""
+    header = {HEADER_KEY: json.dumps({**metadata, _RECORDS: tensor_records(tensors), "format": fmt})}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def read_state_metadata(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
-    """The JSON metadata of a model-state file of format ``fmt``; :class:`PriorFileError` naming the file otherwise."""
+def _read_header(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    meta = read_json_header(path, HEADER_KEY, what=what)
-    if meta.get("format") != fmt:
-        raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {fmt!r}; is it a ptyl {what} file?")
+    meta = read_json_header(path, HEADER_KEY, what=what, schema=STATE_METADATA)
+    if meta["format"] != fmt:
+        raise PriorFileError(f"{path}: format {meta['format']!r} is not {fmt!r}; is it a ptyl {what} file?")
     return meta
 
 
-def read_state_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a damaged file raises :class:`PriorFileError` naming it."""
-    try:
-        return load_file(str(path), device=str(map_location))
+def read_state_metadata(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
+    """The JSON metadata of a model-state file of format ``fmt`` (without its integrity records);
+    :class:`PriorFileError` naming the file otherwise."""
+    meta = _read_header(path, fmt, what)
+    meta.pop(_RECORDS, None)
+    return meta
+
+
+def read_state_file(
+    path: str | Path, fmt: str, what: str, map_location: str | torch.device = "cpu", *, verify: bool | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` of a model-state file, every tensor checked against its integrity record (dtype,
+    shape and, unless ``verify=False`` / ``PTYL_VERIFY_CHECKSUMS=0``, SHA-256); a damaged file raises
+    :class:`PriorFileError` naming it and the tensor."""
+    meta = _read_header(path, fmt, what)
+    records = meta.pop(_RECORDS, None)
+    verify = records is not None and checksums_enabled(verify)
+    try:  # checksums are taken on the host
+        tensors = load_file(str(path), device="cpu" if verify else str(map_location))
     except (SafetensorError, OSError, ValueError) as err:
         raise PriorFileError(f"{path}: could not read tensors (truncated or corrupt?): {err}") from err
+    if records is not None:
+        if set(records) != set(tensors):
+            odd = sorted(set(records) ^ set(tensors))[:5]
+            raise PriorFileError(f"{path}: the tensors and the metadata's records disagree on {odd}")
+        for key, tensor in tensors.items():
+            check_tensor(path, key, tensor, records[key], verify=verify)
+    if verify:
+        tensors = {k: t.to(map_location) for k, t in tensors.items()}
+    return tensors, meta
 
 
 def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> Path:
@@ -94,8 +124,7 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     Returns:
         ``(state dict, metadata)``.
     """
-    meta = read_weights_metadata(path)
-    return read_state_tensors(path, map_location), meta
+    return read_state_file(path, WEIGHTS_FORMAT, "weights", map_location)
 
 
 def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> nn.Module:

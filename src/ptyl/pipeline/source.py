@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ptyl.errors import ConfigError
+from ptyl.io.atomic import atomic_files
 from ptyl.io.prior_file import save_posterior
 from ptyl.io.weights import save_weights
 from ptyl.params import Selector, as_name_list
@@ -111,6 +113,10 @@ def learn_prior(
     )
     fit(model, data, None, config, objective=objective, head=None, collector=collector, checkpoint=checkpoint,
         resume=resume)
+    if collector.num_snapshots < rank:
+        warnings.warn(f"SWAG took {collector.num_snapshots} snapshot(s), fewer than the requested rank {rank}: the prior "
+                      f"has rank {collector.num_snapshots}; train longer or collect more often for rank {rank}",
+                      stacklevel=2)
     meta = {
         "architecture": type(model).__name__,
         "objective": getattr(objective, "name", "supervised") if objective is not None else "supervised",
@@ -255,8 +261,9 @@ def learn_source_prior(
     _recompute_batchnorm(classifier, data, batch_size)
     out = Path(out)
     weights = pretrained_weights_path(out)
-    save_weights(classifier, weights, {**meta, "swa_mean": True})
-    return save_posterior(posterior, out, dtype=dtype, metadata={"pretrained_weights": weights.name})
+    with atomic_files():  # the weights and the prior appear together or not at all
+        save_weights(classifier, weights, {**meta, "swa_mean": True})
+        return save_posterior(posterior, out, dtype=dtype, metadata={"pretrained_weights": weights.name})
 
 
 def _recompute_batchnorm(model: nn.Module, data: Dataset, batch_size: int) -> None:
