@@ -86,7 +86,7 @@ def test_penalty_on_model_and_bf16_storage():
     model = TinyNet().double()
     post = random_posterior(model, rank=3)
     prior = block_prior(post, "auto", dtype=torch.bfloat16)
-    assert prior.block("features.0").mean_g0.dtype == torch.bfloat16
+    assert prior.block("features.0").mean.dtype == torch.bfloat16
     pen = prior.penalty(model)
     pen.backward()
     assert torch.isfinite(pen) and model.features[0].weight.grad is not None

@@ -89,7 +89,7 @@ def test_float32_params_with_bf16_storage_close_to_fp64():
     theta = {n: post.mean[n] + 0.1 * torch.randn(s, dtype=torch.float64) for n, s in post.shapes.items()}
     exact = learned_prior(post, "lowrank", scale=1.0, eps=0.01).log_prob(theta)
     lean = learned_prior(post, "lowrank", scale=1.0, eps=0.01, dtype=torch.bfloat16)
-    assert lean.mean_g0.dtype == torch.bfloat16
+    assert lean.mean.dtype == lean.factor.dtype == torch.bfloat16
     approx = lean.log_prob({n: t.float() for n, t in theta.items()})
     assert approx.dtype == torch.float32
     assert abs(float(approx) - float(exact)) / abs(float(exact)) < 0.05
@@ -112,20 +112,43 @@ def test_nonpositive_diag_rejected():
         LowRankGaussianPrior(mean, {"w": torch.tensor([1.0, 0.0, 1.0])}, {"w": torch.ones(1, 3)})
 
 
-def test_grouping_of_many_tensors_matches_dense(monkeypatch):
-    """Small GROUP_NUMEL forces several packed groups (and single-tensor groups); results must not change."""
+def test_chunked_paths_match_unchunked(monkeypatch):
+    """Tiny chunks force the bounded-memory paths (capacitance build, factor casts, precision, log det)."""
     import ptyl.priors.lowrank as lowrank
 
     model = TinyNet().double()
     post = random_posterior(model, rank=3)
-    reference = learned_prior(post, "lowrank", scale=0.7, eps=0.01)
-    monkeypatch.setattr(lowrank, "GROUP_NUMEL", 10)
-    grouped = learned_prior(post, "lowrank", scale=0.7, eps=0.01)
-    assert len(grouped.groups) > 1 and len(reference.groups) == 1
+    stored32 = post.to(dtype=torch.float32)  # float32 storage, float64 parameters: the factor is cast per call
     params = {n: torch.randn(s, dtype=torch.float64, requires_grad=True) for n, s in post.shapes.items()}
-    a = reference.log_prob(params)
+    h = torch.rand(post.num_parameters, dtype=torch.float64)
+    whole = learned_prior(stored32, "lowrank", scale=0.7, eps=0.01)
+    monkeypatch.setattr(lowrank, "CHUNK", 7)
+    monkeypatch.setattr(lowrank, "CAST_CHUNK", 10)
+    chunked = learned_prior(stored32, "lowrank", scale=0.7, eps=0.01)
+    torch.testing.assert_close(chunked.capacitance_chol, whole.capacitance_chol, rtol=1e-12, atol=1e-12)
+    a = whole.log_prob(params)
     ga = torch.autograd.grad(a, list(params.values()))
-    b = grouped.log_prob(params)
+    b = chunked.log_prob(params)
     gb = torch.autograd.grad(b, list(params.values()))
-    assert torch.allclose(a, b, rtol=1e-12)
-    assert all(torch.allclose(x, y, rtol=1e-10) for x, y in zip(ga, gb))
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.precision_diagonal(), whole.precision_diagonal(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked.posterior_log_det(h), whole.posterior_log_det(h), rtol=1e-12, atol=0)
+
+
+def test_flat_buffers_and_lazy_packing():
+    post = random_posterior(TinyNet().double(), rank=3)
+    prior = learned_prior(post, "lowrank", scale=2.0, eps=0.1, rank=2, dtype=torch.float32)
+    mean, diag, factor = prior.flat_parts()
+    assert prior.mean.shape == (post.num_parameters,) and prior.factor.shape == (2, post.num_parameters)
+    torch.testing.assert_close(mean, _flat(post.mean, post.names).float().double())
+    torch.testing.assert_close(diag, (0.5 * 2.0 * _flat(post.variance, post.names) + 0.1).float().double())
+    dev = torch.cat([post.deviations[n][:2].reshape(2, -1) for n in post.names], dim=1)
+    torch.testing.assert_close(factor, (math.sqrt(2.0 / 2.0) * dev).float().double())
+    with pytest.raises(InvalidValueError, match="same rank"):
+        LowRankGaussianPrior({"a": torch.zeros(2), "b": torch.zeros(1)}, {"a": torch.ones(2), "b": torch.ones(1)},
+                             {"a": torch.ones(2, 2), "b": torch.ones(1, 1)})
+    with pytest.raises(InvalidValueError, match="low-rank factor of 'b'"):
+        LowRankGaussianPrior({"a": torch.zeros(2), "b": torch.zeros(1)}, {"a": torch.ones(2), "b": torch.ones(1)},
+                             {"a": torch.ones(1, 2), "b": torch.full((1, 1), float("nan"))})

@@ -6,25 +6,46 @@ fixed set of *named* parameters. ``log_prob`` returns the full, normalised log-d
 
     U(theta) = -(1/N) sum_i log p(y_i | x_i, theta) - (1/N) log p(theta)
 
-so a training step adds ``prior.penalty(model) / N`` to the mean cross-entropy of a batch.
+so a training step adds ``prior.penalty(model) / N`` to the mean cross-entropy of a batch, or, without autograd,
+calls ``prior.add_grad_(model, weight=1 / N)`` after ``loss.backward()`` (the same update).
+
+Every prior here keeps its tensors as flat buffers in ``names`` order. One call flattens the parameters with one
+``cat``, runs a few vector kernels per *leaf* prior (``_penalty_grad``) and returns per-tensor views of one flat
+gradient, so its cost does not grow with the number of parameter tensors. Value and gradient come out of the same
+kernels; the autograd path only scales the saved gradient in backward.
+
+Sharding hook: each leaf reduces its partial sums (the quadratic term and, for the low-rank prior, the k-vector
+``U^T D^-1 r``) through ``reduce_stats`` in one place, :meth:`Prior._reduce`. With parameters and buffers sharded
+over ranks, setting ``reduce_stats`` to an all-reduce makes every call exact with one collective of k + 1 numbers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ptyl.errors import InvalidValueError
-from ptyl.params import check_names_and_shapes, named_parameters
+from ptyl.params import named_parameters
+from ptyl.priors.checks import check_finite
+from ptyl.priors.flat import ParamBinder, compute_dtype, flatten, is_compiling, unflatten
 
 LOG_2PI = math.log(2.0 * math.pi)
 
+Params = nn.Module | Mapping[str, torch.Tensor]
+
 
 class Prior(nn.Module):
-    """Base class: a distribution over the parameters listed in ``names`` with the given ``shapes``."""
+    """Base class: a distribution over the parameters listed in ``names`` with the given ``shapes``.
+
+    Leaf priors implement ``_penalty_grad`` (flat kernel) and ``_precision_diagonal`` / ``_posterior_log_det`` /
+    ``_mean_flat``; priors with ``parts`` (composite, per-block) are evaluated through their leaves. A subclass may
+    instead implement only ``_log_prob(tensors)`` (autograd, slower).
+    """
+
+    reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum over shards (None: unsharded)
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]]):
         super().__init__()
@@ -33,27 +54,125 @@ class Prior(nn.Module):
         self.names: tuple[str, ...] = tuple(names)
         self.shapes: tuple[tuple[int, ...], ...] = tuple(tuple(int(d) for d in s) for s in shapes)
         self.skipped: tuple[str, ...] = ()  # parameters dropped when matched with strict=False
+        self._numel = sum(math.prod(s) for s in self.shapes)
+        self._binder = ParamBinder(self.names, self.shapes)
+        self._plan: list[Prior] | None | bool = False  # leaves, resolved on first use
 
     @property
     def num_parameters(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
+        return self._numel
 
-    def gather(self, params: nn.Module | Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors this prior covers, in ``self.names`` order, checked for names and shapes."""
-        named = named_parameters(params)
-        check_names_and_shapes(dict(zip(self.names, self.shapes)), named)
-        return [named[n] for n in self.names]
+    def gather(self, params: Params) -> list[torch.Tensor]:
+        """The tensors this prior covers, in ``self.names`` order, checked for names and shapes (once per model)."""
+        return self._binder.tensors(params)
 
-    def log_prob(self, params: nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    # --- evaluation --------------------------------------------------------------------------------------------
+    def penalty(self, params: Params) -> torch.Tensor:
+        """``-log p(theta)`` (differentiable): add ``penalty / N`` to a mean per-example loss."""
+        leaves = self._leaves()
+        if leaves is None:
+            return -self.log_prob(params)
+        tensors = self.gather(params)
+        if not leaves:
+            return _zero_like(tensors, params)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _FusedPenalty.apply(self, *tensors)
+        with torch.no_grad():
+            return _evaluate(leaves, tensors, need_value=True, need_grad=False)[0]
+
+    def log_prob(self, params: Params) -> torch.Tensor:
         """Normalised log-density of the named parameters (differentiable)."""
-        return self._log_prob(self.gather(params))
+        if self._leaves() is None:
+            return self._log_prob(self.gather(params))
+        return -self.penalty(params)
 
-    def penalty(self, params: nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``-log p(theta)``: add ``penalty / N`` to a mean per-example loss."""
-        return -self.log_prob(params)
+    @torch.no_grad()
+    def add_grad_(self, params: Params, weight: float | torch.Tensor = 1.0, *, return_value: bool = False):
+        """Add ``weight * grad(penalty)`` into each covered parameter's ``.grad`` (created where None), without
+        autograd: the same update as ``(weight * prior.penalty(params)).backward()`` in a few fused kernels.
+
+        Returns the detached penalty when ``return_value`` (one extra reduction), else None.
+        """
+        leaves = self._leaves()
+        if leaves is None:
+            return _add_grad_autograd(self, params, weight, return_value)
+        tensors = self.gather(params)
+        if not leaves:
+            return _zero_like(tensors, params) if return_value else None
+        value, grads = _evaluate(leaves, tensors, need_value=return_value, need_grad=True)
+        start = 0
+        for leaf, h in zip(leaves, grads):
+            like = tensors[start:start + len(leaf.names)]
+            start += len(like)
+            if not (isinstance(weight, (int, float)) and weight == 1):
+                h.mul_(weight)
+            _accumulate(like, unflatten(h.to(like[0].dtype), like))
+        return value
 
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} implements neither _penalty_grad nor _log_prob")
+
+    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
+        """Leaf kernel. ``x``: fresh flat parameters [P] (may be overwritten). Returns ``(penalty or None,
+        d penalty / d x [P] or None)``; the penalty is a float64 0-dim tensor including the normaliser."""
         raise NotImplementedError
+
+    def _reduce(self, quad: torch.Tensor | None, vec: torch.Tensor | None):
+        """Sum float64 partial sums over shards (identity unsharded): the one place a sharded prior communicates."""
+        if self.reduce_stats is None or (quad is None and vec is None):
+            return quad, vec
+        parts = [t.reshape(-1) for t in (quad, vec) if t is not None]
+        stats = self.reduce_stats(parts[0] if len(parts) == 1 else torch.cat(parts))
+        if quad is None:
+            return None, stats
+        return stats[0], (stats[1:] if vec is not None else None)
+
+    # --- curvature interface (Laplace evidence, autotune) ---------------------------------------------------------
+    def precision_diagonal(self) -> torch.Tensor:
+        """diag(Sigma^-1) as a flat float64 [P] tensor in ``names`` order."""
+        return _concat(self, lambda leaf: leaf._precision_diagonal(), torch.float64)
+
+    def posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
+        """``log det(diag(h) + Sigma^-1)`` (float64 0-dim) for a flat non-negative curvature diagonal ``h`` [P]."""
+        h = _check_curvature(h, self.num_parameters)
+        total, start = None, 0
+        for leaf in self._leaves_or_raise():
+            part = h[start:start + leaf.num_parameters]
+            start += leaf.num_parameters
+            term = leaf._posterior_log_det(part)
+            total = term if total is None else total + term.to(total.device)
+        return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+    def mean_flat(self) -> torch.Tensor:
+        """The centre as a flat [P] tensor in ``names`` order (zeros for a zero-centred prior)."""
+        return _concat(self, lambda leaf: leaf._mean_flat(), None)
+
+    # --- structure ---------------------------------------------------------------------------------------------
+    def _leaves(self) -> list[Prior] | None:
+        """Leaf priors in ``names`` order, or None if some part can only be evaluated through ``_log_prob``."""
+        if self._plan is False:
+            self._plan = self._find_leaves()
+        return self._plan
+
+    def _find_leaves(self) -> list[Prior] | None:
+        if type(self)._penalty_grad is not Prior._penalty_grad:
+            return [self]
+        parts = self._modules.get("parts")
+        if parts is None:
+            return None
+        leaves: list[Prior] = []
+        for part in parts.values() if isinstance(parts, nn.ModuleDict) else parts:
+            sub = part._leaves() if isinstance(part, Prior) else None
+            if sub is None:
+                return None
+            leaves.extend(sub)
+        return leaves if tuple(n for leaf in leaves for n in leaf.names) == self.names else None
+
+    def _leaves_or_raise(self) -> list[Prior]:
+        leaves = self._leaves()
+        if leaves is None:
+            raise NotImplementedError(f"{type(self).__name__} has no flat implementation of this method")
+        return leaves
 
     def extra_repr(self) -> str:
         return f"tensors={len(self.names)}, parameters={self.num_parameters:,}"
@@ -72,6 +191,7 @@ class CompositePrior(Prior):
     """Independent priors over disjoint parameter groups (e.g. learned backbone prior + isotropic head prior).
 
     ``unregularized`` lists parameter names that are deliberately left without a prior; ``penalty`` ignores them.
+    All parts are evaluated together: one flatten of the covered parameters per call.
     """
 
     def __init__(self, priors: Mapping[str, Prior], unregularized: Sequence[str] = ()):
@@ -87,10 +207,101 @@ class CompositePrior(Prior):
         self.unregularized: tuple[str, ...] = tuple(unregularized)
         self.skipped = tuple(s for p in priors.values() for s in p.skipped)
 
-    def log_prob(self, params: nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        named = named_parameters(params)
-        total = sum_log_probs(self.parts.values(), named)
-        if total is None:  # everything unregularised
-            device = next(iter(named.values())).device if named else None
-            return torch.zeros((), device=device)
-        return total
+
+# --- the fused path ------------------------------------------------------------------------------------------------
+def _evaluate(leaves: list[Prior], tensors: list[torch.Tensor], need_value: bool, need_grad: bool):
+    """Penalty (in the parameters' dtype, or None) and one flat gradient per leaf (compute dtype, or None)."""
+    x = flatten(tensors)
+    out_dtype = x.dtype
+    if compute_dtype(out_dtype) != out_dtype:
+        x = x.to(compute_dtype(out_dtype))
+    value, grads, start = None, [], 0
+    for leaf in leaves:
+        part = x if len(leaves) == 1 else x[start:start + leaf.num_parameters]
+        start += leaf.num_parameters
+        v, h = leaf._penalty_grad(part, need_value, need_grad)
+        if need_value:
+            value = v if value is None else value + v
+        grads.append(h)
+    return (value.to(out_dtype) if need_value else None), grads
+
+
+class _FusedPenalty(torch.autograd.Function):
+    """penalty(theta) with its gradient computed in the forward pass (it shares every intermediate): backward only
+    scales the saved flat gradient and hands out per-tensor views (autograd keeps them as ``.grad`` without a copy)."""
+
+    @staticmethod
+    def forward(ctx, prior: Prior, *tensors: torch.Tensor) -> torch.Tensor:
+        leaves = prior._leaves()
+        value, grads = _evaluate(leaves, list(tensors), need_value=True, need_grad=True)
+        ctx.save_for_backward(*grads)
+        ctx.like = [t.shape for t in tensors] if is_compiling() else list(tensors)
+        ctx.counts = [len(leaf.names) for leaf in leaves]
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        out, start = [None], 0
+        for h, count in zip(ctx.saved_tensors, ctx.counts):
+            like = ctx.like[start:start + count]
+            start += count
+            scaled = h * grad_output.to(h.dtype)
+            out.extend(unflatten(scaled.to(grad_output.dtype), like))
+        return tuple(out)
+
+
+def _accumulate(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """``.grad += g`` (one foreach kernel), or ``.grad = g`` where it is None, as autograd's accumulation does."""
+    existing, updates = [], []
+    for t, g in zip(tensors, grads):
+        if not t.requires_grad:
+            continue
+        if g.dtype != t.dtype:
+            g = g.to(t.dtype)
+        if t.grad is None:
+            t.grad = g
+        else:
+            existing.append(t.grad)
+            updates.append(g)
+    if existing:
+        torch._foreach_add_(existing, updates)
+
+
+def _add_grad_autograd(prior: Prior, params: Params, weight, return_value: bool):
+    """add_grad_ for priors without a flat kernel: autograd on a detached graph."""
+    tensors = [t for t in prior.gather(params) if t.requires_grad]
+    with torch.enable_grad():
+        value = prior.penalty(params)
+        grads = torch.autograd.grad(value * weight, tensors, allow_unused=True) if tensors else []
+    _accumulate(tensors, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors)])
+    return value.detach() if return_value else None
+
+
+def _zero_like(tensors: list[torch.Tensor], params: Params) -> torch.Tensor:
+    if tensors:
+        return torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
+    named = named_parameters(params)
+    device = next(iter(named.values())).device if named else None
+    return torch.zeros((), device=device)
+
+
+def _concat(prior: Prior, fn, dtype: torch.dtype | None) -> torch.Tensor:
+    parts = [fn(leaf) for leaf in prior._leaves_or_raise()]
+    if not parts:
+        return torch.zeros(0, dtype=dtype or torch.get_default_dtype())
+    if len(parts) == 1:
+        return parts[0]
+    device = parts[0].device
+    return torch.cat([p.to(device) for p in parts])
+
+
+def _check_curvature(h: torch.Tensor, size: int) -> torch.Tensor:
+    if not isinstance(h, torch.Tensor) or tuple(h.shape) != (size,):
+        shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise InvalidValueError(f"curvature diagonal must be a flat tensor of {size} values, got {shape}")
+    h = h.detach().double()
+    check_finite(h, "curvature diagonal")
+    if (h < 0).any():
+        raise InvalidValueError(f"curvature diagonal holds {int((h < 0).sum())} negative value(s)")
+    return h

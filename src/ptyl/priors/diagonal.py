@@ -2,45 +2,78 @@
 
 From a SWAG posterior, ``v = lam * sigma^2 + eps`` (see :func:`ptyl.priors.learned_prior`):
 
-    log N(theta; mu, diag v) = -1/2 [ sum_j (theta_j - mu_j)^2 / v_j + sum_j log v_j + P log 2 pi ]
+    -log N(theta; mu, diag v) = 1/2 [ sum_j (theta_j - mu_j)^2 / v_j + sum_j log v_j + P log 2 pi ]
+    grad = (theta - mu) / v,        diag(Sigma^-1) = 1 / v,        log det(diag(h) + Sigma^-1) = sum log(h + 1/v)
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 
 import torch
 
 from ptyl.errors import InvalidValueError
 from ptyl.priors.base import LOG_2PI, Prior
-from ptyl.priors.checks import check_finite, check_positive
+from ptyl.priors.checks import check_flat
+from ptyl.priors.lowrank import operand
+
+_LEGACY = re.compile(r"^(mean|var)_(\d+)$")
 
 
 class DiagonalGaussianPrior(Prior):
     """N(mean, diag(variance)) over named parameters. Tensors may be stored in a low precision (fp16/bf16);
-    computation happens in the parameters' dtype."""
+    computation happens in the parameters' dtype (float32 for half parameters). Buffers: ``mean`` [P],
+    ``variance`` [P] and ``log_norm`` (float64)."""
 
     def __init__(self, mean: Mapping[str, torch.Tensor], variance: Mapping[str, torch.Tensor]):
         if set(mean) != set(variance):
             raise InvalidValueError("mean and variance must name the same parameters")
         super().__init__(list(mean), [tuple(t.shape) for t in mean.values()])
-        log_det = torch.zeros((), dtype=torch.float64)  # CPU scalar: `+` below moves it to the tensors' device
-        for i, name in enumerate(self.names):
-            m, v = mean[name].detach(), variance[name].detach()
-            if tuple(v.shape) != self.shapes[i]:
-                raise InvalidValueError(f"variance of {name!r} has shape {tuple(v.shape)}, expected {self.shapes[i]}")
-            check_finite(m, f"mean of {name!r}")
-            check_positive(v, f"variance of {name!r}")
-            self.register_buffer(f"mean_{i}", m)
-            self.register_buffer(f"var_{i}", v)
-            log_det = log_det + v.double().log().sum()
+        first = self.names[0]
+        m0, v0 = mean[first], variance[first]
+        self.register_buffer("mean", torch.empty(self.num_parameters, dtype=m0.dtype, device=m0.device))
+        self.register_buffer("variance", torch.empty(self.num_parameters, dtype=v0.dtype, device=m0.device))
+        start = 0
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            m, v = (m0, v0) if i == 0 else (mean[name], variance[name])
+            if tuple(v.shape) != shape:
+                raise InvalidValueError(f"variance of {name!r} has shape {tuple(v.shape)}, expected {shape}")
+            stop = start + math.prod(shape)
+            self.mean[start:stop].copy_(m.detach().reshape(-1))
+            self.variance[start:stop].copy_(v.detach().reshape(-1))
+            start = stop
+        check_flat(self.mean, "mean", self.names, self.shapes)
+        check_flat(self.variance, "variance", self.names, self.shapes, positive=True)
+        log_det = self.variance.double().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
-    def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        quad = None
-        for i, theta in enumerate(tensors):
-            m = getattr(self, f"mean_{i}").to(theta.dtype)
-            v = getattr(self, f"var_{i}").to(theta.dtype)
-            term = ((theta - m).pow(2) / v).sum()
-            quad = term if quad is None else quad + term
-        return -0.5 * (quad + self.log_norm.to(quad.dtype))
+    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
+        r = x.sub_(operand(self.mean, x.dtype))
+        grad = r / operand(self.variance, x.dtype)
+        quad, _ = self._reduce(r.mul_(grad).sum(dtype=torch.float64) if need_value else None, None)
+        value = (quad + self.log_norm) * 0.5 if need_value else None
+        return value, grad if need_grad else None
+
+    def _precision_diagonal(self) -> torch.Tensor:
+        return 1.0 / self.variance.double()
+
+    def _posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log(h.to(self.variance.device) + 1.0 / self.variance.double()).sum()
+
+    def _mean_flat(self) -> torch.Tensor:
+        return self.mean.clone()
+
+    def __getattr__(self, name: str):
+        # per-tensor views under the pre-flat buffer names (mean_0, var_0, ...), read by inference/evidence.py until it
+        # switches to precision_diagonal(); to be removed then
+        match = _LEGACY.match(name)
+        if match is None:
+            return super().__getattr__(name)
+        i = int(match.group(2))
+        if i >= len(self.names):
+            raise AttributeError(name)
+        start = sum(math.prod(s) for s in self.shapes[:i])
+        flat = self._buffers["mean" if match.group(1) == "mean" else "variance"]
+        return flat[start:start + math.prod(self.shapes[i])].view(self.shapes[i])

@@ -1,6 +1,6 @@
 """Isotropic Gaussian priors: L2-SP (centred on pretrained weights) and plain weight decay (centred on zero).
 
-    log N(theta; c, s2 I) = -1/2 [ ||theta - c||^2 / s2 + P log(2 pi s2) ]
+    -log N(theta; c, s2 I) = 1/2 [ ||theta - c||^2 / s2 + P log(2 pi s2) ],     grad = (theta - c) / s2
 
 L2-SP: Li, Grandvalet, Davoine, "Explicit inductive bias for transfer learning with convolutional networks", ICML 2018.
 Weight decay ``wd`` in a mean loss equals this prior with ``c = 0`` and ``s2 = 1 / (N wd)``
@@ -16,7 +16,8 @@ import torch
 
 from ptyl.errors import InvalidValueError
 from ptyl.priors.base import LOG_2PI, Prior
-from ptyl.priors.checks import check_finite
+from ptyl.priors.checks import check_flat
+from ptyl.priors.lowrank import operand
 
 
 def variance_from_weight_decay(weight_decay: float, num_data: int) -> float:
@@ -27,7 +28,10 @@ def variance_from_weight_decay(weight_decay: float, num_data: int) -> float:
 
 
 class IsotropicGaussianPrior(Prior):
-    """N(center, variance * I) over named parameters; ``center=None`` means zero (weight decay)."""
+    """N(center, variance * I) over named parameters; ``center=None`` means zero (weight decay).
+
+    Buffers: ``center`` [P] when centred, and an empty non-persistent ``anchor`` that follows ``.to(device)``.
+    """
 
     def __init__(
         self,
@@ -40,13 +44,21 @@ class IsotropicGaussianPrior(Prior):
         super().__init__(list(shapes), list(shapes.values()))
         self.variance = float(variance)
         self.centered = center is not None
-        for i, name in enumerate(self.names):
-            if center is not None:
-                c = center[name].detach().clone()
-                if tuple(c.shape) != self.shapes[i]:
-                    raise InvalidValueError(f"center of {name!r} has shape {tuple(c.shape)}, expected {self.shapes[i]}")
-                check_finite(c, f"center of {name!r}")
-                self.register_buffer(f"center_{i}", c)
+        self._log_norm = 0.5 * self.num_parameters * (LOG_2PI + math.log(self.variance))
+        device = next(iter(center.values())).device if center else None
+        self.register_buffer("anchor", torch.empty(0, device=device), persistent=False)
+        if center is not None:
+            first = center[self.names[0]]
+            self.register_buffer("center", torch.empty(self.num_parameters, dtype=first.dtype, device=device))
+            start = 0
+            for name, shape in zip(self.names, self.shapes):
+                c = center[name]
+                if tuple(c.shape) != shape:
+                    raise InvalidValueError(f"center of {name!r} has shape {tuple(c.shape)}, expected {shape}")
+                stop = start + math.prod(shape)
+                self.center[start:stop].copy_(c.detach().reshape(-1))
+                start = stop
+            check_flat(self.center, "center", self.names, self.shapes)
 
     @classmethod
     def from_model(
@@ -56,14 +68,25 @@ class IsotropicGaussianPrior(Prior):
         shapes = {n: tuple(t.shape) for n, t in params.items()}
         return cls(shapes, variance, {n: t for n, t in params.items()} if centered else None)
 
-    def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        sq = None
-        for i, theta in enumerate(tensors):
-            r = theta - getattr(self, f"center_{i}").to(theta.dtype) if self.centered else theta
-            term = r.pow(2).sum()
-            sq = term if sq is None else sq + term
-        const = self.num_parameters * (LOG_2PI + math.log(self.variance))
-        return -0.5 * (sq / self.variance + const)
+    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
+        r = x.sub_(operand(self.center, x.dtype)) if self.centered else x
+        grad = r * (1.0 / self.variance) if need_grad else None
+        value = None
+        if need_value:  # r is a fresh copy: square it in place
+            quad, _ = self._reduce(r.square_().sum(dtype=torch.float64), None)
+            value = quad * (0.5 / self.variance) + self._log_norm
+        return value, grad
+
+    def _precision_diagonal(self) -> torch.Tensor:
+        return torch.full((self.num_parameters,), 1.0 / self.variance, dtype=torch.float64, device=self.anchor.device)
+
+    def _posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log(h.to(self.anchor.device) + 1.0 / self.variance).sum()
+
+    def _mean_flat(self) -> torch.Tensor:
+        if self.centered:
+            return self.center.clone()
+        return torch.zeros(self.num_parameters, device=self.anchor.device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, variance={self.variance:g}, centered={self.centered}"

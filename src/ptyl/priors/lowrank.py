@@ -8,13 +8,20 @@ From a SWAG posterior (mean mu, diagonal sigma^2, deviations D with K columns) t
 (Shwartz-Ziv et al. 2022, arXiv 2205.10279, Sec. 3; the public reference code scaled the factor by lam, i.e. the
 low-rank covariance by lam^2). See :func:`ptyl.priors.learned_prior`.
 
-With ``r = theta - mu``, ``w = r / d``, ``C = I_k + U^T diag(d)^-1 U`` (the capacitance, fixed, factorised once):
+With ``r = theta - mu``, ``w = r / d``, ``C = I_k + U^T diag(d)^-1 U = L L^T`` (the capacitance, factorised once):
 
-    r^T Sigma^-1 r = r^T w - (U^T w)^T C^-1 (U^T w)
+    r^T Sigma^-1 r = r^T w - |L^-1 U^T w|^2
     log det Sigma  = sum log d + log det C
-    grad_theta log p = -(w - (U C^-1 U^T w) / d)
+    grad_theta (-log p) = Sigma^-1 r = w - U C^-1 U^T w / d
 
-so one call costs O(P k + k^2) and never forms a P x P (or P x k temporary beyond the stored factor).
+so one call is a handful of O(P k) kernels on flat buffers (mu [P], d [P], U^T as [k, P]) and two k x k triangular
+solves; it never forms a P x P matrix. The only cross-coordinate quantities are r^T w and U^T w (k + 1 numbers):
+sharded, they are summed over ranks in :meth:`Prior._reduce`.
+
+For the Laplace evidence (matrix determinant lemma and Woodbury):
+
+    diag(Sigma^-1)                  = 1/d - colsum((L^-1 U^T D^-1)^2)
+    log det(diag(h) + Sigma^-1)     = sum log(h + 1/d) - log det C + log det(I_k + U^T diag(h / (1 + d h)) U)
 """
 
 from __future__ import annotations
@@ -26,10 +33,21 @@ import torch
 
 from ptyl.errors import InvalidValueError
 from ptyl.priors.base import LOG_2PI, Prior
-from ptyl.priors.checks import check_finite, check_positive
+from ptyl.priors.checks import check_flat
+
+CHUNK = 1 << 20  # columns per float64 chunk when building / analysing (bounded temporaries)
+CAST_CHUNK = 1 << 24  # factor entries converted at once when the factor is stored in another dtype than computed
 
 
-GROUP_NUMEL = 1 << 21  # pack small tensors into groups of >= 2M numbers: per-call cost is a few ops per group
+def _chunks(size: int, step: int):
+    for start in range(0, size, step):
+        yield slice(start, min(start + step, size))
+
+
+def operand(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer for an elementwise op in ``dtype``: narrower storage (bf16/fp16) promotes inside the kernel, wider
+    storage is cast (else the result would be promoted to it)."""
+    return buffer.to(dtype) if buffer.dtype.itemsize > dtype.itemsize else buffer
 
 
 class LowRankGaussianPrior(Prior):
@@ -39,11 +57,9 @@ class LowRankGaussianPrior(Prior):
         mean: name -> tensor of the parameter's shape.
         diag: name -> positive tensor of the parameter's shape (``d`` above, already scaled and with eps added).
         factor: name -> tensor of shape ``(k, *param_shape)`` (column j of ``U`` is ``factor[name][j]`` flattened).
-    Stored tensors may be fp16/bf16 to save memory (at some speed cost on CPU: they are upcast on every call); every
-    call computes in the parameters' dtype and the capacitance matrix is factorised once in float64.
-
-    Internally consecutive parameters are packed into flat groups of at least ``GROUP_NUMEL`` numbers, so a ResNet's
-    60+ small tensors cost a handful of vector ops per call instead of dozens each.
+    Stored tensors may be fp16/bf16 to save memory; every call computes in the parameters' dtype (float32 for half
+    parameters) and the capacitance matrix is factorised once in float64. Buffers: ``mean`` [P], ``diag`` [P],
+    ``factor`` [k, P], ``capacitance_chol`` [k, k] and ``log_norm`` (float64).
     """
 
     def __init__(
@@ -55,125 +71,124 @@ class LowRankGaussianPrior(Prior):
         if not (set(mean) == set(diag) == set(factor)):
             raise InvalidValueError("mean, diag and factor must name the same parameters")
         super().__init__(list(mean), [tuple(t.shape) for t in mean.values()])
-        ranks = {int(f.shape[0]) for f in factor.values()}
-        if len(ranks) != 1:
-            raise InvalidValueError(f"all factors need the same rank, got {sorted(ranks)}")
-        self.rank = ranks.pop()
-        if self.rank < 1:
-            raise InvalidValueError("a low-rank prior needs rank >= 1 (use DiagonalGaussianPrior for rank 0)")
-        for i, name in enumerate(self.names):
-            m, d, u = mean[name], diag[name], factor[name]
-            if tuple(d.shape) != self.shapes[i] or tuple(u.shape[1:]) != self.shapes[i]:
-                raise InvalidValueError(
-                    f"{name!r}: diag {tuple(d.shape)} / factor {tuple(u.shape)} do not fit mean {self.shapes[i]}"
-                )
-            check_finite(m, f"mean of {name!r}")
-            check_positive(d, f"diagonal variance of {name!r}")
-            check_finite(u, f"low-rank factor of {name!r}")
-        self.groups = self._plan_groups()
-        shape_of = dict(zip(self.names, self.shapes))
-        self.group_shapes = [[shape_of[n] for n in names] for names in self.groups]
-        capacitance = log_det_d = None
-        for j, names in enumerate(self.groups):
-            m = torch.cat([mean[n].detach().reshape(-1) for n in names])
-            d = torch.cat([diag[n].detach().reshape(-1) for n in names])
-            u = torch.cat([factor[n].detach().reshape(self.rank, -1) for n in names], dim=1)
-            self.register_buffer(f"mean_g{j}", m)
-            self.register_buffer(f"diag_g{j}", d)
-            self.register_buffer(f"factor_g{j}", u)
-            if capacitance is None:  # on the tensors' device: a CPU accumulator cannot take CUDA terms in place
-                capacitance = torch.eye(self.rank, dtype=torch.float64, device=u.device)
-                log_det_d = torch.zeros((), dtype=torch.float64, device=u.device)
-            d64 = d.double()
-            for start in range(0, d.numel(), 1 << 20):  # bounded float64 temporaries (slices: no index tensor)
-                chunk = slice(start, start + (1 << 20))
-                u64 = u[:, chunk].double()
-                capacitance += (u64 / d64[chunk]) @ u64.T
-            log_det_d += d64.log().sum()
+        self._pack(mean, diag, factor)
+        check_flat(self.mean, "mean", self.names, self.shapes)
+        check_flat(self.diag, "diagonal variance", self.names, self.shapes, positive=True)
+        check_flat(self.factor, "low-rank factor", self.names, self.shapes)
+        capacitance, log_det_d = capacitance_terms(self.diag, self.factor)
         chol = torch.linalg.cholesky(capacitance)
         self.register_buffer("capacitance_chol", chol)
         log_det = log_det_d + 2.0 * chol.diagonal().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
-    def _plan_groups(self) -> list[list[str]]:
-        groups, current, size = [], [], 0
-        for name, shape in zip(self.names, self.shapes):
-            current.append(name)
-            size += math.prod(shape)
-            if size >= GROUP_NUMEL:
-                groups.append(current)
-                current, size = [], 0
-        if current:
-            groups.append(current)
-        return groups
-
-    def _group(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (getattr(self, f"mean_g{j}").to(dtype), getattr(self, f"diag_g{j}").to(dtype),
-                getattr(self, f"factor_g{j}").to(dtype))
+    def _pack(self, mean, diag, factor) -> None:
+        """Copy tensor by tensor into preallocated flat buffers: a lazily rescaled input exists one tensor at a time."""
+        first = self.names[0]
+        m0, d0, u0 = mean[first], diag[first], factor[first]
+        self.rank = int(u0.shape[0]) if u0.dim() > 0 else 0
+        if self.rank < 1:
+            raise InvalidValueError("a low-rank prior needs rank >= 1 (use DiagonalGaussianPrior for rank 0)")
+        size, device = self.num_parameters, m0.device
+        self.register_buffer("mean", torch.empty(size, dtype=m0.dtype, device=device))
+        self.register_buffer("diag", torch.empty(size, dtype=d0.dtype, device=device))
+        self.register_buffer("factor", torch.empty(self.rank, size, dtype=u0.dtype, device=device))
+        start = 0
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            m, d, u = (m0, d0, u0) if i == 0 else (mean[name], diag[name], factor[name])
+            if tuple(d.shape) != shape or tuple(u.shape[1:]) != shape:
+                raise InvalidValueError(
+                    f"{name!r}: diag {tuple(d.shape)} / factor {tuple(u.shape)} do not fit mean {shape}"
+                )
+            if int(u.shape[0]) != self.rank:
+                raise InvalidValueError(f"all factors need the same rank, got {self.rank} and {int(u.shape[0])}")
+            stop = start + math.prod(shape)
+            self.mean[start:stop].copy_(m.detach().reshape(-1))
+            self.diag[start:stop].copy_(d.detach().reshape(-1))
+            self.factor[:, start:stop].copy_(u.detach().reshape(self.rank, -1))
+            start = stop
 
     def flat_parts(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mean [P], diag [P] and factor [k, P] over all parameters in ``names`` order (copies; for analysis)."""
-        parts = [self._group(j, dtype) for j in range(len(self.groups))]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                torch.cat([p[2] for p in parts], dim=1))
+        return (self.mean.to(dtype, copy=True), self.diag.to(dtype, copy=True), self.factor.to(dtype, copy=True))
 
-    def _quad_and_grad(self, tensors: list[torch.Tensor], need_grad: bool):
-        """Mahalanobis term r^T Sigma^-1 r and, if asked, grad log p = -Sigma^-1 r for every tensor."""
-        dtype, device = tensors[0].dtype, tensors[0].device
-        quad = torch.zeros((), dtype=torch.float64, device=device)
-        v = torch.zeros(self.rank, dtype=dtype, device=device)
-        ws, start = [], 0
-        for j, names in enumerate(self.groups):
-            group = tensors[start:start + len(names)]
-            start += len(names)
-            m, d, u = self._group(j, dtype)
-            if len(group) > 1:  # the concatenation is a fresh copy: centre it in place
-                w = torch.cat([t.detach().reshape(-1) for t in group]).sub_(m)
-            else:
-                w = group[0].detach().reshape(-1) - m
-            w_over = w / d
-            quad += torch.dot(w, w_over).double()  # float64 accumulation across groups: P can be 1e7+
-            v += u @ w_over
-            ws.append(w_over)
-        chol = self.capacitance_chol.to(device)
-        z = torch.cholesky_solve(v.double().unsqueeze(1), chol).squeeze(1)
-        quad = quad - torch.dot(v.double(), z)
+    # --- the per-call kernel -------------------------------------------------------------------------------------
+    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
+        dtype = x.dtype
+        r = x.sub_(operand(self.mean, dtype))
+        d = operand(self.diag, dtype)
+        w = r / d
+        quad = r.mul_(w).sum(dtype=torch.float64) if need_value else None
+        quad, v = self._reduce(quad, self._project(w).to(torch.float64))
+        chol = self.capacitance_chol
+        y = torch.linalg.solve_triangular(chol, v.unsqueeze(1), upper=False)  # L^-1 U^T w
+        value = None
+        if need_value:
+            y1 = y.squeeze(1)
+            value = (quad - torch.dot(y1, y1) + self.log_norm) * 0.5
         if not need_grad:
-            return quad, None
-        z = z.to(dtype)
-        grads = []
-        for j, w_over in enumerate(ws):
-            _, d, u = self._group(j, dtype)
-            g = w_over.sub_((z @ u).div_(d)).neg_()  # -(w/d - U z / d), reusing w/d's memory
-            shapes = self.group_shapes[j]
-            grads.extend(part.view(shape) for part, shape in zip(g.split([math.prod(s) for s in shapes]), shapes))
-        return quad, grads
+            return value, None
+        z = torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(1).to(dtype)  # C^-1 U^T w
+        return value, w.sub_(self._expand(z, dtype).div_(d))
 
-    def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if need_grad:
-            return _LowRankLogProb.apply(self, *tensors)
-        quad, _ = self._quad_and_grad(tensors, need_grad=False)
-        return (-0.5 * (quad + self.log_norm.to(quad.device))).to(tensors[0].dtype)
+    def _project(self, w: torch.Tensor) -> torch.Tensor:
+        """U^T w [k] (``factor @ w``), converting a differently stored factor in bounded chunks."""
+        if self.factor.dtype == w.dtype:
+            return self.factor @ w
+        v = None
+        for part in _chunks(w.numel(), max(1, CAST_CHUNK // self.rank)):
+            term = self.factor[:, part].to(w.dtype) @ w[part]
+            v = term if v is None else v + term
+        return v
+
+    def _expand(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """U z [P] (``z @ factor``), chunked like :meth:`_project`."""
+        if self.factor.dtype == dtype:
+            return z @ self.factor
+        out = torch.empty(self.factor.shape[1], dtype=dtype, device=z.device)
+        for part in _chunks(out.numel(), max(1, CAST_CHUNK // self.rank)):
+            torch.mm(z.unsqueeze(0), self.factor[:, part].to(dtype), out=out[part].unsqueeze(0))
+        return out
+
+    # --- curvature interface -------------------------------------------------------------------------------------
+    def _precision_diagonal(self) -> torch.Tensor:
+        out = torch.empty(self.num_parameters, dtype=torch.float64, device=self.diag.device)
+        for part in _chunks(self.num_parameters, CHUNK):
+            d = self.diag[part].double()
+            v = torch.linalg.solve_triangular(self.capacitance_chol, self.factor[:, part].double() / d, upper=False)
+            out[part] = 1.0 / d - v.square().sum(0)
+        return out
+
+    def _posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
+        device = self.diag.device
+        inner = torch.eye(self.rank, dtype=torch.float64, device=device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        h = h.to(device)
+        for part in _chunks(self.num_parameters, CHUNK):
+            d, hp, u = self.diag[part].double(), h[part], self.factor[:, part].double()
+            inner += (u * (hp / (1.0 + d * hp))) @ u.T
+            total += torch.log(hp + 1.0 / d).sum()
+        log_det_c = 2.0 * self.capacitance_chol.diagonal().log().sum()
+        return total - log_det_c + torch.linalg.slogdet(inner)[1]
+
+    def _mean_flat(self) -> torch.Tensor:
+        return self.mean.clone()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, groups={len(self.groups)}"
+        return f"{super().extra_repr()}, rank={self.rank}"
 
 
-class _LowRankLogProb(torch.autograd.Function):
-    """Fused value and gradient: the gradient is computed in the forward pass (it shares all intermediates), so the
-    backward pass only scales it. Saves one P-sized tensor instead of autograd's chain of temporaries."""
-
-    @staticmethod
-    def forward(ctx, prior: LowRankGaussianPrior, *tensors: torch.Tensor) -> torch.Tensor:
-        quad, grads = prior._quad_and_grad(list(tensors), need_grad=True)
-        ctx.save_for_backward(*grads)
-        return (-0.5 * (quad + prior.log_norm.to(quad.device))).to(tensors[0].dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        return (None, *(g * grad_output.to(g.dtype) for g in ctx.saved_tensors))
+def capacitance_terms(diag: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C = I_k + U^T D^-1 U`` and ``sum log d`` in float64 (chunked). Sharded: sum ``C - I`` and the log term over
+    ranks before the Cholesky factorisation."""
+    rank = factor.shape[0]
+    capacitance = torch.eye(rank, dtype=torch.float64, device=factor.device)
+    log_det_d = torch.zeros((), dtype=torch.float64, device=factor.device)
+    for part in _chunks(diag.numel(), CHUNK):
+        d64 = diag[part].double()
+        u64 = factor[:, part].double()
+        capacitance += (u64 / d64) @ u64.T
+        log_det_d += d64.log().sum()
+    return capacitance, log_det_d
 
 
 def check_rank(rank: int, available: int) -> int:
@@ -185,4 +200,4 @@ def check_rank(rank: int, available: int) -> int:
     return rank
 
 
-__all__ = ["LowRankGaussianPrior", "check_rank"]
+__all__ = ["LowRankGaussianPrior", "capacitance_terms", "check_rank"]
