@@ -18,9 +18,10 @@ def test_swag_estimate_equals_collector_tensors(dtype):
     swag = SWAGCollector(model, rank=5, head="head", deviation_dtype=dtype)
     est = estimate_memory(model, 5, head="head", storage_dtype=dtype)
     assert est["num_parameters"] == swag.num_parameters
-    assert est["swag_mean"] == _nbytes(swag._mean.values())
-    assert est["swag_m2"] == _nbytes(swag._m2.values())
-    assert est["swag_deviations"] == _nbytes(swag._dev.values())
+    state = swag.state_dict()  # the collector's flat buffers
+    assert est["swag_mean"] == _nbytes([state["mean"]])
+    assert est["swag_m2"] == _nbytes([state["m2"]])
+    assert est["swag_deviations"] == _nbytes([state["deviations"]])
     assert est["swag_total"] == est["swag_mean"] + est["swag_m2"] + est["swag_deviations"]
 
 

@@ -1,10 +1,12 @@
 """SWAG moments against numpy on a known trajectory."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from ptyl.errors import InvalidValueError
+from ptyl.errors import InvalidValueError, ParameterMismatchError
 from ptyl.posterior import SWAGCollector
 from tests.helpers import TinyNet
 
@@ -90,3 +92,55 @@ def test_sample_statistics_match_swag_covariance(rank):
     s = torch.stack(samples)
     assert torch.allclose(s.mean(0), post.mean["weight"].reshape(-1), atol=0.03)
     assert torch.allclose(torch.cov(s.T), cov, atol=0.04)
+
+
+def test_half_precision_deviation_storage():
+    model = TinyNet()
+    traj = _trajectory(model, 6, torch.Generator().manual_seed(6))
+    full, half = SWAGCollector(model, rank=4), SWAGCollector(model, rank=4, deviation_dtype=torch.bfloat16)
+    for s in traj:
+        full.collect(s)
+        half.collect(s)
+    assert half.state_dict()["deviations"].dtype == torch.bfloat16
+    for n in full.names:
+        assert torch.equal(full.mean()[n], half.mean()[n]) and torch.equal(full.variance()[n], half.variance()[n])
+        torch.testing.assert_close(half.deviations()[n].float(), full.deviations()[n], rtol=1e-2, atol=1e-4)
+
+
+def test_state_dict_mismatches_are_rejected_and_legacy_layout_loads():
+    model = TinyNet()
+    swag = SWAGCollector(model, rank=3)
+    for s in _trajectory(model, 5, torch.Generator().manual_seed(7)):
+        swag.collect(s)
+    state = swag.state_dict()
+    before = SWAGCollector(model, rank=3).state_dict()
+    for other, match in [(SWAGCollector(model, rank=2), "another rank"),
+                         (SWAGCollector(model, rank=3, head="head"), "other parameters")]:
+        with pytest.raises(ParameterMismatchError, match=match):
+            other.load_state_dict(state)
+    target = SWAGCollector(model, rank=3)
+    for key, value, match in [("mean", state["mean"][:-1], "mean has shape"), ("deviations", "x", "deviations"),
+                              ("shapes", [[1]] * len(state["shapes"]), "other shapes"), ("format", 9, "format 9")]:
+        with pytest.raises(ParameterMismatchError, match=match):
+            target.load_state_dict({**state, key: value})
+    with pytest.raises(ParameterMismatchError, match="lacks"):
+        target.load_state_dict({"rank": 3})
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), before.values())
+               if isinstance(a, torch.Tensor))  # a rejected state changes nothing
+    # the per-name layout of earlier versions (format 1)
+    legacy = {"rank": 3, "num_snapshots": 5, "names": swag.names, "mean": swag.mean(), "m2": {
+        n: v * 5 for n, v in swag.variance().items()}, "deviations": dict(zip(swag.names, _ring(swag)))}
+    target.load_state_dict(legacy)
+    for key in ("mean", "m2", "deviations"):
+        torch.testing.assert_close(target.state_dict()[key], state[key])
+
+
+def _ring(swag):
+    """Deviation rows per name in ring-slot order (what format 1 stored)."""
+    flat = swag.state_dict()["deviations"]
+    out, start = [], 0
+    for n in swag.names:
+        size = math.prod(swag.shapes[n])
+        out.append(flat[:, start:start + size].reshape(swag.rank, *swag.shapes[n]))
+        start += size
+    return out

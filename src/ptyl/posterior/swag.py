@@ -8,7 +8,11 @@ After each collected snapshot theta_n (Welford's update, in float64 so sigma^2 s
     D[:, n] = theta_n - mu_n          (only the last K columns are kept)
 
 and the SWAG covariance is Sigma = 1/2 (diag sigma^2 + D D^T / (K - 1)). Memory is (K + 2) P numbers: mean and M2 in
-float64, deviations in float32 (or ``deviation_dtype``).
+float64, deviations in float32 (or ``deviation_dtype``, e.g. bf16).
+
+All of it lives in flat buffers on the parameters' device (``names`` order): mean [P], M2 [P] and a preallocated ring
+of deviation rows [K, P]. One :meth:`SWAGCollector.collect` is six kernels whatever the number of parameter tensors
+(one ``cat`` into a float64 vector, the Welford update, one row copy), with no host synchronisation.
 
 BatchNorm: running statistics are buffers, not parameters, so they are *not* part of the posterior or the prior. Any
 model built from the posterior (its mean or a sample) must recompute them on training data
@@ -25,8 +29,11 @@ import torch
 from torch import nn
 
 from ptyl.errors import InvalidValueError, ParameterMismatchError
-from ptyl.params import Selector, named_parameters, select_parameters
+from ptyl.params import Selector, select_parameters
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.priors.flat import ParamBinder, unflatten
+
+STATE_FORMAT = 2  # flat buffers; format 1 (one tensor per name) still loads
 
 
 class SWAGCollector:
@@ -41,11 +48,11 @@ class SWAGCollector:
         posterior = swag.posterior(metadata={"source": "kmnist"})
 
     Args:
-        model: the model whose parameters are tracked (only names and shapes are read here).
+        model: the model whose parameters are tracked (names, shapes and device are read here).
         rank: K, the number of deviation columns kept (0 gives a diagonal-only posterior).
         include / exclude / head: parameter selection, see :func:`ptyl.params.select_parameters`.
         var_clamp: floor applied to sigma^2 when the posterior is exported (SWAG's ``var_clamp``).
-        deviation_dtype: storage dtype of the deviation columns.
+        deviation_dtype: storage dtype of the deviation columns (float32, or bfloat16 / float16 to halve them).
     """
 
     def __init__(
@@ -66,11 +73,12 @@ class SWAGCollector:
         self.names = list(params)
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.num_snapshots = 0
-        self._mean = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
-        self._m2 = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
-        self._dev = {
-            n: torch.zeros((rank, *p.shape), dtype=deviation_dtype, device=p.device) for n, p in params.items()
-        }
+        self._binder = ParamBinder(self.names, list(self.shapes.values()), what="SWAG collector")
+        device = next(iter(params.values())).device
+        size = self.num_parameters
+        self._mean = torch.zeros(size, dtype=torch.float64, device=device)
+        self._m2 = torch.zeros(size, dtype=torch.float64, device=device)
+        self._dev = torch.zeros((rank, size), dtype=deviation_dtype, device=device)
 
     @property
     def num_parameters(self) -> int:
@@ -79,25 +87,17 @@ class SWAGCollector:
     @torch.no_grad()
     def collect(self, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Add the model's current parameters as one snapshot."""
-        params = named_parameters(model)
-        missing = [n for n in self.names if n not in params]
-        if missing:
-            raise ParameterMismatchError(f"model lacks tracked parameters: {missing[:5]}")
+        tensors = self._binder.tensors(model)
         self.num_snapshots += 1
         n = self.num_snapshots
-        slot = (n - 1) % self.rank if self.rank else None
-        for name in self.names:
-            theta = params[name].detach()
-            if tuple(theta.shape) != self.shapes[name]:
-                raise ParameterMismatchError(f"{name!r} changed shape to {tuple(theta.shape)}")
-            mean = self._mean[name]
-            theta64 = theta.to(device=mean.device, dtype=torch.float64)
-            delta = theta64 - mean
-            mean.add_(delta / n)
-            deviation = theta64 - mean  # from the updated mean: Welford's second factor and the new column
-            self._m2[name].add_(delta * deviation)
-            if slot is not None:
-                self._dev[name][slot].copy_(deviation)
+        theta = torch.empty_like(self._mean)
+        torch.cat([t.reshape(-1) for t in tensors], out=theta)  # cast to float64 in the same kernel
+        delta = theta - self._mean
+        self._mean.add_(delta, alpha=1.0 / n)
+        deviation = theta.sub_(self._mean)  # from the updated mean: Welford's second factor and the new column
+        self._m2.addcmul_(delta, deviation)
+        if self.rank:
+            self._dev[(n - 1) % self.rank].copy_(deviation)
 
     def _deviation_order(self) -> list[int]:
         """Ring-buffer slots from oldest to newest."""
@@ -108,18 +108,27 @@ class SWAGCollector:
         start = self.num_snapshots % self.rank
         return [(start + i) % self.rank for i in range(self.rank)]
 
+    def _by_name(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat [..., P] -> name -> [..., *shape] views."""
+        lead = tuple(flat.shape[:-1])
+        out, start = {}, 0
+        for name, shape in self.shapes.items():
+            size = math.prod(shape)
+            out[name] = flat[..., start:start + size].reshape(*lead, *shape)
+            start += size
+        return out
+
     def mean(self) -> dict[str, torch.Tensor]:
-        return {n: m.clone() for n, m in self._mean.items()}
+        return self._by_name(self._mean.clone())
 
     def variance(self) -> dict[str, torch.Tensor]:
         """Population variance sigma^2 = E[theta^2] - E[theta]^2 (float64, unclamped)."""
         self._need(1)
-        return {n: m2 / self.num_snapshots for n, m2 in self._m2.items()}
+        return self._by_name(self._m2 / self.num_snapshots)
 
     def deviations(self) -> dict[str, torch.Tensor]:
         """(K', *shape) deviation columns, oldest first, K' = min(K, snapshots)."""
-        order = self._deviation_order()
-        return {n: d[order].clone() for n, d in self._dev.items()}
+        return self._by_name(self._dev[self._deviation_order()])
 
     def _need(self, k: int) -> None:
         if self.num_snapshots < k:
@@ -129,10 +138,11 @@ class SWAGCollector:
         """Export mean, clamped variance and deviations as a :class:`SourcePosterior`."""
         self._need(2)
         meta = {"num_snapshots": self.num_snapshots, "rank": min(self.rank, self.num_snapshots), **(metadata or {})}
-        var = {n: v.clamp_min(self.var_clamp).to(dtype) for n, v in self.variance().items()}
-        mean = {n: m.to(dtype) for n, m in self._mean.items()}
-        dev = {n: d.to(dtype) for n, d in self.deviations().items()}
-        return SourcePosterior(mean, var, dev, meta)
+        var = self._by_name((self._m2 / self.num_snapshots).clamp_min_(self.var_clamp).to(dtype))
+        mean = self._by_name(self._mean.to(dtype, copy=True))
+        dev = self._by_name(self._dev[self._deviation_order()].to(dtype))
+        return SourcePosterior({n: t.clone() for n, t in mean.items()}, {n: t.clone() for n, t in var.items()},
+                               {n: t.clone() for n, t in dev.items()}, meta)
 
     @torch.no_grad()
     def sample_into(
@@ -146,41 +156,68 @@ class SWAGCollector:
         covariance of :meth:`SourcePosterior.dense_covariance`, K = 1 included); with ``bn_loader`` recompute
         BatchNorm statistics afterwards."""
         self._need(2)
-        params = named_parameters(model)
+        tensors = self._binder.tensors(model)
         order = self._deviation_order()
         k = len(order)
-        device = next(iter(self._mean.values())).device
+        device = self._mean.device
         z2 = torch.randn(k, generator=generator, dtype=torch.float64, device=device) if k > 0 else None
-        var = self.variance()
-        for name in self.names:
-            mean = self._mean[name]
-            z1 = torch.randn(mean.shape, generator=generator, dtype=torch.float64, device=device)
-            theta = mean + math.sqrt(scale / 2.0) * var[name].clamp_min(0).sqrt() * z1
-            if z2 is not None:
-                dev = self._dev[name][order].double().reshape(k, -1)
-                theta += math.sqrt(scale / (2.0 * max(k - 1, 1))) * (z2 @ dev).reshape(mean.shape)
-            params[name].copy_(theta.to(params[name].dtype))
+        z1 = torch.randn(self._mean.shape, generator=generator, dtype=torch.float64, device=device)
+        std = (self._m2 / self.num_snapshots).clamp_min_(0).sqrt_()
+        theta = torch.addcmul(self._mean, std, z1, value=math.sqrt(scale / 2.0))
+        if z2 is not None:
+            theta += math.sqrt(scale / (2.0 * max(k - 1, 1))) * (z2 @ self._dev[order].double())
+        torch._foreach_copy_(tensors, unflatten(theta, tensors))
         if bn_loader is not None:  # update_bn takes x from (x, y) batches itself
             torch.optim.swa_utils.update_bn(bn_loader, model, device=next(model.parameters()).device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format": STATE_FORMAT,
             "rank": self.rank,
             "num_snapshots": self.num_snapshots,
             "names": list(self.names),
-            "mean": {n: t.clone() for n, t in self._mean.items()},
-            "m2": {n: t.clone() for n, t in self._m2.items()},
-            "deviations": {n: t.clone() for n, t in self._dev.items()},
+            "shapes": [list(s) for s in self.shapes.values()],
+            "mean": self._mean.clone(),
+            "m2": self._m2.clone(),
+            "deviations": self._dev.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (this format, or the per-name format 1); anything collected for other
+        parameters, shapes or rank raises :class:`ParameterMismatchError` and leaves the collector unchanged."""
+        missing = [key for key in ("rank", "num_snapshots", "names", "mean", "m2", "deviations") if key not in state]
+        if missing:
+            raise ParameterMismatchError(f"SWAG state lacks {missing}: not a SWAGCollector.state_dict()")
         if list(state["names"]) != self.names or int(state["rank"]) != self.rank:
-            raise ParameterMismatchError("SWAG state was collected for other parameters or another rank")
-        for n in self.names:
-            for store, key in ((self._mean, "mean"), (self._m2, "m2"), (self._dev, "deviations")):
-                src = state[key][n]
-                if tuple(src.shape) != tuple(store[n].shape):
-                    raise ParameterMismatchError(f"SWAG state {key} of {n!r} has shape {tuple(src.shape)}")
-                store[n].copy_(src)
+            raise ParameterMismatchError(
+                f"SWAG state was collected for other parameters or another rank (rank {int(state['rank'])} over "
+                f"{len(state['names'])} tensors; this collector: rank {self.rank} over {len(self.names)})"
+            )
+        fmt = int(state.get("format", 1))
+        if fmt == 1:
+            mean, m2, dev = (self._flat_from_names(state[key], key) for key in ("mean", "m2", "deviations"))
+        elif fmt == STATE_FORMAT:
+            shapes = [tuple(s) for s in state.get("shapes", ())]
+            if shapes != list(self.shapes.values()):
+                raise ParameterMismatchError("SWAG state was collected for parameters of other shapes")
+            mean, m2, dev = state["mean"], state["m2"], state["deviations"]
+        else:
+            raise ParameterMismatchError(f"unknown SWAG state format {fmt}")
+        for src, dst, key in ((mean, self._mean, "mean"), (m2, self._m2, "m2"), (dev, self._dev, "deviations")):
+            if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(dst.shape):
+                got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
+                raise ParameterMismatchError(f"SWAG state {key} has shape {got}, expected {tuple(dst.shape)}")
+        self._mean.copy_(mean)
+        self._m2.copy_(m2)
+        self._dev.copy_(dev)
         self.num_snapshots = int(state["num_snapshots"])
 
+    def _flat_from_names(self, per_name: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+        lead = (self.rank,) if key == "deviations" else ()
+        parts = []
+        for n in self.names:
+            src = per_name[n]
+            if tuple(src.shape) != (*lead, *self.shapes[n]):
+                raise ParameterMismatchError(f"SWAG state {key} of {n!r} has shape {tuple(src.shape)}")
+            parts.append(src.reshape(*lead, -1))
+        return torch.cat(parts, dim=-1)
