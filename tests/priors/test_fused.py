@@ -217,3 +217,36 @@ def test_kernel_count_does_not_grow_with_the_number_of_tensors():
         counts[layers] = row
     assert counts[3] == counts[12] and max(counts[12]) <= 64, counts
     assert math.prod(counts[3]) > 0
+
+
+@pytest.mark.parametrize("kind,kw", KINDS)
+def test_cpu_groups_give_the_single_group_result(kind, kw, monkeypatch):
+    """On the CPU flat vectors are processed in groups of >= GROUP_NUMEL numbers; tiny groups must not change a bit
+    of the penalty or gradient beyond float64 summation order (and SWAG's moments not at all)."""
+    import ptyl.priors.flat as flat
+    from ptyl.posterior import SWAGCollector
+
+    model, post = _perturbed(torch.float64)
+    single = _prior(kind, kw, model, post)
+    swag_single = SWAGCollector(model, rank=2)
+    monkeypatch.setattr(flat, "GROUP_NUMEL", 10)
+    grouped = _prior(kind, kw, model, post)
+    swag_grouped = SWAGCollector(model, rank=2)
+    assert len(grouped.parts["backbone"]._cpu_groups) > 1 and len(single.parts["backbone"]._cpu_groups) == 1
+    values = []
+    for prior in (single, grouped):
+        model.zero_grad(set_to_none=True)
+        value = prior.penalty(model)
+        value.backward()
+        values.append((value.detach(), _grads(model)))
+    torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-13, atol=0)
+    for a, b in zip(values[0][1], values[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        swag_single.collect(model)
+        swag_grouped.collect(model)
+    for a, b in zip(swag_single.state_dict().values(), swag_grouped.state_dict().values()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

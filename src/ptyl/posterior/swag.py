@@ -12,7 +12,8 @@ float64, deviations in float32 (or ``deviation_dtype``, e.g. bf16).
 
 All of it lives in flat buffers on the parameters' device (``names`` order): mean [P], M2 [P] and a preallocated ring
 of deviation rows [K, P]. One :meth:`SWAGCollector.collect` is six kernels whatever the number of parameter tensors
-(one ``cat`` into a float64 vector, the Welford update, one row copy), with no host synchronisation.
+(one ``cat``, the Welford update in float64, one row copy), with no host synchronisation. (On the CPU the same six
+run per group of >= 2M numbers, see :data:`ptyl.priors.flat.GROUP_NUMEL`.)
 
 BatchNorm: running statistics are buffers, not parameters, so they are *not* part of the posterior or the prior. Any
 model built from the posterior (its mean or a sample) must recompute them on training data
@@ -31,7 +32,7 @@ from torch import nn
 from ptyl.errors import InvalidValueError, ParameterMismatchError
 from ptyl.params import Selector, select_parameters
 from ptyl.posterior.gaussian import SourcePosterior
-from ptyl.priors.flat import ParamBinder, unflatten
+from ptyl.priors.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
 
 STATE_FORMAT = 2  # flat buffers; format 1 (one tensor per name) still loads
 
@@ -74,6 +75,7 @@ class SWAGCollector:
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.num_snapshots = 0
         self._binder = ParamBinder(self.names, list(self.shapes.values()), what="SWAG collector")
+        self._cpu_groups = plan_groups(list(self.shapes.values()))
         device = next(iter(params.values())).device
         size = self.num_parameters
         self._mean = torch.zeros(size, dtype=torch.float64, device=device)
@@ -90,14 +92,20 @@ class SWAGCollector:
         tensors = self._binder.tensors(model)
         self.num_snapshots += 1
         n = self.num_snapshots
-        theta = torch.empty_like(self._mean)
-        torch.cat([t.reshape(-1) for t in tensors], out=theta)  # cast to float64 in the same kernel
-        delta = theta - self._mean
-        self._mean.add_(delta, alpha=1.0 / n)
-        deviation = theta.sub_(self._mean)  # from the updated mean: Welford's second factor and the new column
-        self._m2.addcmul_(delta, deviation)
-        if self.rank:
-            self._dev[(n - 1) % self.rank].copy_(deviation)
+        slot = (n - 1) % self.rank if self.rank else None
+        device, start, i = self._mean.device, 0, 0
+        for count in groups_for(tensors[0].device, self._cpu_groups, len(tensors)):
+            theta = flatten(tensors[i:i + count]).to(device)  # one cat (a no-op move on the same device)
+            i += count
+            part = slice(start, start + theta.numel())
+            start += theta.numel()
+            mean = self._mean[part]
+            delta = theta - mean  # float64: the snapshot is promoted inside the kernel
+            mean.add_(delta, alpha=1.0 / n)
+            deviation = theta - mean  # from the updated mean: Welford's second factor and the new column
+            self._m2[part].addcmul_(delta, deviation)
+            if slot is not None:
+                self._dev[slot, part].copy_(deviation)
 
     def _deviation_order(self) -> list[int]:
         """Ring-buffer slots from oldest to newest."""
@@ -109,17 +117,17 @@ class SWAGCollector:
         return [(start + i) % self.rank for i in range(self.rank)]
 
     def _by_name(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Flat [..., P] -> name -> [..., *shape] views."""
+        """Flat [..., P] -> name -> [..., *shape] copies (independent tensors, e.g. for safetensors)."""
         lead = tuple(flat.shape[:-1])
         out, start = {}, 0
         for name, shape in self.shapes.items():
             size = math.prod(shape)
-            out[name] = flat[..., start:start + size].reshape(*lead, *shape)
+            out[name] = flat[..., start:start + size].reshape(*lead, *shape).clone()
             start += size
         return out
 
     def mean(self) -> dict[str, torch.Tensor]:
-        return self._by_name(self._mean.clone())
+        return self._by_name(self._mean)
 
     def variance(self) -> dict[str, torch.Tensor]:
         """Population variance sigma^2 = E[theta^2] - E[theta]^2 (float64, unclamped)."""
@@ -139,10 +147,9 @@ class SWAGCollector:
         self._need(2)
         meta = {"num_snapshots": self.num_snapshots, "rank": min(self.rank, self.num_snapshots), **(metadata or {})}
         var = self._by_name((self._m2 / self.num_snapshots).clamp_min_(self.var_clamp).to(dtype))
-        mean = self._by_name(self._mean.to(dtype, copy=True))
+        mean = self._by_name(self._mean.to(dtype))
         dev = self._by_name(self._dev[self._deviation_order()].to(dtype))
-        return SourcePosterior({n: t.clone() for n, t in mean.items()}, {n: t.clone() for n, t in var.items()},
-                               {n: t.clone() for n, t in dev.items()}, meta)
+        return SourcePosterior(mean, var, dev, meta)
 
     @torch.no_grad()
     def sample_into(

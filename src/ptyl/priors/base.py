@@ -10,9 +10,10 @@ so a training step adds ``prior.penalty(model) / N`` to the mean cross-entropy o
 calls ``prior.add_grad_(model, weight=1 / N)`` after ``loss.backward()`` (the same update).
 
 Every prior here keeps its tensors as flat buffers in ``names`` order. One call flattens the parameters with one
-``cat``, runs a few vector kernels per *leaf* prior (``_penalty_grad``) and returns per-tensor views of one flat
+``cat`` per *leaf* prior, runs a few vector kernels (``_penalty_grad``) and returns per-tensor views of the flat
 gradient, so its cost does not grow with the number of parameter tensors. Value and gradient come out of the same
-kernels; the autograd path only scales the saved gradient in backward.
+kernels; the autograd path only scales the saved gradient in backward. (On the CPU the vectors are processed in
+groups of >= 2M numbers, see :data:`ptyl.priors.flat.GROUP_NUMEL`; elsewhere in one piece.)
 
 Sharding hook: each leaf reduces its partial sums (the quadratic term and, for the low-rank prior, the k-vector
 ``U^T D^-1 r``) through ``reduce_stats`` in one place, :meth:`Prior._reduce`. With parameters and buffers sharded
@@ -30,7 +31,7 @@ from torch import nn
 from ptyl.errors import InvalidValueError
 from ptyl.params import named_parameters
 from ptyl.priors.checks import check_finite
-from ptyl.priors.flat import ParamBinder, compute_dtype, flatten, is_compiling, unflatten
+from ptyl.priors.flat import ParamBinder, compute_dtype, flatten, groups_for, is_compiling, plan_groups, unflatten
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -56,6 +57,7 @@ class Prior(nn.Module):
         self.skipped: tuple[str, ...] = ()  # parameters dropped when matched with strict=False
         self._numel = sum(math.prod(s) for s in self.shapes)
         self._binder = ParamBinder(self.names, self.shapes)
+        self._cpu_groups = plan_groups(self.shapes)
         self._plan: list[Prior] | None | bool = False  # leaves, resolved on first use
 
     @property
@@ -99,22 +101,24 @@ class Prior(nn.Module):
         tensors = self.gather(params)
         if not leaves:
             return _zero_like(tensors, params) if return_value else None
-        value, grads = _evaluate(leaves, tensors, need_value=return_value, need_grad=True)
-        start = 0
-        for leaf, h in zip(leaves, grads):
-            like = tensors[start:start + len(leaf.names)]
-            start += len(like)
-            if not (isinstance(weight, (int, float)) and weight == 1):
+        value, pieces = _evaluate(leaves, tensors, need_value=return_value, need_grad=True)
+        scale = not (isinstance(weight, (int, float)) and weight == 1)
+        like, grads = [], []
+        for h, group in pieces:
+            if scale:
                 h.mul_(weight)
-            _accumulate(like, unflatten(h.to(like[0].dtype), like))
+            like.extend(group)
+            grads.extend(unflatten(h.to(group[0].dtype), group))
+        _accumulate(like, grads)
         return value
 
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} implements neither _penalty_grad nor _log_prob")
 
-    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
-        """Leaf kernel. ``x``: fresh flat parameters [P] (may be overwritten). Returns ``(penalty or None,
-        d penalty / d x [P] or None)``; the penalty is a float64 0-dim tensor including the normaliser."""
+    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
+        """Leaf kernel. ``xs``: fresh flat parameter vectors (consecutive groups covering [0, P), may be overwritten).
+        Returns ``(penalty or None, [d penalty / d x per group] or None)``; the penalty is a float64 0-dim tensor
+        including the normaliser."""
         raise NotImplementedError
 
     def _reduce(self, quad: torch.Tensor | None, vec: torch.Tensor | None):
@@ -156,7 +160,7 @@ class Prior(nn.Module):
 
     def _find_leaves(self) -> list[Prior] | None:
         if type(self)._penalty_grad is not Prior._penalty_grad:
-            return [self]
+            return [self] if self.names else []
         parts = self._modules.get("parts")
         if parts is None:
             return None
@@ -165,7 +169,7 @@ class Prior(nn.Module):
             sub = part._leaves() if isinstance(part, Prior) else None
             if sub is None:
                 return None
-            leaves.extend(sub)
+            leaves.extend(leaf for leaf in sub if leaf.names)
         return leaves if tuple(n for leaf in leaves for n in leaf.names) == self.names else None
 
     def _leaves_or_raise(self) -> list[Prior]:
@@ -210,20 +214,23 @@ class CompositePrior(Prior):
 
 # --- the fused path ------------------------------------------------------------------------------------------------
 def _evaluate(leaves: list[Prior], tensors: list[torch.Tensor], need_value: bool, need_grad: bool):
-    """Penalty (in the parameters' dtype, or None) and one flat gradient per leaf (compute dtype, or None)."""
-    x = flatten(tensors)
-    out_dtype = x.dtype
-    if compute_dtype(out_dtype) != out_dtype:
-        x = x.to(compute_dtype(out_dtype))
-    value, grads, start = None, [], 0
+    """Penalty (in the parameters' dtype, or None) and ``(flat gradient, tensors it covers)`` pieces in order."""
+    out_dtype = tensors[0].dtype
+    dtype = compute_dtype(out_dtype)
+    value, pieces, start = None, [], 0
     for leaf in leaves:
-        part = x if len(leaves) == 1 else x[start:start + leaf.num_parameters]
-        start += leaf.num_parameters
-        v, h = leaf._penalty_grad(part, need_value, need_grad)
+        like = tensors[start:start + len(leaf.names)]
+        start += len(like)
+        groups, i = [], 0
+        for count in groups_for(like[0].device, leaf._cpu_groups, len(like)):
+            groups.append(like[i:i + count])
+            i += count
+        v, grads = leaf._penalty_grad([flatten(group, dtype) for group in groups], need_value, need_grad)
         if need_value:
             value = v if value is None else value + v
-        grads.append(h)
-    return (value.to(out_dtype) if need_value else None), grads
+        if need_grad:
+            pieces.extend(zip(grads, groups))
+    return (value.to(out_dtype) if need_value else None), pieces
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -232,22 +239,18 @@ class _FusedPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, prior: Prior, *tensors: torch.Tensor) -> torch.Tensor:
-        leaves = prior._leaves()
-        value, grads = _evaluate(leaves, list(tensors), need_value=True, need_grad=True)
-        ctx.save_for_backward(*grads)
-        ctx.like = [t.shape for t in tensors] if is_compiling() else list(tensors)
-        ctx.counts = [len(leaf.names) for leaf in leaves]
+        value, pieces = _evaluate(prior._leaves(), list(tensors), need_value=True, need_grad=True)
+        ctx.save_for_backward(*(h for h, _ in pieces))
+        compiling = is_compiling()
+        ctx.likes = [[t.shape for t in group] if compiling else group for _, group in pieces]
         return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        out, start = [None], 0
-        for h, count in zip(ctx.saved_tensors, ctx.counts):
-            like = ctx.like[start:start + count]
-            start += count
-            scaled = h * grad_output.to(h.dtype)
-            out.extend(unflatten(scaled.to(grad_output.dtype), like))
+        out = [None]
+        for h, like in zip(ctx.saved_tensors, ctx.likes):
+            out.extend(unflatten((h * grad_output.to(h.dtype)).to(grad_output.dtype), like))
         return tuple(out)
 
 

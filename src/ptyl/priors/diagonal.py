@@ -49,12 +49,21 @@ class DiagonalGaussianPrior(Prior):
         log_det = self.variance.double().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
-    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
-        r = x.sub_(operand(self.mean, x.dtype))
-        grad = r / operand(self.variance, x.dtype)
-        quad, _ = self._reduce(r.mul_(grad).sum(dtype=torch.float64) if need_value else None, None)
+    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
+        quad, grads, start = None, [], 0
+        for x in xs:
+            part = slice(start, start + x.numel())
+            start += x.numel()
+            whole = x.numel() == self.num_parameters
+            r = x.sub_(operand(self.mean if whole else self.mean[part], x.dtype))
+            grad = r / operand(self.variance if whole else self.variance[part], x.dtype)
+            if need_value:  # float64 across groups
+                q = torch.dot(r, grad)
+                quad = q.double() if quad is None else quad + q
+            grads.append(grad)
+        quad, _ = self._reduce(quad, None)
         value = (quad + self.log_norm) * 0.5 if need_value else None
-        return value, grad if need_grad else None
+        return value, grads if need_grad else None
 
     def _precision_diagonal(self) -> torch.Tensor:
         return 1.0 / self.variance.double()

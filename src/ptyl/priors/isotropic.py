@@ -68,14 +68,21 @@ class IsotropicGaussianPrior(Prior):
         shapes = {n: tuple(t.shape) for n, t in params.items()}
         return cls(shapes, variance, {n: t for n, t in params.items()} if centered else None)
 
-    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
-        r = x.sub_(operand(self.center, x.dtype)) if self.centered else x
-        grad = r * (1.0 / self.variance) if need_grad else None
-        value = None
-        if need_value:  # r is a fresh copy: square it in place
-            quad, _ = self._reduce(r.square_().sum(dtype=torch.float64), None)
-            value = quad * (0.5 / self.variance) + self._log_norm
-        return value, grad
+    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
+        quad, grads, start = None, [], 0
+        for x in xs:
+            if self.centered:
+                whole = x.numel() == self.num_parameters
+                x.sub_(operand(self.center if whole else self.center[start:start + x.numel()], x.dtype))
+            start += x.numel()
+            if need_value:  # float64 across groups
+                q = torch.dot(x, x)
+                quad = q.double() if quad is None else quad + q
+            if need_grad:
+                grads.append(x.mul_(1.0 / self.variance))  # x is a fresh copy: the gradient overwrites it
+        quad, _ = self._reduce(quad, None)
+        value = quad * (0.5 / self.variance) + self._log_norm if need_value else None
+        return value, grads if need_grad else None
 
     def _precision_diagonal(self) -> torch.Tensor:
         return torch.full((self.num_parameters,), 1.0 / self.variance, dtype=torch.float64, device=self.anchor.device)

@@ -112,13 +112,23 @@ class LowRankGaussianPrior(Prior):
         return (self.mean.to(dtype, copy=True), self.diag.to(dtype, copy=True), self.factor.to(dtype, copy=True))
 
     # --- the per-call kernel -------------------------------------------------------------------------------------
-    def _penalty_grad(self, x: torch.Tensor, need_value: bool, need_grad: bool):
-        dtype = x.dtype
-        r = x.sub_(operand(self.mean, dtype))
-        d = operand(self.diag, dtype)
-        w = r / d
-        quad = r.mul_(w).sum(dtype=torch.float64) if need_value else None
-        quad, v = self._reduce(quad, self._project(w).to(torch.float64))
+    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
+        dtype = xs[0].dtype
+        quad = v = None
+        kept, start = [], 0
+        for x in xs:
+            mean, diag, factor = self._slice(start, x.numel())
+            start += x.numel()
+            r = x.sub_(operand(mean, dtype))
+            d = operand(diag, dtype)
+            w = r / d
+            if need_value:  # float64 across groups
+                q = torch.dot(r, w)
+                quad = q.double() if quad is None else quad + q
+            p = self._project(factor, w).double()
+            v = p if v is None else v + p
+            kept.append((w, d, factor))
+        quad, v = self._reduce(quad, v)
         chol = self.capacitance_chol
         y = torch.linalg.solve_triangular(chol, v.unsqueeze(1), upper=False)  # L^-1 U^T w
         value = None
@@ -128,25 +138,31 @@ class LowRankGaussianPrior(Prior):
         if not need_grad:
             return value, None
         z = torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(1).to(dtype)  # C^-1 U^T w
-        return value, w.sub_(self._expand(z, dtype).div_(d))
+        return value, [w.sub_(self._expand(factor, z).div_(d)) for w, d, factor in kept]
 
-    def _project(self, w: torch.Tensor) -> torch.Tensor:
+    def _slice(self, start: int, size: int):
+        if size == self.num_parameters:
+            return self.mean, self.diag, self.factor
+        part = slice(start, start + size)
+        return self.mean[part], self.diag[part], self.factor[:, part]
+
+    def _project(self, factor: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """U^T w [k] (``factor @ w``), converting a differently stored factor in bounded chunks."""
-        if self.factor.dtype == w.dtype:
-            return self.factor @ w
+        if factor.dtype == w.dtype:
+            return factor @ w
         v = None
         for part in _chunks(w.numel(), max(1, CAST_CHUNK // self.rank)):
-            term = self.factor[:, part].to(w.dtype) @ w[part]
+            term = factor[:, part].to(w.dtype) @ w[part]
             v = term if v is None else v + term
         return v
 
-    def _expand(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _expand(self, factor: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """U z [P] (``z @ factor``), chunked like :meth:`_project`."""
-        if self.factor.dtype == dtype:
-            return z @ self.factor
-        out = torch.empty(self.factor.shape[1], dtype=dtype, device=z.device)
+        if factor.dtype == z.dtype:
+            return z @ factor
+        out = torch.empty(factor.shape[1], dtype=z.dtype, device=z.device)
         for part in _chunks(out.numel(), max(1, CAST_CHUNK // self.rank)):
-            torch.mm(z.unsqueeze(0), self.factor[:, part].to(dtype), out=out[part].unsqueeze(0))
+            torch.mm(z.unsqueeze(0), factor[:, part].to(z.dtype), out=out[part].unsqueeze(0))
         return out
 
     # --- curvature interface -------------------------------------------------------------------------------------
