@@ -103,6 +103,24 @@ def test_legacy_subclass_falls_back_to_autograd():
         torch.testing.assert_close(p.grad, 2.0 * p.detach())
 
 
+def test_composite_with_a_legacy_part_sums_its_parts():
+    from ptyl.priors import CompositePrior, IsotropicGaussianPrior
+
+    model = TinyNet().double()
+    named = dict(model.named_parameters())
+    body = [n for n in named if n.startswith("features.")]
+    legacy = _Quadratic(body, [named[n].shape for n in body])
+    head = IsotropicGaussianPrior.from_model({n: p for n, p in named.items() if n.startswith("head.")}, 2.0,
+                                             centered=False)
+    prior = CompositePrior({"backbone": legacy, "head": head})
+    expected = legacy.log_prob(model) + head.log_prob(model)
+    torch.testing.assert_close(prior.log_prob(model), expected)
+    torch.testing.assert_close(prior.penalty(model), -expected)
+    prior.add_grad_(model, 1.0)
+    torch.testing.assert_close(model.features[0].weight.grad, model.features[0].weight.detach())
+    torch.testing.assert_close(model.head.weight.grad, model.head.weight.detach() / 2.0)
+
+
 def test_model_is_validated_once_and_again_after_a_change():
     model, post = _perturbed(torch.float32)
     prior = make_prior(model, "l2sp", variance=0.3, head="head")

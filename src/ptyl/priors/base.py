@@ -84,9 +84,14 @@ class Prior(nn.Module):
 
     def log_prob(self, params: Params) -> torch.Tensor:
         """Normalised log-density of the named parameters (differentiable)."""
-        if self._leaves() is None:
+        if self._leaves() is not None:
+            return -self.penalty(params)
+        parts = self._modules.get("parts")
+        if parts is None:
             return self._log_prob(self.gather(params))
-        return -self.penalty(params)
+        named = named_parameters(params)  # some part has no flat kernel: sum the parts' own log-densities
+        total = sum_log_probs(parts.values() if isinstance(parts, nn.ModuleDict) else parts, named)
+        return total if total is not None else _zero_like(self.gather(params), params)
 
     @torch.no_grad()
     def add_grad_(self, params: Params, weight: float | torch.Tensor = 1.0, *, return_value: bool = False):
@@ -115,10 +120,10 @@ class Prior(nn.Module):
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} implements neither _penalty_grad nor _log_prob")
 
-    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
-        """Leaf kernel. ``xs``: fresh flat parameter vectors (consecutive groups covering [0, P), may be overwritten).
-        Returns ``(penalty or None, [d penalty / d x per group] or None)``; the penalty is a float64 0-dim tensor
-        including the normaliser."""
+    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+        """Leaf kernel. ``xs``: fresh flat parameter vectors (consecutive groups covering [0, P); iterate once, may
+        overwrite them). Returns ``(penalty or None, [d penalty / d x per group] or None)``; the penalty is a float64
+        0-dim tensor including the normaliser."""
         raise NotImplementedError
 
     def _reduce(self, quad: torch.Tensor | None, vec: torch.Tensor | None):
@@ -225,7 +230,8 @@ def _evaluate(leaves: list[Prior], tensors: list[torch.Tensor], need_value: bool
         for count in groups_for(like[0].device, leaf._cpu_groups, len(like)):
             groups.append(like[i:i + count])
             i += count
-        v, grads = leaf._penalty_grad([flatten(group, dtype) for group in groups], need_value, need_grad)
+        # a generator: each group's flat copy is freed as soon as the kernel moves on (on the CPU, reused memory)
+        v, grads = leaf._penalty_grad((flatten(group, dtype) for group in groups), need_value, need_grad)
         if need_value:
             value = v if value is None else value + v
         if need_grad:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -49,7 +49,7 @@ class DiagonalGaussianPrior(Prior):
         log_det = self.variance.double().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
-    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
+    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad, grads, start = None, [], 0
         for x in xs:
             part = slice(start, start + x.numel())

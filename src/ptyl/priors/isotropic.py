@@ -10,7 +10,7 @@ Weight decay ``wd`` in a mean loss equals this prior with ``c = 0`` and ``s2 = 1
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -68,7 +68,7 @@ class IsotropicGaussianPrior(Prior):
         shapes = {n: tuple(t.shape) for n, t in params.items()}
         return cls(shapes, variance, {n: t for n, t in params.items()} if centered else None)
 
-    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
+    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad, grads, start = None, [], 0
         for x in xs:
             if self.centered:

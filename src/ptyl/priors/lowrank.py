@@ -27,7 +27,7 @@ For the Laplace evidence (matrix determinant lemma and Woodbury):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -112,11 +112,11 @@ class LowRankGaussianPrior(Prior):
         return (self.mean.to(dtype, copy=True), self.diag.to(dtype, copy=True), self.factor.to(dtype, copy=True))
 
     # --- the per-call kernel -------------------------------------------------------------------------------------
-    def _penalty_grad(self, xs: list[torch.Tensor], need_value: bool, need_grad: bool):
-        dtype = xs[0].dtype
-        quad = v = None
+    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+        quad = v = dtype = None
         kept, start = [], 0
         for x in xs:
+            dtype = x.dtype
             mean, diag, factor = self._slice(start, x.numel())
             start += x.numel()
             r = x.sub_(operand(mean, dtype))
