@@ -26,6 +26,8 @@ SCRIPTS = {  # script -> (result name, extra files)
     "prior_overhead.py": ("prior_overhead_quick", ()),
     "speed/step_overhead.py": ("step_overhead_quick", ()),
     "speed/scaling.py": ("scaling_quick", ("scaling_quick.png",)),
+    "speed/op_count.py": ("op_count_quick", ()),
+    "speed/gpu.py": ("gpu_quick", ()),  # tiny sizes on the CPU: checks the script, measures nothing of interest
 }
 
 
@@ -60,6 +62,14 @@ def test_prior_overhead_quick_measures_both_routes(quick_runs):
     assert max(values) - min(values) <= 1e-4 * max(abs(v) for v in values)
     assert not data["memory_check_failures"]
     assert all(c["median_s"] > 0 and c["peak_extra_bytes"] >= 0 for c in data["cases"])
+
+
+def test_op_count_quick_is_flat_and_under_the_bar(quick_runs):
+    out, _ = quick_runs
+    data = json.loads((out / "op_count_quick.json").read_text())
+    assert data["per_call_flat"] and data["largest_per_call"] <= 64
+    kinds = {r["kind"] for r in data["records"]}
+    assert {"lowrank k=5", "lowrank k=20", "diag", "l2sp", "standard", "SWAG collect (K=20)"} <= kinds
 
 
 def test_resnet18_shapes_has_resnet18_size():
