@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=Path, nargs="+", required=True)
     parser.add_argument("--label-before", default="before")
     parser.add_argument("--label-after", default="after")
+    parser.add_argument("--note", default="", help="how the runs were made (printed under the table)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     before, after = load(args.before), load(args.after)
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt_table(["P", "k", "ptyl before", "ptyl after", "after / before", "speed-up vs reference before",
                    "after", "speed-up vs view before", "after"], rows),
         "",
-        "Command: `python benchmarks/speed/compare_prior_overhead.py " + " ".join(argv or sys.argv[1:]) + "`",
-    ])
+        "Command: `python benchmarks/speed/compare_prior_overhead.py " + shlex.join(argv or sys.argv[1:]) + "`",
+    ] + (["", args.note] if args.note else []))
     print(md)
     data = {"benchmark": "prior_overhead_before_after", "before": [r["cases"] for r in before],
             "after": [r["cases"] for r in after], "loads": loads,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -198,6 +199,8 @@ def report(records: list[dict], info: dict, bar: int | None, baseline: list[dict
     if baseline:
         headers += [f"before: ops @{small}", f"before: ops @{big}"]
     headers += [f"ops @{small} tensors", f"ops @{big} tensors", "growth", f"µs @{small}", f"µs @{big}"]
+    if baseline:
+        headers += [f"before: µs @{small}", f"before: µs @{big}"]
     rows, over = [], []
     for r in records:
         growth = r[f"ops_{big}"] - r[f"ops_{small}"]
@@ -207,6 +210,8 @@ def report(records: list[dict], info: dict, bar: int | None, baseline: list[dict
             cells += [old[f"ops_{small}"] if old else "—", old[f"ops_{big}"] if old else "—"]
         cells += [r[f"ops_{small}"], r[f"ops_{big}"], f"{growth:+d}"]
         cells += [f"{r[f'us_{t}']:.0f}" if r.get(f"us_{t}") is not None else "—" for t in (small, big)]
+        if baseline:
+            cells += [f"{old[f'us_{t}']:.0f}" if old and old.get(f"us_{t}") is not None else "—" for t in (small, big)]
         rows.append(cells)
         per_call = not r["path"].startswith("in a step")
         if bar is not None and per_call and max(r[f"ops_{small}"], r[f"ops_{big}"]) > bar:
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {str(t): measure_model(t, repeats) for t in BODY_LAYERS}
     records = flatten_rows(results)
     baseline = json.loads(args.baseline.read_text())["records"] if args.baseline else None
-    command = "python benchmarks/speed/op_count.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/speed/op_count.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     md, summary = report(records, info, args.bar, baseline, command.strip())
     if baseline:
         md += f"\n\nBefore columns: {args.baseline_label} (its JSON records are kept in this result's JSON)."
