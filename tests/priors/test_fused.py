@@ -241,7 +241,7 @@ def test_kernel_count_does_not_grow_with_the_number_of_tensors():
 def test_cpu_groups_give_the_single_group_result(kind, kw, monkeypatch):
     """On the CPU flat vectors are processed in groups of >= GROUP_NUMEL numbers; tiny groups must not change a bit
     of the penalty or gradient beyond float64 summation order (and SWAG's moments not at all)."""
-    import ptyl.priors.flat as flat
+    import ptyl.flat as flat
     from ptyl.posterior import SWAGCollector
 
     model, post = _perturbed(torch.float64)
@@ -268,3 +268,30 @@ def test_cpu_groups_give_the_single_group_result(kind, kw, monkeypatch):
         swag_grouped.collect(model)
     for a, b in zip(swag_single.state_dict().values(), swag_grouped.state_dict().values()):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_synchronisation_per_call_on_cuda():
+    """With CUDA's sync debug mode set to error, prior calls (both paths) and SWAG collection never wait for the
+    device once the model has been seen (construction and the first call validate, which may synchronise)."""
+    from ptyl.posterior import SWAGCollector
+
+    torch.manual_seed(0)
+    model = TinyNet().cuda()
+    post = random_posterior(model, rank=3, dtype=torch.float32)
+    priors = [_prior(kind, kw, model, post).cuda() for kind, kw in KINDS]
+    swag = SWAGCollector(model, rank=2)
+    for prior in priors:
+        prior.penalty(model).backward()
+        prior.add_grad_(model, 0.1)
+    swag.collect(model)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for prior in priors:
+            model.zero_grad(set_to_none=True)
+            (prior.penalty(model) / 10).backward()
+            prior.add_grad_(model, 0.1, return_value=True)
+        swag.collect(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -63,7 +63,7 @@ def test_block_prior_interface_is_the_product_of_blocks():
     post = random_posterior(TinyNet().double(), rank=3)
     prior = block_prior(post, "auto", scale=0.5, eps=0.01)
     assert isinstance(prior, BlockLowRankPrior)
-    covs = [post.restrict(list(b.names)).dense_covariance(0.5, 0.01) for b in prior.parts]
+    covs = [post.restrict(list(b.names)).dense_covariance(0.5, 0.01) for b in prior.parts.values()]
     precision = torch.linalg.inv(torch.block_diag(*covs))
     h = torch.rand(prior.num_parameters, dtype=torch.float64)
     torch.testing.assert_close(prior.precision_diagonal(), precision.diagonal(), rtol=1e-10, atol=1e-12)

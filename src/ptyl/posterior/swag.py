@@ -13,7 +13,7 @@ float64, deviations in float32 (or ``deviation_dtype``, e.g. bf16).
 All of it lives in flat buffers on the parameters' device (``names`` order): mean [P], M2 [P] and a preallocated ring
 of deviation rows [K, P]. One :meth:`SWAGCollector.collect` is six kernels whatever the number of parameter tensors
 (one ``cat``, the Welford update in float64, one row copy), with no host synchronisation. (On the CPU the same six
-run per group of >= 2M numbers, see :data:`ptyl.priors.flat.GROUP_NUMEL`.)
+run per group of >= 2M numbers, see :data:`ptyl.flat.GROUP_NUMEL`.)
 
 BatchNorm: running statistics are buffers, not parameters, so they are *not* part of the posterior or the prior. Any
 model built from the posterior (its mean or a sample) must recompute them on training data
@@ -32,7 +32,7 @@ from torch import nn
 from ptyl.errors import InvalidValueError, ParameterMismatchError
 from ptyl.params import Selector, select_parameters
 from ptyl.posterior.gaussian import SourcePosterior
-from ptyl.priors.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
+from ptyl.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
 
 STATE_FORMAT = 2  # flat buffers; format 1 (one tensor per name) still loads
 

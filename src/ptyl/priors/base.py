@@ -13,7 +13,7 @@ Every prior here keeps its tensors as flat buffers in ``names`` order. One call 
 ``cat`` per *leaf* prior, runs a few vector kernels (``_penalty_grad``) and returns per-tensor views of the flat
 gradient, so its cost does not grow with the number of parameter tensors. Value and gradient come out of the same
 kernels; the autograd path only scales the saved gradient in backward. (On the CPU the vectors are processed in
-groups of >= 2M numbers, see :data:`ptyl.priors.flat.GROUP_NUMEL`; elsewhere in one piece.)
+groups of >= 2M numbers, see :data:`ptyl.flat.GROUP_NUMEL`; elsewhere in one piece.)
 
 Sharding hook: each leaf reduces its partial sums (the quadratic term and, for the low-rank prior, the k-vector
 ``U^T D^-1 r``) through ``reduce_stats`` in one place, :meth:`Prior._reduce`. With parameters and buffers sharded
@@ -31,7 +31,7 @@ from torch import nn
 from ptyl.errors import InvalidValueError
 from ptyl.params import named_parameters
 from ptyl.priors.checks import check_finite
-from ptyl.priors.flat import ParamBinder, compute_dtype, flatten, groups_for, is_compiling, plan_groups, unflatten
+from ptyl.flat import ParamBinder, compute_dtype, flatten, groups_for, is_compiling, plan_groups, unflatten
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -65,12 +65,26 @@ class Prior(nn.Module):
         return self._numel
 
     def gather(self, params: Params) -> list[torch.Tensor]:
-        """The tensors this prior covers, in ``self.names`` order, checked for names and shapes (once per model)."""
+        """The tensors this prior covers, in ``self.names`` order, checked for names and shapes (once per model).
+
+        Args:
+            params: a model or a name -> tensor mapping (``module.`` / ``_orig_mod.`` prefixes are ignored).
+
+        Returns:
+            The covered tensors themselves (not copies).
+        """
         return self._binder.tensors(params)
 
     # --- evaluation --------------------------------------------------------------------------------------------
     def penalty(self, params: Params) -> torch.Tensor:
-        """``-log p(theta)`` (differentiable): add ``penalty / N`` to a mean per-example loss."""
+        """``-log p(theta)`` (differentiable): add ``penalty / N`` to a mean per-example loss.
+
+        Args:
+            params: a model or a name -> tensor mapping covering :attr:`names`.
+
+        Returns:
+            A 0-dim tensor in the parameters' dtype; its backward adds the fused gradient.
+        """
         leaves = self._leaves()
         if leaves is None:
             return -self.log_prob(params)
@@ -83,7 +97,14 @@ class Prior(nn.Module):
             return _evaluate(leaves, tensors, need_value=True, need_grad=False)[0]
 
     def log_prob(self, params: Params) -> torch.Tensor:
-        """Normalised log-density of the named parameters (differentiable)."""
+        """Normalised log-density of the named parameters (differentiable).
+
+        Args:
+            params: a model or a name -> tensor mapping covering :attr:`names`.
+
+        Returns:
+            ``-penalty(params)``, a 0-dim tensor.
+        """
         if self._leaves() is not None:
             return -self.penalty(params)
         parts = self._modules.get("parts")
@@ -96,9 +117,18 @@ class Prior(nn.Module):
     @torch.no_grad()
     def add_grad_(self, params: Params, weight: float | torch.Tensor = 1.0, *, return_value: bool = False):
         """Add ``weight * grad(penalty)`` into each covered parameter's ``.grad`` (created where None), without
-        autograd: the same update as ``(weight * prior.penalty(params)).backward()`` in a few fused kernels.
+        autograd: the same update as ``(weight * prior.penalty(params)).backward()`` in a few fused kernels (bit for
+        bit with float32/float64 parameters). Parameters with ``requires_grad=False`` are left alone.
 
-        Returns the detached penalty when ``return_value`` (one extra reduction), else None.
+        Typical use: ``loss.backward(); prior.add_grad_(model, weight=1 / N); optimizer.step()``.
+
+        Args:
+            params: a model or a name -> tensor mapping covering :attr:`names`.
+            weight: scale of the gradient (a number or a 0-dim tensor), e.g. ``1 / N``.
+            return_value: also return the penalty (one extra reduction, no host synchronisation).
+
+        Returns:
+            The detached penalty (unweighted) when ``return_value``, else None.
         """
         leaves = self._leaves()
         if leaves is None:
@@ -138,11 +168,22 @@ class Prior(nn.Module):
 
     # --- curvature interface (Laplace evidence, autotune) ---------------------------------------------------------
     def precision_diagonal(self) -> torch.Tensor:
-        """diag(Sigma^-1) as a flat float64 [P] tensor in ``names`` order."""
+        """diag(Sigma^-1) (Woodbury for the low-rank prior).
+
+        Returns:
+            A flat float64 [P] tensor in ``names`` order, on the prior's device.
+        """
         return _concat(self, lambda leaf: leaf._precision_diagonal(), torch.float64)
 
     def posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
-        """``log det(diag(h) + Sigma^-1)`` (float64 0-dim) for a flat non-negative curvature diagonal ``h`` [P]."""
+        """``log det(diag(h) + Sigma^-1)`` (matrix determinant lemma for the low-rank prior).
+
+        Args:
+            h: flat non-negative curvature diagonal [P] in ``names`` order (e.g. a GGN diagonal).
+
+        Returns:
+            A float64 0-dim tensor.
+        """
         h = _check_curvature(h, self.num_parameters)
         total, start = None, 0
         for leaf in self._leaves_or_raise():
@@ -153,7 +194,11 @@ class Prior(nn.Module):
         return total if total is not None else torch.zeros((), dtype=torch.float64)
 
     def mean_flat(self) -> torch.Tensor:
-        """The centre as a flat [P] tensor in ``names`` order (zeros for a zero-centred prior)."""
+        """The centre (a copy).
+
+        Returns:
+            A flat [P] tensor in ``names`` order in the stored dtype (zeros for a zero-centred prior).
+        """
         return _concat(self, lambda leaf: leaf._mean_flat(), None)
 
     # --- structure ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ From a SWAG posterior, ``v = lam * sigma^2 + eps`` (see :func:`ptyl.priors.learn
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -18,9 +17,6 @@ from ptyl.errors import InvalidValueError
 from ptyl.priors.base import LOG_2PI, Prior
 from ptyl.priors.checks import check_flat
 from ptyl.priors.lowrank import operand
-
-_LEGACY = re.compile(r"^(mean|var)_(\d+)$")
-
 
 class DiagonalGaussianPrior(Prior):
     """N(mean, diag(variance)) over named parameters. Tensors may be stored in a low precision (fp16/bf16);
@@ -73,16 +69,3 @@ class DiagonalGaussianPrior(Prior):
 
     def _mean_flat(self) -> torch.Tensor:
         return self.mean.clone()
-
-    def __getattr__(self, name: str):
-        # per-tensor views under the pre-flat buffer names (mean_0, var_0, ...), read by inference/evidence.py until it
-        # switches to precision_diagonal(); to be removed then
-        match = _LEGACY.match(name)
-        if match is None:
-            return super().__getattr__(name)
-        i = int(match.group(2))
-        if i >= len(self.names):
-            raise AttributeError(name)
-        start = sum(math.prod(s) for s in self.shapes[:i])
-        flat = self._buffers["mean" if match.group(1) == "mean" else "variance"]
-        return flat[start:start + math.prod(self.shapes[i])].view(self.shapes[i])
