@@ -25,7 +25,7 @@ Rows, each counted after ``zero_grad(set_to_none=True)`` and a warm-up call:
 
 µs columns: median CPU time per call (1 thread; ``zero_grad`` outside the timer). Counts are deterministic; times
 depend on the machine's load. The models are small (P < 6k), so the CPU path uses one group as a GPU does (on the CPU,
-vectors above 2M numbers are processed in groups of >= 2M, see ``ptyl.priors.flat.GROUP_NUMEL``).
+vectors above 2M numbers are processed in groups of >= 2M, see ``ptyl.flat.GROUP_NUMEL``).
 """
 
 from __future__ import annotations
