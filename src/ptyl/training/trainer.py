@@ -219,12 +219,12 @@ class Trainer:
         optimizer = self.strategy.optimizer
         optimizer.zero_grad(set_to_none=True)
         data_loss = self.objective(self.net, batch)
-        loss, prior_term = data_loss, self._zero
+        data_loss.backward()
+        prior_term = self._zero
         if self.prior is not None:
-            # DDP: every rank adds penalty/N and DDP averages gradients over ranks -> the prior counts once
-            prior_term = self.prior.penalty(self.net) / self.num_data
-            loss = loss + prior_term
-        loss.backward()
+            # the prior's gradient goes straight into .grad in a few fused kernels (the same update as backpropagating
+            # penalty/N). DDP: backward has averaged the data gradients; every rank adds the same prior term once
+            prior_term = self.prior.add_grad_(self.model, 1.0 / self.num_data, return_value=True) / self.num_data
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         optimizer.step()
