@@ -10,7 +10,9 @@ from ptyl.training.result import FitResult
 from ptyl.training.schedules import CyclicalSchedule, cyclical_lr
 from ptyl.training.sgld import SGLD
 from ptyl.training.strategies.base import Strategy
-from ptyl.training.trainer import Objective, Trainer, supervised_objective
+from ptyl.training.objective import Objective, PriorTerm, log_normalizer, supervised_objective
+from ptyl.training.precision import PRECISIONS, MixedPrecision
+from ptyl.training.trainer import Trainer
 
 __all__ = [
     "SGLD",
@@ -19,12 +21,16 @@ __all__ = [
     "EvalCallback",
     "FitResult",
     "Inference",
+    "MixedPrecision",
     "Objective",
+    "PRECISIONS",
+    "PriorTerm",
     "SWAGCollection",
     "Strategy",
     "TrainConfig",
     "Trainer",
     "cyclical_lr",
     "fit",
+    "log_normalizer",
     "supervised_objective",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ptyl.training.precision import PRECISIONS
 from ptyl.training.registry import Inference
 from ptyl.validation import check_choice, check_fraction, check_int, check_nonnegative_number, check_positive_number
 
@@ -44,6 +45,8 @@ class TrainConfig:
             steps; ``None``: once per epoch).
         check_every: check that the loss is finite every this many steps (and at every epoch end); the loop does
             not wait for the device in between.
+        precision: ``"fp32"``, or mixed precision ``"bf16"`` / ``"fp16"``: the data term under ``torch.autocast``
+            (fp16 with a gradient scaler, unscaled before clipping), the prior term in the parameters' dtype.
         seed, device, progress: random seed, device (``None``: the model's), progress bar.
     """
 
@@ -67,6 +70,7 @@ class TrainConfig:
     swag_lr: float | None = None
     swag_collect_every: int | None = None
     check_every: int = 100
+    precision: str = "fp32"
     seed: int = 0
     device: str | None = None
     progress: bool = True
@@ -83,6 +87,7 @@ class TrainConfig:
         strategy = Inference.parse(self.inference).strategy
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         check_choice(self.schedule, SCHEDULES, "schedule")
+        check_choice(self.precision, PRECISIONS, "precision")
         for key in ("epochs", "batch_size", "num_samples", "check_every"):
             check_int(getattr(self, key), key, minimum=1)
         check_positive_number(self.lr, "lr")

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,28 +34,15 @@ from ptyl.priors.base import Prior
 from ptyl.training.callbacks import Callback
 from ptyl.training.config import TrainConfig
 from ptyl.training.environment import current_environment
+from ptyl.training.objective import Objective, PriorTerm, supervised_objective
+from ptyl.training.precision import MixedPrecision, full_precision
 from ptyl.training.registry import Inference
 from ptyl.training.result import FitResult
 from ptyl.training.strategies.base import Strategy
 
 __all__ = ["Objective", "Trainer", "supervised_objective"]
 
-Objective = Callable[[nn.Module, Any], torch.Tensor]
 _CHECKPOINT_KEYS = ("epoch", "step", "config", "model", "strategy", "callbacks", "loader_rng", "torch_rng", "history")
-
-
-def supervised_objective(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The default training objective.
-
-    Args:
-        model: returns logits ``[B, C]`` (classification) or ``[B, C, H, W]`` (segmentation).
-        batch: ``(x, y)``.
-
-    Returns:
-        The mean cross-entropy.
-    """
-    x, y = batch[0], batch[1]
-    return F.cross_entropy(model(x), y)
 
 
 class _LossWindow:
@@ -78,8 +64,9 @@ class _LossWindow:
         self.count += 1
         return self.count == self.buffer.shape[0]
 
-    def flush(self, env) -> None:
-        """Add the window to the epoch sums; :class:`DivergenceError` naming the first non-finite step."""
+    def flush(self, env, hint: Callable[[], str]) -> None:
+        """Add the window to the epoch sums; :class:`DivergenceError` naming the first non-finite step and ``hint()``
+        (what to change)."""
         if self.count == 0:
             return
         window = self.buffer[: self.count]
@@ -88,7 +75,7 @@ class _LossWindow:
         first = self.first_step + int(bad[0, 0]) if bad.numel() else -1
         first = env.min(first if first >= 0 else 2**62)
         if first < 2**62:
-            raise DivergenceError(f"non-finite loss at step {first}: lower the learning rate or strengthen the prior")
+            raise DivergenceError(f"non-finite loss at step {first}: {hint()}")
         self.sums += window.sum(dim=0).to(self.sums.dtype)
         self.steps += self.count
         self.count = 0
@@ -143,6 +130,8 @@ class Trainer:
             prior.to(self.device)
         self.loader, self.loader_generator = self.env.loader(data, self.config.batch_size, self.config.seed, collate_fn)
         self.num_data = int(num_data or len(self.loader.dataset))
+        self.prior_term = PriorTerm(prior, self.num_data, self.device)
+        self.precision = MixedPrecision(self.config.precision, self.device)
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.config.epochs * self.steps_per_epoch
         self.strategy = strategy or Inference.parse(self.config.inference).strategy(self.config)
@@ -183,7 +172,7 @@ class Trainer:
             self.epoch += 1
             self.save()
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", prior=f"{record['prior']:.3g}")
         bar.close()
         for callback in self.callbacks:
             callback.on_fit_end(self)
@@ -204,37 +193,61 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if full:
-                window.flush(self.env)
-        window.flush(self.env)
+                window.flush(self.env, self._divergence_hint)
+        window.flush(self.env, self._divergence_hint)
         self._check_parameters(f"after epoch {self.epoch + 1} (step {self.step})")
         self.strategy.on_epoch(self)
         loss, prior = self.env.mean(window.means()).tolist()
-        record = {"epoch": self.epoch + 1, "loss": loss, "prior": prior}
+        record = {"epoch": self.epoch + 1, "loss": loss, "prior": prior, "objective": loss + prior}
         for callback in self.callbacks:
             callback.on_epoch_end(self, record)
         return record
 
     def _train_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the detached data term and the logged prior term (no normalising constant)."""
         batch = to_device(batch, self.device)
         optimizer = self.strategy.optimizer
         optimizer.zero_grad(set_to_none=True)
-        data_loss = self.objective(self.net, batch)
-        data_loss.backward()
+        with self.precision.autocast():
+            data_loss = self.objective(self.net, batch)
+        self.precision.backward(data_loss)
         prior_term = self._zero
+        if self.prior is not None or self.config.grad_clip:
+            self.precision.unscale_(optimizer)  # fp16: the true gradients before the prior's are added and clipping
         if self.prior is not None:
-            # the prior's gradient goes straight into .grad in a few fused kernels (the same update as backpropagating
-            # penalty/N). DDP: backward has averaged the data gradients; every rank adds the same prior term once
-            prior_term = self.prior.add_grad_(self.model, 1.0 / self.num_data, return_value=True) / self.num_data
+            # the prior's gradient goes straight into .grad in a few fused kernels, in full precision (the same update
+            # as backpropagating penalty/N). DDP: backward has averaged the data gradients; every rank adds the same
+            # prior term once
+            with full_precision(self.device):
+                prior_term = self.prior.add_grad_(self.model, 1.0 / self.num_data, return_value=True) / self.num_data
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        optimizer.step()
-        return data_loss, prior_term
+        self.precision.step(optimizer)
+        return data_loss.detach(), self.prior_term.logged(prior_term)
+
+    def _divergence_hint(self) -> str:
+        """What to change after a divergence: under a prior whose stiffest direction makes the gradient step
+        overshoot (``lr * max diag(Sigma^-1) / N > 2``), eps or a weaker prior, not only the learning rate."""
+        if self.prior is None:
+            return "lower the learning rate"
+        advice = ("lower the learning rate, or, under a strong learned prior, add eps (e.g. eps=1e-4, `--eps 1e-4`: "
+                  "it caps the prior's precisions at 1/eps) or weaken it (a larger scale)")
+        try:
+            top = float(self.prior.precision_diagonal().max())  # the issue-12 prior interface
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return advice
+        step = self.config.lr * top / self.num_data
+        if step <= 2:
+            return advice
+        return (f"the prior's stiffest direction (precision {top:.3g}) makes lr * precision / N = {step:.3g} > 2, so "
+                f"every gradient step overshoots: add eps (e.g. eps=1e-4, `--eps 1e-4`), weaken the prior (a larger "
+                f"scale), or lower the learning rate below {2 * self.num_data / top:.3g}")
 
     def _check_parameters(self, when: str) -> None:
         params = [p.detach() for p in self.model.parameters()]
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-            raise DivergenceError(f"non-finite parameters {when}: {bad[:4]}; lower the learning rate")
+            raise DivergenceError(f"non-finite parameters {when}: {bad[:4]}; {self._divergence_hint()}")
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -255,6 +268,7 @@ class Trainer:
             "history": self.history,
             # stateful objectives (SimCLR's augmentation stream) resume where they stopped
             "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
+            "scaler": self.precision.state_dict(),
         }
 
     def save(self) -> None:
@@ -292,6 +306,7 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             if state.get("objective") is not None and hasattr(self.objective, "load_state_dict"):
                 self.objective.load_state_dict(state["objective"])
+            self.precision.load_state_dict(state.get("scaler"))
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {self.checkpoint} does not fit this run: {err}") from err
         self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
