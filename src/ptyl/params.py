@@ -1,13 +1,23 @@
 """Selecting model parameters by name.
 
 Priors and posteriors are keyed by parameter *name* (never by position), so a prior file fits any model with the same
-named parameters. Names are normalised first: wrappers such as ``DistributedDataParallel`` (``module.``) and
-``torch.compile`` (``_orig_mod.``) add prefixes that must not change which prior a parameter gets.
+named parameters. Names are normalised first: wrappers such as ``DistributedDataParallel`` (``module.``),
+``torch.compile`` (``_orig_mod.``) and PEFT (``base_model.model.``, ``base_layer``, the ``default`` adapter) add
+prefixes and infixes that must not change which prior a parameter gets:
+
+>>> normalize_name("base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight")
+'bert.encoder.layer.0.attention.self.query.weight'
+>>> normalize_name("module.base_model.model.encoder.query.lora_A.default.weight")  # = ptyl's own LoRA name
+'encoder.query.lora_A'
+>>> normalize_name("base_model.model.classifier.modules_to_save.default.bias")
+'classifier.bias'
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -15,13 +25,26 @@ from torch import nn
 
 from ptyl.errors import ConfigError, ParameterMismatchError
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+# PEFT (https://github.com/huggingface/peft) names of its "default" adapter -> the names of the unwrapped model, with
+# LoRA factors named as ptyl.models.hf.LoRALinear names them (same shapes: A [r, in], B [out, r])
+_PEFT_RENAMES = (
+    (re.compile(r"(^|\.)base_layer\."), r"\1"),
+    (re.compile(r"(^|\.)modules_to_save\.default\."), r"\1"),
+    (re.compile(r"(^|\.)(lora_A|lora_B)\.default\.weight$"), r"\1\2"),
+    (re.compile(r"(^|\.)(lora_embedding_A|lora_embedding_B)\.default$"), r"\1\2"),
+)
+# top-level module names that usually hold a task head (torchvision fc, timm head, Hugging Face classifier / score)
+HEAD_LIKE_NAMES = ("head", "heads", "fc", "classifier", "lm_head", "score", "classification_head")
 
 Selector = None | str | Sequence[str] | Callable[[str, torch.Tensor], bool]
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_name(name: str) -> str:
-    """Strip wrapper prefixes (``module.``, ``_orig_mod.``) from a parameter name."""
+    """A parameter name without wrapper prefixes (DDP ``module.``, ``torch.compile`` ``_orig_mod.``, PEFT
+    ``base_model.model.``) and with PEFT's default-adapter names mapped back (``x.base_layer.weight`` ->
+    ``x.weight``, ``x.lora_A.default.weight`` -> ``x.lora_A``, ``x.modules_to_save.default.w`` -> ``x.w``)."""
     changed = True
     while changed:
         changed = False
@@ -29,7 +52,45 @@ def normalize_name(name: str) -> str:
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 changed = True
+    for pattern, replacement in _PEFT_RENAMES:
+        name = pattern.sub(replacement, name)
     return name
+
+
+def looks_like_head(name: str) -> bool:
+    """Whether a (normalised) parameter name sits in a top-level module usually holding a task head
+    (:data:`HEAD_LIKE_NAMES`: ``fc.weight``, ``classifier.bias``, ``head.fc.weight``...)."""
+    return name.split(".", 1)[0] in HEAD_LIKE_NAMES
+
+
+def head_like_names(names: Iterable[str], head: str | Sequence[str] | None) -> list[str]:
+    """The names among ``names`` that look like a task head (:func:`looks_like_head`) but are not in ``head``.
+
+    Args:
+        names: parameter names (normalised).
+        head: the head module name(s) the caller uses.
+
+    Returns:
+        The suspicious names, in order.
+    """
+    heads = as_name_list(head)
+    return [n for n in names if looks_like_head(n) and not any(name_matches(n, h) for h in heads)]
+
+
+def check_head_matches(names: Iterable[str], head: str | Sequence[str] | None, where: str = "the model") -> None:
+    """Raise :class:`ConfigError` when a head name matches no parameter (naming head-like candidates).
+
+    Args:
+        names: the model's parameter names (normalised).
+        head: head module name(s); ``None`` / empty: nothing to check.
+        where: how the message names the model.
+    """
+    names = list(names)
+    for h in as_name_list(head):
+        if not any(name_matches(n, h) for n in names):
+            candidates = sorted({n.rsplit(".", 1)[0] for n in names if looks_like_head(n)})
+            hint = f"; head-like modules: {candidates}" if candidates else f"; parameters are e.g. {names[:4]}"
+            raise ConfigError(f"head {h!r} matches no parameter of {where}{hint}")
 
 
 def name_matches(name: str, pattern: str) -> bool:

@@ -34,7 +34,8 @@ from torch import nn
 from ptyl.errors import ConfigError
 from ptyl.params import Selector, _matches, name_matches, named_parameters, normalize_name
 
-LORA_PATTERNS = ("*.lora_A", "*.lora_B")
+# ptyl's LoRALinear and PEFT's default adapter (normalised to the same names); PEFT's other adapters, embeddings
+LORA_PATTERNS = ("*.lora_A", "*.lora_B", "*.lora_A.*", "*.lora_B.*", "*.lora_embedding_A*", "*.lora_embedding_B*")
 POOLINGS = ("mean", "cls")
 # module-list names of common transformer stacks: BERT `encoder.layer.N`, GPT-2 `h.N`, Llama `layers.N`, T5 `block.N`
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")

@@ -27,14 +27,14 @@ from ptyl.errors import ConfigError
 from ptyl.io.atomic import atomic_files
 from ptyl.io.prior_file import save_posterior
 from ptyl.io.weights import save_weights
-from ptyl.params import Selector, as_name_list
+from ptyl.params import Selector, as_name_list, check_head_matches, head_like_names, named_parameters
 from ptyl.pipeline.artifacts import load_weights, pretrained_weights_path
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.training.config import TrainConfig
 from ptyl.training.fit import fit
 from ptyl.training.registry import Inference
-from ptyl.training.trainer import Objective
+from ptyl.training.objective import Objective
 from ptyl.validation import check_choice
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "learn_prior", "learn_source_prior", "pretrain", "pretrain_source"]
@@ -74,6 +74,7 @@ def learn_prior(
     rank: int = 20,
     collect_every: int | None = None,
     head: str | Sequence[str] | None = "head",
+    include: Selector = None,
     exclude: Selector = None,
     batch_size: int = 128,
     objective: Objective | None = None,
@@ -95,7 +96,10 @@ def learn_prior(
             epoch) or ``"cyclical"`` (one cosine cycle per epoch, a snapshot at the end of each cycle).
         rank: K, deviation columns kept.
         collect_every: snapshot interval in steps (``"constant"`` only; ``None``: once per epoch).
-        head / exclude: parameters left out of the prior (the task head; SimCLR's ``projection``).
+        head: the task head's module name(s), left out of the prior (a :class:`ConfigError` when it matches no
+            parameter; a warning when the prior would cover a parameter named like a head, e.g. ``fc.weight``).
+        include / exclude: names, prefixes or globs of the parameters the prior covers / leaves out (e.g.
+            :data:`ptyl.models.hf.LORA_PATTERNS`, SimCLR's ``projection``).
         objective: ``objective(model, batch) -> loss``; default cross-entropy, or
             :class:`ptyl.posterior.simclr.SimCLRObjective`.
         checkpoint, resume: see :func:`ptyl.training.fit`.
@@ -105,7 +109,12 @@ def learn_prior(
         The :class:`SourcePosterior` (save it with :func:`ptyl.io.save_posterior`).
     """
     check_choice(schedule, SCHEDULES, "source schedule")
-    collector = SWAGCollector(model, rank=rank, head=head, exclude=exclude)
+    check_head_matches(named_parameters(model), head, type(model).__name__)
+    collector = SWAGCollector(model, rank=rank, include=include, head=head, exclude=exclude)
+    suspicious = head_like_names(collector.names, head)
+    if suspicious:
+        warnings.warn(f"the prior will cover {suspicious[:4]}, named like a task head; pass head=<its module name> "
+                      f"(now {head!r}) to leave the head out", stacklevel=2)
     config = TrainConfig(
         inference=Inference.SWAG, epochs=epochs, lr=lr, swag_lr=lr, batch_size=batch_size, burn_in_fraction=0.0,
         schedule=schedule, swag_collect_every=collect_every if schedule == "constant" else None, seed=seed,

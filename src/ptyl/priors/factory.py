@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ptyl.errors import ConfigError, ParameterMismatchError
-from ptyl.params import as_name_list, name_matches, named_parameters
+from ptyl.params import as_name_list, head_like_names, name_matches, named_parameters
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.priors.base import CompositePrior, Prior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
@@ -94,7 +94,12 @@ def make_prior(
     if recipe.needs_posterior:
         if posterior is None:
             raise ConfigError(f"prior kind {str(kind)!r} needs a learned posterior (a prior file)")
+        posterior = _without_head(posterior, head_names)
         matched = posterior.matched_to(backbone, strict=strict)
+        suspicious = head_like_names(matched.mean, heads)
+        if suspicious:
+            warnings.warn(f"the learned prior covers {suspicious[:4]}, named like a task head; if that is the new "
+                          f"head, pass head=<its module name> (now {head!r})", stacklevel=2)
         uncovered = [n for n in backbone if n not in matched.mean]
         if uncovered and strict:
             raise ParameterMismatchError(
@@ -119,3 +124,13 @@ def make_prior(
     elif head_names:
         free += head_names
     return CompositePrior(parts, unregularized=free)
+
+
+def _without_head(posterior: SourcePosterior, head_names: Sequence[str]) -> SourcePosterior:
+    """The posterior without entries for this model's new head (a prior learned without leaving that head out)."""
+    covered = [n for n in head_names if n in posterior.mean]
+    if not covered:
+        return posterior
+    warnings.warn(f"the prior covers {covered[:4]}, the head here: those entries are ignored (learn the prior with "
+                  "the same head name to leave them out)", stacklevel=3)
+    return posterior.restrict([n for n in posterior.mean if n not in covered])
