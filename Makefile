@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on this machine; a bare `torch` requirement would pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,hf]'
+	# every optional integration (their tests skip without them); naming torch again keeps pip from replacing it
+	$(PY) -m pip install -q -e '.[test,hf,lightning,peft]' torch==2.13.0
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -16,7 +16,7 @@ LAYERS = [
     {"io", "memory", "data", "models", "metrics", "autotune"},
     {"inference"},
     {"training"},
-    {"tuning"},
+    {"tuning", "integrations"},
     {"pipeline"},
     {"cli"},
 ]

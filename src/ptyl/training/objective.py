@@ -158,18 +158,32 @@ class PriorTerm:
         with full_precision(self.device):
             return self.prior.penalty(model) / self.num_data
 
+    def constant(self, device: torch.device | None = None) -> torch.Tensor:
+        """``log_normalizer(prior) / N``: the part of the term that does not depend on theta (computed once).
+
+        Args:
+            device: where the value is wanted (default: the training device).
+
+        Returns:
+            A float64 0-dim tensor (float32 on MPS); 0 without a prior.
+        """
+        device = device or self.device
+        if self._constant is None or self._constant.device != torch.device(device):
+            dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+            value = log_normalizer(self.prior) / self.num_data if self.prior is not None else torch.zeros(())
+            self._constant = value.to(device=device, dtype=dtype)
+        return self._constant
+
     def logged(self, term: torch.Tensor) -> torch.Tensor:
-        """``term`` (from :meth:`__call__`) minus ``log_normalizer / N``: ``>= 0``, what the history records.
+        """``term`` (from :meth:`__call__`) minus :meth:`constant`: ``>= 0``, what the history records.
 
         Args:
             term: the prior term of a step.
 
         Returns:
-            The detached float64 value, on the device (clamped at 0 against the rounding of ``term``).
+            The detached value, on the device (clamped at 0 against the rounding of ``term``).
         """
         if self.prior is None:
             return term.detach()
-        if self._constant is None:
-            dtype = torch.float32 if term.device.type == "mps" else torch.float64  # MPS has no float64
-            self._constant = (log_normalizer(self.prior) / self.num_data).to(device=term.device, dtype=dtype)
-        return (term.detach().to(self._constant.dtype) - self._constant).clamp_min(0.0)
+        constant = self.constant(term.device)
+        return (term.detach().to(constant.dtype) - constant).clamp_min(0.0)
