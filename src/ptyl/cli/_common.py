@@ -96,3 +96,24 @@ def dtype_name(text: str) -> str:
     if text.lower() not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose float32, bfloat16 (bf16) or float16 (fp16)")
     return DTYPES[text.lower()]
+
+
+def add_data_model_options(parser: argparse.ArgumentParser, *, data_default: str | None, model_default: str | None,
+                           data_help: str) -> None:
+    """``--data`` (a built-in name or a path), ``--model`` (a built-in name or ``module:factory``) and ``--head``."""
+    from ptyl.data import available_datasets
+    from ptyl.models import available_models
+
+    default = f" [{data_default}]" if data_default else ""
+    parser.add_argument("--data", default=data_default, metavar="NAME|PATH",
+                        help=f"{data_help}: {', '.join(available_datasets())}, or your own images: a class-per-folder "
+                             f"tree (root/<class>/<image>; root/train + root/test give the splits, else 80/20), an "
+                             f".npz file, or an idx pair images.idx,labels.idx{default}")
+    default = f" [{model_default}]" if model_default else ""
+    parser.add_argument("--model", default=model_default, metavar="NAME|MODULE:FACTORY",
+                        help=f"architecture: {', '.join(available_models())}, or any importable callable returning an "
+                             f"nn.Module (package.module:function or path/to/file.py:function; it gets the keyword "
+                             f"arguments it accepts of num_classes, in_channels, width){default}")
+    parser.add_argument("--head", metavar="MODULE",
+                        help="module name of the classifier's head (e.g. fc, classifier, head.fc), used everywhere: left "
+                             "out of the prior, replaced for the new task, given the head prior [the prior's, or head]")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ptyl.cli._common import (
-    UsageError, add_common, info, model_kwargs, nonnegative_float, positive_float, positive_int, progress, require,
+    UsageError, add_common, add_data_model_options, info, model_kwargs, nonnegative_float, positive_float, positive_int,
+    progress, require,
 )
 
 
@@ -28,8 +29,6 @@ def _baselines() -> list[str]:
 
 
 def add_parsers(subparsers) -> None:
-    from ptyl.data import available_datasets
-    from ptyl.models import available_models
     from ptyl.pipeline import ClassificationTask, SegmentationTask
     from ptyl.training import Inference
 
@@ -38,8 +37,9 @@ def add_parsers(subparsers) -> None:
         description="Fine-tune the pretrained backbone (fresh head) on n examples per class of the target data set "
                     "under the learned low-rank prior, or a baseline prior (--baseline), with MAP, SGLD, cyclical "
                     "SGLD or SWAG; writes results.json, reliability.png and model.safetensors to --out.")
-    p.add_argument("--prior", help="prior file from 'ptyl learn-prior' (not needed for --baseline scratch)")
-    p.add_argument("--data", default="mnist", choices=available_datasets(), help="target data set [mnist]")
+    p.add_argument("--prior", help="prior file from 'ptyl learn-prior' (without it: --model's own weights under the "
+                                   "l2sp baseline, or --baseline scratch)")
+    add_data_model_options(p, data_default="mnist", model_default=None, data_help="target data")
     p.add_argument("--n-per-class", type=positive_int, default=10, help="training examples per class [10]")
     p.add_argument("--inference", "--method", dest="inference", default=str(Inference.MAP),
                    choices=[str(i) for i in Inference],
@@ -48,8 +48,6 @@ def add_parsers(subparsers) -> None:
                    help="replace the learned low-rank prior by another prior kind (standard: N(0, variance), l2sp: "
                         "N(pretrained, variance), diag: learned diagonal, block: learned per-block, none: no prior) "
                         "or start from a random initialisation under the standard prior (scratch)")
-    p.add_argument("--model", choices=available_models(),
-                   help="architecture (default: the prior's; must match it)")
     p.add_argument("--width", type=positive_int, help="model width (scratch only; else the prior's)")
     p.add_argument("--scale", type=positive_float,
                    help="prior scale lambda of a learned prior [the prior kind's default, 1e4]")
@@ -82,7 +80,7 @@ def add_parsers(subparsers) -> None:
                                           "written by 'ptyl finetune' on a data set's test split.")
     p.add_argument("--weights", help="model.safetensors from 'ptyl finetune'")
     p.add_argument("--samples", help="samples.safetensors from 'ptyl finetune' (sampling methods): evaluate the BMA")
-    p.add_argument("--data", choices=available_datasets(), help="data set (default: the one fine-tuned on)")
+    p.add_argument("--data", metavar="NAME|PATH", help="data set or path (default: the one fine-tuned on)")
     p.add_argument("--split", default="test", choices=("train", "test", "all"), help="split [test]")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     add_common(p)
@@ -90,30 +88,36 @@ def add_parsers(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- finetune
-def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[dict[str, Any], Any]:
-    """(model metadata, pretrained state dict or None for a random start)."""
+def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[dict[str, Any], Any, Any]:
+    """(model metadata, pretrained state dict or None, a source model to copy or None): the prior's pretrained
+    weights; without a prior the model ``--model`` builds (a factory brings its own weights) or a random start."""
     from ptyl.io import read_metadata
+    from ptyl.models import build_model
     from ptyl.pipeline import load_pretrained
 
-    if scratch and not args.prior:
+    if not args.prior:
         kwargs = {"in_channels": in_channels, **model_kwargs(args)}
-        return {"model": args.model or "smallcnn", "model_kwargs": kwargs}, None
+        meta = {"model": args.model or "smallcnn", "model_kwargs": kwargs, "head": args.head or "head"}
+        return meta, None, (None if scratch else build_model(meta["model"], **kwargs))
     meta = read_metadata(args.prior)
     arch = meta.get("model") or meta.get("architecture")
     if args.model and arch and args.model != arch:
         raise UsageError(f"prior {args.prior} was learned for architecture {arch!r}, but --model is {args.model!r}; "
                          f"drop --model or learn a prior for {args.model!r}")
+    if args.head and meta.get("head") not in (None, args.head):
+        raise UsageError(f"prior {args.prior} was learned with head {meta['head']!r}, but --head is {args.head!r}")
+    meta = {**meta, "head": args.head or meta.get("head") or "head"}
     if scratch:
-        return {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}, None
-    return meta, load_pretrained(args.prior)[0].state_dict()
+        return {k: meta[k] for k in ("model", "model_kwargs", "image_size", "head") if k in meta}, None, None
+    return meta, load_pretrained(args.prior)[0].state_dict(), None
 
 
-def _task(args: argparse.Namespace, image_size: int | None):
+def _task(args: argparse.Namespace, image_size: int | None, head: str):
     from ptyl.pipeline import ClassificationTask, SegmentationTask
 
     if args.task == SegmentationTask.name:
         return SegmentationTask(args.data, n_test=args.n_test, canvas_size=args.canvas_size), args.n_train
-    return ClassificationTask(args.data, image_size=image_size), args.n_per_class
+    return ClassificationTask(args.data, image_size=image_size, head=head), args.n_per_class
 
 
 def _prior_spec(args: argparse.Namespace, head: str):
@@ -138,22 +142,32 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ptyl.io import atomic_files, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
     from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
+    from ptyl.priors import PriorKind
     from ptyl.training import fit
     from ptyl.tuning import default_grid, tune
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
-    if not scratch:
-        require(args, "prior")
     if args.prior and not Path(args.prior).is_file():
         raise FileNotFoundError(f"prior file not found: {args.prior}")
+    if not args.prior and not scratch:
+        if args.model is None:
+            raise UsageError("'ptyl finetune' needs --prior (a file from 'ptyl learn-prior'), or --model (its own "
+                             "weights under a baseline prior), or --baseline scratch")
+        if args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
+            if args.baseline is not None:
+                raise UsageError(f"--baseline {args.baseline} is a learned prior: it needs --prior")
+            args.baseline = str(PriorKind.L2SP)
+            info(args, f"no --prior: fine-tuning {args.model} under the {args.baseline} baseline (centred on its "
+                       "own weights)")
     start = time.perf_counter()
     out = Path(args.out)
-    image_size = read_metadata(args.prior).get("image_size") if args.prior else None
-    task, size = _task(args, image_size)
+    prior_meta = read_metadata(args.prior) if args.prior else {}
+    head = args.head or prior_meta.get("head") or "head"
+    task, size = _task(args, prior_meta.get("image_size"), head)
     train, test = task.train_set(size, args.seed), task.test_set(args.seed)
-    meta, state = _source(args, scratch, int(train[0][0].shape[0]))
-    model_fn = pretrained_model_fn(meta, state, task)
+    meta, state, module = _source(args, scratch, int(train[0][0].shape[0]))
+    model_fn = pretrained_model_fn(meta, state, task, module=module)
     spec = _prior_spec(args, task.head)
     config = train_config(args.inference, len(train), steps=args.steps, batch_size=args.batch_size,
                           num_samples=args.num_samples, temperature=args.temperature, lr=args.lr,
@@ -175,7 +189,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     probs = result.predict(test)
     targets = task.targets(test)
     metrics = task.evaluate(probs, targets)
-    weights_meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size") if k in meta}
+    weights_meta = {k: meta[k] for k in ("model", "model_kwargs", "image_size", "head") if k in meta}
     weights_meta.update({**task.metadata(), "seed": args.seed, "prior": args.prior, "method": config.inference,
                          "baseline": args.baseline, "batch_size": args.batch_size, task.size_key: size})
     if "segmentation" in weights_meta:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ptyl.cli._common import (
-    add_common, dtype_name, info, model_kwargs, nonnegative_int, positive_float, positive_int, progress,
+    add_common, add_data_model_options, dtype_name, info, model_kwargs, nonnegative_int, positive_float, positive_int,
+    progress,
 )
+
+PRETRAIN_EPOCHS = 5
+PRETRAIN_OUT = "pretrained.safetensors"  # the default output of 'ptyl pretrain'
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    from ptyl.data import available_datasets
-    from ptyl.models import available_models
     from ptyl.pipeline.source import OBJECTIVES
 
-    parser.add_argument("--data", default="kmnist", choices=available_datasets(),
-                        help="source data set (its train split) [kmnist]")
-    parser.add_argument("--model", default="smallcnn", choices=available_models(), help="architecture [smallcnn]")
+    add_data_model_options(parser, data_default="kmnist", model_default="smallcnn",
+                           data_help="source data (its train split)")
     parser.add_argument("--width", type=positive_int, help="model width (channels of the first stage)")
     parser.add_argument("--objective", default=OBJECTIVES[0], choices=OBJECTIVES,
                         help="source objective: cross-entropy or SimCLR (self-supervised) [supervised]")
@@ -33,7 +35,7 @@ def add_parsers(subparsers) -> None:
                                           "weights (safetensors) — the input of 'ptyl learn-prior --init'.")
     _add_source_options(p)
     p.add_argument("--epochs", type=nonnegative_int, default=5, help="training epochs [5]")
-    p.add_argument("--out", default="pretrained.safetensors", help="weights file to write [pretrained.safetensors]")
+    p.add_argument("--out", default=PRETRAIN_OUT, help=f"weights file to write [{PRETRAIN_OUT}]")
     add_common(p)
     p.set_defaults(func=run_pretrain)
 
@@ -42,16 +44,35 @@ def add_parsers(subparsers) -> None:
                                           "a high constant learning rate while SWAG collects, and write the posterior "
                                           "as a prior file plus the pretrained (SWA-mean) weights next to it.")
     _add_source_options(p)
-    p.add_argument("--pretrain-epochs", type=nonnegative_int, default=5,
-                   help="pretraining epochs (ignored with --init) [5]")
+    p.add_argument("--pretrain-epochs", type=nonnegative_int,
+                   help=f"pretraining epochs here, without --init [{PRETRAIN_EPOCHS}]")
     p.add_argument("--swag-epochs", type=positive_int, default=3, help="epochs of SWAG collection [3]")
     p.add_argument("--swag-lr", type=positive_float, help="constant learning rate while SWAG collects [--lr]")
     p.add_argument("--rank", type=int, default=20, help="SWAG rank K (deviation columns kept) [20]")
-    p.add_argument("--init", help="weights file from 'ptyl pretrain' to start from instead of pretraining")
+    p.add_argument("--init", help="weights file from 'ptyl pretrain' to start from instead of pretraining here")
     p.add_argument("--dtype", type=dtype_name, default="float32", help="storage dtype of the prior file [float32]")
     p.add_argument("--out", default="prior.safetensors", help="prior file to write [prior.safetensors]")
     add_common(p)
     p.set_defaults(func=run_learn_prior)
+
+
+def _pretrain_epochs(args: argparse.Namespace) -> int:
+    """Pretraining epochs of learn-prior; an error instead of silently pretraining again next to a 'ptyl pretrain'
+    output, or silently ignoring --pretrain-epochs."""
+    from ptyl.cli._common import UsageError
+
+    if args.init is not None:
+        if args.pretrain_epochs is not None:
+            raise UsageError("--pretrain-epochs and --init exclude each other: --init starts from pretrained weights")
+        return 0
+    if args.pretrain_epochs is None and Path(PRETRAIN_OUT).is_file():
+        raise UsageError(f"found {PRETRAIN_OUT} (the output of 'ptyl pretrain'): pass --init {PRETRAIN_OUT} to "
+                         "start from it, or --pretrain-epochs N to pretrain here again")
+    return PRETRAIN_EPOCHS if args.pretrain_epochs is None else args.pretrain_epochs
+
+
+def _head(args: argparse.Namespace) -> str:
+    return args.head or "head"
 
 
 def _source_accuracy(model, data_name: str) -> float:
@@ -72,7 +93,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     info(args, f"pretraining {args.model} on {args.data} ({args.objective}, {args.epochs} epochs)")
     model, meta = pretrain_source(args.data, args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                   objective=args.objective, n_per_class=args.n_per_class,
-                                  model_kwargs=model_kwargs(args), seed=args.seed, out=args.out,
+                                  model_kwargs=model_kwargs(args), head=_head(args), seed=args.seed, out=args.out,
                                   progress=progress(args))
     line = f"weights written to {args.out}"
     if args.objective == OBJECTIVES[0]:  # supervised: the source head is a real classifier
@@ -85,12 +106,14 @@ def run_learn_prior(args: argparse.Namespace) -> int:
     from ptyl.pipeline import learn_source_prior, pretrained_weights_path
     from ptyl.io import read_metadata
 
-    info(args, f"learning a prior: {args.model} on {args.data} ({args.objective}), rank {args.rank}")
-    path = learn_source_prior(args.data, args.model, pretrain_epochs=args.pretrain_epochs,
+    epochs = _pretrain_epochs(args)
+    start = f"from {args.init}" if args.init else f"after {epochs} pretraining epochs here"
+    info(args, f"learning a prior: {args.model} on {args.data} ({args.objective}), rank {args.rank}, {start}")
+    path = learn_source_prior(args.data, args.model, pretrain_epochs=epochs,
                               swag_epochs=args.swag_epochs, rank=args.rank, lr=args.lr, swag_lr=args.swag_lr,
                               batch_size=args.batch_size, objective=args.objective, n_per_class=args.n_per_class,
-                              model_kwargs=model_kwargs(args), init=args.init, dtype=args.dtype, out=args.out,
-                              seed=args.seed, progress=progress(args))
+                              model_kwargs=model_kwargs(args), head=_head(args), init=args.init, dtype=args.dtype,
+                              out=args.out, seed=args.seed, progress=progress(args))
     meta = read_metadata(path)
     count = sum(_numel(p["shape"]) for p in meta["parameters"])
     print(f"prior written to {path} (rank {meta['rank']}, {count:,} parameters, "

@@ -257,10 +257,40 @@ def _split_indices(name: str, root: str | None) -> tuple[torch.Tensor, torch.Ten
     return stratified_split_indices(full.targets, TEST_FRACTION, SPLIT_SEED, full.num_classes)
 
 
+def _stamp(spec: str) -> tuple:
+    """What identifies the current contents of a user data path (a rewritten file is reloaded)."""
+    stamps = []
+    for part in spec.split(","):
+        try:
+            info = Path(part).stat()
+            stamps.append((info.st_mtime_ns, info.st_size))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_path(spec: str, stamp: tuple) -> dict[str, ImageDataset]:
+    """The splits of user data: its own train/test folders, or the fixed stratified 80/20 split of one set."""
+    from ptyl.data.loaders import load_path  # loaders imports this module
+
+    full, train, test = load_path(spec)
+    if full is None:
+        return {"train": train, "test": test, "all": _concat(train, test)}
+    if full.num_classes < 2 or min(torch.bincount(full.targets, minlength=full.num_classes).tolist()) < 2:
+        raise DataError(f"{spec}: every class needs at least 2 examples for the 80/20 train/test split")
+    train_idx, test_idx = stratified_split_indices(full.targets, TEST_FRACTION, SPLIT_SEED, full.num_classes)
+    return {"train": full.subset(train_idx), "test": full.subset(test_idx), "all": full}
+
+
+def _concat(a: ImageDataset, b: ImageDataset) -> ImageDataset:
+    return ImageDataset(torch.cat([a.images, b.images]), torch.cat([a.targets, b.targets]), a.classes, a.name)
+
+
 def load_dataset(
     name: str, split: str = "train", *, image_size: int | None = None, root: str | os.PathLike | None = None
 ) -> ImageDataset:
-    """Load an offline real dataset.
+    """Load an offline real dataset, or your own images.
 
     Names: ``"kmnist"`` (10k Kuzushiji-MNIST), ``"mnist"`` (10k MNIST t10k), ``"mnist5k"`` (5k MNIST training
     images), ``"digits"`` (1,797 sklearn 8x8 digits; needs scikit-learn). Each ships as a single set, so
@@ -269,29 +299,41 @@ def load_dataset(
     ``SPLIT_SEED = 0``) form the test set, the rest the train set; the two never overlap. ``split="all"``
     returns everything in file order.
 
+    A path instead of a name loads your own data (:func:`ptyl.data.loaders.load_path`): an image folder
+    (``root/<class>/<image>``; ``root/train`` + ``root/test`` give the splits), an ``.npz`` file or an idx pair
+    ``images,labels``; without splits of its own it is split 80/20 as above.
+
     Args:
-        name: one of :func:`available_datasets` (case-insensitive).
+        name: one of :func:`available_datasets` (case-insensitive), or a path.
         split: ``"train"``, ``"test"`` or ``"all"``.
         image_size: if given, resize images to ``image_size x image_size`` (antialiased bilinear), e.g.
             ``28`` to feed 8x8 digits to an MNIST model.
         root: directory holding the data files under their embedded names (default: the embedded copy).
 
     Returns:
-        an :class:`ImageDataset` with float32 images ``[N,1,H,W]`` in [0, 1] and int64 targets.
+        an :class:`ImageDataset` with float32 images ``[N,C,H,W]`` in [0, 1] and int64 targets.
     """
+    from ptyl.data.loaders import is_data_path
+
     key = str(name).lower()
-    if key not in _DATASETS:
-        raise DataError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
     if split not in ("train", "test", "all"):
         raise DataError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    root_key = None if root is None else str(Path(root).resolve())
-    full = _load_all(key, root_key)
-    if split == "all":
-        dataset = full.subset(torch.arange(len(full)))  # a copy: callers may edit it in place
+    if key not in _DATASETS and is_data_path(name):
+        splits = _load_path(str(name), _stamp(str(name)))
+        dataset = splits[split].subset(torch.arange(len(splits[split])))  # a copy: callers may edit it in place
+        dataset.name = f"{Path(str(name).split(',')[0]).name.split('.')[0]}-{split}"
     else:
-        train_idx, test_idx = _split_indices(key, root_key)
-        dataset = full.subset(train_idx if split == "train" else test_idx)
-    dataset.name = f"{key}-{split}"
+        if key not in _DATASETS:
+            raise DataError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}, or "
+                            "a path (an image folder root/<class>/<image>, an .npz file, an images,labels idx pair)")
+        root_key = None if root is None else str(Path(root).resolve())
+        full = _load_all(key, root_key)
+        if split == "all":
+            dataset = full.subset(torch.arange(len(full)))  # a copy: callers may edit it in place
+        else:
+            train_idx, test_idx = _split_indices(key, root_key)
+            dataset = full.subset(train_idx if split == "train" else test_idx)
+        dataset.name = f"{key}-{split}"
     if image_size is not None:
         dataset = dataset.resized(image_size)
     return dataset

@@ -24,7 +24,8 @@ from ptyl.data.datasets import ImageDataset, resize_images, to_image_tensor
 from ptyl.errors import DataError
 from ptyl.io.atomic import atomic_write_bytes
 
-__all__ = ["read_idx", "write_idx", "load_idx_pair", "load_npz", "load_image_folder", "IMAGE_EXTENSIONS"]
+__all__ = ["read_idx", "write_idx", "load_idx_pair", "load_npz", "load_image_folder", "load_path", "is_data_path",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
@@ -235,7 +236,7 @@ def _hidden(relative: Path) -> bool:
 def load_image_folder(
     root: str | os.PathLike,
     image_size: int | tuple[int, int] | None = None,
-    grayscale: bool = True,
+    grayscale: bool | None = True,
     *,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     name: str | None = None,
@@ -245,7 +246,8 @@ def load_image_folder(
 
     Classes are the sorted sub-folder names (hidden folders such as ``.ipynb_checkpoints`` are skipped) and
     label ``k`` is ``classes[k]``; files are read in sorted order with PIL, as 1-channel (``grayscale``) or
-    RGB images in [0, 1]. Without ``image_size`` all images must have the same size.
+    RGB images in [0, 1] (``grayscale=None``: 1-channel when the first image is a grey-level image). Without
+    ``image_size`` all images must have the same size.
     """
     root = Path(root)
     if not root.is_dir():
@@ -267,6 +269,8 @@ def load_image_folder(
         files.extend((p, label) for p in found)
     if empty:
         raise DataError(f"{root}: no image files ({', '.join(suffixes)}) in class folders {empty}")
+    if grayscale is None:
+        grayscale = _is_grey(files[0][0])
 
     images = []
     for path, _ in tqdm(files, desc=f"reading {root.name}", disable=not progress):
@@ -279,3 +283,60 @@ def load_image_folder(
         raise DataError(f"{root}: images have different sizes {sorted(sizes)[:5]}; pass image_size to resize them")
     targets = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageDataset(torch.stack(images), targets, classes, name=name or root.name)
+
+
+def _is_grey(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("1", "L", "LA", "I", "I;16", "F")
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+# --- a path given where a data set name is expected ----------------------------------------------------
+
+
+def is_data_path(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names data of your own rather than an embedded data set: an existing path, or something
+    shaped like one (a ``/``, an ``.npz`` / idx suffix, an ``images,labels`` idx pair)."""
+    text = str(spec)
+    return (Path(text).exists() or "/" in text or "," in text or os.sep in text
+            or text.lower().endswith((".npz", ".gz", "-ubyte", ".idx")))
+
+
+def load_path(spec: str | os.PathLike, *, progress: bool = False) -> tuple[ImageDataset | None, ImageDataset | None,
+                                                                             ImageDataset | None]:
+    """Your own labelled images, as ``(all, train, test)`` (``all`` when the data has no split of its own).
+
+    Args:
+        spec: a class-per-folder image tree (``root/<class>/<image>``; with ``root/train`` and ``root/test``
+            sub-trees those are the splits), an ``.npz`` file (:func:`load_npz`), or an idx pair
+            ``images.idx[.gz],labels.idx[.gz]`` (:func:`load_idx_pair`).
+        progress: a progress bar while reading image files.
+
+    Returns:
+        ``(dataset, None, None)`` or ``(None, train, test)``.
+
+    Raises:
+        DataError: the path does not exist or holds nothing loadable (the message says what was expected).
+    """
+    text = str(spec)
+    if "," in text and not Path(text).exists():
+        images, labels = text.split(",", 1)
+        return load_idx_pair(images, labels), None, None
+    path = Path(text)
+    if path.is_dir():
+        if (path / "train").is_dir() and (path / "test").is_dir():
+            train = load_image_folder(path / "train", grayscale=None, name=path.name, progress=progress)
+            test = load_image_folder(path / "test", grayscale=None, name=path.name, progress=progress)
+            if train.classes != test.classes:
+                raise DataError(f"{path}: train classes {train.classes} differ from test classes {test.classes}")
+            return None, train, test
+        return load_image_folder(path, grayscale=None, progress=progress), None, None
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return load_npz(path), None, None
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    raise DataError(f"{path}: not an image folder, an .npz file or an 'images.idx,labels.idx' pair")

@@ -149,21 +149,23 @@ def _source_objective(objective: str, model: nn.Module, image_size: int, seed: i
     return SimCLRModel(model), SimCLRObjective(SimCLRAugment(image_size), seed=seed), "projection"
 
 
-def _source_setup(source: str, model: str, n_per_class: int | None, model_kwargs: dict[str, Any] | None, seed: int):
+def _source_setup(source: str, model: str, n_per_class: int | None, model_kwargs: dict[str, Any] | None, seed: int,
+                  head: str = "head"):
     """(source train data, fresh classifier, metadata describing it)."""
     from ptyl.data import few_shot_subset, load_dataset
-    from ptyl.models import build_model
-    from ptyl.pipeline.tasks import ClassificationTask
+    from ptyl.models import is_factory
+    from ptyl.pipeline.tasks import ClassificationTask, build_classifier
 
     data = load_dataset(source, "train")
     if n_per_class:
         data = few_shot_subset(data, int(n_per_class), seed)
     kwargs = {"in_channels": data.image_shape[0], **(model_kwargs or {})}
-    torch.manual_seed(seed)
-    classifier = build_model(model, num_classes=data.num_classes, **kwargs)
-    meta = {"model": model.lower(), "architecture": model.lower(), "model_kwargs": kwargs,
+    name = model if is_factory(model) else model.lower()
+    meta = {"model": name, "architecture": name, "model_kwargs": kwargs, "head": head,
             "num_classes": data.num_classes, "source": source, "image_size": data.image_shape[-1],
             "num_source_examples": len(data), "seed": seed, "task": ClassificationTask.name}
+    torch.manual_seed(seed)
+    classifier = build_classifier(meta)
     return data, classifier, meta
 
 
@@ -177,6 +179,7 @@ def pretrain_source(
     objective: str = "supervised",
     n_per_class: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    head: str = "head",
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
@@ -184,17 +187,19 @@ def pretrain_source(
     """Train ``model`` on the source train split (optionally ``n_per_class`` examples per class).
 
     Args:
-        source, model: data set and architecture names.
+        source, model: data set (a name, or a path to your images) and architecture (a name, or a
+            ``module:factory`` returning an ``nn.Module``).
         epochs, lr, batch_size, seed, progress: training settings.
         objective: ``"supervised"`` or ``"simclr"``.
         n_per_class: use only this many source examples per class.
         model_kwargs: architecture options (e.g. ``{"width": 16}``).
+        head: module name of the classifier's head.
         out: also save the weights there (:func:`ptyl.io.save_weights`).
 
     Returns:
         ``(classifier, metadata)``.
     """
-    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed)
+    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed, head)
     trained, obj, _ = _source_objective(objective, classifier, data.image_shape[-1], seed)
     if epochs > 0:
         pretrain(trained, data, epochs=epochs, lr=lr, batch_size=batch_size, objective=obj, seed=seed,
@@ -218,6 +223,7 @@ def learn_source_prior(
     objective: str = "supervised",
     n_per_class: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    head: str = "head",
     init: str | Path | None = None,
     dtype: str | None = None,
     out: str | Path = "prior.safetensors",
@@ -232,7 +238,8 @@ def learn_source_prior(
     data, is saved next to the prior (:func:`~ptyl.pipeline.pretrained_weights_path`): downstream methods start from it.
 
     Args:
-        source, model, n_per_class, model_kwargs, lr, batch_size, seed, progress: as in :func:`pretrain_source`.
+        source, model, n_per_class, model_kwargs, head, lr, batch_size, seed, progress: as in
+            :func:`pretrain_source` (the head is left out of the prior).
         pretrain_epochs, swag_epochs: epochs of ordinary training, then of SWAG collection.
         rank: SWAG rank K.
         swag_lr: the constant learning rate while SWAG collects (default ``lr``).
@@ -247,13 +254,13 @@ def learn_source_prior(
     """
     if swag_epochs < 1:
         raise ConfigError(f"swag_epochs must be >= 1, got {swag_epochs}")
-    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed)
+    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed, head)
     if init is not None:
         classifier, init_meta = load_weights(init)
         if init_meta.get("image_size") not in (None, data.image_shape[-1]):
             raise ConfigError(f"{init} was trained on {init_meta['image_size']}px images, {source!r} has "
                               f"{data.image_shape[-1]}px")
-        meta.update({k: init_meta[k] for k in ("model", "architecture", "model_kwargs") if k in init_meta})
+        meta.update({k: init_meta[k] for k in ("model", "architecture", "model_kwargs", "head") if k in init_meta})
         meta.update({"init": str(init), "pretrain_epochs": init_meta.get("pretrain_epochs")})
     trained, obj, exclude = _source_objective(objective, classifier, data.image_shape[-1], seed)
     if init is None and pretrain_epochs > 0:  # the same wrapper (SimCLR: same projection head) goes on to SWAG
@@ -264,7 +271,7 @@ def learn_source_prior(
     collect_every = max(1, steps // max(2 * rank, 2))
     meta.update({"objective": objective, "swag_epochs": swag_epochs, "swag_lr": swag_lr or lr, "swag_rank": rank})
     posterior = learn_prior(trained, data, epochs=swag_epochs, lr=swag_lr or lr, rank=rank, collect_every=collect_every,
-                            head="head" if exclude is None else None, exclude=exclude, batch_size=batch_size,
+                            head=meta["head"] if exclude is None else None, exclude=exclude, batch_size=batch_size,
                             objective=obj, seed=seed + 1, progress=progress, metadata=dict(meta))
     posterior.load_mean_into(classifier)
     _recompute_batchnorm(classifier, data, batch_size)

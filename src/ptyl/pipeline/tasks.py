@@ -116,19 +116,21 @@ class ClassificationTask(Task):
     """Few-shot image classification: ``n`` examples per class of a data set's train split, scored on its test split.
 
     Args:
-        data: a data set name (:func:`ptyl.data.load_dataset`).
+        data: a data set name or a path to your own images (:func:`ptyl.data.load_dataset`).
         image_size: resize images (to match the source's resolution).
         max_test: evaluate on a class-balanced subset of this many test images.
         eval_split: the split evaluated (``"test"``, ``"train"``, ``"all"``).
+        head: module name of the classifier's head (replaced by a fresh one; gets the head prior).
     """
 
     name = "classification"
 
     def __init__(self, data: str = "mnist", *, image_size: int | None = None, max_test: int | None = None,
-                 eval_split: str = "test") -> None:
+                 eval_split: str = "test", head: str = "head") -> None:
         from ptyl.data import load_dataset
 
         self.data, self.image_size, self.max_test, self.eval_split = data, image_size, max_test, eval_split
+        self.head = head
         self.pool = load_dataset(data, "train", image_size=image_size)
         self.num_classes = self.pool.num_classes
         self._test = None
@@ -151,18 +153,19 @@ class ClassificationTask(Task):
     def adapt(self, model: nn.Module) -> nn.Module:
         from ptyl.models import replace_head
 
-        return replace_head(model, self.num_classes)
+        return replace_head(model, self.num_classes, head_name=self.head)
 
     def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
         return build_classifier(meta, num_classes=self.num_classes)
 
     def metadata(self) -> dict[str, Any]:
-        return {"task": self.name, "data": self.data, "num_classes": self.num_classes}
+        return {"task": self.name, "data": self.data, "num_classes": self.num_classes, "head": self.head}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None, eval_split: str = "test") -> Task:
         """See :meth:`Task.from_metadata`; ``eval_split`` picks the split evaluated."""
-        return cls(data or meta["data"], image_size=meta.get("image_size"), eval_split=eval_split)
+        return cls(data or meta["data"], image_size=meta.get("image_size"), eval_split=eval_split,
+                   head=meta.get("head", "head"))
 
 
 class SegmentationTask(Task):
@@ -304,15 +307,21 @@ def _image_channels(model: nn.Module) -> int:
 
 
 def build_classifier(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """A fresh classifier from ``meta["model"]`` / ``meta["model_kwargs"]`` (``num_classes`` overrides the
-    metadata's number of classes)."""
-    from ptyl.models import build_model
+    """A fresh classifier from ``meta["model"]`` (a built-in name or a ``module:factory``) / ``meta["model_kwargs"]``
+    with ``num_classes`` outputs (default: the metadata's); a factory that does not take ``num_classes`` gets its
+    head (``meta["head"]``) replaced when its size differs."""
+    from ptyl.models import build_model, get_head, is_factory, replace_head
 
     if "model" not in meta:
         raise PriorFileError("metadata does not name the model architecture ('model'); pass --model")
     kwargs = dict(meta.get("model_kwargs") or {})
     kwargs["num_classes"] = int(num_classes if num_classes is not None else meta.get("num_classes", 10))
-    return build_model(meta["model"], **kwargs)
+    model = build_model(meta["model"], **kwargs)
+    if is_factory(meta["model"]):
+        head = meta.get("head") or "head"
+        if get_head(model, head).out_features != kwargs["num_classes"]:
+            replace_head(model, kwargs["num_classes"], head_name=head)
+    return model
 
 
 def build_from_metadata(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
