@@ -85,6 +85,15 @@ def test_finetune_sgld_saves_samples_and_evaluate_does_bma(tiny_prior, tmp_path,
                  str(out / "samples.safetensors"), "--quiet"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["nll"] == pytest.approx(report["metrics"]["nll"], rel=1e-4)
+    # without --samples: the samples file next to the weights, not the last sample alone
+    assert main(["evaluate", "--weights", str(out / "model.safetensors"), "--quiet"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["samples"] == str(out / "samples.safetensors") and found["nll"] == pytest.approx(metrics["nll"])
+    (out / "samples.safetensors").rename(out / "elsewhere.safetensors")
+    assert main(["evaluate", "--weights", str(out / "model.safetensors"), "--quiet"]) == 2
+    assert "sgld run" in (line := _error_line(capsys)) and "--samples" in line and "--single" in line
+    assert main(["evaluate", "--weights", str(out / "model.safetensors"), "--single", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] is None
 
 
 @pytest.mark.filterwarnings("ignore:best scale")
@@ -155,6 +164,7 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| n/class | method | accuracy | nll | ece |" in out and "lowrank-sgld" in out
+    assert "SMOKE TEST" in out and "None" not in out
     for name in ("prior.safetensors", "results.json", "data_efficiency.png", "summary.md"):
         assert (tmp_path / name).is_file()
     results = json.loads((tmp_path / "results.json").read_text())["results"]

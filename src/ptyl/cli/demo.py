@@ -102,11 +102,14 @@ def run(args: argparse.Namespace) -> int:
     plot = plot_data_efficiency(results, out / "data_efficiency.png")
     header = (f"ptyl demo{' --quick' if args.quick else ''}: prior learned on {s['source']}, transferred to "
               f"{s['target']} ({s['model']}, width {s['width']})")
+    if args.quick:
+        header += ("\nSMOKE TEST: every stage runs on a miniature (a handful of images, a width-4 network, a few "
+                   "steps); the numbers below mean nothing. Run 'ptyl demo' for the real comparison.")
     (out / "summary.md").write_text(f"# {header}\n\n{table}\n\nwall time: {wall:.0f}s\n", encoding="utf-8")
     print(header)
     print(f"each method: {s['budget']} tuning trials (validation NLL, 80/20 split), lr {s['lr']}, {s['steps']} steps, "
-          f"SGLD temperature {s['temperature']}, {s['num_samples']} BMA samples; prior-strength ranges (log10) "
-          f"{_plain(s['ranges'])}")
+          f"SGLD temperature {s['temperature']}, {s['num_samples']} BMA samples; prior-strength ranges (log10): "
+          f"{_ranges(s['ranges'])}")
     print()
     print(table)
     print()
@@ -116,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plain(ranges):
-    """The ranges with plain-string keys, as printed before prior kinds were enum members."""
-    return None if ranges is None else {str(k): v for k, v in ranges.items()}
+def _ranges(ranges) -> str:
+    """``standard [-1, 3], ...``; each kind's registry default when the demo sets none."""
+    if ranges is None:
+        return "each prior kind's default range (ptyl.priors.PriorKind)"
+    return ", ".join(f"{k} [{lo:g}, {hi:g}]" for k, (lo, hi) in ranges.items())

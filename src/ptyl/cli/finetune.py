@@ -18,6 +18,7 @@ from ptyl.cli._common import (
     UsageError, add_common, add_data_model_options, info, model_kwargs, nonnegative_float, positive_float, positive_int,
     progress, require,
 )
+from ptyl.errors import PtylError
 
 
 def _baselines() -> list[str]:
@@ -79,7 +80,10 @@ def add_parsers(subparsers) -> None:
                               description="Accuracy, NLL, ECE and Brier (or mIoU for segmentation) of a weights file "
                                           "written by 'ptyl finetune' on a data set's test split.")
     p.add_argument("--weights", help="model.safetensors from 'ptyl finetune'")
-    p.add_argument("--samples", help="samples.safetensors from 'ptyl finetune' (sampling methods): evaluate the BMA")
+    p.add_argument("--samples", help="samples.safetensors from 'ptyl finetune' (sampling methods): evaluate the BMA "
+                                     "[the samples.safetensors next to --weights of a sampling run]")
+    p.add_argument("--single", action="store_true",
+                   help="score the weights file alone even when it comes from a sampling run (its last sample)")
     p.add_argument("--data", metavar="NAME|PATH", help="data set or path (default: the one fine-tuned on)")
     p.add_argument("--split", default="test", choices=("train", "test", "all"), help="split [test]")
     p.add_argument("--out", help="also write the metrics to this JSON file")
@@ -226,6 +230,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     require(args, "weights")
     model, meta = load_weights(args.weights)
+    samples = _samples_file(args, meta)
     data = args.data or meta.get("data")
     if data is None:
         raise UsageError("the weights file does not say which data set it was trained on: pass --data")
@@ -243,20 +248,45 @@ def run_evaluate(args: argparse.Namespace) -> int:
     seed = int(meta.get("seed", 0))
     test = task.test_set(seed)
     loader = DataLoader(test, batch_size=256, shuffle=False)
-    if args.samples:
+    if samples:
         # BMA recomputes each sample's BatchNorm statistics on the fine-tuning set, exactly as 'ptyl finetune' did
         size = meta.get(task.size_key) or (meta.get("segmentation") or {}).get("n_train")
         bn_loader = None
         if data == meta.get("data") and size:
             bn_loader = DataLoader(task.train_set(int(size), seed), batch_size=int(meta.get("batch_size", 32)),
                                    shuffle=False)
-        probs = bma_predict(model, load_samples(args.samples), loader, bn_loader=bn_loader, progress=progress(args))
+        probs = bma_predict(model, load_samples(samples), loader, bn_loader=bn_loader, progress=progress(args))
     else:
         probs = predict_probs(model, loader, progress=progress(args))
     metrics = {k: float(v) for k, v in task.evaluate(probs, task.targets(test)).items()}
-    result = {"weights": args.weights, "samples": args.samples, "data": data, "split": args.split,
+    result = {"weights": args.weights, "samples": samples, "data": data, "split": args.split,
               "num_examples": len(test), **metrics}
     if args.out:
         save_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0 if all(math.isfinite(v) for v in metrics.values()) else 1
+
+
+def _samples_file(args: argparse.Namespace, meta: dict[str, Any]) -> str | None:
+    """The samples to average: ``--samples``, else the file 'ptyl finetune' wrote next to the weights of a sampling
+    run; a sampling run without either is an error (its weights file holds one sample, not the model average)."""
+    from ptyl.training import Inference
+
+    if args.samples or args.single:
+        if args.samples and args.single:
+            raise UsageError("--samples and --single exclude each other")
+        return args.samples
+    method = meta.get("method")
+    try:
+        sampling = method is not None and Inference.parse(method).strategy.collects_samples
+    except PtylError:
+        sampling = False
+    if not sampling:
+        return None
+    nearby = Path(args.weights).with_name("samples.safetensors")
+    if nearby.is_file():
+        info(args, f"{args.weights} comes from a {method} run: averaging the samples in {nearby}")
+        return str(nearby)
+    raise UsageError(f"{args.weights} comes from a {method} run, whose prediction is the average over its samples, "
+                     f"and no {nearby.name} lies next to it: pass --samples FILE, or --single to score this one "
+                     "sample alone")

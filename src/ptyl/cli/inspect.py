@@ -24,8 +24,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 checksums of a version-2 file (very large files; the environment variable "
                         "PTYL_VERIFY_CHECKSUMS=0 does the same)")
-    p.add_argument("--estimate", metavar="MODEL", choices=available_models(),
-                   help=f"estimate memory for this architecture instead ({', '.join(available_models())})")
+    p.add_argument("--estimate", metavar="MODEL",
+                   help=f"estimate memory for this architecture instead ({', '.join(available_models())}, or "
+                        "module:factory)")
+    p.add_argument("--head", default="head", help="--estimate: the head module, left out of the prior [head]")
     p.add_argument("--rank", type=nonnegative_int, default=20, help="SWAG rank K for --estimate [20]")
     p.add_argument("--dtype", type=dtype_name, default="float32",
                    help="storage dtype (SWAG deviations, prior file, prior) for --estimate [float32]")
@@ -57,7 +59,7 @@ def _estimate(args: argparse.Namespace) -> int:
         model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
     dtype = getattr(torch, args.dtype)
     print(f"model: {args.estimate} {kwargs or ''}".rstrip())
-    print(estimate_report(model, args.rank, dtype, head="head", posterior_dtype=dtype))
+    print(estimate_report(model, args.rank, dtype, head=args.head, posterior_dtype=dtype))
     return 0
 
 
