@@ -38,8 +38,9 @@ def add_parsers(subparsers) -> None:
         description="Fine-tune the pretrained backbone (fresh head) on n examples per class of the target data set "
                     "under the learned low-rank prior, or a baseline prior (--baseline), with MAP, SGLD, cyclical "
                     "SGLD or SWAG; writes results.json, reliability.png and model.safetensors to --out.")
-    p.add_argument("--prior", help="prior file from 'ptyl learn-prior' (without it: --model's own weights under the "
-                                   "l2sp baseline, or --baseline scratch)")
+    p.add_argument("--prior", help="prior file from 'ptyl learn-prior' or a shared prior directory "
+                                   "(ptyl.io.save_pretrained); without it: --model's own weights under the l2sp "
+                                   "baseline, or --baseline scratch")
     add_data_model_options(p, data_default="mnist", model_default=None, data_help="target data")
     p.add_argument("--n-per-class", type=positive_int, default=10, help="training examples per class [10]")
     p.add_argument("--inference", "--method", dest="inference", default=str(Inference.MAP),
@@ -143,7 +144,7 @@ def _prior_spec(args: argparse.Namespace, head: str):
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from ptyl.io import atomic_files, read_metadata, save_samples, save_weights
+    from ptyl.io import atomic_files, prior_file, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
     from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
     from ptyl.priors import PriorKind
@@ -152,6 +153,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
+    if args.prior:
+        args.prior = str(prior_file(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
     if args.prior and not Path(args.prior).is_file():
         raise FileNotFoundError(f"prior file not found: {args.prior}")
     if not args.prior and not scratch:

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ptyl.errors import ConfigError
+from ptyl.io.pretrained import save_pretrained
 from ptyl.io.prior_file import save_posterior
 from ptyl.params import Selector, check_head_matches, named_parameters
 from ptyl.posterior.gaussian import SourcePosterior
@@ -57,7 +58,8 @@ class SourceCollection:
             an error when it names no parameter).
         every_n_steps: a snapshot every this many optimizer steps; ``None``: one at the end of every epoch.
         start_step, start_epoch: burn-in before the first snapshot.
-        out: the prior file to write at the end (on the main process); ``None``: keep the posterior in memory.
+        out: where the prior goes at the end (on the main process): a ``.safetensors`` prior file, or else a shared
+            prior directory (:func:`ptyl.io.save_pretrained`: prior file + model card); ``None``: memory only.
         metadata: recorded in the prior file (source data, architecture, objective...).
         dtype: storage dtype of the prior file (``"bfloat16"`` halves it).
     """
@@ -120,8 +122,10 @@ class SourceCollection:
             return None
         meta = {"architecture": type(model).__name__, "objective": "supervised", **self.metadata}
         self.posterior = self.collection.collector.posterior(metadata=meta)
-        if self.out is not None:
+        if self.out is not None and self.out.suffix == ".safetensors":
             save_posterior(self.posterior, self.out, dtype=self.dtype)
+        elif self.out is not None:
+            save_pretrained(self.out, self.posterior, dtype=self.dtype)
         return self.posterior
 
     def state_dict(self) -> dict[str, Any] | None:

@@ -1,5 +1,6 @@
 """Every file format ptyl reads or writes, one layout each: prior files (safetensors + JSON metadata), weights,
-posterior sample files, training checkpoints, and the reference implementation's importer.
+posterior sample files, training checkpoints, shared prior directories with a model card (local or on the Hugging
+Face Hub), and the reference implementation's importer.
 
 Shared by every ptyl file format: :func:`read_json_header` (the JSON header, optionally schema-checked with
 :mod:`ptyl.io.schema`), :mod:`ptyl.io.integrity` (per-tensor dtype/shape/SHA-256 records) and :mod:`ptyl.io.atomic`
@@ -18,17 +19,21 @@ from ptyl.io.prior_file import (
     read_metadata,
     save_posterior,
 )
+from ptyl.io.pretrained import PretrainedPrior, PriorCard, from_pretrained, prior_file, push_to_hub, save_pretrained
 from ptyl.io.reference import import_reference
 from ptyl.io.samples import load_samples, read_samples_metadata, save_samples
 from ptyl.io.weights import load_state_checked, read_weights, read_weights_metadata, save_weights
 
 __all__ = [
     "FORMAT_VERSION",
+    "PretrainedPrior",
+    "PriorCard",
     "PriorFile",
     "atomic_files",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "from_pretrained",
     "import_reference",
     "load_checkpoint",
     "load_posterior",
@@ -36,6 +41,8 @@ __all__ = [
     "load_prior_file",
     "load_samples",
     "load_state_checked",
+    "prior_file",
+    "push_to_hub",
     "read_json_header",
     "read_metadata",
     "read_samples_metadata",
@@ -44,6 +51,7 @@ __all__ = [
     "remove_stale_temp_files",
     "save_checkpoint",
     "save_posterior",
+    "save_pretrained",
     "save_samples",
     "save_weights",
 ]
