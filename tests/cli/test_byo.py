@@ -116,3 +116,11 @@ def test_learn_prior_does_not_silently_pretrain_again_next_to_a_pretrain_output(
     assert "--init pretrained.safetensors" in capsys.readouterr().err
     assert main(["learn-prior", "--init", "x.safetensors", "--pretrain-epochs", "2", "--quiet"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_finetune_in_mixed_precision(tiny_prior, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["finetune", "--prior", str(tiny_prior), "--n-per-class", "2", "--steps", "3", "--precision", "bf16",
+                 "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["config"]["precision"] == "bf16" and all(h["prior"] >= 0 for h in report["history"])

@@ -1,6 +1,8 @@
 """PyTorch Lightning: PriorCallback gives the parameters of ptyl's own fit (same seed, prior, data order, optimizer);
 SWAGCallback learns the posterior learn_prior learns and writes the prior file. Skipped without Lightning."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,17 @@ def test_swag_callback_learns_what_learn_prior_learns(tmp_path):
         torch.testing.assert_close(saved.variance[name], expected.variance[name], rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(saved.deviations[name], expected.deviations[name], rtol=0, atol=1e-6)
     assert callback.posterior is not None
+
+
+def test_n_is_the_whole_data_set_under_a_distributed_sampler(posterior):
+    """Under DDP each rank reads a shard; the prior term divides by the size of the whole data set."""
+    data = dataset()
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, shuffle=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+    net = make_net()
+    callback = PriorCallback(prior_for(net, posterior), submodule="net")
+    callback.on_train_start(SimpleNamespace(train_dataloader=loader), Lit(net))
+    assert callback.term.num_data == len(data) == 2 * len(sampler)
 
 
 def test_wrong_submodule_is_named():

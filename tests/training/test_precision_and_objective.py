@@ -202,3 +202,18 @@ def test_divergence_without_a_prior_suggests_the_learning_rate():
 def test_mixed_precision_object_is_a_no_op_for_fp32():
     mp = MixedPrecision("fp32", torch.device("cpu"))
     assert mp.scaler is None and mp.dtype is None and mp.state_dict() is None
+
+
+def test_prior_term_add_grad_is_the_backward_of_the_term():
+    model = TinyNet()
+    prior = make_prior(model, "lowrank", posterior=random_posterior(model, dtype=torch.float32), scale=2.0, eps=1e-3)
+    term = PriorTerm(prior, num_data=10, device=torch.device("cpu"))
+    value = term(model)
+    value.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # add_grad_ accumulates, as backward does
+    returned = term.add_grad_(model)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g + 1, rtol=1e-6, atol=1e-7)
+    assert float(returned) == pytest.approx(float(value), rel=1e-6)

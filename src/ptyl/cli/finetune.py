@@ -31,6 +31,7 @@ def _baselines() -> list[str]:
 
 def add_parsers(subparsers) -> None:
     from ptyl.pipeline import ClassificationTask, SegmentationTask
+    from ptyl.training.precision import PRECISIONS
     from ptyl.training import Inference
 
     p = subparsers.add_parser(
@@ -64,6 +65,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="batch size [32]")
     p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="posterior temperature (sgld/csgld) [1]")
     p.add_argument("--num-samples", type=positive_int, default=10, help="posterior samples for BMA [10]")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32, or mixed precision bf16 / fp16 (the prior term stays in full precision) [fp32]")
     p.add_argument("--tune", action="store_true",
                    help="select the prior strength and lr by validation NLL (80/20 class-balanced split), then refit")
     p.add_argument("--budget", type=positive_int, default=4, help="trials for --tune [4]")
@@ -181,6 +184,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                           seed=args.seed, progress=progress(args))
     if args.epochs:
         config.epochs = args.epochs
+    config.precision = args.precision
     selected: dict[str, Any] = {}
     tuning = None
     info(args, f"fine-tuning on {len(train)} {args.data} training examples: prior {spec.kind}, inference "

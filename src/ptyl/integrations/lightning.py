@@ -28,7 +28,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from ptyl.errors import ConfigError
@@ -107,9 +106,8 @@ def _classes() -> dict[str, type]:
             self.term = PriorTerm(self.prior, n, device)
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-            with torch.enable_grad():
-                term = self.term(_target(pl_module, self.submodule))
-                term.backward()  # accumulates grad(penalty) / N into .grad: the update of loss + penalty / N
+            # grad(penalty) / N into .grad: the update of loss + penalty / N (DDP's hooks stay out of it)
+            term = self.term.add_grad_(_target(pl_module, self.submodule))
             if self.log_prior:
                 pl_module.log("prior", self.term.logged(term).float(), on_step=True, on_epoch=True)
 
