@@ -16,7 +16,6 @@ prefixes and infixes that must not change which prior a parameter gets:
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -40,7 +39,6 @@ HEAD_LIKE_NAMES = ("head", "heads", "fc", "classifier", "lm_head", "score", "cla
 Selector = None | str | Sequence[str] | Callable[[str, torch.Tensor], bool]
 
 
-@functools.lru_cache(maxsize=65536)
 def normalize_name(name: str) -> str:
     """A parameter name without wrapper prefixes (DDP ``module.``, ``torch.compile`` ``_orig_mod.``, PEFT
     ``base_model.model.``) and with PEFT's default-adapter names mapped back (``x.base_layer.weight`` ->
@@ -52,8 +50,9 @@ def normalize_name(name: str) -> str:
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 changed = True
-    for pattern, replacement in _PEFT_RENAMES:
-        name = pattern.sub(replacement, name)
+    if "base_layer." in name or ".default" in name or "default." in name:  # PEFT only: plain names skip the regexes
+        for pattern, replacement in _PEFT_RENAMES:
+            name = pattern.sub(replacement, name)
     return name
 
 

@@ -216,4 +216,18 @@ def test_prior_term_add_grad_is_the_backward_of_the_term():
     returned = term.add_grad_(model)
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g + 1, rtol=1e-6, atol=1e-7)
-    assert float(returned) == pytest.approx(float(value), rel=1e-6)
+    assert float(returned) == pytest.approx(float(value.detach()), rel=1e-6)
+
+
+def test_a_prior_of_your_own_without_a_centre_is_logged_as_it_is():
+    from ptyl.priors import Prior
+
+    class Laplace(Prior):  # only _log_prob: no flat kernels, no mean_flat
+        def _log_prob(self, tensors):
+            return -sum(t.abs().sum() for t in tensors)
+
+    model = _net()
+    prior = Laplace(["body.weight"], [tuple(model.body.weight.shape)])
+    assert float(log_normalizer(prior)) == 0.0
+    result = fit(model, _data(), prior, TrainConfig(epochs=1, lr=0.01, progress=False))
+    assert result.history[0]["prior"] > 0

@@ -29,7 +29,6 @@ from torch import nn
 
 from ptyl import distributed as ddp
 from ptyl.errors import DataError
-from ptyl.params import named_parameters
 from ptyl.priors.base import Prior
 from ptyl.training.precision import full_precision
 
@@ -160,9 +159,10 @@ class PriorTerm:
             return self.prior.penalty(model) / self.num_data
 
     def add_grad_(self, model: nn.Module) -> torch.Tensor:
-        """Add ``grad(penalty) / N`` into the ``.grad`` of the covered parameters (created where ``None``) outside
-        autograd's backward pass of the data term -- the update of ``loss + penalty / N`` for loops that own their
-        backward (Lightning); DDP's gradient hooks do not fire, every rank adds the same prior gradient.
+        """Add ``grad(penalty) / N`` into the ``.grad`` of the covered parameters (created where ``None``) with
+        :meth:`Prior.add_grad_ <ptyl.priors.Prior.add_grad_>` (fused kernels, no autograd graph), in full precision:
+        the update of ``loss + penalty / N`` for loops that have run their backward already (ptyl's own, Lightning).
+        Under DDP the data gradients are averaged by then and every rank adds the same prior gradient.
 
         Args:
             model: the model (names are normalised).
@@ -173,23 +173,7 @@ class PriorTerm:
         if self.prior is None:
             return torch.zeros((), device=self.device)
         with full_precision(self.device):
-            if hasattr(self.prior, "add_grad_"):  # the fused kernels of the issue-12 prior interface
-                value = self.prior.add_grad_(model, weight=1.0 / self.num_data, return_value=True)
-                return value / self.num_data
-            named = named_parameters(model)
-            params = [named[n] for n in self.prior.names if named[n].requires_grad]
-            with torch.enable_grad():
-                term = self.prior.penalty(model) / self.num_data
-                grads = torch.autograd.grad(term, params, allow_unused=True)
-        with torch.no_grad():
-            for param, grad in zip(params, grads):
-                if grad is None:
-                    continue
-                if param.grad is None:
-                    param.grad = grad.detach().clone()
-                else:
-                    param.grad.add_(grad)
-        return term.detach()
+            return self.prior.add_grad_(model, weight=1.0 / self.num_data, return_value=True) / self.num_data
 
     def constant(self, device: torch.device | None = None) -> torch.Tensor:
         """``log_normalizer(prior) / N``: the part of the term that does not depend on theta (computed once).

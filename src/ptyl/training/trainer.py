@@ -35,7 +35,7 @@ from ptyl.training.callbacks import Callback
 from ptyl.training.config import TrainConfig
 from ptyl.training.environment import current_environment
 from ptyl.training.objective import Objective, PriorTerm, supervised_objective
-from ptyl.training.precision import MixedPrecision, full_precision
+from ptyl.training.precision import MixedPrecision
 from ptyl.training.registry import Inference
 from ptyl.training.result import FitResult
 from ptyl.training.strategies.base import Strategy
@@ -218,8 +218,7 @@ class Trainer:
             # the prior's gradient goes straight into .grad in a few fused kernels, in full precision (the same update
             # as backpropagating penalty/N). DDP: backward has averaged the data gradients; every rank adds the same
             # prior term once
-            with full_precision(self.device):
-                prior_term = self.prior.add_grad_(self.model, 1.0 / self.num_data, return_value=True) / self.num_data
+            prior_term = self.prior_term.add_grad_(self.model)
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.precision.step(optimizer)
