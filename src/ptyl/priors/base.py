@@ -15,9 +15,11 @@ gradient, so its cost does not grow with the number of parameter tensors. Value 
 kernels; the autograd path only scales the saved gradient in backward. (On the CPU the vectors are processed in
 groups of >= 2M numbers, see :data:`ptyl.flat.GROUP_NUMEL`; elsewhere in one piece.)
 
-Sharding hook: each leaf reduces its partial sums (the quadratic term and, for the low-rank prior, the k-vector
-``U^T D^-1 r``) through ``reduce_stats`` in one place, :meth:`Prior._reduce`. With parameters and buffers sharded
-over ranks, setting ``reduce_stats`` to an all-reduce makes every call exact with one collective of k + 1 numbers.
+Sharding hook: a leaf kernel runs in two phases, :meth:`Prior._local_stats` (its partial sums: the quadratic term
+and, for the low-rank prior, the k-vector ``U^T D^-1 r``) and :meth:`Prior._finish`. Between them the partial sums go
+through ``reduce_stats``: when the prior being evaluated has one, the partial sums of *all* its leaves are summed in
+one call (one collective of a few numbers per evaluation, see :mod:`ptyl.priors.sharded`); otherwise each leaf uses
+its own (:meth:`Prior._reduce`, the identity unsharded).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch import nn
 from ptyl.errors import InvalidValueError
 from ptyl.params import named_parameters
 from ptyl.priors.checks import check_finite
-from ptyl.flat import ParamBinder, compute_dtype, flatten, groups_for, is_compiling, plan_groups, unflatten
+from ptyl.flat import ParamBinder, plan_groups, unflatten
+from ptyl.priors.fused import FusedPenalty, evaluate, reduce_with
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -41,9 +44,10 @@ Params = nn.Module | Mapping[str, torch.Tensor]
 class Prior(nn.Module):
     """Base class: a distribution over the parameters listed in ``names`` with the given ``shapes``.
 
-    Leaf priors implement ``_penalty_grad`` (flat kernel) and ``_precision_diagonal`` / ``_posterior_log_det`` /
-    ``_mean_flat``; priors with ``parts`` (composite, per-block) are evaluated through their leaves. A subclass may
-    instead implement only ``_log_prob(tensors)`` (autograd, slower).
+    Leaf priors implement the flat kernel in two phases, ``_local_stats`` and ``_finish`` (or in one,
+    ``_penalty_grad``, which then reduces through its own ``reduce_stats``), and ``_precision_diagonal`` /
+    ``_posterior_log_det`` / ``_mean_flat``; priors with ``parts`` (composite, per-block) are evaluated through their
+    leaves. A subclass may instead implement only ``_log_prob(tensors)`` (autograd, slower).
     """
 
     reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum over shards (None: unsharded)
@@ -88,13 +92,17 @@ class Prior(nn.Module):
         leaves = self._leaves()
         if leaves is None:
             return -self.log_prob(params)
-        tensors = self.gather(params)
+        return self._penalty_of(self.gather(params), params)
+
+    def _penalty_of(self, tensors: list[torch.Tensor], params: Params | None = None) -> torch.Tensor:
+        """:meth:`penalty` of the covered tensors themselves (in ``names`` order, already checked)."""
+        leaves = self._leaves()
         if not leaves:
             return _zero_like(tensors, params)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return _FusedPenalty.apply(self, *tensors)
+            return FusedPenalty.apply(self, *tensors)
         with torch.no_grad():
-            return _evaluate(leaves, tensors, need_value=True, need_grad=False)[0]
+            return evaluate(self, tensors, need_value=True, need_grad=False)[0]
 
     def log_prob(self, params: Params) -> torch.Tensor:
         """Normalised log-density of the named parameters (differentiable).
@@ -136,7 +144,15 @@ class Prior(nn.Module):
         tensors = self.gather(params)
         if not leaves:
             return _zero_like(tensors, params) if return_value else None
-        value, pieces = _evaluate(leaves, tensors, need_value=return_value, need_grad=True)
+        value, like, grads = self._flat_grads(tensors, weight, return_value)
+        _accumulate(like, grads)
+        return value
+
+    @torch.no_grad()
+    def _flat_grads(self, tensors: list[torch.Tensor], weight: float | torch.Tensor = 1.0, need_value: bool = False):
+        """``(penalty or None, tensors, weight * d penalty / d tensor)`` for the covered tensors (in ``names`` order),
+        the gradients as views of a few flat buffers in the tensors' dtype; nothing is accumulated."""
+        value, pieces = evaluate(self, tensors, need_value=need_value, need_grad=True)
         scale = not (isinstance(weight, (int, float)) and weight == 1)
         like, grads = [], []
         for h, group in pieces:
@@ -144,8 +160,7 @@ class Prior(nn.Module):
                 h.mul_(weight)
             like.extend(group)
             grads.extend(unflatten(h.to(group[0].dtype), group))
-        _accumulate(like, grads)
-        return value
+        return value, like, grads
 
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} implements neither _penalty_grad nor _log_prob")
@@ -153,18 +168,23 @@ class Prior(nn.Module):
     def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         """Leaf kernel. ``xs``: fresh flat parameter vectors (consecutive groups covering [0, P); iterate once, may
         overwrite them). Returns ``(penalty or None, [d penalty / d x per group] or None)``; the penalty is a float64
-        0-dim tensor including the normaliser."""
+        0-dim tensor including the normaliser. By default the two phases below around this leaf's own reduce."""
+        quad, vec, state = self._local_stats(xs, need_value, need_grad)
+        quad, vec = self._reduce(quad, vec)
+        return self._finish(quad, vec, state, need_value, need_grad)
+
+    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+        """Phase 1 of a leaf kernel: ``(quad or None, vec or None, state)`` -- this shard's float64 partial sums (the
+        quadratic term when ``need_value``; a k-vector the gradient needs) and whatever phase 2 reuses."""
+        raise NotImplementedError
+
+    def _finish(self, quad, vec, state, need_value: bool, need_grad: bool):
+        """Phase 2: from the summed ``quad`` / ``vec`` to ``(penalty or None, [gradient per group] or None)``."""
         raise NotImplementedError
 
     def _reduce(self, quad: torch.Tensor | None, vec: torch.Tensor | None):
-        """Sum float64 partial sums over shards (identity unsharded): the one place a sharded prior communicates."""
-        if self.reduce_stats is None or (quad is None and vec is None):
-            return quad, vec
-        parts = [t.reshape(-1) for t in (quad, vec) if t is not None]
-        stats = self.reduce_stats(parts[0] if len(parts) == 1 else torch.cat(parts))
-        if quad is None:
-            return None, stats
-        return stats[0], (stats[1:] if vec is not None else None)
+        """Sum float64 partial sums over shards (identity unsharded): the one place a sharded leaf communicates."""
+        return reduce_with(self.reduce_stats, [(quad, vec)])[0]
 
     # --- curvature interface (Laplace evidence, autotune) ---------------------------------------------------------
     def precision_diagonal(self) -> torch.Tensor:
@@ -208,8 +228,12 @@ class Prior(nn.Module):
             self._plan = self._find_leaves()
         return self._plan
 
+    def _is_two_phase(self) -> bool:
+        """A leaf whose kernel is split in :meth:`_local_stats` / :meth:`_finish` (its sums can be reduced jointly)."""
+        return type(self)._local_stats is not Prior._local_stats and type(self)._penalty_grad is Prior._penalty_grad
+
     def _find_leaves(self) -> list[Prior] | None:
-        if type(self)._penalty_grad is not Prior._penalty_grad:
+        if self._is_two_phase() or type(self)._penalty_grad is not Prior._penalty_grad:
             return [self] if self.names else []
         parts = self._modules.get("parts")
         if parts is None:
@@ -260,49 +284,6 @@ class CompositePrior(Prior):
         self.parts = nn.ModuleDict(dict(priors))
         self.unregularized: tuple[str, ...] = tuple(unregularized)
         self.skipped = tuple(s for p in priors.values() for s in p.skipped)
-
-
-# --- the fused path ------------------------------------------------------------------------------------------------
-def _evaluate(leaves: list[Prior], tensors: list[torch.Tensor], need_value: bool, need_grad: bool):
-    """Penalty (in the parameters' dtype, or None) and ``(flat gradient, tensors it covers)`` pieces in order."""
-    out_dtype = tensors[0].dtype
-    dtype = compute_dtype(out_dtype)
-    value, pieces, start = None, [], 0
-    for leaf in leaves:
-        like = tensors[start:start + len(leaf.names)]
-        start += len(like)
-        groups, i = [], 0
-        for count in groups_for(like[0].device, leaf._cpu_groups, len(like)):
-            groups.append(like[i:i + count])
-            i += count
-        # a generator: each group's flat copy is freed as soon as the kernel moves on (on the CPU, reused memory)
-        v, grads = leaf._penalty_grad((flatten(group, dtype) for group in groups), need_value, need_grad)
-        if need_value:
-            value = v if value is None else value + v
-        if need_grad:
-            pieces.extend(zip(grads, groups))
-    return (value.to(out_dtype) if need_value else None), pieces
-
-
-class _FusedPenalty(torch.autograd.Function):
-    """penalty(theta) with its gradient computed in the forward pass (it shares every intermediate): backward only
-    scales the saved flat gradient and hands out per-tensor views (autograd keeps them as ``.grad`` without a copy)."""
-
-    @staticmethod
-    def forward(ctx, prior: Prior, *tensors: torch.Tensor) -> torch.Tensor:
-        value, pieces = _evaluate(prior._leaves(), list(tensors), need_value=True, need_grad=True)
-        ctx.save_for_backward(*(h for h, _ in pieces))
-        compiling = is_compiling()
-        ctx.likes = [[t.shape for t in group] if compiling else group for _, group in pieces]
-        return value
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        out = [None]
-        for h, like in zip(ctx.saved_tensors, ctx.likes):
-            out.extend(unflatten((h * grad_output.to(h.dtype)).to(grad_output.dtype), like))
-        return tuple(out)
 
 
 def _accumulate(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

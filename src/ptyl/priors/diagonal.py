@@ -45,7 +45,7 @@ class DiagonalGaussianPrior(Prior):
         log_det = self.variance.double().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
-    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad, grads, start = None, [], 0
         for x in xs:
             part = slice(start, start + x.numel())
@@ -56,8 +56,11 @@ class DiagonalGaussianPrior(Prior):
             if need_value:  # float64 across groups
                 q = torch.dot(r, grad)
                 quad = q.double() if quad is None else quad + q
-            grads.append(grad)
-        quad, _ = self._reduce(quad, None)
+            if need_grad:
+                grads.append(grad)
+        return quad, None, grads
+
+    def _finish(self, quad, vec, grads, need_value: bool, need_grad: bool):
         value = (quad + self.log_norm) * 0.5 if need_value else None
         return value, grads if need_grad else None
 

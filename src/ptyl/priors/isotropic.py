@@ -68,7 +68,7 @@ class IsotropicGaussianPrior(Prior):
         shapes = {n: tuple(t.shape) for n, t in params.items()}
         return cls(shapes, variance, {n: t for n, t in params.items()} if centered else None)
 
-    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad, grads, start = None, [], 0
         for x in xs:
             if self.centered:
@@ -80,7 +80,9 @@ class IsotropicGaussianPrior(Prior):
                 quad = q.double() if quad is None else quad + q
             if need_grad:
                 grads.append(x.mul_(1.0 / self.variance))  # x is a fresh copy: the gradient overwrites it
-        quad, _ = self._reduce(quad, None)
+        return quad, None, grads
+
+    def _finish(self, quad, vec, grads, need_value: bool, need_grad: bool):
         value = quad * (0.5 / self.variance) + self._log_norm if need_value else None
         return value, grads if need_grad else None
 

@@ -112,7 +112,7 @@ class LowRankGaussianPrior(Prior):
         return (self.mean.to(dtype, copy=True), self.diag.to(dtype, copy=True), self.factor.to(dtype, copy=True))
 
     # --- the per-call kernel -------------------------------------------------------------------------------------
-    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad = v = dtype = None
         kept, start = [], 0
         for x in xs:
@@ -127,8 +127,12 @@ class LowRankGaussianPrior(Prior):
                 quad = q.double() if quad is None else quad + q
             p = self._project(factor, w).double()
             v = p if v is None else v + p
-            kept.append((w, d, factor))
-        quad, v = self._reduce(quad, v)
+            if need_grad:
+                kept.append((w, d, factor))
+        return quad, v, (kept, dtype)
+
+    def _finish(self, quad, v, state, need_value: bool, need_grad: bool):
+        kept, dtype = state
         chol = self.capacitance_chol
         y = torch.linalg.solve_triangular(chol, v.unsqueeze(1), upper=False)  # L^-1 U^T w
         value = None

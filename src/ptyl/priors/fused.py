@@ -1,0 +1,93 @@
+"""The fused evaluation of a prior's leaves: one flatten per group, each leaf's kernel in two phases around ONE
+reduction of their partial sums (the identity unsharded, an all-reduce for :mod:`ptyl.priors.sharded`), and the
+autograd function whose backward only scales the gradient computed in the forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ptyl.flat import compute_dtype, flatten, groups_for, is_compiling, unflatten
+
+__all__ = ["FusedPenalty", "evaluate", "reduce_with"]
+
+
+def reduce_with(reduce: Callable[[torch.Tensor], torch.Tensor] | None, stats: list[tuple]) -> list[tuple]:
+    """Sum every ``(quad, vec)`` pair of ``stats`` over shards with ONE call of ``reduce`` (None: identity)."""
+    parts = [t.reshape(-1) for pair in stats for t in pair if t is not None]
+    if reduce is None or not parts:
+        return stats
+    flat = reduce(parts[0] if len(parts) == 1 else torch.cat(parts))
+    out, start = [], 0
+    for pair in stats:
+        reduced = []
+        for t in pair:
+            if t is None:
+                reduced.append(None)
+                continue
+            size = t.numel()
+            reduced.append(flat[start:start + size].reshape(t.shape))
+            start += size
+        out.append(tuple(reduced))
+    return out
+
+
+def evaluate(prior, tensors: list[torch.Tensor], need_value: bool, need_grad: bool):
+    """Penalty (in the parameters' dtype, or None) and ``(flat gradient, tensors it covers)`` pieces in order.
+
+    Phase 1 of every leaf, then their partial sums reduced -- by ``prior.reduce_stats`` in one call when set, else
+    leaf by leaf -- then phase 2 of every leaf."""
+    out_dtype = tensors[0].dtype
+    dtype = compute_dtype(out_dtype)
+    started, start = [], 0  # (leaf, groups, phase-1 result or the one-phase result)
+    for leaf in prior._leaves():
+        like = tensors[start:start + len(leaf.names)]
+        start += len(like)
+        groups, i = [], 0
+        for count in groups_for(like[0].device, leaf._cpu_groups, len(like)):
+            groups.append(like[i:i + count])
+            i += count
+        # a generator: each group's flat copy is freed as soon as the kernel moves on (on the CPU, reused memory)
+        xs = (flatten(group, dtype) for group in groups)
+        if leaf._is_two_phase():
+            started.append((leaf, groups, leaf._local_stats(xs, need_value, need_grad)))
+        else:
+            started.append((leaf, groups, leaf._penalty_grad(xs, need_value, need_grad)))
+    two = [i for i, (leaf, _, _) in enumerate(started) if leaf._is_two_phase()]
+    stats = [started[i][2][:2] for i in two]
+    if prior.reduce_stats is not None:
+        stats = reduce_with(prior.reduce_stats, stats)
+    else:
+        stats = [started[i][0]._reduce(*pair) for i, pair in zip(two, stats)]
+    for i, (quad, vec) in zip(two, stats):
+        leaf, groups, (_, _, state) = started[i]
+        started[i] = (leaf, groups, leaf._finish(quad, vec, state, need_value, need_grad))
+    value, pieces = None, []
+    for _, groups, (v, grads) in started:
+        if need_value:
+            value = v if value is None else value + v
+        if need_grad:
+            pieces.extend(zip(grads, groups))
+    return (value.to(out_dtype) if need_value else None), pieces
+
+
+class FusedPenalty(torch.autograd.Function):
+    """penalty(theta) with its gradient computed in the forward pass (it shares every intermediate): backward only
+    scales the saved flat gradient and hands out per-tensor views (autograd keeps them as ``.grad`` without a copy)."""
+
+    @staticmethod
+    def forward(ctx, prior, *tensors: torch.Tensor) -> torch.Tensor:
+        value, pieces = evaluate(prior, list(tensors), need_value=True, need_grad=True)
+        ctx.save_for_backward(*(h for h, _ in pieces))
+        compiling = is_compiling()
+        ctx.likes = [[t.shape for t in group] if compiling else group for _, group in pieces]
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        out = [None]
+        for h, like in zip(ctx.saved_tensors, ctx.likes):
+            out.extend(unflatten((h * grad_output.to(h.dtype)).to(grad_output.dtype), like))
+        return tuple(out)
