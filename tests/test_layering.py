@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ptyl"
 
 # bottom to top; a package may import only packages listed before it (or itself)
 LAYERS = [
-    {"errors", "params", "validation", "distributed", "flat"},  # flat: the flat-buffer helpers of issue 12
+    {"errors", "params", "validation", "distributed", "flat", "sharding"},  # flat: issue 12; sharding: issue 16
     {"posterior"},
     {"priors"},
     {"io", "memory", "data", "models", "metrics", "autotune"},

@@ -15,7 +15,7 @@ from ptyl.errors import (
     PtylError,
 )
 from ptyl.io import import_reference, load_posterior, load_prior, read_metadata, save_posterior
-from ptyl.posterior import SourcePosterior, SWAGCollector
+from ptyl.posterior import ShardedPosterior, SourcePosterior, SWAGCollector
 from ptyl.priors import (
     CompositePrior,
     DiagonalGaussianPrior,
@@ -23,8 +23,10 @@ from ptyl.priors import (
     LowRankGaussianPrior,
     Prior,
     PriorKind,
+    ShardedPrior,
     learned_prior,
     make_prior,
+    shard_prior,
 )
 
 __version__ = "0.1.0"
@@ -45,6 +47,8 @@ __all__ = [
     "PriorKind",
     "PtylError",
     "SWAGCollector",
+    "ShardedPosterior",
+    "ShardedPrior",
     "SourcePosterior",
     "import_reference",
     "learned_prior",
@@ -53,4 +57,5 @@ __all__ = [
     "make_prior",
     "read_metadata",
     "save_posterior",
+    "shard_prior",
 ]

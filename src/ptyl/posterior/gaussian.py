@@ -121,26 +121,42 @@ class SourcePosterior:
         :class:`ParameterMismatchError` naming them. Non-strict: those are dropped and listed in
         ``metadata["skipped"]``.
         """
-        params = named_parameters(model)
-        bad = {}
-        for n, shape in self.shapes.items():
-            if n not in params:
-                bad[n] = "missing from the model"
-            elif tuple(params[n].shape) != shape:
-                bad[n] = f"shape {shape} in the prior vs {tuple(params[n].shape)} in the model"
-        if bad and strict:
-            lines = [f"{n}: {why}" for n, why in list(bad.items())[:6]]
-            more = f" ... and {len(bad) - 6} more" if len(bad) > 6 else ""
-            arch = self.metadata.get("architecture")
-            hint = f" (the prior was learned on {arch!r})" if arch else ""
-            raise ParameterMismatchError(
-                f"prior does not fit the model{hint}: {len(bad)} parameter(s) differ: " + "; ".join(lines) + more
-            )
-        if not bad:
+        kept = matching_names(self.shapes, model, strict, self.metadata.get("architecture"))
+        if len(kept) == len(self.mean):
             return self
-        kept = [n for n in self.mean if n not in bad]
-        if not kept:
-            raise ParameterMismatchError("no parameter of the prior matches the model")
         out = self.restrict(kept)
-        out.metadata["skipped"] = sorted(bad)
+        out.metadata["skipped"] = sorted(n for n in self.mean if n not in kept)
         return out
+
+
+def matching_names(shapes: Mapping[str, tuple[int, ...]], model: nn.Module | Mapping[str, torch.Tensor],
+                   strict: bool = True, architecture: str | None = None) -> list[str]:
+    """The names of ``shapes`` that a model has with the same shape (see :meth:`SourcePosterior.matched_to`).
+
+    Args:
+        shapes: name -> shape of the posterior's tensors.
+        model: the model (or name -> tensor mapping) to match.
+        strict: raise :class:`ParameterMismatchError` naming every mismatch instead of leaving it out.
+        architecture: what the prior was learned on, for the message.
+
+    Returns:
+        The matching names, in ``shapes`` order.
+    """
+    params = named_parameters(model)
+    bad = {}
+    for n, shape in shapes.items():
+        if n not in params:
+            bad[n] = "missing from the model"
+        elif tuple(params[n].shape) != tuple(shape):
+            bad[n] = f"shape {tuple(shape)} in the prior vs {tuple(params[n].shape)} in the model"
+    if bad and strict:
+        lines = [f"{n}: {why}" for n, why in list(bad.items())[:6]]
+        more = f" ... and {len(bad) - 6} more" if len(bad) > 6 else ""
+        hint = f" (the prior was learned on {architecture!r})" if architecture else ""
+        raise ParameterMismatchError(
+            f"prior does not fit the model{hint}: {len(bad)} parameter(s) differ: " + "; ".join(lines) + more
+        )
+    kept = [n for n in shapes if n not in bad]
+    if not kept:
+        raise ParameterMismatchError("no parameter of the prior matches the model")
+    return kept

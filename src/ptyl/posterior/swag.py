@@ -15,6 +15,11 @@ of deviation rows [K, P]. One :meth:`SWAGCollector.collect` is six kernels whate
 (one ``cat``, the Welford update in float64, one row copy), with no host synchronisation. (On the CPU the same six
 run per group of >= 2M numbers, see :data:`ptyl.flat.GROUP_NUMEL`.)
 
+Sharded models (FSDP2's ``fully_shard``: DTensor parameters split by rows over ranks): every rank keeps the moments
+and deviation columns of its own rows only -- the same kernels on the local shard, no communication, no gather --
+and :meth:`SWAGCollector.posterior` returns a :class:`~ptyl.posterior.ShardedPosterior` (write it with
+:func:`ptyl.io.save_posterior`, every rank its own file). ``shapes`` are then this rank's row blocks.
+
 BatchNorm: running statistics are buffers, not parameters, so they are *not* part of the posterior or the prior. Any
 model built from the posterior (its mean or a sample) must recompute them on training data
 (``torch.optim.swa_utils.update_bn``), which :meth:`SWAGCollector.sample_into` does when given a loader.
@@ -32,7 +37,9 @@ from torch import nn
 from ptyl.errors import InvalidValueError, ParameterMismatchError
 from ptyl.params import Selector, select_parameters
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
+from ptyl.sharding import ShardLayout, is_dtensor, local_tensor
 
 STATE_FORMAT = 2  # flat buffers; format 1 (one tensor per name) still loads
 
@@ -72,11 +79,14 @@ class SWAGCollector:
         self.rank = rank
         self.var_clamp = var_clamp
         self.names = list(params)
-        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+        # sharded (DTensor parameters): this rank's row blocks; the binder still checks the model's global shapes
+        self._dtensors = any(is_dtensor(p) for p in params.values())
+        self.layout = ShardLayout.from_params(params)
+        self.shapes = dict(self.layout.local_shapes)
         self.num_snapshots = 0
-        self._binder = ParamBinder(self.names, list(self.shapes.values()), what="SWAG collector")
+        self._binder = ParamBinder(self.names, [tuple(p.shape) for p in params.values()], what="SWAG collector")
         self._cpu_groups = plan_groups(list(self.shapes.values()))
-        device = next(iter(params.values())).device
+        device = local_tensor(next(iter(params.values()))).device
         size = self.num_parameters
         self._mean = torch.zeros(size, dtype=torch.float64, device=device)
         self._m2 = torch.zeros(size, dtype=torch.float64, device=device)
@@ -84,12 +94,22 @@ class SWAGCollector:
 
     @property
     def num_parameters(self) -> int:
+        """Values tracked here (this rank's rows when sharded)."""
         return sum(math.prod(s) for s in self.shapes.values())
+
+    @property
+    def sharded(self) -> bool:
+        """The parameters are split over several ranks; each collects its own rows."""
+        return self.layout.sharded
+
+    def _tensors(self, model: nn.Module | Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        tensors = self._binder.tensors(model)
+        return [local_tensor(t) for t in tensors] if self._dtensors else tensors
 
     @torch.no_grad()
     def collect(self, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
-        """Add the model's current parameters as one snapshot."""
-        tensors = self._binder.tensors(model)
+        """Add the model's current parameters as one snapshot (sharded: this rank's rows; no communication)."""
+        tensors = self._tensors(model)
         self.num_snapshots += 1
         n = self.num_snapshots
         slot = (n - 1) % self.rank if self.rank else None
@@ -142,14 +162,17 @@ class SWAGCollector:
         if self.num_snapshots < k:
             raise InvalidValueError(f"SWAG has {self.num_snapshots} snapshot(s); need at least {k}")
 
-    def posterior(self, metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> SourcePosterior:
-        """Export mean, clamped variance and deviations as a :class:`SourcePosterior`."""
+    def posterior(self, metadata: dict[str, Any] | None = None,
+                  dtype: torch.dtype = torch.float32) -> SourcePosterior | ShardedPosterior:
+        """Export mean, clamped variance and deviations as a :class:`SourcePosterior` (a
+        :class:`~ptyl.posterior.ShardedPosterior` of this rank's rows for a sharded model)."""
         self._need(2)
         meta = {"num_snapshots": self.num_snapshots, "rank": min(self.rank, self.num_snapshots), **(metadata or {})}
         var = self._by_name((self._m2 / self.num_snapshots).clamp_min_(self.var_clamp).to(dtype))
         mean = self._by_name(self._mean.to(dtype))
         dev = self._by_name(self._dev[self._deviation_order()].to(dtype))
-        return SourcePosterior(mean, var, dev, meta)
+        posterior = SourcePosterior(mean, var, dev, meta)
+        return ShardedPosterior(posterior, self.layout) if self._dtensors else posterior
 
     @torch.no_grad()
     def sample_into(
@@ -161,13 +184,17 @@ class SWAGCollector:
     ) -> None:
         """Write theta = mu + sqrt(scale/2) sigma z1 + sqrt(scale / (2 max(K-1, 1))) D z2 into the model (the
         covariance of :meth:`SourcePosterior.dense_covariance`, K = 1 included); with ``bn_loader`` recompute
-        BatchNorm statistics afterwards."""
+        BatchNorm statistics afterwards. Sharded: z2 comes from ``generator`` (seed it alike on every rank), z1 from
+        a stream per rank seeded from it."""
         self._need(2)
-        tensors = self._binder.tensors(model)
+        tensors = self._tensors(model)
         order = self._deviation_order()
         k = len(order)
         device = self._mean.device
         z2 = torch.randn(k, generator=generator, dtype=torch.float64, device=device) if k > 0 else None
+        if self.sharded:  # independent noise per rank's rows, shared z2 (the low-rank part couples all rows)
+            seed = int(torch.randint(2**62, (1,), generator=generator)) + self.layout.rank
+            generator = torch.Generator(device=device).manual_seed(seed)
         z1 = torch.randn(self._mean.shape, generator=generator, dtype=torch.float64, device=device)
         std = (self._m2 / self.num_snapshots).clamp_min_(0).sqrt_()
         theta = torch.addcmul(self._mean, std, z1, value=math.sqrt(scale / 2.0))

@@ -1,7 +1,8 @@
 """Priors over named parameters: learned (low-rank, diagonal, per block) and isotropic (L2-SP, weight decay).
 
 The kinds are listed once in :class:`PriorKind` (:mod:`ptyl.priors.registry`); :func:`make_prior` builds any of
-them with an isotropic prior on the new head, :func:`learned_prior` turns a source posterior into a prior.
+them with an isotropic prior on the new head, :func:`learned_prior` turns a source posterior into a prior. On a model
+sharded with FSDP2 both build a :class:`ShardedPrior` holding this rank's rows (:mod:`ptyl.priors.sharded`).
 """
 
 from ptyl.priors.base import CompositePrior, Prior
@@ -12,6 +13,7 @@ from ptyl.priors.isotropic import IsotropicGaussianPrior, variance_from_weight_d
 from ptyl.priors.learned import learned_prior
 from ptyl.priors.lowrank import LowRankGaussianPrior
 from ptyl.priors.registry import PriorKind, PriorOptions, PriorRecipe
+from ptyl.priors.sharded import ShardedPrior, shard_prior
 
 __all__ = [
     "BlockLowRankPrior",
@@ -23,8 +25,10 @@ __all__ = [
     "PriorKind",
     "PriorOptions",
     "PriorRecipe",
+    "ShardedPrior",
     "block_prior",
     "learned_prior",
     "make_prior",
+    "shard_prior",
     "variance_from_weight_decay",
 ]

@@ -34,9 +34,12 @@ from torch import nn
 from ptyl.errors import ConfigError, ParameterMismatchError
 from ptyl.params import as_name_list, head_like_names, name_matches, named_parameters
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.base import CompositePrior, Prior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
 from ptyl.priors.registry import PriorKind, PriorOptions
+from ptyl.priors.sharded import ShardedPrior
+from ptyl.sharding import ShardLayout, local_tensor
 
 __all__ = ["make_prior"]
 
@@ -45,7 +48,7 @@ def make_prior(
     model: nn.Module,
     kind: str | PriorKind,
     *,
-    posterior: SourcePosterior | None = None,
+    posterior: SourcePosterior | ShardedPosterior | None = None,
     scale: float | Mapping[str, float] = 1.0,
     eps: float = 0.0,
     rank: int | None = None,
@@ -56,7 +59,8 @@ def make_prior(
     unregularized: Sequence[str] = (),
     strict: bool = True,
     dtype: torch.dtype | None = None,
-) -> CompositePrior:
+    sharded: bool | None = None,
+) -> CompositePrior | ShardedPrior:
     """The prior over every trainable parameter of ``model``.
 
     Args:
@@ -73,21 +77,43 @@ def make_prior(
         strict: a learned prior must cover every backbone parameter (else :class:`ParameterMismatchError`) and match
             the model's shapes; with ``strict=False`` uncovered parameters are left unregularised with a warning.
         dtype: storage dtype of a learned prior's tensors.
+        sharded: build a :class:`~ptyl.priors.sharded.ShardedPrior` holding only this rank's rows (a collective: call
+            it on every rank). Default: when the model is sharded (FSDP2's ``fully_shard``, DTensor parameters). The
+            posterior may then be a :class:`~ptyl.posterior.ShardedPosterior` with the model's rows (e.g.
+            ``load_posterior(path, shards=model)``, or a sharded SWAG collector's), or a full one (each rank keeps
+            its rows).
 
     Returns:
         A :class:`CompositePrior` with parts ``"backbone"`` and ``"head"`` (each present when it has a prior) and the
-        unregularised parameter names in ``unregularized``.
+        unregularised parameter names in ``unregularized``; sharded, a :class:`~ptyl.priors.sharded.ShardedPrior`
+        around that composite over this rank's rows.
     """
     kind = PriorKind.parse(kind)
-    recipe = kind.recipe
     params = {n: p for n, p in named_parameters(model).items() if p.requires_grad}
+    layout = ShardLayout.from_params(params)
+    if sharded is None:
+        sharded = layout.sharded or isinstance(posterior, ShardedPosterior)
+    options = PriorOptions(scale=scale, eps=eps, rank=rank, variance=variance, dtype=dtype, blocks=blocks)
+    if not sharded:
+        if isinstance(posterior, ShardedPosterior):
+            raise ConfigError("a sharded posterior builds a sharded prior: leave sharded=None (or True)")
+        return _build(params, kind, posterior, options, head, head_variance, unregularized, strict)
+    local = {n: local_tensor(p) for n, p in params.items()}
+    prior = _build(local, kind, posterior, options, head, head_variance, unregularized, strict, layout)
+    return ShardedPrior.from_shards(prior, layout.restrict(list(prior.names)))
+
+
+def _build(params: dict[str, torch.Tensor], kind: PriorKind, posterior, options: PriorOptions, head, head_variance,
+           unregularized: Sequence[str], strict: bool, layout: ShardLayout | None = None) -> CompositePrior:
+    """The composite prior over ``params``; sharded (``layout`` given), over this rank's rows of them, with the
+    posterior matched on the global shapes and then cut to the same rows."""
+    recipe = kind.recipe
     heads = as_name_list(head)
     free = [n for n in params if any(name_matches(n, u) for u in unregularized)]
     head_names = [n for n in params if n not in free and any(name_matches(n, h) for h in heads)]
     if heads and not head_names and head_variance is not None:
         raise ConfigError(f"no parameter belongs to the head {head!r}; name the model's head module (e.g. 'fc')")
     backbone = {n: p for n, p in params.items() if n not in head_names and n not in free}
-    options = PriorOptions(scale=scale, eps=eps, rank=rank, variance=variance, dtype=dtype, blocks=blocks)
     if recipe.axis is not None and getattr(options, recipe.axis) is None:
         raise ConfigError(f"prior kind {str(kind)!r} needs a backbone prior {recipe.axis}")
     matched = None
@@ -95,12 +121,14 @@ def make_prior(
         if posterior is None:
             raise ConfigError(f"prior kind {str(kind)!r} needs a learned posterior (a prior file)")
         posterior = _without_head(posterior, head_names)
-        matched = posterior.matched_to(backbone, strict=strict)
-        suspicious = head_like_names(matched.mean, heads)
+        against = backbone if layout is None else {n: torch.empty(layout.shards[n].shape, device="meta")
+                                                   for n in backbone}
+        matched = posterior.matched_to(against, strict=strict)
+        suspicious = head_like_names(matched.names, heads)
         if suspicious:
             warnings.warn(f"the learned prior covers {suspicious[:4]}, named like a task head; if that is the new "
-                          f"head, pass head=<its module name> (now {head!r})", stacklevel=2)
-        uncovered = [n for n in backbone if n not in matched.mean]
+                          f"head, pass head=<its module name> (now {head!r})", stacklevel=3)
+        uncovered = [n for n in backbone if n not in matched.names]
         if uncovered and strict:
             raise ParameterMismatchError(
                 f"{len(uncovered)} backbone parameter(s) have no learned prior: {uncovered[:6]}; pass them in "
@@ -109,6 +137,8 @@ def make_prior(
         if uncovered:
             warnings.warn(f"{len(uncovered)} backbone parameter(s) left without a prior: {uncovered[:6]}")
             free += uncovered
+        if layout is not None:
+            matched = _rows_of(matched, layout)
     parts: dict[str, Prior] = {}
     backbone_prior = recipe.build(backbone, matched, options)
     if backbone_prior is None:
@@ -126,11 +156,21 @@ def make_prior(
     return CompositePrior(parts, unregularized=free)
 
 
-def _without_head(posterior: SourcePosterior, head_names: Sequence[str]) -> SourcePosterior:
+def _without_head(posterior: SourcePosterior | ShardedPosterior, head_names: Sequence[str]):
     """The posterior without entries for this model's new head (a prior learned without leaving that head out)."""
-    covered = [n for n in head_names if n in posterior.mean]
+    covered = [n for n in head_names if n in posterior.names]
     if not covered:
         return posterior
     warnings.warn(f"the prior covers {covered[:4]}, the head here: those entries are ignored (learn the prior with "
-                  "the same head name to leave them out)", stacklevel=3)
-    return posterior.restrict([n for n in posterior.mean if n not in covered])
+                  "the same head name to leave them out)", stacklevel=4)
+    return posterior.restrict([n for n in posterior.names if n not in covered])
+
+
+def _rows_of(posterior: SourcePosterior | ShardedPosterior, layout: ShardLayout) -> SourcePosterior:
+    """This rank's rows of a (matched) posterior, as a plain :class:`SourcePosterior` over the row blocks."""
+    if isinstance(posterior, ShardedPosterior):
+        if not posterior.layout.same_rows(layout.restrict(posterior.names)):
+            raise ParameterMismatchError("the sharded posterior holds other rows than this rank's parameter shards "
+                                         "(load it with shards=model)")
+        return posterior.local
+    return ShardedPosterior.from_full(posterior, layout).local

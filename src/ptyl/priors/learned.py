@@ -25,6 +25,7 @@ import torch
 
 from ptyl.errors import InvalidValueError
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.lowrank import LowRankGaussianPrior, check_rank
 from ptyl.priors.registry import PriorKind, PriorOptions
@@ -50,7 +51,7 @@ class _LazyMap(Mapping):
 
 
 def learned_prior(
-    posterior: SourcePosterior,
+    posterior: SourcePosterior | ShardedPosterior,
     kind: str | PriorKind = PriorKind.LOWRANK,
     scale: float = 1.0,
     eps: float = 0.0,
@@ -70,8 +71,15 @@ def learned_prior(
         dtype: storage dtype of the prior's tensors (e.g. ``torch.bfloat16``); computation is in the params' dtype.
 
     Returns:
-        A :class:`LowRankGaussianPrior` (or :class:`DiagonalGaussianPrior` for the diagonal kind or k = 0).
+        A :class:`LowRankGaussianPrior` (or :class:`DiagonalGaussianPrior` for the diagonal kind or k = 0); for a
+        :class:`~ptyl.posterior.ShardedPosterior`, a :class:`~ptyl.priors.sharded.ShardedPrior` over its rows (a
+        collective: one all-reduce of the capacitance).
     """
+    if isinstance(posterior, ShardedPosterior):
+        from ptyl.priors.sharded import ShardedPrior
+
+        local = learned_prior(posterior.local, kind, scale, eps, rank, dtype)
+        return ShardedPrior.from_shards(local, posterior.layout)
     kind = PriorKind.parse(kind)
     if kind not in _LEARNED:
         raise InvalidValueError(f"prior kind {str(kind)!r} is not a learned prior of one posterior; choose one of "
