@@ -14,6 +14,10 @@ with s, s', s'' the item sizes of the storage dtypes (4 for float32, 2 for bfloa
 tensors :class:`ptyl.posterior.SWAGCollector`, :class:`ptyl.posterior.SourcePosterior` and
 :class:`ptyl.priors.LowRankGaussianPrior` allocate; temporaries (one parameter tensor at a time) are not counted.
 
+Sharded over W ranks (FSDP2, ``world_size=W``) every P above becomes the rows one rank holds: rank 0's share, the
+largest, ``sum over tensors of ceil(rows / W) * row size`` (``torch.chunk``, what ``fully_shard`` does), about P / W;
+only the k x k capacitance is replicated.
+
 >>> import torch
 >>> from ptyl.models import build_model
 >>> model = build_model("smallcnn", width=4)
@@ -64,7 +68,8 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _count(model_or_num_params: nn.Module | Mapping[str, torch.Tensor] | int, include: Selector, exclude: Selector,
-           head: str | Sequence[str] | None) -> int:
+           head: str | Sequence[str] | None, world_size: int = 1) -> tuple[int, int]:
+    """(P, the values rank 0 holds -- the largest share -- when sharded over ``world_size`` ranks)."""
     if isinstance(model_or_num_params, bool):
         raise InvalidValueError("the number of parameters must be an int, not a bool")
     if isinstance(model_or_num_params, int):
@@ -72,9 +77,13 @@ def _count(model_or_num_params: nn.Module | Mapping[str, torch.Tensor] | int, in
             raise InvalidValueError(f"the number of parameters must be >= 1, got {model_or_num_params}")
         if include is not None or exclude is not None or head is not None:
             raise InvalidValueError("include/exclude/head select parameters by name: pass a model, not a count")
-        return model_or_num_params
+        return model_or_num_params, math.ceil(model_or_num_params / world_size)
     params = select_parameters(model_or_num_params, include=include, exclude=exclude, head=head)
-    return sum(t.numel() for t in params.values())
+    share = 0
+    for t in params.values():
+        rows = t.shape[0] if t.dim() else 1
+        share += math.ceil(rows / world_size) * (t.numel() // rows if rows else 0)
+    return sum(t.numel() for t in params.values()), share
 
 
 def estimate_memory(
@@ -88,8 +97,10 @@ def estimate_memory(
     prior_rank: int | None = None,
     prior_dtype: torch.dtype | None = None,
     posterior_dtype: torch.dtype = torch.float32,
+    world_size: int = 1,
 ) -> dict[str, int]:
-    """Bytes of every tensor SWAG collection, the exported posterior and the prior hold (see the module docstring).
+    """Bytes of every tensor SWAG collection, the exported posterior and the prior hold (see the module docstring),
+    on one rank of ``world_size`` sharding the parameters (FSDP2).
 
     Args:
         model_or_num_params: a model (its trainable parameters are selected with ``include`` / ``exclude`` /
@@ -98,24 +109,30 @@ def estimate_memory(
         storage_dtype: dtype of the deviation columns (``SWAGCollector(deviation_dtype=...)``) and, unless
             ``prior_dtype`` is given, of the prior's tensors (``ptyl.priors.learned_prior(..., dtype=...)``).
         prior_rank: k <= K columns used by the prior (default K; 0 gives a diagonal prior).
+        world_size: W ranks sharding the parameters by rows (``fully_shard``); byte counts are then per rank (rank
+            0's, the largest share).
 
     Returns:
-        ``num_parameters``, ``rank``, ``prior_rank`` and byte counts ``swag_mean``, ``swag_m2``, ``swag_deviations``,
-        ``swag_total``, ``posterior_total``, ``prior_mean``, ``prior_diag``, ``prior_factor``, ``prior_extra``,
-        ``prior_total``.
+        ``num_parameters`` (P, all ranks), ``parameters_per_rank``, ``world_size``, ``rank``, ``prior_rank`` and
+        byte counts per rank ``swag_mean``, ``swag_m2``, ``swag_deviations``, ``swag_total``, ``posterior_total``,
+        ``prior_mean``, ``prior_diag``, ``prior_factor``, ``prior_extra``, ``prior_total``.
     """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise InvalidValueError(f"world_size must be an int >= 1, got {world_size!r}")
     for value, what in ((rank, "rank"), (prior_rank, "prior_rank")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise InvalidValueError(f"{what} must be a non-negative int, got {value!r}")
     k = rank if prior_rank is None else prior_rank
     if k > rank:
         raise InvalidValueError(f"prior_rank k={k} exceeds the K={rank} SWAG deviation columns")
-    p = _count(model_or_num_params, include, exclude, head)
+    total, p = _count(model_or_num_params, include, exclude, head, world_size)
     s_dev = _itemsize(storage_dtype)
     s_prior = _itemsize(prior_dtype if prior_dtype is not None else storage_dtype)
     s_post = _itemsize(posterior_dtype)
     out = {
-        "num_parameters": p,
+        "num_parameters": total,
+        "parameters_per_rank": p,
+        "world_size": world_size,
         "rank": rank,
         "prior_rank": k,
         "swag_mean": 8 * p,
@@ -216,11 +233,12 @@ def estimate_report(
     head: str | Sequence[str] | None = None,
     prior_rank: int | None = None,
     posterior_dtype: torch.dtype = torch.float32,
+    world_size: int = 1,
 ) -> str:
     """A readable table of :func:`estimate_memory` (what ``ptyl inspect --estimate`` prints); ``posterior_dtype`` is
-    the prior file's storage dtype (``save_posterior(dtype=...)``)."""
+    the prior file's storage dtype (``save_posterior(dtype=...)``); with ``world_size`` > 1, per rank."""
     est = estimate_memory(model, rank, include, exclude=exclude, head=head, storage_dtype=storage_dtype,
-                          prior_rank=prior_rank, posterior_dtype=posterior_dtype)
+                          prior_rank=prior_rank, posterior_dtype=posterior_dtype, world_size=world_size)
     dtype_name = str(storage_dtype).replace("torch.", "")
     file_dtype = str(posterior_dtype).replace("torch.", "")
     k = est["prior_rank"]
@@ -237,7 +255,11 @@ def estimate_report(
         ("prior total", est["prior_total"]),
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [f"parameters covered: {est['num_parameters']:,}", f"{'':{width}}  {'bytes':>15}  {'size':>10}"]
+    lines = [f"parameters covered: {est['num_parameters']:,}"]
+    if world_size > 1:
+        lines.append(f"sharded over {world_size} ranks (FSDP2): {est['parameters_per_rank']:,} on the largest rank; "
+                     "sizes below are per rank")
+    lines.append(f"{'':{width}}  {'bytes':>15}  {'size':>10}")
     for label, value in rows:
         lines.append(f"{label:{width}}  {value:>15,}  {format_bytes(value):>10}")
     free = available_memory("cpu")

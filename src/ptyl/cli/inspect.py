@@ -19,7 +19,7 @@ def add_parsers(subparsers) -> None:
                               description="ptyl inspect PRIOR: metadata, rank, shapes and variance statistics of a "
                                           "prior file.  ptyl inspect --estimate MODEL --rank K: memory of SWAG "
                                           "collection and of the prior for that model.")
-    p.add_argument("prior", nargs="?", help="prior file (.safetensors)")
+    p.add_argument("prior", nargs="?", help="prior file (.safetensors), or a sharded prior's .index.json")
     p.add_argument("--top", type=positive_int, default=20, help="show the first N parameter tensors [20]")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 checksums of a version-2 file (very large files; the environment variable "
@@ -33,6 +33,8 @@ def add_parsers(subparsers) -> None:
                    help="storage dtype (SWAG deviations, prior file, prior) for --estimate [float32]")
     p.add_argument("--width", type=positive_int, help="model width for --estimate")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classes of the model for --estimate [10]")
+    p.add_argument("--world-size", type=positive_int, default=1,
+                   help="--estimate per rank for W ranks sharding the model with FSDP2 (fully_shard) [1]")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -59,7 +61,7 @@ def _estimate(args: argparse.Namespace) -> int:
         model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
     dtype = getattr(torch, args.dtype)
     print(f"model: {args.estimate} {kwargs or ''}".rstrip())
-    print(estimate_report(model, args.rank, dtype, head=args.head, posterior_dtype=dtype))
+    print(estimate_report(model, args.rank, dtype, head=args.head, posterior_dtype=dtype, world_size=args.world_size))
     return 0
 
 
@@ -90,7 +92,11 @@ def _inspect(args: argparse.Namespace) -> int:
     meta, post = loaded.metadata, loaded.posterior
     shown = {"source", "architecture", "model", "model_kwargs", "objective", "num_classes", "image_size",
              "num_snapshots", "rank", "dtype", "created", "swag_epochs", "swag_lr", "pretrain_epochs"}
-    print(f"prior file: {path} ({os.path.getsize(path) / 1024:.1f} KiB, format version {loaded.format_version})")
+    size = sum(os.path.getsize(f) for f in {os.path.abspath(f) for f in (*loaded.files, path)}) / 1024
+    print(f"prior file: {path} ({size:.1f} KiB, format version {loaded.format_version})")
+    if meta.get("num_shards"):
+        print(f"sharded: {len(loaded.files)} shard files written by {meta['num_shards']} ranks "
+              f"({', '.join(f.name for f in loaded.files[:3])}{', ...' if len(loaded.files) > 3 else ''})")
     print(f"checksums: {_checksums(loaded)}")
     for key in ("source", "architecture", "model_kwargs", "objective", "num_classes", "image_size", "dtype",
                 "num_snapshots", "pretrain_epochs", "swag_epochs", "swag_lr", "created"):
@@ -100,7 +106,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"parameters: {post.num_parameters:,} in {len(post.names)} tensors")
     weights = pretrained_weights_path(path)
     print(f"pretrained weights: {weights.name} ({'found' if weights.is_file() else 'missing'})")
-    internal = ("format", "format_version", "parameters", "tensors")
+    internal = ("format", "format_version", "parameters", "tensors", "num_shards")
     others = {k: v for k, v in meta.items() if k not in shown and k not in internal}
     if others:
         print("other metadata: " + ", ".join(f"{k}={v}" for k, v in others.items()))

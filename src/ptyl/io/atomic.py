@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["TEMP_SUFFIX", "AtomicFiles", "atomic_files", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "remove_stale_temp_files"]
+           "remove_stale_temp_files", "write_temp"]
 
 TEMP_SUFFIX = ".ptyl-tmp"
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -104,6 +104,13 @@ def _write_temp(target: Path, write: Callable[[str], object]) -> Path:
     return tmp
 
 
+def write_temp(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """A complete, flushed temporary file for ``path`` in its folder (not yet renamed): what a process writes when
+    another one commits the group, e.g. the shards of a prior written by several ranks (see
+    :meth:`AtomicFiles.adopt`). Removed again if ``write`` fails."""
+    return _write_temp(Path(path), write)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` to produce the file, then rename it onto ``path``. Returns ``path``.
 
@@ -148,6 +155,16 @@ class AtomicFiles:
         if old is not None:  # written twice in one block: the last one wins
             old.unlink(missing_ok=True)
         self._staged[path.absolute()] = tmp
+        return path
+
+    def adopt(self, path: str | os.PathLike, tmp: str | os.PathLike) -> Path:
+        """Stage a complete temporary file written elsewhere (:func:`write_temp`, possibly by another process on a
+        shared file system) to be renamed onto ``path`` with the rest of the group. Returns ``path``."""
+        path = Path(path)
+        old = self._staged.pop(path.absolute(), None)
+        if old is not None:
+            old.unlink(missing_ok=True)
+        self._staged[path.absolute()] = Path(tmp)
         return path
 
     def write_bytes(self, path: str | os.PathLike, data: bytes) -> Path:

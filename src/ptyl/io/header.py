@@ -19,7 +19,8 @@ from ptyl.io.schema import Spec, describe, validate_header
 
 __all__ = ["HEADER_KINDS", "existing_file", "read_json_header"]
 
-HEADER_KINDS = {"ptyl": "prior", "ptyl_weights": "weights"}  # the JSON keys ptyl writes -> what they hold
+# the JSON keys ptyl writes -> what they hold
+HEADER_KINDS = {"ptyl": "prior", "ptyl_weights": "weights", "ptyl_shard": "prior shard"}
 
 
 def existing_file(path: str | Path, what: str = "prior", error: type[PtylError] = PriorFileError) -> Path:
@@ -54,6 +55,8 @@ def read_json_header(
     if key not in header:
         found = [kind for k, kind in HEADER_KINDS.items() if k in header]
         hint = f"it is a ptyl {found[0]} file, not a {what} file" if found else f"is it a ptyl {what} file?"
+        if found == ["prior shard"]:
+            hint += " (one file of a sharded prior: open its .index.json)"
         raise error(f"{path}: safetensors file without ptyl metadata for a {what} file; {hint}")
     try:
         meta = json.loads(header[key])

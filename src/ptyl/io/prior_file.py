@@ -17,6 +17,10 @@ each tensor's dtype (a float type, the one recorded) and shape, and in version 2
 (``verify=False`` or ``PTYL_VERIFY_CHECKSUMS=0`` skip the hashing for very large files). Every failure is a
 :class:`PriorFileError` naming the file. Writes go to a temporary file in the same folder and are renamed into place,
 so a crash never leaves a half-written prior behind.
+
+Large priors of sharded models are written by their ranks as several shard files plus a JSON index (the Hugging Face
+layout, :mod:`ptyl.io.sharded_prior`); every function here accepts the index (or the ``prior.safetensors`` name when
+only ``prior.safetensors.index.json`` exists) as well.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from ptyl.io.header import existing_file, read_json_header
 from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, dtype_name, tensor_records
 from ptyl.io.schema import Integer, ListOf, MapOf, Nullable, Number, Object, String, validate_header
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.learned import learned_prior
 from ptyl.priors.registry import PriorKind
+from ptyl.sharding import ShardLayout, is_dtensor
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PRIOR_METADATA", "PriorFile", "load_posterior", "load_prior",
            "load_prior_file", "read_json_header", "read_metadata", "save_posterior"]
@@ -106,19 +112,29 @@ def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def save_posterior(
-    posterior: SourcePosterior,
+    posterior: SourcePosterior | ShardedPosterior,
     path: str | Path,
     dtype: torch.dtype | str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write a posterior (the learned prior) to ``path`` atomically, in format version 2 (with checksums).
 
+    A :class:`~ptyl.posterior.ShardedPosterior` (FSDP2) is written by all its ranks together: one shard file each and
+    a JSON index ``<path>.index.json`` (see :mod:`ptyl.io.sharded_prior`); call it on every rank.
+
     Args:
         dtype: storage dtype (``float16``/``bfloat16`` halve the file); default keeps the posterior's dtype.
         metadata: extra JSON-able entries merged over ``posterior.metadata``; checked against
             :data:`PRIOR_METADATA` before anything is written (a file that could not be read back is never written).
+
+    Returns:
+        The path written (the index for a sharded posterior).
     """
     dtype = _dtype(dtype)
+    if isinstance(posterior, ShardedPosterior):
+        from ptyl.io.sharded_prior import save_sharded_posterior
+
+        return save_sharded_posterior(posterior, path, dtype, metadata)
     posterior.validate()
     tensors: dict[str, torch.Tensor] = {}
     for kind, store in (("mean", posterior.mean), ("variance", posterior.variance), ("deviations", posterior.deviations)):
@@ -157,6 +173,12 @@ def save_posterior(
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a prior file (version 1 or 2), validated field by field against its version's schema
     (tensors are not read). Any malformed header raises :class:`PriorFileError` naming the file and the field."""
+    from ptyl.io.sharded_prior import index_path
+    from ptyl.io.sharded_read import read_index
+
+    index = index_path(path)
+    if index is not None:
+        return read_index(index)[0]
     meta = read_json_header(path, "ptyl")
     # format and version first: a foreign or newer file gets that message, not a complaint about some other field
     if meta.get("format") != FORMAT:
@@ -170,13 +192,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class PriorFile:
-    """What :func:`load_prior_file` read: the posterior, the whole validated header, and whether checksums were
-    verified (``False`` for version-1 files, which have none, and when verification was switched off)."""
+    """What :func:`load_prior_file` read: the posterior, the whole validated header, whether checksums were
+    verified (``False`` for version-1 files, which have none, and when verification was switched off) and the files
+    (the shard files of a sharded prior, else the file itself)."""
 
-    posterior: SourcePosterior
+    posterior: SourcePosterior | ShardedPosterior
     metadata: dict[str, Any]
     format_version: int
     checksums_verified: bool
+    files: tuple[Path, ...] = ()
 
 
 def load_prior_file(
@@ -185,8 +209,17 @@ def load_prior_file(
     dtype: torch.dtype | str | None = None,
     *,
     verify: bool | None = None,
+    shards: nn.Module | ShardLayout | None = None,
 ) -> PriorFile:
     """Read and validate a prior file; see :func:`load_posterior`."""
+    from ptyl.io.sharded_prior import index_path
+    from ptyl.io.sharded_read import layout_for, load_sharded_posterior
+
+    if shards is not None or index_path(path) is not None:
+        layout = layout_for(shards) if shards is not None else None
+        posterior, meta, verified, files = load_sharded_posterior(path, layout, map_location, _dtype(dtype),
+                                                                  verify=verify)
+        return PriorFile(posterior, meta, meta["format_version"], verified, tuple(files))
     path = existing_file(path)
     dtype = _dtype(dtype)
     meta = read_metadata(path)
@@ -224,7 +257,7 @@ def load_prior_file(
                                     {k: v for k, v in meta.items() if k not in _FORMAT_KEYS})
     except PtylError as err:
         raise type(err)(f"{path}: {err}") from err
-    return PriorFile(posterior, meta, meta["format_version"], verify)
+    return PriorFile(posterior, meta, meta["format_version"], verify, (path,))
 
 
 def _read_tensor(f, path: Path, key: str, shape: tuple[int, ...], record: dict[str, Any], verify: bool) -> torch.Tensor:
@@ -256,15 +289,20 @@ def load_posterior(
     dtype: torch.dtype | str | None = None,
     *,
     verify: bool | None = None,
-) -> SourcePosterior:
-    """Read and validate a prior file (format version 1 or 2).
+    shards: nn.Module | ShardLayout | None = None,
+) -> SourcePosterior | ShardedPosterior:
+    """Read and validate a prior file (format version 1 or 2), single-file or sharded (its index).
 
     Raises :class:`PriorFileError` for unreadable/foreign files, a malformed header (naming the field), missing or
     extra tensors, shape or dtype disagreements, and (version 2) a failed checksum; :class:`InvalidValueError` for
     NaN/Inf or non-positive variance. ``verify=False`` skips the checksums (default: on unless the environment sets
     ``PTYL_VERIFY_CHECKSUMS=0``).
+
+    ``shards``: a sharded model (FSDP2) or a :class:`~ptyl.sharding.ShardLayout`: read only the rows this rank
+    holds, from any file (single or sharded, written by any number of ranks), and return a
+    :class:`~ptyl.posterior.ShardedPosterior` of its parameters (those the model has).
     """
-    return load_prior_file(path, map_location, dtype, verify=verify).posterior
+    return load_prior_file(path, map_location, dtype, verify=verify, shards=shards).posterior
 
 
 def load_prior(
@@ -282,14 +320,28 @@ def load_prior(
 ):
     """Load a prior file and match it to ``model`` by parameter name.
 
-    Returns the (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)``; see :func:`ptyl.priors.learned_prior`.
+    Returns the (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)``; see :func:`ptyl.priors.learned_prior`. For a
+    sharded model (FSDP2) each rank reads only its rows and gets a :class:`~ptyl.priors.sharded.ShardedPrior` (a
+    collective).
     With ``strict=False`` parameters absent from the model or of another shape are skipped and listed in
     ``prior.skipped`` (a warning is issued); with ``strict=True`` they raise :class:`ParameterMismatchError`.
     ``map_location`` defaults to the model's device; ``verify`` as in :func:`load_posterior`.
     """
     if map_location is None:
         map_location = next(model.parameters()).device
-    posterior = load_posterior(path, map_location=map_location, verify=verify).matched_to(model, strict=strict)
+    sharded = any(is_dtensor(p) for p in model.parameters())
+    if sharded:  # matched on the global shapes, then each rank reads its rows of what matched
+        from ptyl.posterior.gaussian import matching_names
+
+        meta = read_metadata(path)
+        shapes = {p["name"]: tuple(p["shape"]) for p in meta["parameters"]}
+        kept = matching_names(shapes, model, strict, meta.get("architecture"))
+        posterior = load_posterior(path, map_location=map_location, verify=verify,
+                                   shards=ShardLayout.from_params(model).restrict(kept))
+        if len(kept) < len(shapes):
+            posterior.metadata["skipped"] = sorted(set(shapes) - set(kept))
+    else:
+        posterior = load_posterior(path, map_location=map_location, verify=verify).matched_to(model, strict=strict)
     prior = learned_prior(posterior, kind=kind, scale=scale, eps=eps, rank=rank, dtype=_dtype(dtype))
     prior.skipped = tuple(posterior.metadata.get("skipped", ()))
     if prior.skipped:

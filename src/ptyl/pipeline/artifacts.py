@@ -36,9 +36,11 @@ def load_weights(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module
 
 
 def pretrained_weights_path(prior_path: str | Path) -> Path:
-    """Where the source stage puts the pretrained weights of ``prior_path``: ``<stem>.pretrained.safetensors``."""
+    """Where the source stage puts the pretrained weights of ``prior_path``: ``<stem>.pretrained.safetensors``.
+
+    (Also for a sharded prior's ``<stem>.safetensors.index.json``.)"""
     prior_path = Path(prior_path)
-    stem = prior_path.name.removesuffix(".safetensors")
+    stem = prior_path.name.removesuffix(".index.json").removesuffix(".safetensors")
     return prior_path.with_name(f"{stem}.pretrained.safetensors")
 
 
