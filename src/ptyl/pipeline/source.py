@@ -31,6 +31,7 @@ from ptyl.params import Selector, as_name_list, check_head_matches, head_like_na
 from ptyl.pipeline.artifacts import load_weights, pretrained_weights_path
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.swag import SWAGCollector
+from ptyl.sharding import module_class_name
 from ptyl.training.config import TrainConfig
 from ptyl.training.fit import fit
 from ptyl.training.registry import Inference
@@ -106,7 +107,9 @@ def learn_prior(
         metadata: recorded in the prior file (source dataset, architecture, objective...).
 
     Returns:
-        The :class:`SourcePosterior` (save it with :func:`ptyl.io.save_posterior`).
+        The :class:`SourcePosterior` (save it with :func:`ptyl.io.save_posterior`); for a model sharded with FSDP2's
+        ``fully_shard``, a :class:`~ptyl.posterior.ShardedPosterior` of this rank's rows (saved by all ranks
+        together).
     """
     check_choice(schedule, SCHEDULES, "source schedule")
     check_head_matches(named_parameters(model), head, type(model).__name__)
@@ -127,7 +130,7 @@ def learn_prior(
                       f"has rank {collector.num_snapshots}; train longer or collect more often for rank {rank}",
                       stacklevel=2)
     meta = {
-        "architecture": type(model).__name__,
+        "architecture": module_class_name(model),
         "objective": getattr(objective, "name", "supervised") if objective is not None else "supervised",
         "source_schedule": schedule,
         "source_lr": lr,

@@ -69,7 +69,8 @@ class SWAGCollection(Callback):
         start_step, start_epoch: burn-in, in steps or epochs.
 
     Under DDP (a :class:`~ptyl.training.Trainer` on several processes) rank 0 collects and its moments are copied to
-    every rank at the end of training, so all ranks return the same posterior.
+    every rank at the end of training, so all ranks return the same posterior. Under FSDP2 (a sharded collector)
+    every rank collects its own rows and keeps them.
     """
 
     stateful = True
@@ -120,13 +121,18 @@ class SWAGCollection(Callback):
         return max(0, epochs - self.start_epoch)
 
     def on_step_end(self, trainer: Trainer) -> None:
-        self.step(trainer.model, collect=trainer.env.is_main_process)  # replicas are identical: rank 0 collects
+        self.step(trainer.model, collect=self._collects(trainer))
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
-        self.end_epoch(trainer.model, collect=trainer.env.is_main_process)
+        self.end_epoch(trainer.model, collect=self._collects(trainer))
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        self.collector.load_state_dict(trainer.env.broadcast(self.collector.state_dict()))
+        if not self.collector.sharded:
+            self.collector.load_state_dict(trainer.env.broadcast(self.collector.state_dict()))
+
+    def _collects(self, trainer: Trainer) -> bool:
+        # DDP replicas are identical: rank 0 collects; FSDP2 shards differ: every rank collects its rows
+        return trainer.env.is_main_process or self.collector.sharded
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "epochs": self.epochs, "collector": self.collector.state_dict()}

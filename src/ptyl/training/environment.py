@@ -1,6 +1,11 @@
 """Where the loop runs: one process (:class:`Environment`, every method the identity) or several under ``torchrun``
-(:class:`DistributedEnvironment`, DistributedDataParallel). The trainer calls these few methods and nothing else, so
-data parallelism wraps the loop instead of being threaded through it.
+(:class:`DistributedEnvironment`, DistributedDataParallel; :class:`FSDPEnvironment` for a model the caller sharded
+with FSDP2's ``fully_shard``). The trainer calls these few methods and nothing else, so data parallelism wraps the
+loop instead of being threaded through it.
+
+Under FSDP2 each rank holds row shards of the parameters and their gradients; the reduce-scatter in backward
+averages the data gradients over ranks, so the prior (a :class:`~ptyl.priors.sharded.ShardedPrior`, built on the
+sharded model) adds its gradient once per rank, on that rank's rows, after backward -- the same update as DDP's.
 
 Why the prior is counted once under DDP, and what ``batch_size`` means there, is explained in
 :mod:`ptyl.distributed`: each rank adds ``penalty / N`` with the GLOBAL N and DDP averages the gradients.
@@ -18,14 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptyl import distributed as ddp
 from ptyl.errors import DataError
+from ptyl.sharding import is_dtensor
 
-__all__ = ["DistributedEnvironment", "Environment", "current_environment"]
+__all__ = ["DistributedEnvironment", "Environment", "FSDPEnvironment", "current_environment"]
 
 
 class Environment:
     """A single process."""
 
     is_main_process = True
+    supports_checkpoints = True
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module forward and backward passes go through."""
@@ -97,6 +104,22 @@ class DistributedEnvironment(Environment):
         ddp.barrier()
 
 
-def current_environment() -> Environment:
-    """:class:`DistributedEnvironment` inside a process group of more than one rank, else :class:`Environment`."""
-    return DistributedEnvironment() if ddp.is_distributed() else Environment()
+class FSDPEnvironment(DistributedEnvironment):
+    """Several processes training a model sharded with ``fully_shard`` (by the caller, before the prior is built on
+    it): the model is trained as given, each rank loads its part of every global batch, SWAG collectors of the
+    sharded model keep each rank's rows. Checkpoints of sharded runs are not supported yet."""
+
+    supports_checkpoints = False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+def current_environment(model: nn.Module | None = None) -> Environment:
+    """Inside a process group of more than one rank: :class:`FSDPEnvironment` for a sharded ``model`` (DTensor
+    parameters), else :class:`DistributedEnvironment`; otherwise :class:`Environment`."""
+    if not ddp.is_distributed():
+        return Environment()
+    if model is not None and any(is_dtensor(p) for p in model.parameters()):
+        return FSDPEnvironment()
+    return DistributedEnvironment()

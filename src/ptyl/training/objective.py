@@ -30,6 +30,7 @@ from torch import nn
 from ptyl import distributed as ddp
 from ptyl.errors import DataError
 from ptyl.priors.base import Prior
+from ptyl.priors.sharded import ShardedPrior
 from ptyl.training.precision import full_precision
 
 __all__ = ["Objective", "PriorTerm", "log_normalizer", "supervised_objective"]
@@ -125,6 +126,8 @@ def log_normalizer(prior: Prior, dtype: torch.dtype = torch.float64) -> torch.Te
     """
     if not prior.names:
         return torch.zeros((), dtype=dtype)
+    if isinstance(prior, ShardedPrior):  # this rank's rows at their centre: the global value (a collective)
+        return log_normalizer(prior.local, dtype)
     mode = _mode(prior)
     if mode is None:  # a prior of your own without a centre: logged with its constant
         return torch.zeros((), dtype=dtype)

@@ -31,6 +31,7 @@ from ptyl.errors import CheckpointError, ConfigError, DivergenceError
 from ptyl.inference.bma import to_device
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.priors.base import Prior
+from ptyl.sharding import local_tensor
 from ptyl.training.callbacks import Callback
 from ptyl.training.config import TrainConfig
 from ptyl.training.environment import current_environment
@@ -118,7 +119,7 @@ class Trainer:
     ) -> None:
         self.config = config or TrainConfig()
         self.config.validate()
-        self.env = current_environment()
+        self.env = current_environment(model)
         self.given_model = model
         self.model = ddp.unwrap_model(model)
         self.net = self.model  # replaced by the DDP wrapper in fit(); forward/backward go through it
@@ -138,6 +139,9 @@ class Trainer:
         self.strategy.setup(self)
         self.callbacks = [*self.strategy.callbacks(), *callbacks]
         self.checkpoint = Path(checkpoint) if checkpoint else None
+        if self.checkpoint is not None and not self.env.supports_checkpoints:
+            raise ConfigError(f"{type(self.env).__name__}: checkpoints of sharded (FSDP2) runs are not supported yet; "
+                              "leave checkpoint=None")
         self.epoch = self.step = 0
         self.history: list[dict[str, float]] = []
         self._zero = torch.zeros((), device=self.device)
@@ -243,10 +247,12 @@ class Trainer:
                 f"scale), or lower the learning rate below {2 * self.num_data / top:.3g}")
 
     def _check_parameters(self, when: str) -> None:
-        params = [p.detach() for p in self.model.parameters()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-            raise DivergenceError(f"non-finite parameters {when}: {bad[:4]}; {self._divergence_hint()}")
+        params = [local_tensor(p.detach()) for p in self.model.parameters()]  # this rank's shard under FSDP2
+        finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not self.env.min(int(finite)):  # every rank raises together
+            bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(local_tensor(p)).all()]
+            raise DivergenceError(f"non-finite parameters {when}: {bad[:4] or 'on another rank'}; "
+                                  f"{self._divergence_hint()}")
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
