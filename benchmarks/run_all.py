@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("prior_overhead.py", "speed/step_overhead.py", "speed/scaling.py", "speed/op_count.py", "speed/gpu.py")
+SCRIPTS = ("prior_overhead.py", "speed/step_overhead.py", "speed/scaling.py", "speed/op_count.py", "speed/gpu.py",
+           "fsdp_memory.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,10 +151,11 @@ def _scenarios(out: Path, data_file: Path, single_prior: Path | None) -> dict[st
             res["prior.lowrank.logdet"] = prior.posterior_log_det(torch.full_like(prior.mean_flat(), 0.7,
                                                                                   dtype=torch.float64)).reshape(1)
 
-    # a few MAP steps under the learned prior (the Trainer adds the prior's gradient once, after backward)
+    # a few MAP steps under the learned prior (the Trainer adds the prior's gradient once, after backward; the
+    # clipping must see the global gradient norm)
     model = _model(3)
     prior = make_prior(model, "lowrank", posterior=post, scale=100.0, eps=0.1, head_variance=1.0)
-    fitted = fit(model, data, prior, TrainConfig(epochs=2, batch_size=BATCH, lr=0.3, progress=False))
+    fitted = fit(model, data, prior, TrainConfig(epochs=2, batch_size=BATCH, lr=0.3, grad_clip=0.5, progress=False))
     res["map.params"] = _flat(model)
     res["map.loss"] = torch.tensor([h["loss"] for h in fitted.history], dtype=torch.float64)
     return res
@@ -360,3 +361,23 @@ def test_inspect_reads_a_sharded_prior(runs, capsys):
     assert main(["inspect", str(root / "sharded" / "prior.safetensors.index.json")]) == 0
     out = capsys.readouterr().out
     assert "sharded: 2 shard files written by 2 ranks" in out and "checksums: verified" in out
+
+
+def test_example_runs_in_one_process(tmp_path, monkeypatch, capsys):
+    """examples/fsdp_transfer.py with tiny settings in this process (a process group of one): the source stage writes
+    a one-shard prior, fine-tuning reads it back by rows."""
+    import runpy
+    import sys
+
+    import torch.distributed as dist
+
+    settings = ["--source_per_class=10", "--pretrain_epochs=1", "--swag_epochs=2", "--swag_rank=2", "--shots=3",
+                "--epochs=2", "--width=4", "--progress=False", f"--out_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", ["fsdp_transfer.py", *settings])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "fsdp_transfer.py"), run_name="__main__")
+    assert not dist.is_initialized()  # the example leaves no process group behind
+    assert "world_size=1" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "prior-00001-of-00001.safetensors", "prior.safetensors.index.json", "results.json"]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["prior_state_bytes_per_rank"][0] > 0

@@ -71,3 +71,26 @@ def test_format_bytes_and_report():
     report = estimate_report(TinyNet(), 4, torch.bfloat16, head="head")
     assert "SWAG deviations (K=4, bfloat16)" in report and "prior total" in report
     assert f"{estimate_memory(TinyNet(), 4, head='head')['num_parameters']:,}" in report
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_per_rank_estimate_equals_the_shard_tensors(world):
+    """world_size=W: the largest rank's rows (torch.chunk along dim 0), as a sharded collector and prior hold them."""
+    from ptyl.priors import shard_prior
+    from ptyl.sharding import ShardLayout
+
+    model = TinyNet()
+    swag = SWAGCollector(model, rank=4, head="head")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if not n.startswith("head")}
+    layouts = [ShardLayout.even(shapes, r, world) for r in range(world)]
+    est = estimate_memory(model, 4, head="head", world_size=world)
+    assert est["parameters_per_rank"] == max(layout.local_numel for layout in layouts) == layouts[0].local_numel
+    assert est["num_parameters"] == swag.num_parameters and est["world_size"] == world
+    assert est["swag_total"] == layouts[0].local_numel * (16 + 4 * 4)
+    for _ in range(5):
+        swag.collect(model)
+    prior = shard_prior(learned_prior(swag.posterior(), "lowrank"), layouts[0])
+    assert est["prior_total"] == _nbytes(prior.buffers())
+    assert estimate_memory(1000, 4, world_size=world)["parameters_per_rank"] == -(-1000 // world)
+    with pytest.raises(InvalidValueError, match="world_size"):
+        estimate_memory(model, 4, world_size=0)

@@ -98,3 +98,15 @@ def test_estimate_honours_the_dtype_for_the_prior_file(capsys):
 def test_estimate_of_a_huge_model_allocates_nothing(capsys):
     assert main(["inspect", "--estimate", "smallcnn", "--rank", "5", "--width", "100000"]) == 0
     assert "parameters covered: 540,001,900,000" in capsys.readouterr().out
+
+
+def test_estimate_per_rank(capsys):
+    def total(world):
+        assert main(["inspect", "--estimate", "smallcnn", "--rank", "5", "--width", "8", "--world-size", world]) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if line.startswith("SWAG collection total"))
+        return out, int(row.split()[3].replace(",", ""))
+
+    (_, one), (out, two) = total("1"), total("2")
+    assert "sharded over 2 ranks (FSDP2)" in out and "per rank" in out
+    assert 0.5 * one <= two <= 0.55 * one  # rows split as torch.chunk: rank 0 holds at most ceil(rows / 2)

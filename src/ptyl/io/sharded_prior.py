@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ptyl.errors import InvalidValueError, PriorFileError, PtylError
+from ptyl.errors import ConfigError, InvalidValueError, PriorFileError, PtylError
 from ptyl.io.atomic import atomic_files, write_temp
 from ptyl.io.integrity import tensor_records
 from ptyl.io.schema import validate_header
@@ -101,6 +102,9 @@ def save_sharded_posterior(
     from ptyl.io.prior_file import FLOAT_DTYPES, FORMAT, FORMAT_VERSION, PRIOR_METADATA
 
     layout = posterior.layout
+    if layout.sharded and dist.get_world_size() != layout.world_size:
+        raise ConfigError("writing the prior of a model replicated over several shard groups (HSDP) is not supported "
+                          "yet: gather the posterior of one replica (ShardedPosterior.gather) and save that")
     base = Path(path)
     index = base if base.name.endswith(INDEX_SUFFIX) else base.with_name(base.name + INDEX_SUFFIX)
     target = index.with_name(shard_file_name(index, layout.rank, layout.world_size))

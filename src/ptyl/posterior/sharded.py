@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ptyl.errors import InvalidValueError, ParameterMismatchError
+from ptyl.params import named_parameters
 from ptyl.posterior.gaussian import SourcePosterior, matching_names
-from ptyl.sharding import ShardLayout
+from ptyl.sharding import ShardLayout, local_tensor
 
 __all__ = ["ShardedPosterior"]
 
@@ -119,6 +120,21 @@ class ShardedPosterior:
         out = self.restrict(kept)
         out.local.metadata["skipped"] = sorted(n for n in self.names if n not in kept)
         return out
+
+    def load_mean_into(self, model: nn.Module) -> None:
+        """Copy this rank's rows of the SWA mean into the matching parameter shards of a sharded ``model`` (BatchNorm
+        statistics must then be recomputed)."""
+        params = named_parameters(model)
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ParameterMismatchError(f"model lacks posterior parameters: {missing[:5]}")
+        with torch.no_grad():
+            for name, mean in self.local.mean.items():
+                target = local_tensor(params[name])
+                if tuple(target.shape) != tuple(mean.shape):
+                    raise ParameterMismatchError(f"{name!r}: this rank holds rows of shape {tuple(target.shape)}, the "
+                                                 f"posterior {tuple(mean.shape)} (another sharding?)")
+                target.copy_(mean)
 
     def gather(self) -> SourcePosterior:
         """The full posterior on every rank (all-gathers every tensor: tests and small models only)."""

@@ -35,8 +35,13 @@ from ptyl.errors import InvalidValueError
 from ptyl.priors.base import LOG_2PI, Prior
 from ptyl.priors.checks import check_flat
 
-CHUNK = 1 << 20  # columns per float64 chunk when building / analysing (bounded temporaries)
+CHUNK = 1 << 22  # float64 numbers (32 MB) of a k x columns temporary when building / analysing (bounded memory)
 CAST_CHUNK = 1 << 24  # factor entries converted at once when the factor is stored in another dtype than computed
+
+
+def _columns(rank: int) -> int:
+    """Columns per chunk so that a float64 [rank, columns] temporary holds about CHUNK numbers."""
+    return max(1, CHUNK // max(rank, 1))
 
 
 def _chunks(size: int, step: int):
@@ -172,7 +177,7 @@ class LowRankGaussianPrior(Prior):
     # --- curvature interface -------------------------------------------------------------------------------------
     def _precision_diagonal(self) -> torch.Tensor:
         out = torch.empty(self.num_parameters, dtype=torch.float64, device=self.diag.device)
-        for part in _chunks(self.num_parameters, CHUNK):
+        for part in _chunks(self.num_parameters, _columns(self.rank)):
             d = self.diag[part].double()
             v = torch.linalg.solve_triangular(self.capacitance_chol, self.factor[:, part].double() / d, upper=False)
             out[part] = 1.0 / d - v.square().sum(0)
@@ -183,7 +188,7 @@ class LowRankGaussianPrior(Prior):
         inner = torch.eye(self.rank, dtype=torch.float64, device=device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         h = h.to(device)
-        for part in _chunks(self.num_parameters, CHUNK):
+        for part in _chunks(self.num_parameters, _columns(self.rank)):
             d, hp, u = self.diag[part].double(), h[part], self.factor[:, part].double()
             inner += (u * (hp / (1.0 + d * hp))) @ u.T
             total += torch.log(hp + 1.0 / d).sum()
@@ -203,7 +208,7 @@ def capacitance_terms(diag: torch.Tensor, factor: torch.Tensor) -> tuple[torch.T
     rank = factor.shape[0]
     capacitance = torch.eye(rank, dtype=torch.float64, device=factor.device)
     log_det_d = torch.zeros((), dtype=torch.float64, device=factor.device)
-    for part in _chunks(diag.numel(), CHUNK):
+    for part in _chunks(diag.numel(), _columns(rank)):
         d64 = diag[part].double()
         u64 = factor[:, part].double()
         capacitance += (u64 / d64) @ u64.T

@@ -32,7 +32,7 @@ from ptyl.priors.base import LOG_2PI, CompositePrior, Params, Prior, _check_curv
 from ptyl.priors.block import BlockLowRankPrior
 from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
-from ptyl.priors.lowrank import CHUNK, LowRankGaussianPrior, _chunks, capacitance_terms
+from ptyl.priors.lowrank import LowRankGaussianPrior, _chunks, _columns, capacitance_terms
 from ptyl.sharding import ShardLayout, is_dtensor, local_tensor
 
 __all__ = ["ShardedPrior", "shard_prior"]
@@ -218,7 +218,7 @@ def _log_det_partials(leaf: Prior, h: torch.Tensor) -> tuple[torch.Tensor, torch
         h = h.to(device)
         inner = torch.zeros(leaf.rank, leaf.rank, dtype=torch.float64, device=device)
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for part in _chunks(leaf.num_parameters, CHUNK):
+        for part in _chunks(leaf.num_parameters, _columns(leaf.rank)):
             d, hp, u = leaf.diag[part].double(), h[part], leaf.factor[:, part].double()
             inner += (u * (hp / (1.0 + d * hp))) @ u.T
             total += torch.log(hp + 1.0 / d).sum()
