@@ -18,7 +18,8 @@ model, the whole SWAG state or the whole prior.
    a :class:`~ptyl.priors.ShardedPrior`: one all-reduce of k + 2 numbers per step, the gradient of the prior added
    once on each rank's rows after FSDP2's reduce-scatter averaged the data gradients. ``batch_size`` is GLOBAL.
 3. Test accuracy / NLL / ECE (each rank scores an equal share of the test set, predictions gathered), per-rank bytes
-   of the prior and SWAG state, wall times; rank 0 writes ``results.json``.
+   of the prior and SWAG state, wall times; rank 0 writes ``results.json``. The prior also works in one process:
+   ``ptyl inspect out/fsdp_transfer/prior.safetensors.index.json``, ``ptyl finetune --prior <that index>``.
 
 BatchNorm statistics are buffers, not sharded: each rank normalises with its own part of the batch (as under DDP),
 so W processes come close to, not bit-equal with, one process. ``--batchnorm=False`` gives a model whose sharded run
@@ -135,7 +136,9 @@ try:
                  progress=progress)
         posterior = learn_prior(source_model, source_train, epochs=swag_epochs, lr=source_lr, rank=swag_rank,
                                 batch_size=batch_size, collect_every=max(len(source_train) // batch_size // 4, 1),
-                                seed=seed, progress=progress, metadata={"source": source, "world_size": world})
+                                seed=seed, progress=progress,
+                                metadata={"source": source, "world_size": world, "model": "smallcnn", "num_classes": 10,
+                                          "model_kwargs": {"width": width, "batchnorm": batchnorm}})
         swag_bytes = posterior.layout.local_numel * (16 + 4 * swag_rank)  # float64 mean + M2, float32 columns
         prior = str(save_posterior(posterior, out / "prior.safetensors"))  # every rank writes its rows
         log(f"source: {posterior.metadata['num_snapshots']} SWAG snapshots -> {prior}")

@@ -135,6 +135,9 @@ class ShardLayout:
         self.shards = dict(shards)
         self.group, self.rank, self.world_size = group, int(rank), int(world_size)
 
+    def __deepcopy__(self, memo) -> ShardLayout:  # a process group is a handle: shared, never copied
+        return ShardLayout(self.shards, self.group, self.rank, self.world_size)
+
     def __repr__(self) -> str:
         return (f"ShardLayout(tensors={len(self.shards)}, rank={self.rank}, world_size={self.world_size}, "
                 f"local={self.local_numel:,} of {self.num_parameters:,})")
