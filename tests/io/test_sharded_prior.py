@@ -2,6 +2,7 @@
 them from 2 real ranks)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,13 +86,13 @@ def test_half_precision_underflow_is_refused(tmp_path, posterior):
 
 
 def test_adopted_temp_files_commit_with_the_group(tmp_path):
-    tmp = write_temp(tmp_path / "a.txt", lambda p: open(p, "w").write("written elsewhere"))
+    tmp = write_temp(tmp_path / "a.txt", lambda p: Path(p).write_text("written elsewhere"))
     with atomic_files() as group:
         group.adopt(tmp_path / "a.txt", tmp)
         group.write_text(tmp_path / "b.txt", "index")
         assert not (tmp_path / "a.txt").exists()
     assert (tmp_path / "a.txt").read_text() == "written elsewhere" and (tmp_path / "b.txt").read_text() == "index"
-    tmp = write_temp(tmp_path / "c.txt", lambda p: open(p, "w").write("lost"))
+    tmp = write_temp(tmp_path / "c.txt", lambda p: Path(p).write_text("lost"))
     with pytest.raises(RuntimeError), atomic_files() as group:
         group.adopt(tmp_path / "c.txt", tmp)
         raise RuntimeError("a rank failed")
