@@ -92,10 +92,18 @@ def _scenarios(out: Path, data_file: Path) -> dict[str, torch.Tensor]:
     prior = make_prior(model, "standard", variance=VARIANCE, head_variance=VARIANCE)
     res["zero.before"] = _flat(model)
     zero = fit(model, data(NUM_TRAIN), prior,
-               TrainConfig(epochs=1, batch_size=NUM_TRAIN, lr=LR, momentum=0.0, schedule="constant", progress=False),
+               TrainConfig(epochs=1, batch_size=NUM_TRAIN, lr=LR, momentum=0.0, schedule="constant",
+                           prior_step="gradient", progress=False),
                objective=lambda net, batch: 0.0 * net(batch[0]).sum())
     res["zero.after"] = _flat(model)
     res["zero.prior"] = torch.tensor([zero.history[0]["prior"]], dtype=torch.float64)
+    # the same step as a proximal step (the default): theta1 = theta0 / (1 + LR / (VARIANCE N))
+    model = _model(3)
+    prior = make_prior(model, "standard", variance=VARIANCE, head_variance=VARIANCE)
+    fit(model, data(NUM_TRAIN), prior,
+        TrainConfig(epochs=1, batch_size=NUM_TRAIN, lr=LR, momentum=0.0, schedule="constant", progress=False),
+        objective=lambda net, batch: 0.0 * net(batch[0]).sum())
+    res["zero.prox_after"] = _flat(model)
 
     # collectives: rank r contributes r + 1 rows / the value r
     res["gather"] = ddp.gather_tensor(torch.full((ddp.rank() + 1, 2), float(ddp.rank())))
@@ -173,6 +181,9 @@ def test_prior_counted_once_with_global_n(runs):
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(single["zero.after"], expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(after, before * (1 - 2 * LR / (VARIANCE * NUM_TRAIN)), atol=1e-3)
+    proximal = before / (1 + LR / (VARIANCE * NUM_TRAIN))
+    torch.testing.assert_close(ranks[0]["zero.prox_after"], proximal, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(single["zero.prox_after"], proximal, rtol=1e-5, atol=1e-6)
     # the logged prior term is penalty / N, reduced over ranks
     torch.testing.assert_close(ranks[0]["zero.prior"], single["zero.prior"], rtol=1e-6, atol=0)
 

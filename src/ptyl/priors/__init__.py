@@ -13,9 +13,12 @@ from ptyl.priors.isotropic import IsotropicGaussianPrior, variance_from_weight_d
 from ptyl.priors.learned import learned_prior
 from ptyl.priors.lowrank import LowRankGaussianPrior
 from ptyl.priors.registry import PriorKind, PriorOptions, PriorRecipe
+from ptyl.priors.separable import ProximalPrior, marginal_variance, separable_parts
+from ptyl.priors.strength import OFF_RATIO, PriorStrength, prior_strength
 from ptyl.priors.sharded import ShardedPrior, shard_prior
 
 __all__ = [
+    "OFF_RATIO",
     "BlockLowRankPrior",
     "CompositePrior",
     "DiagonalGaussianPrior",
@@ -25,10 +28,15 @@ __all__ = [
     "PriorKind",
     "PriorOptions",
     "PriorRecipe",
+    "PriorStrength",
+    "ProximalPrior",
     "ShardedPrior",
     "block_prior",
     "learned_prior",
     "make_prior",
+    "marginal_variance",
+    "prior_strength",
+    "separable_parts",
     "shard_prior",
     "variance_from_weight_decay",
 ]

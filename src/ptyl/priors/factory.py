@@ -50,7 +50,7 @@ def make_prior(
     *,
     posterior: SourcePosterior | ShardedPosterior | None = None,
     scale: float | Mapping[str, float] = 1.0,
-    eps: float = 0.0,
+    eps: float | None = None,
     rank: int | None = None,
     variance: float | None = None,
     blocks: str | Sequence[str] = "auto",
@@ -69,7 +69,8 @@ def make_prior(
             ``"standard"``, ``"none"``).
         posterior: the source posterior of a learned kind, e.g. from :func:`ptyl.io.load_posterior`.
         scale, eps, rank: rescaling of a learned prior (lambda, epsilon, k); ``block`` also takes a mapping
-            block -> lambda.
+            block -> lambda. ``eps=None``: the kind's default (``PriorKind.LOWRANK.recipe.eps``, 1e-3), which caps
+            the prior's precision at 1/eps.
         variance: backbone variance of ``l2sp`` / ``standard``.
         blocks: ``block`` only: ``"auto"`` or module prefixes (see :func:`ptyl.priors.block.block_prior`).
         head: module name(s) of the new task head. ``head_variance``: its isotropic prior variance (None: no prior).
@@ -93,6 +94,7 @@ def make_prior(
     layout = ShardLayout.from_params(params)
     if sharded is None:
         sharded = layout.sharded or isinstance(posterior, ShardedPosterior)
+    eps = kind.recipe.eps if eps is None else eps
     options = PriorOptions(scale=scale, eps=eps, rank=rank, variance=variance, dtype=dtype, blocks=blocks)
     if not sharded:
         if isinstance(posterior, ShardedPosterior):

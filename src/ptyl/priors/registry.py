@@ -67,6 +67,9 @@ class PriorRecipe:
             backbone parameters (name -> tensor), the posterior matched to them (or ``None``) and the
             :class:`PriorOptions`; ``None`` leaves the backbone unregularised. Imported on first use, so this file
             imports no prior code.
+        hard_log10_bounds: how far a tuner may extend ``axis`` beyond ``log10_range`` when the best value sits on an
+            edge (:func:`ptyl.tuning.tune`); ``None``: ``log10_range`` widened by 4 decades on each side.
+        eps: default isotropic jitter of a learned prior, ``N(mu, lam Sigma + eps I)`` (ignored by other kinds).
     """
 
     needs_posterior: bool
@@ -74,6 +77,17 @@ class PriorRecipe:
     log10_range: tuple[float, float] | None
     default: float | None
     builder: str
+    hard_log10_bounds: tuple[float, float] | None = None
+    eps: float = 0.0
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """The hard log10 bounds of ``axis`` (see ``hard_log10_bounds``); ``None`` without an axis."""
+        if self.hard_log10_bounds is not None:
+            return self.hard_log10_bounds
+        if self.log10_range is None:
+            return None
+        return self.log10_range[0] - 4.0, self.log10_range[1] + 4.0
 
     def build(self, backbone: dict[str, Any], posterior: Any, options: PriorOptions) -> Any:
         """Call the builder.
@@ -106,13 +120,20 @@ class PriorKind(str, Enum):
     __str__ = str.__str__
     __format__ = str.__format__
 
-    # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder)
-    LOWRANK = "lowrank", PriorRecipe(True, "scale", (0.0, 8.0), 1e4, "ptyl.priors.learned:build_lowrank")
-    DIAG = "diag", PriorRecipe(True, "scale", (0.0, 8.0), 1e4, "ptyl.priors.learned:build_diagonal")
-    BLOCK = "block", PriorRecipe(True, "scale", (0.0, 8.0), 1e4, "ptyl.priors.block:build_block")
-    L2SP = "l2sp", PriorRecipe(False, "variance", (-4.0, 0.0), 1e-2, "ptyl.priors.isotropic_builders:build_l2sp")
-    STANDARD = "standard", PriorRecipe(False, "variance", (-2.0, 2.0), 1.0,
-                                       "ptyl.priors.isotropic_builders:build_standard")
+    # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder[, hard_log10_bounds, eps])
+    # Learned kinds: lambda in 10^[0, 4] with eps = 1e-3 holds the weights at the scale they have (median prior
+    # std / median |mu| ~ 0.6-3 on the benchmarks' CNNs); lambda >= ~1e6 switches the prior off. Hard bounds: below
+    # 10^-3 the prior is N(mu, eps I) whatever lambda is; above 10^10 it is off on any network we ship.
+    LOWRANK = "lowrank", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.learned:build_lowrank",
+                                     (-3.0, 10.0), 1e-3)
+    DIAG = "diag", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.learned:build_diagonal",
+                               (-3.0, 10.0), 1e-3)
+    BLOCK = "block", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.block:build_block",
+                                 (-3.0, 10.0), 1e-3)
+    L2SP = "l2sp", PriorRecipe(False, "variance", (-5.0, -1.0), 1e-3, "ptyl.priors.isotropic_builders:build_l2sp",
+                               (-9.0, 3.0))
+    STANDARD = "standard", PriorRecipe(False, "variance", (-1.0, 3.0), 10.0,
+                                       "ptyl.priors.isotropic_builders:build_standard", (-5.0, 5.0))
     NONE = "none", PriorRecipe(False, None, None, None, "ptyl.priors.isotropic_builders:build_none")
 
     @classmethod

@@ -2,7 +2,7 @@
 SWAG (:class:`Inference`) -- with callbacks (:class:`SWAGCollection` for learning priors and downstream SWAG), the
 SGLD optimizer and the cyclical schedule."""
 
-from ptyl.training.callbacks import Callback, EvalCallback, SWAGCollection
+from ptyl.training.callbacks import Callback, ConvergenceStop, EvalCallback, SWAGCollection
 from ptyl.training.config import TrainConfig
 from ptyl.training.fit import fit
 from ptyl.training.registry import Inference
@@ -17,6 +17,7 @@ from ptyl.training.trainer import Trainer
 __all__ = [
     "SGLD",
     "Callback",
+    "ConvergenceStop",
     "CyclicalSchedule",
     "EvalCallback",
     "FitResult",

@@ -24,7 +24,7 @@ from ptyl.validation import check_int
 if TYPE_CHECKING:
     from ptyl.training.trainer import Trainer
 
-__all__ = ["Callback", "EvalCallback", "SWAGCollection"]
+__all__ = ["Callback", "ConvergenceStop", "EvalCallback", "SWAGCollection"]
 
 
 class Callback:
@@ -140,6 +140,82 @@ class SWAGCollection(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
         self.collector.load_state_dict(state["collector"])
+
+
+class ConvergenceStop(Callback):
+    """The convergence rule of :class:`~ptyl.training.TrainConfig` (``stop_loss``, ``stop_plateau``,
+    ``plateau_steps``, ``min_steps``): after each epoch, once ``min_steps`` steps were taken, ask the trainer to stop
+    when the epoch-mean data loss is ``<= stop_loss`` (reason ``"loss"``), or when the mean objective (data + prior
+    term) of the last ``k`` epochs is less than ``stop_plateau`` below that of the ``k`` epochs before, ``k`` the
+    fewest epochs that span ``plateau_steps`` steps (reason ``"plateau"``). It reads the trainer's history, so it
+    keeps no state of its own.
+
+    Args:
+        stop_loss, stop_plateau: the thresholds (``None``: that test is off).
+        plateau_steps: the window of the plateau test, in steps.
+        min_steps: no stop before this many steps.
+    """
+
+    def __init__(self, stop_loss: float | None = None, stop_plateau: float | None = None, plateau_steps: int = 100,
+                 min_steps: int = 0) -> None:
+        self.stop_loss, self.stop_plateau = stop_loss, stop_plateau
+        self.plateau_steps = check_int(plateau_steps, "plateau_steps", minimum=1)
+        self.min_steps = check_int(min_steps, "min_steps", minimum=0)
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        if trainer.step < self.min_steps or trainer.stop_reason is not None:
+            return
+        reason = self.reason([*trainer.history, record], trainer.steps_per_epoch)
+        if reason is not None:
+            trainer.request_stop(reason)
+
+    def reason(self, history: list[dict[str, float]], steps_per_epoch: int) -> str | None:
+        """Whether the rule holds after the last epoch of ``history``.
+
+        Args:
+            history: the epoch records (``loss``, ``prior``).
+            steps_per_epoch: steps of one epoch.
+
+        Returns:
+            ``"loss"``, ``"plateau"`` or ``None``.
+        """
+        if self.stop_loss is not None and history and history[-1]["loss"] <= self.stop_loss:
+            return "loss"
+        if self.stop_plateau is not None and improvement(history, steps_per_epoch, self.plateau_steps) < \
+                self.stop_plateau:
+            return "plateau"
+        return None
+
+    def met(self, history: list[dict[str, float]], steps_per_epoch: int) -> bool:
+        """Whether the rule holds at the end of a run (one that used its whole budget may still have converged in
+        its last epochs).
+
+        Args:
+            history: the epoch records.
+            steps_per_epoch: steps of one epoch.
+
+        Returns:
+            ``True`` when :meth:`reason` finds a reason.
+        """
+        return self.reason(history, steps_per_epoch) is not None
+
+
+def improvement(history: list[dict[str, float]], steps_per_epoch: int, window_steps: int) -> float:
+    """How much the mean objective (``loss + prior`` per epoch) fell from the window before the last to the last one.
+
+    Args:
+        history: the epoch records.
+        steps_per_epoch: steps of one epoch.
+        window_steps: the window, rounded up to whole epochs.
+
+    Returns:
+        ``mean(previous window) - mean(last window)`` in nats per example (``inf`` before two windows exist).
+    """
+    k = max(1, -(-window_steps // max(steps_per_epoch, 1)))
+    objective = [r["loss"] + r["prior"] for r in history[-2 * k:]]
+    if len(objective) < 2 * k:
+        return float("inf")
+    return sum(objective[:k]) / k - sum(objective[k:]) / k
 
 
 class EvalCallback(Callback):

@@ -19,10 +19,11 @@ from ptyl.training.precision import PRECISIONS
 from ptyl.training.registry import Inference
 from ptyl.validation import check_choice, check_fraction, check_int, check_nonnegative_number, check_positive_number
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "PRIOR_STEPS", "SCHEDULES", "TrainConfig"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant", "cyclical")
+PRIOR_STEPS = ("auto", "proximal", "gradient")
 
 
 @dataclass
@@ -32,12 +33,26 @@ class TrainConfig:
     Attributes:
         inference: the strategy, an :class:`~ptyl.training.Inference` name: ``map``, ``sgld``, ``csgld``, ``swag``.
         epochs, batch_size: passes over the data and the (global) batch size.
+        max_steps: the budget in optimizer steps instead of ``epochs`` (rounded up to whole epochs; the schedule
+            spans it).
+        stop_loss, stop_plateau, plateau_steps, min_steps: the convergence rule (MAP; samplers run the whole
+            budget). After every epoch, once ``min_steps`` steps were taken, training stops when the epoch-mean data
+            loss is ``<= stop_loss`` ("loss"), or when the mean objective (data + prior term, nats per example) of the
+            last ``plateau_steps`` steps is less than ``stop_plateau`` below that of the ``plateau_steps`` before
+            ("plateau"). Once met, MAP anneals the learning rate to 0 over ``anneal_fraction`` of the steps taken so
+            far, then stops. A run that uses up its budget without meeting the rule (also checked at its end) is
+            flagged unconverged (:attr:`FitResult.converged`).
+        prior_step: how the prior's separable (diagonal) part enters the update: ``proximal`` (a closed-form
+            proximal step after each SGD step, stable for any prior strength: :class:`ptyl.priors.ProximalPrior`),
+            ``gradient`` (plain gradient of the penalty) or ``auto`` (proximal for MAP / SWAG with SGD, else
+            gradient).
         lr, head_lr: learning rate (``head_lr``: of the head's parameters; ``None``: ``lr``).
         optimizer: ``sgd`` (Nesterov momentum) or ``adam`` (map / swag; SGLD samplers have their own update).
         momentum, nesterov: SGD momentum (SGLD: SGHMC friction ``1 - momentum``).
         schedule: ``cosine`` | ``constant`` (map, swag before collection); swag also ``cyclical``.
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
-        temperature: posterior temperature of the SGLD samplers (1 = Bayes posterior).
+        temperature: posterior temperature of the SGLD samplers: 0.01 (a cold posterior) by default; 1 is the exact
+            Bayes posterior, whose model average is poor with few examples per class (benchmarks/results/pairs.md).
         num_cycles, samples_per_cycle, exploration_fraction: cyclical SGLD.
         burn_in_fraction: share of the run before samples / SWAG snapshots are collected.
         num_samples: samples kept (SGLD) or drawn (SWAG) for Bayesian model averaging.
@@ -52,15 +67,16 @@ class TrainConfig:
 
     inference: str = Inference.MAP
     epochs: int = 20
+    max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.1
     head_lr: float | None = None
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "cosine"
     grad_clip: float | None = None
-    temperature: float = 1.0
+    temperature: float = 0.01
     num_cycles: int = 4
     samples_per_cycle: int = 3
     exploration_fraction: float = 0.5
@@ -69,6 +85,12 @@ class TrainConfig:
     swag_rank: int = 10
     swag_lr: float | None = None
     swag_collect_every: int | None = None
+    stop_loss: float | None = None
+    stop_plateau: float | None = None
+    plateau_steps: int = 100
+    min_steps: int = 0
+    anneal_fraction: float = 0.25
+    prior_step: str = "auto"
     check_every: int = 100
     precision: str = "fp32"
     seed: int = 0
@@ -77,7 +99,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # plain strings, never enum members: checkpoints are loaded with weights_only=True, which unpickles no classes
-        for key in ("inference", "optimizer", "schedule"):
+        for key in ("inference", "optimizer", "schedule", "prior_step"):
             value = getattr(self, key)
             if isinstance(value, Enum):
                 setattr(self, key, value.value)
@@ -88,8 +110,16 @@ class TrainConfig:
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         check_choice(self.schedule, SCHEDULES, "schedule")
         check_choice(self.precision, PRECISIONS, "precision")
-        for key in ("epochs", "batch_size", "num_samples", "check_every"):
+        check_choice(self.prior_step, PRIOR_STEPS, "prior_step")
+        for key in ("epochs", "batch_size", "num_samples", "check_every", "plateau_steps"):
             check_int(getattr(self, key), key, minimum=1)
+        check_int(self.min_steps, "min_steps", minimum=0)
+        if self.max_steps is not None:
+            check_int(self.max_steps, "max_steps", minimum=1)
+        check_nonnegative_number(self.anneal_fraction, "anneal_fraction")
+        for key in ("stop_loss", "stop_plateau"):
+            if getattr(self, key) is not None:
+                check_nonnegative_number(getattr(self, key), key)
         check_positive_number(self.lr, "lr")
         for key in ("head_lr", "swag_lr", "grad_clip"):
             if getattr(self, key) is not None:

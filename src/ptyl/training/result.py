@@ -31,6 +31,10 @@ class FitResult:
         swag: the SWAG collector of a SWAG run (its moments: ``swag.posterior()``).
         train_loader: the training data loader (BatchNorm statistics of each sample are recomputed on it).
         collate_fn: how examples become batches at prediction time (``None``: the default).
+        stop_reason: why training ended: ``"loss"`` / ``"plateau"`` (the convergence rule) or ``"budget"``.
+        steps: optimizer steps taken.
+        converged: ``True`` when the convergence rule stopped the run, ``False`` when the budget ran out first
+            (undertrained), ``None`` when no rule applied (no rule set, or a sampler).
     """
 
     model: nn.Module
@@ -40,6 +44,19 @@ class FitResult:
     swag: SWAGCollector | None = None
     train_loader: DataLoader | None = None
     collate_fn: Callable | None = None
+    stop_reason: str = "budget"
+    steps: int = 0
+    converged: bool | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """The mean training data loss (cross-entropy) of the last epoch (``nan`` without history)."""
+        return float(self.history[-1]["loss"]) if self.history else float("nan")
+
+    @property
+    def undertrained(self) -> bool:
+        """The convergence rule was set and the budget ran out before it was met."""
+        return self.converged is False
 
     def predict(self, data: Dataset | Iterable, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Class probabilities ``[N, C]`` (``[N, C, H, W]`` for segmentation), float32 on the CPU.

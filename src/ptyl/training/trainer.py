@@ -7,8 +7,10 @@ Every strategy minimises (or samples) the same objective (Shwartz-Ziv et al. 202
 
 with N the number of training examples. The hot loop never waits for the device: losses go into a device buffer
 and are checked for NaN/Inf every ``config.check_every`` steps and at every epoch end, when the parameters are
-checked too; a failure raises :class:`~ptyl.errors.DivergenceError` naming the step. After each epoch the loop
-writes a checkpoint (model, strategy, callbacks, RNG streams) and ``resume=True`` continues a run exactly where it
+checked too; a failure raises :class:`~ptyl.errors.DivergenceError` naming the step. The budget is ``epochs`` or
+``max_steps``; MAP may stop earlier under the convergence rule (:class:`~ptyl.training.callbacks.ConvergenceStop`),
+and with SGD the prior's separable part is a closed-form proximal step (:class:`ptyl.priors.ProximalPrior`), so no
+prior strength makes training unstable. After each epoch the loop writes a checkpoint (model, strategy, callbacks, RNG streams) and ``resume=True`` continues a run exactly where it
 stopped: the final weights equal an uninterrupted run's.
 
 Under ``torchrun`` the loop runs data-parallel through :class:`~ptyl.training.environment.DistributedEnvironment`.
@@ -16,9 +18,10 @@ Under ``torchrun`` the loop runs data-parallel through :class:`~ptyl.training.en
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,9 @@ from ptyl.errors import CheckpointError, ConfigError, DivergenceError
 from ptyl.inference.bma import to_device
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.priors.base import Prior
+from ptyl.priors.separable import ProximalPrior
 from ptyl.sharding import local_tensor
-from ptyl.training.callbacks import Callback
+from ptyl.training.callbacks import Callback, ConvergenceStop
 from ptyl.training.config import TrainConfig
 from ptyl.training.environment import current_environment
 from ptyl.training.objective import Objective, PriorTerm, supervised_objective
@@ -117,8 +121,9 @@ class Trainer:
         checkpoint: str | os.PathLike | None = None,
         collate_fn: Callable | None = None,
     ) -> None:
-        self.config = config or TrainConfig()
-        self.config.validate()
+        given_config = config or TrainConfig()
+        given_config.validate()
+        self.config = replace(given_config)  # max_steps below resolves epochs on the copy
         self.env = current_environment(model)
         self.given_model = model
         self.model = ddp.unwrap_model(model)
@@ -134,15 +139,26 @@ class Trainer:
         self.prior_term = PriorTerm(prior, self.num_data, self.device)
         self.precision = MixedPrecision(self.config.precision, self.device)
         self.steps_per_epoch = len(self.loader)
+        if self.config.max_steps is not None:
+            self.config.epochs = max(1, math.ceil(self.config.max_steps / max(self.steps_per_epoch, 1)))
         self.total_steps = self.config.epochs * self.steps_per_epoch
+        if strategy is not None and strategy.config is given_config:
+            strategy.config = self.config
         self.strategy = strategy or Inference.parse(self.config.inference).strategy(self.config)
         self.strategy.setup(self)
-        self.callbacks = [*self.strategy.callbacks(), *callbacks]
+        self.proximal = self._proximal(prior)
+        c = self.config
+        self.stop_rule = None
+        if self.strategy.early_stopping and (c.stop_loss is not None or c.stop_plateau is not None):
+            self.stop_rule = ConvergenceStop(c.stop_loss, c.stop_plateau, c.plateau_steps, c.min_steps)
+        self.callbacks = [*self.strategy.callbacks(), *([self.stop_rule] if self.stop_rule else []), *callbacks]
         self.checkpoint = Path(checkpoint) if checkpoint else None
         if self.checkpoint is not None and not self.env.supports_checkpoints:
             raise ConfigError(f"{type(self.env).__name__}: checkpoints of sharded (FSDP2) runs are not supported yet; "
                               "leave checkpoint=None")
         self.epoch = self.step = 0
+        self.stop_reason: str | None = None
+        self.stop_epoch: int | None = None  # the run ends after this many epochs (the rule was met; annealing)
         self.history: list[dict[str, float]] = []
         self._zero = torch.zeros((), device=self.device)
 
@@ -170,7 +186,7 @@ class Trainer:
         show = self.config.progress and self.env.is_main_process
         bar = tqdm(total=self.config.epochs, initial=self.epoch, desc=f"fit[{self.config.inference}]",
                    disable=not show)
-        while self.epoch < self.config.epochs:
+        while self.epoch < min(self.config.epochs, self.stop_epoch or self.config.epochs):
             record = self._epoch()
             self.history.append(record)
             self.epoch += 1
@@ -182,8 +198,28 @@ class Trainer:
             callback.on_fit_end(self)
         samples = self.strategy.finalize(self)
         self._check_parameters("at the end of training")
+        converged = None
+        if self.stop_rule is not None:
+            converged = self.stop_reason is not None or self.stop_rule.met(self.history, self.steps_per_epoch)
         return FitResult(self.given_model, self.config, self.history, samples,
-                         getattr(self.strategy, "collector", None), self.loader, self.collate_fn)
+                         getattr(self.strategy, "collector", None), self.loader, self.collate_fn,
+                         stop_reason=self.stop_reason or "budget", steps=self.step, converged=converged)
+
+    def request_stop(self, reason: str) -> None:
+        """End training: callbacks call this after an epoch; ``reason`` is recorded in the result. A strategy that
+        anneals (MAP) first decays the learning rate to 0 over ``anneal_fraction`` of the steps taken (whole epochs,
+        within the budget); otherwise training ends now."""
+        if self.stop_reason is not None:
+            return
+        self.stop_reason = str(reason)
+        done = self.epoch + 1  # called from the end of epoch index self.epoch
+        extra = 0
+        if self.config.anneal_fraction > 0 and hasattr(self.strategy, "begin_anneal"):
+            extra = math.ceil(self.config.anneal_fraction * self.step / max(self.steps_per_epoch, 1))
+            extra = min(max(extra, 1), self.config.epochs - done)
+            if extra > 0:
+                self.strategy.begin_anneal(self, extra * self.steps_per_epoch)
+        self.stop_epoch = done + extra
 
     def _epoch(self) -> dict[str, float]:
         self.net.train()
@@ -223,10 +259,32 @@ class Trainer:
             # as backpropagating penalty/N). DDP: backward has averaged the data gradients; every rank adds the same
             # prior term once
             prior_term = self.prior_term.add_grad_(self.model)
+            if self.proximal is not None:  # the separable part is the proximal step below, not a gradient
+                self.proximal.remove_separable_grad_()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.precision.step(optimizer)
+        if self.proximal is not None:
+            self.proximal.step(optimizer)
         return data_loss.detach(), self.prior_term.logged(prior_term)
+
+    def _proximal(self, prior: Prior | None) -> ProximalPrior | None:
+        """The proximal step of the prior's separable part, where the strategy, the optimizer and the precision
+        allow it (``prior_step="auto"``: else the plain gradient; ``"proximal"``: else an error)."""
+        if prior is None or not self.strategy.uses_proximal_step(self.config):
+            return None
+        sharded = any(local_tensor(p) is not p for p in self.model.parameters())
+        why = ("sharded (FSDP2) parameters" if sharded else
+               "fp16 loss scaling (a skipped step must not shrink the weights)" if self.config.precision == "fp16"
+               else None)
+        if why is None:
+            try:
+                return ProximalPrior(prior, self.model, self.num_data, self.config.momentum)
+            except ConfigError as err:  # a prior of your own: no known separable part
+                why = str(err)
+        if self.config.prior_step == "proximal":
+            raise ConfigError(f"prior_step 'proximal' is not available here: {why}")
+        return None
 
     def _divergence_hint(self) -> str:
         """What to change after a divergence: under a prior whose stiffest direction makes the gradient step
@@ -271,6 +329,8 @@ class Trainer:
             "loader_rng": self.loader_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
+            "stop_reason": self.stop_reason,
+            "stop_epoch": self.stop_epoch,
             # stateful objectives (SimCLR's augmentation stream) resume where they stopped
             "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else None,
             "scaler": self.precision.state_dict(),
@@ -315,4 +375,5 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {self.checkpoint} does not fit this run: {err}") from err
         self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        self.stop_reason, self.stop_epoch = state.get("stop_reason"), state.get("stop_epoch")
         return True

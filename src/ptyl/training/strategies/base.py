@@ -37,8 +37,11 @@ class Strategy:
     """Base class of the inference strategies (see the module docstring).
 
     Class attributes say what a strategy accepts and produces: ``optimizers`` and ``schedules`` (values of
-    :class:`TrainConfig` fields it supports), ``collects_samples`` (predicts by Bayesian model averaging) and
-    ``uses_temperature`` (``TrainConfig.temperature`` matters, so tuning may search it).
+    :class:`TrainConfig` fields it supports), ``collects_samples`` (predicts by Bayesian model averaging),
+    ``uses_temperature`` (``TrainConfig.temperature`` matters, so tuning may search it), ``proximal`` (its SGD
+    update can take the prior's separable part as a proximal step, ``TrainConfig.prior_step``) and
+    ``early_stopping`` (the convergence rule of ``TrainConfig.stop_loss`` / ``stop_plateau`` applies; samplers run
+    their whole budget).
 
     Args:
         config: the run's :class:`~ptyl.training.TrainConfig`.
@@ -48,6 +51,8 @@ class Strategy:
     schedules: ClassVar[tuple[str, ...]] = ("cosine", "constant")
     collects_samples: ClassVar[bool] = False
     uses_temperature: ClassVar[bool] = False
+    proximal: ClassVar[bool] = False
+    early_stopping: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -66,6 +71,21 @@ class Strategy:
         if config.schedule not in cls.schedules:
             raise ConfigError(f"schedule {config.schedule!r} is not for inference {str(name)!r} "
                               f"(it supports {cls.schedules})")
+        if config.prior_step == "proximal" and not (cls.proximal and config.optimizer == "sgd"):
+            raise ConfigError(f"prior_step 'proximal' needs an SGD strategy that supports it (map, swag with "
+                              f"optimizer 'sgd'), not inference {str(name)!r} with optimizer {config.optimizer!r}")
+
+    @classmethod
+    def uses_proximal_step(cls, config: TrainConfig) -> bool:
+        """Whether the prior's separable part is applied as a proximal step.
+
+        Args:
+            config: the run's settings (``prior_step``: ``auto`` means yes where supported; ``optimizer``).
+
+        Returns:
+            ``True`` for ``proximal`` / ``auto`` with a strategy that supports it and SGD.
+        """
+        return config.prior_step != "gradient" and cls.proximal and config.optimizer == "sgd"
 
     @classmethod
     def adapt_to_budget(cls, config: TrainConfig, total_steps: int) -> None:

@@ -41,6 +41,7 @@ class SWAGStrategy(Strategy):
 
     schedules = ("cosine", "constant", "cyclical")
     collects_samples = True
+    proximal = True
 
     def __init__(self, config: TrainConfig, collector: SWAGCollector | None = None) -> None:
         super().__init__(config)
