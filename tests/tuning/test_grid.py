@@ -52,7 +52,7 @@ def test_split_is_class_balanced_and_disjoint():
 def test_tune_picks_argmin_and_matches_an_independent_fit():
     data = blobs()
     grid = {"variance": [0.01, 0.1, 10.0], "lr": [0.05]}
-    result = tune(model_fn, data, "standard", grid, config=CONFIG, seed=1, progress=False, refit=False)
+    result = tune(model_fn, data, "standard", grid, config=CONFIG, seed=1, progress=False, refit=False, extend=False)
     assert len(result.table) == 3 and result.split == {"train": 48, "val": 12, "total": 60}
     best_row = min(result.table, key=lambda r: r["val_nll"])
     assert result.best == {"variance": best_row["variance"], "lr": 0.05}
@@ -83,8 +83,8 @@ def test_edge_warning_fires_when_every_variance_is_absurdly_tiny():
     grid = {"variance": [1e-3, 3e-3, 1e-2]}
     with pytest.warns(UserWarning, match="largest value"):
         result = tune(model_fn, blobs(), PriorSpec("standard", head_variance=1e-3), grid, config=CONFIG,
-                      progress=False, refit=False)
-    assert result.best["variance"] == 1e-2 and result.at_edge
+                      progress=False, refit=False, extend=False)
+    assert result.best["variance"] == 1e-2 and result.at_edge and result.edge_status["variance"] == "edge"
     assert "variance" in result.edge_warnings[0]
 
 
@@ -122,8 +122,8 @@ def test_default_grids_have_equal_budgets():
     sizes = {m: math.prod(len(v) for v in default_grid(m, budget=15).values())
              for m in ("lowrank", "diag", "l2sp", "standard", "none")}
     assert set(sizes.values()) == {15}
-    assert default_grid("lowrank", budget=15)["scale"] == [1.0, 1e2, 1e4, 1e6, 1e8]
-    assert default_grid("standard", budget=6, lrs=(0.01, 0.1)) == {"variance": [0.01, 1.0, 100.0], "lr": [0.01, 0.1]}
+    assert default_grid("lowrank", budget=15)["scale"] == [1.0, 10.0, 100.0, 1e3, 1e4]
+    assert default_grid("standard", budget=6, lrs=(0.01, 0.1)) == {"variance": [0.1, 10.0, 1e3], "lr": [0.01, 0.1]}
     with pytest.raises(InvalidValueError, match="fewer than 2"):
         default_grid("diag", budget=5)
 
@@ -194,6 +194,12 @@ def test_tune_splits_segmentation_masks_at_random_and_scores_per_pixel():
         tune(pixel_model, data, "standard", {"variance": [1.0]}, config=config, split="stratified", progress=False)
 
 
+def replace_prior_step(config: TrainConfig) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(config, prior_step="gradient")
+
+
 def replace_seed(config: TrainConfig, seed: int) -> TrainConfig:
     from dataclasses import replace
 
@@ -201,7 +207,7 @@ def replace_seed(config: TrainConfig, seed: int) -> TrainConfig:
 
 
 def test_user_errors_are_raised_before_the_first_fit(monkeypatch):
-    import ptyl.tuning.grid as grid_module
+    import ptyl.tuning.trials as grid_module
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a fit started before the grid was checked")
@@ -223,7 +229,9 @@ def test_every_trial_diverging_is_a_divergence_error_not_a_config_error():
     from ptyl.errors import DivergenceError
 
     with pytest.raises(DivergenceError, match="every one of the 2 trials diverged"):
-        tune(model_fn, blobs(), "standard", {"variance": [1.0, 10.0], "lr": [1e9]}, config=CONFIG, progress=False)
+        # the gradient step (a proximal step pins an absurd-lr model to the prior mean instead of diverging)
+        tune(model_fn, blobs(), "standard", {"variance": [1.0, 10.0], "lr": [1e9]},
+             config=replace_prior_step(CONFIG), progress=False, extend=False)
 
 
 def test_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):

@@ -11,7 +11,7 @@ from ptyl.tuning.evidence import (
 )
 from ptyl.tuning.grid import DEFAULT_LRS, PriorSpec, default_grid, tune
 from ptyl.tuning.result import TuneResult
-from ptyl.tuning.splits import validation_split
+from ptyl.tuning.splits import k_folds, validation_split
 
 __all__ = [
     "DEFAULT_LRS",
@@ -22,6 +22,7 @@ __all__ = [
     "curvature",
     "default_grid",
     "gaussian_objective",
+    "k_folds",
     "laplace_log_evidence",
     "posterior_log_det",
     "prior_precision_diagonal",

@@ -1,18 +1,24 @@
-"""Hyper-parameter selection by grid search on a validation split -- the one protocol every method and every
-baseline goes through, so that baselines are tuned as hard as the method.
+"""Hyper-parameter selection by grid search on validation data -- the one protocol every method and every baseline
+goes through, so that baselines are tuned as hard as the method.
 
-For every point of the grid (the Cartesian product of the axes):
+For every point of the grid (the Cartesian product of the axes) a fresh model (``model_fn()``) and its prior
+(:class:`PriorSpec`, :func:`ptyl.priors.make_prior`) are fitted with :func:`ptyl.training.fit` and scored (NLL,
+accuracy, ECE, Brier; per pixel for masks) on validation data (:mod:`ptyl.tuning.trials`):
 
-1. split the n training examples into 80 % / 20 % (``val_fraction``) train/validation parts
-   (:func:`ptyl.tuning.validation_split`: class-balanced for labelled data, seeded-random for masks; ``seed`` picks
-   the split, the same for every trial);
-2. build a fresh model (``model_fn()``) and its prior (:class:`PriorSpec`, see :func:`ptyl.priors.make_prior`);
-3. fit with :func:`ptyl.training.fit` on the 80 % (``num_data`` = its size) and score the validation part
-   (NLL, accuracy, ECE, Brier; per pixel for masks) with :meth:`FitResult.predict`.
+* ``val_set=pool``: a validation pool never trained on (>= 500 examples where the target has them). Each trial
+  trains once on all n examples; ``test_set`` scores every trial on the test set too, so the test-selected upper
+  bound comes for free (``TuneResult.test_selected``). No refit.
+* ``folds=k, repeats=r``: repeated stratified k-fold cross-validation (targets too small for a pool); refit on n.
+* neither: one class-balanced 80/20 split (``val_fraction``); refit on all n. Quick, and noisy at small n (20
+  validation images at 10 per class): use a pool or folds to rank methods.
 
-The best point by validation NLL (or ``metric``) wins. If its value on any numeric axis with two or more values is the
-smallest or largest of that axis, the optimum may lie outside the grid: a warning is issued and recorded in
-``edge_warnings``. With ``refit=True`` the model is retrained on all n examples with the chosen values.
+The best point by validation NLL (or ``metric``) wins. A grid never stops on an edge silently
+(:mod:`ptyl.tuning.search`): while the best value of the prior-strength axis is its smallest or largest, the axis
+is extended by ``decades`` in that direction and the new trials run, until the best value is interior or the next
+value would pass the hard bound of the kind's recipe (:class:`ptyl.priors.PriorRecipe` ``bounds``). The search
+path is in ``TuneResult.path``; an axis left on an edge that was not extended gets a warning (``edge_warnings``).
+Every trial records the effective strength of its prior (median prior std / median |theta0|, ``prior_off``) and how
+its training ended (``final_loss``, ``steps``, ``stop_reason``, ``undertrained``).
 
 Only numerical failure (:class:`~ptyl.errors.DivergenceError`) makes a trial lose and the search go on; every user
 error (an unknown axis, a bad value, a missing posterior) is raised before the first fit.
@@ -23,16 +29,17 @@ Grid axes:
     ``progress`` and ``device``.
 Baselines are parametrised by the **prior variance** ``variance`` of N(0, variance I) (``standard``) or
 N(theta_0, variance I) (``l2sp``), never by weight decay: the variance is a property of the prior, independent of n,
-so the value chosen on the 80 % split transfers unchanged to the refit on all n (its equivalent weight decay
+so the value chosen on a split transfers unchanged to the refit on all n (its equivalent weight decay
 ``1 / (n variance)`` shrinks accordingly). Convert with :func:`ptyl.priors.variance_from_weight_decay`.
 
 Same-budget grids (:func:`default_grid`): ``budget = B`` trials, ``L = len(lrs)`` learning rates and ``B // L``
 log-spaced values of the kind's strength axis over its default range (both from :class:`ptyl.priors.PriorKind`):
-``scale`` in 10^[0, 8] for the learned kinds (SWAG variances are tiny: lambda is usually >> 1), ``variance`` in
-10^[-4, 0] for ``l2sp`` and 10^[-2, 2] for ``standard``; ``none`` spends the whole budget on the learning rate.
+``scale`` in 10^[0, 4] for the learned kinds, ``variance`` in 10^[-5, -1] for ``l2sp`` and 10^[-1, 3] for
+``standard``; ``none`` spends the whole budget on the learning rate. Edge extensions come on top, by the same rule
+for every method.
 
->>> default_grid("lowrank", budget=15)["scale"]
-[1.0, 100.0, 10000.0, 1000000.0, 100000000.0]
+>>> default_grid("lowrank", budget=5, lrs=(0.1,))["scale"]
+[1.0, 10.0, 100.0, 1000.0, 10000.0]
 """
 
 from __future__ import annotations
@@ -52,15 +59,14 @@ from ptyl.errors import ConfigError, DivergenceError, InvalidValueError
 from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
 from ptyl.training.result import FitResult
-from ptyl.tuning.result import TuneResult, edge_warnings
-from ptyl.tuning.splits import SPLITS, stacked_targets, validation_split
+from ptyl.tuning.result import TuneResult, edge_warnings, is_number
+from ptyl.tuning.search import FLAT_RTOL, axis_status, next_values, select_best
+from ptyl.tuning.splits import SPLITS
+from ptyl.tuning.trials import PRIOR_KEYS, TrialRunner, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
 
 __all__ = ["DEFAULT_LRS", "PriorSpec", "default_grid", "tune"]
-
-PRIOR_KEYS = ("scale", "eps", "rank", "variance", "head_variance")
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
 METRICS = {"nll": "min", "ece": "min", "brier": "min", "accuracy": "max"}
 DEFAULT_LRS = (0.003, 0.01, 0.03)
@@ -80,7 +86,7 @@ class PriorSpec:
     kind: str = PriorKind.STANDARD
     posterior: Any = None  # SourcePosterior
     scale: float = 1.0
-    eps: float = 0.0
+    eps: float | None = None
     rank: int | None = None
     variance: float | None = None
     blocks: str | Sequence[str] = "auto"
@@ -190,12 +196,38 @@ def check_grid(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainCo
     return out
 
 
+def _extended_axes(spec: PriorSpec, axes: dict[str, list[Any]], extend: bool | Mapping[str, tuple[float, float]]
+                   ) -> dict[str, tuple[float, float]]:
+    """The axes the search may extend and their hard log10 bounds (default: the prior-strength axis)."""
+    if extend is False or extend is None:
+        return {}
+    if extend is True:
+        recipe = spec.kind.recipe
+        wanted = {recipe.axis: recipe.bounds} if recipe.axis in axes and recipe.bounds else {}
+    else:
+        wanted = {k: (float(lo), float(hi)) for k, (lo, hi) in dict(extend).items()}
+    for key in wanted:
+        if key not in axes:
+            raise ConfigError(f"cannot extend axis {key!r}: it is not in the grid ({list(axes)})")
+        if not all(is_number(v) and v > 0 for v in axes[key]):
+            raise ConfigError(f"axis {key!r} is extended by decades: its values must be positive numbers")
+    return {k: b for k, b in wanted.items() if len(axes[k]) >= 2}
+
+
 def tune(
     model_fn: Callable[[], nn.Module],
     train_set: Dataset,
     prior_spec: PriorSpec | str | Mapping[str, Any],
     grid: Mapping[str, Sequence[Any]],
     *,
+    val_set: Dataset | None = None,
+    folds: int | None = None,
+    repeats: int = 1,
+    test_set: Dataset | None = None,
+    extend: bool | Mapping[str, tuple[float, float]] = True,
+    decades: float = 1.0,
+    flat_rtol: float = FLAT_RTOL,
+    max_rounds: int = 6,
     val_fraction: float = 0.2,
     seed: int = 0,
     config: TrainConfig | None = None,
@@ -205,8 +237,10 @@ def tune(
     objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     split: str = "auto",
     collate_fn: Callable | None = None,
+    evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
+    cache: Any = None,
 ) -> TuneResult:
-    """Grid search on a validation split (see the module docstring).
+    """Grid search with edge extension on validation data (see the module docstring).
 
     Args:
         model_fn: returns a fresh pretrained / initialised model on every call (called after
@@ -214,15 +248,29 @@ def tune(
         train_set: the n training examples.
         prior_spec: a :class:`PriorSpec`, a kind name (``"standard"``...), or a dict of PriorSpec fields.
         grid: axis name -> values (see the module docstring).
-        val_fraction: share of the examples held out for validation.
-        seed: picks the split and seeds every fit (``config.seed`` is replaced): same seed, same table.
+        val_set: a validation pool of examples never trained on: every trial trains on all of ``train_set`` and is
+            scored on the pool; no refit (``final`` is the selected trial's model).
+        folds, repeats: repeated stratified k-fold cross-validation instead (then refit on all n).
+        test_set: with ``val_set``: score every trial on it too (``TuneResult.test_selected``, an upper bound).
+        extend: extend the prior-strength axis by decades while its best value is on an edge, within the hard
+            bounds of the kind's recipe (``True``); a mapping ``{axis: (log10 lo, log10 hi)}`` names the axes and
+            bounds; ``False`` only warns.
+        decades, max_rounds: step of one extension and the most extension rounds.
+        flat_rtol: stop extending an axis whose edge value beats its inner neighbour by less than this relative
+            margin (the curve is flat beyond the edge; status ``flat``); 0 disables it.
+        val_fraction: without a pool or folds: the share of one class-balanced split held out.
+        seed: picks the split / folds and seeds every fit (``config.seed`` is replaced): same seed, same table.
         config: training settings (grid axes override them).
-        metric: selection criterion on the validation set: ``nll`` (default), ``ece``, ``brier`` or ``accuracy``.
+        metric: selection criterion on the validation data: ``nll`` (default), ``ece``, ``brier`` or ``accuracy``.
         progress: progress bars (the refit's too).
-        refit: retrain on all of ``train_set`` with the chosen values.
+        refit: retrain on all of ``train_set`` with the chosen values (split / cv; and pool when the selected trial
+            came from ``cache``).
         objective: training objective (default cross-entropy).
         split: ``"balanced"``, ``"random"`` or ``"auto"`` (see :func:`validation_split`).
         collate_fn: how a Dataset's examples become batches (text).
+        evaluate: ``evaluate(probs, targets) -> metrics`` (default :func:`ptyl.metrics.evaluate_probs`).
+        cache: an object with ``get(values) -> row | None`` and ``put(values, row)``: finished trials are stored
+            there and not re-run (resumable benchmarks).
 
     Returns:
         A :class:`TuneResult`.
@@ -232,54 +280,74 @@ def tune(
     """
     from tqdm.auto import tqdm
 
-    from ptyl.metrics import evaluate_probs
-
     spec = _as_spec(prior_spec)
     check_choice(metric, tuple(METRICS), "metric")
     check_choice(split, SPLITS, "split")
+    max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
     axes = check_grid(grid, spec, base)
-    fit_part, val_part = validation_split(train_set, val_fraction, seed, split)
-    val_targets = stacked_targets(val_part)
-    table = []
-    for combo in tqdm(list(itertools.product(*axes.values())), desc=f"tune[{spec.kind}]", disable=not progress):
-        values = dict(zip(axes, combo))
-        row = dict(values)
-        try:
-            result = _fit_once(model_fn, fit_part, spec, base, values, objective, collate_fn)
-            probs = result.predict(val_part)
-            if not torch.isfinite(probs).all():
-                raise DivergenceError("non-finite validation predictions")
-            row.update({f"val_{k}": v for k, v in evaluate_probs(probs, val_targets).items()})
-        except DivergenceError as err:  # numerical failure: the trial loses, the search goes on
-            row.update({"val_nll": math.inf, "val_accuracy": math.nan, "val_ece": math.nan, "val_brier": math.inf,
-                        "error": str(err)})
-        table.append(row)
-    sign = 1.0 if METRICS[metric] == "min" else -1.0
-    finite = [r for r in table if math.isfinite(r[f"val_{metric}"])]
-    if not finite:
-        raise DivergenceError(f"every one of the {len(table)} trials diverged; lower the learning rates or widen the "
-                              "prior (a stiff prior, lr / (n variance) > 2, makes SGD diverge) "
+    bounds = _extended_axes(spec, axes, extend)
+    validation = make_validation(train_set, val_set=val_set, folds=folds, repeats=repeats, val_fraction=val_fraction,
+                                 seed=seed, split=split, test_set=test_set)
+    runner = TrialRunner(model_fn, spec, base, validation, objective=objective, collate_fn=collate_fn,
+                         evaluate=evaluate)
+    key, sign = f"val_{metric}", 1.0 if METRICS[metric] == "min" else -1.0
+    table: list[dict[str, Any]] = []
+    fits: dict[tuple, FitResult] = {}
+    path: list[dict[str, Any]] = []
+    bar = tqdm(desc=f"tune[{spec.kind}]", disable=not progress)
+
+    def run(round_: int) -> None:
+        done = {tuple(r[k] for k in axes) for r in table}
+        for combo in itertools.product(*axes.values()):
+            if combo in done:
+                continue
+            values = dict(zip(axes, combo))
+            row = cache.get(values) if cache is not None else None
+            if row is None:
+                row, result = runner(values)
+                if result is not None:
+                    _keep_best(fits, combo, result, row, table, key, sign)
+                if cache is not None:
+                    cache.put(values, row)
+            table.append({**row, "round": round_})
+            bar.update(1)
+
+    run(0)
+    status: dict[str, str] = {}
+    for round_ in range(1, max_rounds + 2):
+        best_row = select_best(table, key, sign)
+        if best_row is None:
+            break
+        moves, status = next_values(axes, best_row, bounds, table, key, decades, flat_rtol)
+        path.append({"round": round_ - 1, "grid": {k: list(v) for k, v in axes.items()},
+                     "best": {k: best_row[k] for k in axes}, key: best_row[key], "status": dict(status)})
+        if not moves or round_ > max_rounds:
+            break
+        for axis, value in moves.items():
+            axes[axis] = sorted({*axes[axis], value})
+        run(round_)
+    bar.close()
+    best_row = select_best(table, key, sign)
+    if best_row is None:
+        raise DivergenceError(f"every one of the {len(table)} trials diverged; lower the learning rates "
                               f"(first error: {table[0].get('error')})")
-    best_row = min(finite, key=lambda r: sign * r[f"val_{metric}"])  # first of ties, in grid order
     best = {k: best_row[k] for k in axes}
-    edges = edge_warnings(axes, best)
+    final_status = {k: axis_status(axes[k], best[k], bounds.get(k)) for k in axes}
+    final_status.update({k: v for k, v in status.items() if v == "flat" and final_status.get(k) == "edge"})
+    edges = edge_warnings({k: v for k, v in axes.items() if final_status[k] == "edge"}, best)
     for message in edges:
         warnings.warn(message, stacklevel=2)
-    final = None
-    if refit:
-        final = _fit_once(model_fn, train_set, spec, replace(base, progress=progress), best, objective, collate_fn)
-    sizes = {"train": len(fit_part), "val": len(val_part), "total": len(train_set)}
-    return TuneResult(best, table, edges, final, metric, axes, sizes)
+    final = fits.get(tuple(best.values()))
+    if (validation.refit or final is None) and refit:
+        final, _ = runner.fit_once(train_set, best, progress=progress)
+    return TuneResult(best, table, edges, final, metric, axes, validation.sizes, path=path, edge_status=final_status,
+                      validation=validation.mode)
 
 
-def _fit_once(model_fn, data: Dataset, spec: PriorSpec, base: TrainConfig, values: dict[str, Any], objective,
-              collate_fn) -> FitResult:
-    prior_values = {k: v for k, v in values.items() if k in PRIOR_KEYS}
-    config = replace(base, **{k: v for k, v in values.items() if k not in PRIOR_KEYS})
-    torch.manual_seed(config.seed)  # same initial head in every trial: differences come from the grid values only
-    model = model_fn()
-    prior = spec.build_prior(model, **prior_values)  # before training: L2-SP centres on the pretrained weights
-    return fit(model, data, prior, config, objective=objective, num_data=len(data), head=spec.head,
-               collate_fn=collate_fn)
-
+def _keep_best(fits: dict, combo: tuple, result: FitResult, row: dict, table: list, key: str, sign: float) -> None:
+    """Hold only the fit of the best trial so far (models can be large)."""
+    best = select_best([*table, row], key, sign)
+    if best is row:
+        fits.clear()
+        fits[combo] = result

@@ -1,4 +1,5 @@
-"""What a grid search returns: the table of trials, the choice, edge warnings, the refit; JSON and a plot."""
+"""What a grid search returns: the table of trials, the choice, the search path, edge warnings, the final model;
+JSON and a plot."""
 
 from __future__ import annotations
 
@@ -44,10 +45,16 @@ class TuneResult:
         table: one row per trial: the axis values, ``val_nll``, ``val_accuracy``, ``val_ece``, ``val_brier``
             (``inf``/``nan`` and an ``error`` message if training diverged).
         edge_warnings: one message per numeric axis whose best value lies at an edge of its grid.
-        final: the refit on all n examples (``None`` with ``refit=False``).
+        final: the model of the chosen values trained on all n examples: the selected trial itself with a
+            validation pool, else the refit (``None`` with ``refit=False``).
         metric: the selection criterion.
-        grid: the axes searched.
+        grid: the axes searched (extensions included).
         split: sizes of the fit / validation parts and of the whole set.
+        path: one entry per round of the search: the grid, the best values, the best validation score and the
+            status of every extended axis.
+        edge_status: per axis: ``interior``, ``lower bound`` / ``upper bound`` (at the documented hard bound) or
+            ``edge`` (left on an edge: a warning).
+        validation: ``"pool"``, ``"cv"`` or ``"split"``.
     """
 
     best: dict[str, Any]
@@ -57,6 +64,26 @@ class TuneResult:
     metric: str = "nll"
     grid: dict[str, list[Any]] = field(default_factory=dict)
     split: dict[str, int] = field(default_factory=dict)
+    path: list[dict[str, Any]] = field(default_factory=list)
+    edge_status: dict[str, str] = field(default_factory=dict)
+    validation: str = "split"
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The table row of the chosen values (validation and, with a pool and a test set, test metrics)."""
+        return next(r for r in self.table if all(r.get(k) == v for k, v in self.best.items()))
+
+    @property
+    def test_selected(self) -> dict[str, Any] | None:
+        """The row a search that peeked at the test set would choose (by test ``metric``): an upper bound, not a
+        result; ``None`` without test scores."""
+        from ptyl.tuning.search import select_best
+
+        key = f"test_{self.metric}"
+        if not any(key in r for r in self.table):
+            return None
+        sign = -1.0 if self.metric == "accuracy" else 1.0
+        return select_best(self.table, key, sign)
 
     @property
     def at_edge(self) -> bool:
@@ -67,13 +94,15 @@ class TuneResult:
         """Everything but the trained model.
 
         Returns:
-            A JSON-ready dict (``best``, ``metric``, ``grid``, ``split``, ``table``, ``edge_warnings``, ``final``).
+            A JSON-ready dict (``best``, ``metric``, ``grid``, ``split``, ``validation``, ``table``, ``path``,
+            ``edge_status``, ``edge_warnings``, ``final``).
         """
         final = None
         if self.final is not None:
             final = {"history": self.final.history, "config": asdict(self.final.config)}
         return {"best": self.best, "metric": self.metric, "grid": self.grid, "split": self.split,
-                "table": self.table, "edge_warnings": self.edge_warnings, "final": final}
+                "validation": self.validation, "table": self.table, "path": self.path,
+                "edge_status": self.edge_status, "edge_warnings": self.edge_warnings, "final": final}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON.

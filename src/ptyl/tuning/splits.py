@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ptyl.errors import DataError, InvalidValueError
 from ptyl.validation import check_choice
 
-__all__ = ["SPLITS", "has_class_labels", "stacked_targets", "validation_split"]
+__all__ = ["SPLITS", "has_class_labels", "k_folds", "stacked_targets", "validation_split"]
 
 SPLITS = ("auto", "balanced", "random")
 
@@ -70,6 +70,57 @@ def _random_split(train_set: Dataset, val_fraction: float, seed: int) -> tuple[S
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     train_idx, val_idx = perm[n_val:].sort().values, perm[:n_val].sort().values
     return Subset(train_set, train_idx.tolist()), Subset(train_set, val_idx.tolist())
+
+
+def k_folds(dataset: Dataset, folds: int = 5, seed: int = 0) -> list[tuple[Dataset, Dataset]]:
+    """Stratified k-fold cross-validation: ``folds`` disjoint validation parts covering every example once.
+
+    Examples of each class are shuffled (``seed``) and dealt to the folds in turn, so every fold holds ``n_c / k``
+    of class ``c`` (within one). Labels that are not one class per example are dealt at random.
+
+    Args:
+        dataset: an :class:`~ptyl.data.ImageDataset` / ``TextDataset`` (``subset``, ``targets``), an ``(x, y)``
+            :class:`TensorDataset` or any Dataset.
+        folds: k >= 2.
+        seed: picks the folds (repeat CV with several seeds).
+
+    Returns:
+        ``[(train_i, val_i)]`` for i = 1..k.
+
+    >>> data = TensorDataset(torch.zeros(10, 1), torch.tensor([0] * 6 + [1] * 4))
+    >>> [len(val) for _, val in k_folds(data, 2, seed=0)]
+    [5, 5]
+    """
+    from ptyl.validation import check_int
+
+    folds = check_int(folds, "folds", minimum=2)
+    n = len(dataset)
+    if n < folds:
+        raise DataError(f"{folds}-fold cross-validation needs at least {folds} examples, got {n}")
+    gen = torch.Generator().manual_seed(int(seed))
+    fold_of = torch.empty(n, dtype=torch.int64)
+    if has_class_labels(dataset):
+        targets = torch.as_tensor(dataset.targets if hasattr(dataset, "targets") else dataset.tensors[1])
+        offset = 0
+        for c in torch.unique(targets).tolist():
+            idx = torch.nonzero(targets == c).flatten()
+            idx = idx[torch.randperm(idx.numel(), generator=gen)]
+            fold_of[idx] = (torch.arange(idx.numel()) + offset) % folds
+            offset += idx.numel()  # rotate, so small classes do not all start in fold 0
+    else:
+        fold_of[torch.randperm(n, generator=gen)] = torch.arange(n) % folds
+    out = []
+    for i in range(folds):
+        val_idx = torch.nonzero(fold_of == i).flatten()
+        train_idx = torch.nonzero(fold_of != i).flatten()
+        out.append((_take(dataset, train_idx), _take(dataset, val_idx)))
+    return out
+
+
+def _take(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    if hasattr(dataset, "subset") and hasattr(dataset, "targets"):
+        return dataset.subset(indices)
+    return Subset(dataset, indices.tolist())
 
 
 def has_class_labels(dataset: Dataset) -> bool:
