@@ -101,8 +101,9 @@ def test_finetune_tune_selects_from_the_grid(tiny_prior, tmp_path):
     out = tmp_path / "tuned"
     assert main(["finetune", "--prior", str(tiny_prior), *FAST, "--tune", "--budget", "2", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
-    assert len(report["tuning"]["table"]) == 2
+    assert sum(row["round"] == 0 for row in report["tuning"]["table"]) == 2  # + edge extensions, recorded
     assert report["hyperparameters"]["scale"] in report["tuning"]["grid"]["scale"]
+    assert report["tuning"]["path"] and report["tuning"]["edge_status"]["scale"] != "edge"
 
 
 def test_finetune_segmentation(tiny_prior, tmp_path):
@@ -163,12 +164,16 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| n/class | method | accuracy | nll | ece |" in out and "lowrank-sgld" in out
+    assert "| n/class | method | accuracy | nll | ece | selected | std ratio | train NLL |" in out
     assert "SMOKE TEST" in out and "None" not in out
-    for name in ("prior.safetensors", "results.json", "data_efficiency.png", "summary.md"):
+    assert "mnist5k -> mnist" in out and "kmnist -> mnist (control" in out and "minus the validation-selected" in out
+    for name in ("prior_mnist5k.safetensors", "prior_kmnist.safetensors", "results.json", "data_efficiency.png",
+                 "summary.md"):
         assert (tmp_path / name).is_file()
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank", "lowrank-sgld"}
+    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank"}
+    assert {r["pair"] for r in results} == {"mnist5k->mnist", "kmnist->mnist"}
+    assert all(r["validation_mode"] == "pool" and "final_loss" in r and "std_ratio" in r for r in results)
 
 
 def test_installed_script_reports_errors_in_one_line(tmp_path):

@@ -71,6 +71,9 @@ def test_parse_method():
 def test_train_config_keeps_the_step_budget():
     small, large = train_config("map", 20, steps=60, batch_size=10), train_config("map", 600, steps=60, batch_size=10)
     assert small.epochs == 30 and large.epochs == 2  # 2 steps/epoch vs 60 steps/epoch
+    assert (small.max_steps, large.max_steps) == (60, 120)  # at least 2 epochs
+    rule = train_config("map", 20, steps=60, batch_size=10, stop_loss=0.05, stop_plateau=1e-3, min_steps=10)
+    assert (rule.stop_loss, rule.stop_plateau, rule.min_steps) == (0.05, 1e-3, 10)
     swag = train_config("swag", 100, steps=100, batch_size=10)
     assert swag.swag_collect_every >= 1 and swag.burn_in_fraction == 0.5
 
@@ -84,7 +87,10 @@ def test_run_transfer_records_every_method(tiny_prior, tmp_path):
     for r in results:
         assert r["num_train"] == 20 and r["num_test"] == 50 and r["n_per_class"] == 2
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["nll"]) and r["wall_time_s"] > 0
-        assert len(r["validation"]) == 2  # the same budget for every method
+        assert sum(t["round"] == 0 for t in r["validation"]) == 2  # the same grid for every method
+        assert r["validation_mode"] == "pool" and r["split"]["val"] == 500  # the default 500-image pool
+        assert r["final_loss"] > 0 and r["std_ratio"] > 0 and isinstance(r["prior_off"], bool)
+        assert set(r["test_selected"]) >= {"accuracy", "nll"} and r["test_selected"]["nll"] <= r["nll"] + 1e-12
         axis = "scale" if r["prior"] == "lowrank" else "variance"
         assert set(r["selected"]) == {axis, "lr"}
     assert not results[1]["pretrained"] and results[0]["pretrained"]
@@ -95,7 +101,8 @@ def test_run_transfer_records_every_method(tiny_prior, tmp_path):
 
 def test_run_transfer_records_divergence_instead_of_crashing(tiny_prior):
     results = run_transfer(tiny_prior, "mnist", n_per_class=[2], methods=["standard"], steps=4, max_test=20,
-                           grids={"standard": {"variance": [1.0], "lr": [1e9]}}, progress=False)
+                           grids={"standard": {"variance": [1.0], "lr": [1e9]}}, progress=False,
+                           train_overrides={"prior_step": "gradient"})
     assert "diverged" in results[0]["error"] and math.isnan(results[0]["accuracy"])
     assert "failed" in summarize(results)
 

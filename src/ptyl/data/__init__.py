@@ -18,7 +18,7 @@ from ptyl.data.datasets import (
 )
 from ptyl.data.loaders import IMAGE_EXTENSIONS, load_idx_pair, load_image_folder, load_npz, read_idx, write_idx
 from ptyl.data.segmentation import DigitCanvasSegmentation, make_segmentation_splits
-from ptyl.data.subsets import balanced_split, class_counts, few_shot_subset, stratified_split_indices
+from ptyl.data.subsets import balanced_split, class_counts, few_shot_subset, hold_out, stratified_split_indices
 from ptyl.data.text import TextDataset, available_text_datasets, collate_text, load_text_dataset
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "balanced_split",
     "class_counts",
     "few_shot_subset",
+    "hold_out",
     "load_dataset",
     "load_idx_pair",
     "load_image_folder",

@@ -15,7 +15,7 @@ from ptyl.errors import DataError, InvalidValueError
 if TYPE_CHECKING:  # avoid a circular import: datasets.py uses stratified_split_indices
     from ptyl.data.datasets import ImageDataset
 
-__all__ = ["class_counts", "few_shot_subset", "balanced_split", "stratified_split_indices"]
+__all__ = ["class_counts", "few_shot_subset", "balanced_split", "hold_out", "stratified_split_indices"]
 
 
 def class_counts(dataset: ImageDataset) -> dict[int, int]:
@@ -91,3 +91,38 @@ def balanced_split(
             "would be empty"
         )
     return dataset.subset(train_idx), dataset.subset(val_idx)
+
+
+POOL_SEED = 10_000
+
+
+def hold_out(dataset: Dataset, total: int, seed: int = POOL_SEED) -> tuple[Dataset, Dataset | None]:
+    """Split off a class-balanced validation pool of ``total // C`` examples per class.
+
+    Args:
+        dataset: a labelled dataset with ``subset``, ``targets`` and ``num_classes`` (image or text).
+        total: the pool's size (0: no pool).
+        seed: draws the pool (fixed: the same pool for every training draw).
+
+    Returns:
+        ``(rest, pool)``; ``(dataset, None)`` for ``total = 0``.
+
+    Raises:
+        DataError: some class has too few examples to give the pool its share and leave one to train on.
+    """
+    if not total:
+        return dataset, None
+    per_class = int(total) // int(dataset.num_classes)
+    short = {c: n for c, n in class_counts(dataset).items() if n <= per_class}
+    if per_class < 1 or short:
+        raise DataError(f"a validation pool of {total} leaves no training examples of classes {sorted(short)} "
+                        f"(or fewer than 1 per class): use a smaller pool or cross-validation")
+    targets = torch.as_tensor(dataset.targets)
+    gen = torch.Generator().manual_seed(int(seed))
+    pool, rest = [], []
+    for c in range(int(dataset.num_classes)):
+        idx = torch.nonzero(targets == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        pool.append(idx[:per_class])
+        rest.append(idx[per_class:])
+    return dataset.subset(torch.cat(rest).sort().values), dataset.subset(torch.cat(pool).sort().values)

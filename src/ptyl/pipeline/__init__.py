@@ -25,11 +25,12 @@ from ptyl.pipeline.tasks import (
     get_task,
     pretrained_model_fn,
 )
-from ptyl.pipeline.transfer import run_transfer
+from ptyl.pipeline.transfer import TUNING_STRATEGIES, method_grid, run_transfer, transfer_run
 
 __all__ = [
     "DEFAULT_METHODS",
     "TASKS",
+    "TUNING_STRATEGIES",
     "ClassificationTask",
     "Method",
     "SegmentationTask",
@@ -47,6 +48,7 @@ __all__ = [
     "markdown_table",
     "mean_std",
     "mean_std_fields",
+    "method_grid",
     "parse_method",
     "plot_data_efficiency",
     "pretrain",
@@ -56,4 +58,5 @@ __all__ = [
     "run_transfer",
     "summarize",
     "train_config",
+    "transfer_run",
 ]

@@ -106,16 +106,23 @@ def parse_method(name: str | Method) -> Method:
     return Method(str(name), PriorKind.parse(first), inference)
 
 
-def train_config(inference: str | Inference, num_examples: int, *, steps: int = 100, batch_size: int = 32,
-                 num_samples: int = 10, temperature: float = 1.0, lr: float = 0.01, **overrides: Any) -> TrainConfig:
-    """The :class:`TrainConfig` of every method: about ``steps`` optimiser steps whatever n is (few-shot sets get
-    more epochs, at least 2), and the strategy's own settings for that budget
+def train_config(inference: str | Inference, num_examples: int, *, steps: int = 1000, batch_size: int = 32,
+                 num_samples: int = 10, temperature: float | None = None, lr: float | None = None,
+                 stop_loss: float | None = None, stop_plateau: float | None = None, min_steps: int = 0,
+                 **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of every method: a budget of ``steps`` optimiser steps whatever n is (at least 2
+    epochs; the schedule spans it), the convergence rule (MAP stops early once the epoch-mean training loss is
+    ``<= stop_loss`` or the objective has stopped falling by ``stop_plateau`` per ``plateau_steps``; samplers run the
+    whole budget), and the strategy's own settings for that budget
     (:meth:`~ptyl.training.Strategy.adapt_to_budget`: e.g. SWAG snapshots spread over the second half).
 
     Args:
         inference: the strategy.
         num_examples: training-set size.
-        steps, batch_size, num_samples, temperature, lr: as the names say.
+        steps: the step budget (``TrainConfig.max_steps``).
+        batch_size, num_samples: as the names say.
+        temperature, lr: ``None``: the :class:`TrainConfig` defaults.
+        stop_loss, stop_plateau, min_steps: the convergence rule (``None``: off).
         overrides: any other :class:`TrainConfig` field, applied last.
 
     Returns:
@@ -124,8 +131,10 @@ def train_config(inference: str | Inference, num_examples: int, *, steps: int = 
     inference = Inference.parse(inference)
     steps_per_epoch = math.ceil(num_examples / min(batch_size, num_examples))
     epochs = max(2, math.ceil(steps / steps_per_epoch))
-    config = TrainConfig(inference=inference, epochs=epochs, batch_size=batch_size, lr=lr, num_samples=num_samples,
-                         temperature=temperature, progress=False)
+    extra = {k: v for k, v in (("temperature", temperature), ("lr", lr)) if v is not None}
+    config = TrainConfig(inference=inference, epochs=epochs, max_steps=epochs * steps_per_epoch,
+                         batch_size=batch_size, num_samples=num_samples, stop_loss=stop_loss,
+                         stop_plateau=stop_plateau, min_steps=min_steps, progress=False, **extra)
     inference.strategy.adapt_to_budget(config, epochs * steps_per_epoch)
     for key, value in overrides.items():
         if not hasattr(config, key):

@@ -98,9 +98,28 @@ def _fmt_selected(runs: list[dict[str, Any]]) -> str:
         if "error" in r:
             parts.append("failed (every trial diverged)")
             continue
-        items = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["selected"].items())
-        parts.append(items + (" (edge)" if r.get("edge_warnings") else ""))
+        items = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["selected"].items()
+                          if k != "lr" or len(r["selected"]) == 1)
+        status = [v for k, v in (r.get("edge_status") or {}).items() if v not in ("interior", "flat")]
+        parts.append(items + (f" ({', '.join(status)})" if status else "")
+                     + (" (edge)" if r.get("edge_warnings") and not status else ""))
     return "; ".join(dict.fromkeys(parts))
+
+
+def _fmt_strength(runs: list[dict[str, Any]]) -> str:
+    ratios = [r["std_ratio"] for r in runs if r.get("std_ratio") is not None]
+    if not ratios:
+        return "—"
+    off = sum(bool(r.get("prior_off")) for r in runs)
+    return f"{statistics.median(ratios):.2g}" + (" (off)" if off == len(runs) else f" ({off} off)" if off else "")
+
+
+def _fmt_fit(runs: list[dict[str, Any]]) -> str:
+    losses = [r["final_loss"] for r in runs if r.get("final_loss") is not None]
+    if not losses:
+        return "—"
+    flag = " UNDERTRAINED" if any(r.get("fit_status") == "undertrained" for r in runs) else ""
+    return f"{statistics.fmean(losses):.3f}{flag}"
 
 
 def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accuracy", "nll", "ece", "brier"),
@@ -108,7 +127,10 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
     """A markdown table of :func:`ptyl.pipeline.run_transfer` results.
 
     One row per (training-set size, method) in run order: ``mean ± std`` over seeds of each metric, the selected
-    hyper-parameters ("(edge)": the choice lay on the edge of its grid) and the mean wall time.
+    hyper-parameters (with the search status when it ended at a hard bound or an unextended "edge"), the
+    effective strength of the selected prior (median prior std / median |theta0|, "off" when the prior was
+    effectively off), the final training NLL (flagged UNDERTRAINED when the budget, not the prior, stopped it) and
+    the mean wall time.
 
     Args:
         results: the run records.
@@ -118,11 +140,11 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
     Returns:
         The table's text, then a line naming the seeds.
     """
-    header = [size_label, "method", *metrics, "selected", "time (s)"]
+    header = [size_label, "method", *metrics, "selected", "std ratio", "train NLL", "time (s)"]
     groups = group_results(results, ("method", size_key))
     order = {key: i for i, key in enumerate(groups)}  # run order within one size
     rows = [[str(n), method, *(fmt_mean_std([r[m] for r in runs]) for m in metrics), _fmt_selected(runs),
-             f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"]
+             _fmt_strength(runs), _fmt_fit(runs), f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"]
             for (method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0]]))]
     seeds = sorted({r["seed"] for r in results})
     return markdown_table(header, rows) + f"\n\n{len(seeds)} seed(s) {seeds}; mean ± std over seeds where there are " \

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ptyl.data.subsets import hold_out
 from ptyl.errors import ConfigError, PriorFileError
 
 __all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "Task", "TextTask", "build_from_metadata", "get_task"]
@@ -54,6 +55,14 @@ class Task:
     def test_set(self, seed: int = 0) -> Dataset:
         """The evaluation set (it may depend on the training draw's ``seed``)."""
         raise NotImplementedError
+
+    def validation_set(self) -> Dataset | None:
+        """A validation pool of target examples that no training set ever contains.
+
+        Returns:
+            The pool, or ``None`` when the task has none (tuning then cross-validates or splits the training set).
+        """
+        return None
 
     def targets(self, dataset: Dataset) -> torch.Tensor:
         """The targets of ``dataset``: what :meth:`evaluate` compares predictions with (labels, or masks)."""
@@ -121,19 +130,29 @@ class ClassificationTask(Task):
         max_test: evaluate on a class-balanced subset of this many test images.
         eval_split: the split evaluated (``"test"``, ``"train"``, ``"all"``).
         head: module name of the classifier's head (replaced by a fresh one; gets the head prior).
+        val_pool: hold out ``val_pool // C`` images per class of the train split as a validation pool
+            (:meth:`validation_set`, drawn once with a fixed seed); training sets come from the rest. 0: no pool.
     """
 
     name = "classification"
 
     def __init__(self, data: str = "mnist", *, image_size: int | None = None, max_test: int | None = None,
-                 eval_split: str = "test", head: str = "head") -> None:
+                 eval_split: str = "test", head: str = "head", val_pool: int = 0) -> None:
         from ptyl.data import load_dataset
 
         self.data, self.image_size, self.max_test, self.eval_split = data, image_size, max_test, eval_split
         self.head = head
-        self.pool = load_dataset(data, "train", image_size=image_size)
+        self.pool, self.val = hold_out(load_dataset(data, "train", image_size=image_size), val_pool)
         self.num_classes = self.pool.num_classes
         self._test = None
+
+    def validation_set(self) -> Dataset | None:
+        """See :meth:`Task.validation_set`.
+
+        Returns:
+            The pool held out of the training data (``None`` with ``val_pool=0``).
+        """
+        return self.val
 
     def train_set(self, n: int, seed: int) -> Dataset:
         from ptyl.data import few_shot_subset
@@ -262,18 +281,30 @@ class TextTask(Task):
     Args:
         pool: the labelled target sentences (a :class:`ptyl.data.TextDataset`).
         test: held-out sentences.
+        val_pool: hold out this many sentences of ``pool`` (balanced over classes) as a validation pool.
+        objective, collate_fn: override the training loss and batching (e.g. a model over cached hidden states).
     """
 
     name = "text"
 
-    def __init__(self, pool: Dataset, test: Dataset) -> None:
+    def __init__(self, pool: Dataset, test: Dataset, *, val_pool: int = 0, objective: Callable | None = None,
+                 collate_fn: Callable | None = None) -> None:
         from ptyl.data import collate_text
         from ptyl.models.hf import text_classification_objective
 
-        self.pool, self.test = pool, test
+        self.pool, self.val = hold_out(pool, val_pool)
+        self.test = test
         self.num_classes = int(pool.num_classes)
-        self.objective = text_classification_objective
-        self.collate_fn = collate_text
+        self.objective = objective or text_classification_objective
+        self.collate_fn = collate_fn or collate_text
+
+    def validation_set(self) -> Dataset | None:
+        """See :meth:`Task.validation_set`.
+
+        Returns:
+            The pool held out of the training data (``None`` with ``val_pool=0``).
+        """
+        return self.val
 
     def train_set(self, n: int, seed: int) -> Dataset:
         from ptyl.data import few_shot_subset

@@ -3,10 +3,19 @@ few-shot training sets of a target task, every method tuned by the same protocol
 
 For every seed and every training-set size n the task draws a training set (``task.train_set(n, seed)``: n examples
 per class, or n canvases). Every method (:func:`ptyl.pipeline.parse_method`) starts from the pretrained model with a
-fresh head (or from a random initialisation: ``scratch``), has its hyper-parameters chosen by
-:func:`ptyl.tuning.tune` (validation NLL on an 80/20 split, grid :func:`ptyl.tuning.default_grid`), is refit on all
-n and scored on the task's test set (Shwartz-Ziv et al. 2022, arXiv 2205.10279, Sec. 4; Harvey et al., TMLR 2024:
-baselines tuned as hard as the method).
+fresh head (or from a random initialisation: ``scratch``) and has its hyper-parameters chosen by
+:func:`ptyl.tuning.tune` with the same grid size and the same edge-extension rule
+(Shwartz-Ziv et al. 2022, arXiv 2205.10279, Sec. 4; Harvey et al., TMLR 2024: baselines tuned as hard as the method).
+Validation (:mod:`ptyl.tuning.trials`): the task's validation pool when it has one (every trial trains on the n
+examples once and is scored on the pool and on the test set: the record holds the validation-selected result and,
+labelled as such, the test-selected upper bound), else repeated k-fold CV (``folds``) or a split, then a refit on n.
+
+Every record carries the final training loss of the chosen fit and whether it converged (the budget and convergence
+rule of :func:`train_config`), the effective strength of the chosen prior (``std_ratio``, ``prior_off``), the search
+path and the status of every tuned axis (``interior`` / at a documented hard bound / ``edge``).
+
+The tuning strategy is a dimension of the runner (``tuning``; :data:`TUNING_STRATEGIES`): ``"grid"`` is the
+validation grid above; evidence-based strategies plug in next to it.
 
 >>> results = run_transfer("runs/prior.safetensors", "mnist", n_per_class=[10, 100])   # doctest: +SKIP
 >>> print(summarize(results))                                                        # doctest: +SKIP
@@ -23,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from ptyl.errors import ConfigError, DivergenceError
 from ptyl.io.prior_file import load_posterior, read_metadata
@@ -31,17 +41,93 @@ from ptyl.pipeline.artifacts import load_pretrained
 from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_config
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.training.config import TrainConfig
 from ptyl.tuning.grid import PriorSpec, check_grid, default_grid, tune
+from ptyl.tuning.trials import CONVERGED_LOSS, fit_status
+from ptyl.validation import check_choice
 
-__all__ = ["run_transfer"]
+__all__ = ["TUNING_STRATEGIES", "method_grid", "run_transfer", "transfer_run"]
+
+TUNING_STRATEGIES = ("grid",)
 
 
-def _grid(method: Method, budget: int, lrs: Sequence[float], grids: dict | None, ranges: dict | None):
+def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict | None = None,
+                ranges: dict | None = None) -> dict[str, list[Any]]:
+    """The tuning grid of a method: ``grids[name or prior]`` if given, else :func:`ptyl.tuning.default_grid` with
+    ``ranges[name or prior]`` as the strength axis' log10 range.
+
+    Args:
+        method: the method.
+        budget, lrs: trials and learning rates of the default grid.
+        grids, ranges: per method name or prior kind.
+
+    Returns:
+        ``{axis: values}``.
+    """
     for key in (method.name, method.prior):
         if grids and key in grids:
             return dict(grids[key])
     log10_range = next((ranges[k] for k in (method.name, method.prior) if ranges and k in ranges), None)
     return default_grid(method.prior, budget, lrs=lrs, log10_range=log10_range)
+
+
+def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, grid: dict[str, list[Any]],
+                 config: TrainConfig, model_fn: Callable[[], nn.Module], *, seed: int, folds: int | None = None,
+                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = 6) -> dict[str, Any]:
+    """Tune one method on one training set and score it on the task's test set.
+
+    Args:
+        task: the target task (its validation pool, if any, is used).
+        train: the training set.
+        method, spec, grid, config: the method, its prior, its grid and the training settings.
+        model_fn: fresh starting models.
+        seed: seeds the fits (and picks folds / splits).
+        folds, repeats: cross-validation when the task has no pool (``None``: one 80/20 split).
+        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`).
+        cache: stores finished trials (see :func:`ptyl.tuning.tune`).
+        max_rounds: most edge-extension rounds.
+
+    Returns:
+        The metrics and diagnostics of the record (see the module docstring); ``error`` when every trial diverged.
+
+    Raises:
+        ConfigError: an unknown tuning strategy.
+    """
+    check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
+    test, pool = task.test_set(seed), task.validation_set()
+    evaluate = task.evaluate
+    record: dict[str, Any] = {"tuning": tuning}
+    try:
+        tuned = tune(model_fn, train, spec, grid, val_set=pool, folds=None if pool is not None else folds,
+                     repeats=repeats, test_set=test if pool is not None else None, seed=seed, config=config,
+                     progress=False, objective=task.objective, collate_fn=task.collate_fn,
+                     evaluate=lambda probs, targets: evaluate(probs, targets), cache=cache, max_rounds=max_rounds,
+                     refit=pool is None)
+    except DivergenceError as err:  # every trial diverged: record it and go on
+        return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
+    row = tuned.selected
+    if pool is not None:
+        metrics = {k: row[f"test_{k}"] for k in task.metrics}
+        fit_stats = {k: row.get(k) for k in ("final_loss", "epoch_loss", "fit_status", "steps", "stop_reason")}
+        upper = tuned.test_selected
+        record["test_selected"] = {**{k: upper[f"test_{k}"] for k in task.metrics},
+                                   **{k: upper[k] for k in tuned.grid}}
+    else:
+        final = tuned.final
+        metrics = task.evaluate(final.predict(test), task.targets(test))
+        final_loss = float(task.evaluate(final.predict(train), task.targets(train))["nll"])
+        fit_stats = {"final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
+                     "stop_reason": final.stop_reason,
+                     "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS)}
+    record.update({k: float(v) for k, v in metrics.items()})
+    record.update(fit_stats)
+    record.update({
+        "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
+        "val_" + tuned.metric: row[f"val_{tuned.metric}"], "std_ratio": row.get("std_ratio"),
+        "prior_off": row.get("prior_off"), "edge_status": tuned.edge_status, "edge_warnings": tuned.edge_warnings,
+        "path": tuned.path, "trials": len(tuned.table), "validation": tuned.table,
+    })
+    return record
 
 
 def run_transfer(
@@ -55,16 +141,22 @@ def run_transfer(
     pretrained: nn.Module | None = None,
     posterior: SourcePosterior | None = None,
     budget: int = 4,
-    lrs: Sequence[float] = (0.01,),
+    lrs: Sequence[float] = (0.1,),
     grids: dict[str, dict[str, Sequence[Any]]] | None = None,
     ranges: dict[str, tuple[float, float]] | None = None,
-    steps: int = 100,
+    steps: int = 1000,
     epochs: int | None = None,
+    stop_loss: float | None = None,
+    stop_plateau: float | None = None,
     batch_size: int = 32,
     num_samples: int = 10,
-    temperature: float = 1.0,
-    eps: float = 0.0,
+    temperature: float | None = None,
+    eps: float | None = None,
+    val_pool: int = 500,
+    folds: int | None = 5,
+    repeats: int = 1,
     max_test: int | None = None,
+    tuning: str = "grid",
     train_overrides: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
@@ -75,30 +167,32 @@ def run_transfer(
     Args:
         prior_path: the source stage's prior file (its pretrained weights lie next to it); ``None`` with
             ``pretrained`` (and ``posterior`` for learned priors) given directly.
-        target: the data set of the default task, :class:`ClassificationTask` ``(target)``.
+        target: the data set of the default task, :class:`ClassificationTask` ``(target, val_pool=val_pool)``.
         n_per_class: training-set sizes (per class for classification, canvases for segmentation).
-        seeds: each seed draws a different training set and validation split.
+        seeds: each seed draws a different training set (and, without a pool, different folds).
         methods: ``<prior>[-<inference>]`` names or :class:`Method` objects.
         task: the :class:`Task` (segmentation, text, ...); default classification of ``target``.
         pretrained, posterior: the source model and posterior, instead of ``prior_path``.
         budget, lrs: every method gets ``default_grid(prior, budget, lrs=lrs)`` (``budget // len(lrs)`` values of
-            its prior-strength axis times ``lrs``) unless ``grids`` names it.
+            its prior-strength axis times ``lrs``) unless ``grids`` names it; edge extensions come on top.
         grids: explicit grids keyed by method name or prior kind, e.g. ``{"lowrank": {"scale": [1e2, 1e4], "lr":
-            [0.01]}}``.
-        ranges: log10 range of the strength axis per method name or prior kind, e.g. ``{"lowrank": (3, 6)}``.
-        steps: optimiser steps per fit (epochs follow from n) unless ``epochs`` fixes the epochs for every n.
+            [0.1]}}``.
+        ranges: log10 range of the strength axis per method name or prior kind, e.g. ``{"lowrank": (0, 4)}``.
+        steps, stop_loss, stop_plateau: the step budget and the convergence rule (:func:`train_config`).
+        epochs: fix the epochs of every fit instead of ``steps`` (whatever n is).
         batch_size, num_samples, temperature: training settings (``num_samples`` / ``temperature``: samplers).
-        eps: isotropic jitter of the learned priors, N(mu, lam Sigma + eps I) (caps their precision).
+        eps: isotropic jitter of the learned priors (``None``: the kind's default).
+        val_pool: validation pool of the default task (0: none).
+        folds, repeats: cross-validation when the task has no pool (``folds=None``: one 80/20 split).
         max_test: evaluate on the first ``max_test`` test examples of a class-balanced order (default task only).
-        train_overrides: other :class:`~ptyl.training.TrainConfig` fields for every fit (e.g. ``{"optimizer":
-            "adam"}``).
+        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`).
+        train_overrides: other :class:`~ptyl.training.TrainConfig` fields for every fit (e.g. ``{"grad_clip": 5}``).
         out_dir: if given, ``results.json`` is rewritten there after every finished run.
         progress, log: a progress bar; a function receiving one line per finished run.
 
     Returns:
-        One record per (seed, n, method): the metrics of the task, ``selected`` (chosen hyper-parameters),
-        ``validation`` (the tuning table), ``edge_warnings``, ``warnings``, ``wall_time_s``; ``error`` when every
-        trial diverged (the metrics are then NaN).
+        One record per (seed, n, method): see :func:`transfer_run`, plus the method, sizes, ``warnings`` and
+        ``wall_time_s``.
 
     Raises:
         ConfigError: a bad method, grid or setting -- before anything is trained.
@@ -108,6 +202,7 @@ def run_transfer(
     plans = [parse_method(m) for m in methods]
     if not plans:
         raise ConfigError("no methods to run")
+    check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
     meta = read_metadata(prior_path) if prior_path is not None else {}
     if pretrained is None:
         if prior_path is None:
@@ -115,7 +210,7 @@ def run_transfer(
         pretrained, _ = load_pretrained(prior_path)
     if posterior is None and prior_path is not None and any(p.needs_posterior for p in plans):
         posterior = load_posterior(prior_path)
-    task = task or ClassificationTask(target, image_size=meta.get("image_size"), max_test=max_test)
+    task = task or ClassificationTask(target, image_size=meta.get("image_size"), max_test=max_test, val_pool=val_pool)
     state = copy.deepcopy(pretrained.state_dict()) if meta else None
     jobs = []
     for seed in seeds:
@@ -123,12 +218,13 @@ def run_transfer(
             train = task.train_set(int(n), int(seed))
             for plan in plans:
                 config = train_config(plan.inference, len(train), steps=steps, batch_size=batch_size,
-                                      num_samples=num_samples, temperature=temperature, **(train_overrides or {}))
+                                      num_samples=num_samples, temperature=temperature, stop_loss=stop_loss,
+                                      stop_plateau=stop_plateau, **(train_overrides or {}))
                 if epochs is not None:
-                    config.epochs = int(epochs)
+                    config.epochs, config.max_steps = int(epochs), None
                 spec = PriorSpec(kind=plan.prior, posterior=posterior if plan.needs_posterior else None, eps=eps,
                                  head=task.head)
-                grid = _grid(plan, budget, lrs, grids, ranges)
+                grid = method_grid(plan, budget, lrs, grids, ranges)
                 check_grid(grid, spec, config)  # every user error surfaces now, before the first fit
                 jobs.append((int(seed), int(n), train, plan, config, spec, grid))
 
@@ -137,32 +233,22 @@ def run_transfer(
     for seed, n, train, plan, config, spec, grid in bar:
         bar.set_postfix_str(f"n={n} seed={seed} {plan.name}")
         start = time.perf_counter()
-        test = task.test_set(seed)
         model_fn = pretrained_model_fn(meta, state if plan.pretrained else None, task,
                                        module=pretrained if plan.pretrained and not meta else None)
         record = {
             "method": plan.name, "prior": str(plan.prior), "inference": str(plan.inference),
             "pretrained": plan.pretrained, task.size_key: n, "seed": seed, "num_train": len(train),
-            "num_test": len(test), "target": getattr(task, "data", target), "source": meta.get("source"),
-            "prior_file": str(prior_path) if prior_path is not None else None, "epochs": config.epochs,
+            "num_test": len(task.test_set(seed)), "target": getattr(task, "data", target), "source": meta.get("source"),
+            "prior_file": str(prior_path) if prior_path is not None else None, "max_steps": config.max_steps,
+            "temperature": config.temperature if plan.inference.strategy.uses_temperature else None,
         }
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            try:
-                tuned = tune(model_fn, train, spec, grid, seed=seed, config=config, progress=False,
-                             objective=task.objective, collate_fn=task.collate_fn)
-                metrics = task.evaluate(tuned.final.predict(test), task.targets(test))
-            except DivergenceError as err:  # every trial (or the refit) diverged: record it and go on
-                tuned, metrics = None, {k: math.nan for k in task.metrics}
-                record["error"] = str(err)
-        record.update({k: float(v) for k, v in metrics.items()})
-        record.update({
-            "selected": tuned.best if tuned else {}, "edge_warnings": tuned.edge_warnings if tuned else [],
-            "warnings": list(dict.fromkeys(str(w.message) for w in caught
-                                           if not tuned or str(w.message) not in tuned.edge_warnings)),
-            "validation": tuned.table if tuned else [], "split": tuned.split if tuned else {},
-            "wall_time_s": time.perf_counter() - start,
-        })
+            record.update(transfer_run(task, train, plan, spec, grid, config, model_fn, seed=seed, folds=folds,
+                                       repeats=repeats, tuning=tuning))
+        edges = record.get("edge_warnings", [])
+        record["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if str(w.message) not in edges))
+        record["wall_time_s"] = time.perf_counter() - start
         results.append(record)
         if log is not None:
             log(_log_line(record, task, plan, n, seed))
@@ -173,9 +259,15 @@ def run_transfer(
 
 
 def _log_line(record: dict[str, Any], task: Task, plan: Method, n: int, seed: int) -> str:
-    chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["selected"].items())
+    chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["selected"].items()) \
+        if "selected" in record else ""
     status = f"FAILED: {record['error']}" if "error" in record else f"[{chosen}]"
     short = {"accuracy": "acc"}
     scores = " ".join(f"{short.get(k, k)}={record[k]:.4f}" for k in task.metrics[:3])
-    return f"  n={n:<4d} seed={seed} {plan.name:<14s} {scores}  {status}  {record['wall_time_s']:.1f}s"
-
+    extra = ""
+    if "final_loss" in record and record["final_loss"] is not None:
+        status = record.get("fit_status")
+        extra = f" train-nll={record['final_loss']:.3f}{' UNDERTRAINED' if status == 'undertrained' else ''}"
+        if record.get("prior_off"):
+            extra += " (prior effectively off)"
+    return f"  n={n:<4d} seed={seed} {plan.name:<14s} {scores}  {status}{extra}  {record['wall_time_s']:.1f}s"
