@@ -119,6 +119,7 @@ def run(s: Settings, out: Path, progress: bool) -> tuple[list[dict], float]:
         for seed in s.seeds:
             records = run_transfer(prior, task=task, n_per_class=[n], seeds=[seed], methods=list(labels),
                                    budget=s.budget, lrs=(s.lr,), epochs=epochs, batch_size=s.batch_size,
+                                   folds=None,  # the committed protocol: one random 80/20 canvas split
                                    train_overrides={"optimizer": s.optimizer}, progress=False)
             for record in records:
                 axis = METHODS[labels[record["method"]]].recipe.axis

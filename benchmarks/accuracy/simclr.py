@@ -118,7 +118,8 @@ def run(s: Settings, out: Path, progress: bool) -> tuple[list[dict], dict]:
             for label, source_kind, kind in METHODS:
                 records = run_transfer(sources[source_kind]["prior"], "mnist", n_per_class=[n], seeds=[seed],
                                        methods=[str(kind)], budget=s.budget, lrs=(s.lr,), ranges=RANGES,
-                                       epochs=epochs, batch_size=s.batch_size, max_test=s.test_size, progress=False)
+                                       epochs=epochs, batch_size=s.batch_size, max_test=s.test_size, progress=False,
+                                       val_pool=0, folds=None)  # the committed protocol: one 80/20 split
                 record = records[0]
                 row = {"method": label, "source": source_kind, "prior": str(kind), "n_per_class": n, "seed": seed,
                        "epochs": epochs, **{k: record[k] for k in ("accuracy", "nll", "ece", "brier")},

@@ -1,0 +1,399 @@
+"""Four transfer pairs, one command: where can a learned prior matter, and does it -- under a protocol that can show
+the opposite (issue 10).
+
+Full run (the committed ``benchmarks/results/pairs.*``; resumable, ~3-4 CPU hours)::
+
+    nice -n 5 python benchmarks/accuracy/pairs.py --jobs 2
+
+    python benchmarks/accuracy/pairs.py --quick --out /tmp/pairs     # smoke test (tests/benchmarks), ~1 minute
+    python benchmarks/accuracy/pairs.py --report                      # rewrite the tables from the stored trials
+
+Pairs (each source prior learned once and cached in ``runs/pairs/``):
+
+* ``mnist5k->mnist``  same domain: SmallCNN (width 16) trained on MNIST-5k (5,000 MNIST training images), SWAG rank 20;
+  target the embedded MNIST t10k (disjoint images).
+* ``mnist5k->digits`` shifted: the same prior, target sklearn's 8x8 digits resized to 28 px (blurry, thick strokes).
+* ``kmnist->mnist``   the control, where a tie is expected: a prior learned on Japanese hiragana.
+* ``movies->amazon``  MiniLM (all-MiniLM-L6-v2): VADER movie-review snippets -> Amazon-review snippets (binary
+  sentiment); the prior covers the encoder's last transformer layer (the frozen first five layers are cached).
+
+Protocol (every method, every pair):
+
+* Training sets: n in {10, 100, full} per class (digits: {10, 100}, its "full" is 109 per class); a seed is a
+  subsample (``few_shot_subset``; at ``full`` the seeds share the set and differ in head init and batch order).
+* Validation: a pool of target training data never trained on -- 500 images (digits: 300, all it can spare),
+  500 sentences -- drawn once. Each trial trains once on the n examples and is scored on the pool (selection) and on
+  the test set, so the test-selected upper bound comes for free (labelled as such).
+* Budget: a fixed number of SGD steps per n (Nesterov, lr 0.1, cosine to 0, gradient-norm clipping 5, batch 32),
+  chosen by doubling it until test NLL stopped changing (``benchmarks/accuracy/README.md``). The prior's separable part
+  is a proximal step (any strength is stable). Every result records the final training NLL (data term, evaluation
+  mode) and a fit status: ``fit`` (<= 0.05), ``prior-limited`` (above it under an active prior) or ``undertrained``
+  (above it with the prior effectively off) -- flagged in the tables.
+* Tuning: a 4-value grid of the prior-strength axis per method (lambda, or the variance of N(0 or theta0, v I)), the
+  same edge-extension rule for all (``ptyl.tuning.tune``: extend by a decade while the best value is on an edge, until
+  it is interior, the curve is flat beyond the edge, or the kind's hard bound). Every selection carries the
+  effective-strength diagnostic (median prior std / median |theta0|; "prior effectively off" at >= 10).
+* Comparison: paired per seed (same subsample, same pool, same test set): learned low-rank minus each tuned baseline
+  and minus the baseline chosen per seed by validation NLL; 95% t-interval over the seeds (n - 1 degrees of freedom).
+
+Outputs (``--out``, default ``benchmarks/results``): ``pairs_trials.jsonl`` (every trial, appended atomically: an
+interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished (pair, n, seed, method)),
+``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
+dimension of every key (``--tuning``, only ``grid`` today).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEFAULT_OUT, ROOT, machine_info, machine_line, set_threads, write_results  # noqa: E402
+
+NAME = "pairs"
+PAIRS = {
+    "mnist5k->mnist": dict(kind="image", source="mnist5k", target="mnist", val_pool=500, n=["10", "100", "full"]),
+    "mnist5k->digits": dict(kind="image", source="mnist5k", target="digits", val_pool=300, n=["10", "100"]),
+    "kmnist->mnist": dict(kind="image", source="kmnist", target="mnist", val_pool=500, n=["10", "100", "full"]),
+    "movies->amazon": dict(kind="text", source="vader-movies", target="vader-amazon", val_pool=500,
+                           n=["10", "100", "full"]),
+}
+CORE = ("standard", "l2sp", "lowrank")
+# n = 10 only: the learned diagonal prior on every image pair; SGLD (cold T, and T = 1: the exact-posterior ablation)
+# on the headline pair
+EXTRA = {"mnist5k->mnist": ("diag", "lowrank-sgld", "lowrank-sgld@T1"), "mnist5k->digits": ("diag",),
+         "kmnist->mnist": ("diag",)}
+GRIDS = {"standard": [1.0, 10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3, 1e-2],
+         "lowrank": [1.0, 10.0, 100.0, 1000.0], "diag": [1.0, 10.0, 100.0, 1000.0]}
+FULL = {
+    "image_source": dict(model="smallcnn", width=16, pretrain_epochs=5, swag_epochs=3, rank=20, lr=0.05),
+    "text_source": dict(pretrain_epochs=1, swag_epochs=2, rank=10, lr=0.05),
+    "steps": {"image": {"10": 500, "100": 1000, "full": 2500}, "text": {"10": 60, "100": 120, "full": 200}},
+    "lr": 0.1, "grad_clip": 5.0, "batch_size": 32, "temperature": 0.01, "num_samples": 10,
+    "seeds": [0, 1, 2, 3, 4], "grids": GRIDS, "max_rounds": 6, "max_test": None,
+}
+QUICK = {
+    "image_source": dict(model="smallcnn", width=4, pretrain_epochs=1, swag_epochs=1, rank=3, lr=0.05,
+                         n_per_class=20),
+    "steps": {"image": {"2": 8}}, "lr": 0.1, "grad_clip": 5.0, "batch_size": 16, "temperature": 0.01,
+    "num_samples": 2, "seeds": [0, 1], "grids": {k: v[1:3] for k, v in GRIDS.items()}, "max_rounds": 1,
+    "max_test": 100,
+}
+QUICK_PAIRS = {"mnist5k->mnist": dict(kind="image", source="mnist5k", target="mnist", val_pool=100, n=["2"])}
+
+
+# ----------------------------------------------------------------------------------------------------------- storage
+class JsonlStore:
+    """Rows appended to a JSON-lines file, one ``write`` per row under an exclusive lock, flushed and fsynced: an
+    interrupted run loses at most the row being written (a torn last line is ignored when reading and ended before
+    the next row is appended)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def append(self, row: dict[str, Any]) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(row, default=_json_default) + "\n"
+        with open(self.path, "a+", encoding="utf-8") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if fh.tell() > 0:  # a torn last line (a killed writer) must not swallow this row
+                    fh.seek(fh.tell() - 1)
+                    if fh.read(1) != "\n":
+                        line = "\n" + line
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _json_default(obj: Any) -> Any:
+    return str(obj)
+
+
+def _value_key(values: dict[str, Any]) -> str:
+    return json.dumps({k: values[k] for k in sorted(values)}, sort_keys=True)
+
+
+class TrialCache:
+    """The ``cache`` of :func:`ptyl.tuning.tune` for one job, backed by the trials store."""
+
+    def __init__(self, store: JsonlStore, job: dict[str, Any], known: dict[str, dict]) -> None:
+        self.store, self.job, self.known = store, job, known
+
+    def get(self, values: dict[str, Any]) -> dict[str, Any] | None:
+        return self.known.get(_value_key(values))
+
+    def put(self, values: dict[str, Any], row: dict[str, Any]) -> None:
+        self.known[_value_key(values)] = row
+        self.store.append({**self.job, "values": values, "row": row})
+
+
+# ----------------------------------------------------------------------------------------------------------- settings
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny prior, one small pair, 2 seeds (smoke test)")
+    p.add_argument("--pairs", nargs="+", default=None, help=f"subset of {list(PAIRS)}")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"default: {' '.join(CORE)} (+ at n=10: diag, lowrank-sgld, lowrank-sgld@T1, see EXTRA)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="subsample seeds (default 0..4)")
+    p.add_argument("--tuning", default="grid", help="tuning strategy (ptyl.pipeline.TUNING_STRATEGIES)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (1 torch thread each)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for pairs.{md,json} and the stores")
+    p.add_argument("--cache", default=None, help="folder of cached source priors (default runs/pairs)")
+    p.add_argument("--report", action="store_true", help="only rewrite the tables from the stores (no runs)")
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    from ptyl.errors import ConfigError
+    from ptyl.pipeline import TUNING_STRATEGIES
+
+    cfg = copy.deepcopy(QUICK if args.quick else FULL)
+    pairs = QUICK_PAIRS if args.quick else PAIRS
+    names = args.pairs or list(pairs)
+    unknown = [p for p in names if p not in pairs]
+    if unknown:
+        raise ConfigError(f"unknown pair(s) {unknown}; choose from {list(pairs)}")
+    if args.tuning not in TUNING_STRATEGIES:
+        raise ConfigError(f"unknown tuning strategy {args.tuning!r}; choose from {TUNING_STRATEGIES}")
+    cfg.update(pairs={p: pairs[p] for p in names}, tuning=args.tuning, quick=args.quick,
+               cache=str(Path(args.cache) if args.cache else (Path(args.out) / "quick_cache" if args.quick
+                                                              else ROOT / "runs" / "pairs")))
+    if args.seeds is not None:
+        cfg["seeds"] = list(args.seeds)
+    cfg["methods"] = args.methods
+    return cfg
+
+
+def plan_jobs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (pair, n, seed, method) to run, the headline pair first, small n first."""
+    from ptyl.pipeline import parse_method
+
+    jobs = []
+    for pair, spec in cfg["pairs"].items():
+        for n in spec["n"]:
+            methods = cfg["methods"] or [*CORE, *(EXTRA.get(pair, ()) if n == "10" else ())]
+            for method in methods:
+                parse_method(method.split("@")[0])
+                for seed in cfg["seeds"]:
+                    jobs.append({"pair": pair, "n": n, "seed": seed, "method": method, "tuning": cfg["tuning"]})
+    order = {p: i for i, p in enumerate(cfg["pairs"])}
+    sizes = {"10": 0, "100": 1, "full": 2}
+    return sorted(jobs, key=lambda j: (sizes.get(j["n"], 0), order[j["pair"]], j["seed"]))
+
+
+def settings_key(cfg: dict[str, Any], pair: str) -> str:
+    """A hash of everything a trial of ``pair`` depends on: stored trials with another key are not reused."""
+    spec = cfg["pairs"][pair]
+    kind = spec["kind"]
+    relevant = {k: cfg[k] for k in ("lr", "grad_clip", "batch_size", "temperature", "num_samples", "grids",
+                                     "max_rounds", "max_test")}
+    relevant.update(pair=spec, steps=cfg["steps"].get(kind), source=cfg.get(f"{kind}_source"))
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------------------ sources
+def image_prior(cfg: dict[str, Any], source: str, log) -> Path:
+    """The cached prior file of an image source (learned on first use)."""
+    from ptyl.pipeline import learn_source_prior
+
+    s = cfg["image_source"]
+    path = Path(cfg["cache"]) / f"prior_{source}_{s['model']}{s['width']}.safetensors"
+    if path.is_file():
+        log(f"re-using cached prior {path}")
+        return path
+    log(f"learning the source prior on {source} ({s['model']} width {s['width']}, rank {s['rank']}) -> {path}")
+    start = time.perf_counter()
+    learn_source_prior(source, s["model"], pretrain_epochs=s["pretrain_epochs"], swag_epochs=s["swag_epochs"],
+                       rank=s["rank"], lr=s["lr"], model_kwargs={"width": s["width"]},
+                       n_per_class=s.get("n_per_class"), out=path, progress=False)
+    log(f"  learned in {time.perf_counter() - start:.0f}s")
+    return path
+
+
+def text_prior(cfg: dict[str, Any], spec: dict[str, Any], log) -> Path:
+    """The cached MiniLM last-layer prior (states cached and prior learned on first use)."""
+    import text_pair
+
+    s = cfg["text_source"]
+    path = Path(cfg["cache"]) / f"prior_{spec['source']}_minilm_last_layer.safetensors"
+    if path.is_file():
+        log(f"re-using cached prior {path}")
+        return path
+    source = text_pair.cached_states(spec["source"], Path(cfg["cache"]), log)
+    text_pair.cached_states(spec["target"], Path(cfg["cache"]), log)
+    log(f"learning the text prior on {spec['source']} (last layer, rank {s['rank']}) -> {path}")
+    start = time.perf_counter()
+    text_pair.learn_text_prior(source, path, pretrain_epochs=s["pretrain_epochs"], swag_epochs=s["swag_epochs"],
+                               rank=s["rank"], lr=s["lr"])
+    log(f"  learned in {time.perf_counter() - start:.0f}s")
+    return path
+
+
+def prepare_sources(cfg: dict[str, Any], log) -> dict[str, str]:
+    """Prior file per pair, learned before any worker starts."""
+    paths = {}
+    for pair, spec in cfg["pairs"].items():
+        paths[pair] = str(text_prior(cfg, spec, log) if spec["kind"] == "text" else image_prior(cfg, spec["source"], log))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------- jobs
+_CONTEXT: dict[str, Any] = {}
+
+
+def pair_context(cfg: dict[str, Any], pair: str, prior: str) -> dict[str, Any]:
+    """Task, starting model and posterior of a pair (built once per process)."""
+    if pair in _CONTEXT:
+        return _CONTEXT[pair]
+    from ptyl.io import load_posterior, read_metadata
+    from ptyl.pipeline import ClassificationTask, load_pretrained
+
+    spec = cfg["pairs"][pair]
+    posterior = load_posterior(prior)
+    if spec["kind"] == "text":
+        import text_pair
+
+        target = text_pair.cached_states(spec["target"], Path(cfg["cache"]), print)
+        task = text_pair.text_task(target, spec["val_pool"])
+        source = text_pair.load_text_source(Path(prior), 2)
+        ctx = {"task": task, "meta": {}, "state": None, "module": source, "posterior": posterior}
+    else:
+        meta = read_metadata(prior)
+        task = ClassificationTask(spec["target"], image_size=meta.get("image_size"), max_test=cfg["max_test"],
+                                  val_pool=spec["val_pool"])
+        model, _ = load_pretrained(prior)
+        ctx = {"task": task, "meta": meta, "state": copy.deepcopy(model.state_dict()), "module": None,
+               "posterior": posterior}
+    _CONTEXT[pair] = ctx
+    return ctx
+
+
+def resolve_n(task, label: str) -> int:
+    """Examples per class: an int, or ``full`` (the rarest class of what the pool left)."""
+    from ptyl.data.subsets import class_counts
+
+    return min(class_counts(task.pool).values()) if label == "full" else int(label)
+
+
+def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> dict[str, Any]:
+    """Tune one method on one training set (trials cached in the store) and append its record."""
+    from ptyl.pipeline import parse_method, pretrained_model_fn, train_config, transfer_run
+    from ptyl.tuning import PriorSpec
+
+    start = time.perf_counter()
+    ctx = pair_context(cfg, job["pair"], prior)
+    task, spec = ctx["task"], cfg["pairs"][job["pair"]]
+    n = resolve_n(task, job["n"])
+    train = task.train_set(n, job["seed"])
+    name, _, variant = job["method"].partition("@")
+    plan = parse_method(name)
+    temperature = 1.0 if variant == "T1" else cfg["temperature"]
+    config = train_config(plan.inference, len(train), steps=cfg["steps"][spec["kind"]][job["n"]],
+                          batch_size=cfg["batch_size"], num_samples=cfg["num_samples"], temperature=temperature,
+                          lr=cfg["lr"], grad_clip=cfg["grad_clip"])
+    prior_spec = PriorSpec(kind=plan.prior, posterior=ctx["posterior"] if plan.needs_posterior else None,
+                           head=task.head)
+    axis = plan.prior.recipe.axis
+    grid = {axis: list(cfg["grids"][str(plan.prior)]), "lr": [cfg["lr"]]}
+    model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
+    key = {**job, "key": settings_key(cfg, job["pair"])}
+    trials = JsonlStore(Path(out) / f"{cfg['stem']}_trials.jsonl")
+    known = {_value_key(r["values"]): r["row"] for r in trials.rows()
+             if all(r.get(k) == v for k, v in key.items())}
+    record = transfer_run(task, train, plan, prior_spec, grid, config, model_fn, seed=job["seed"],
+                          tuning=job["tuning"], cache=TrialCache(trials, key, known), max_rounds=cfg["max_rounds"])
+    record.update({**key, "n_per_class": n, "num_train": len(train), "max_steps": config.max_steps,
+                   "temperature": temperature if plan.inference.strategy.uses_temperature else None,
+                   "wall_time_s": time.perf_counter() - start})
+    JsonlStore(Path(out) / f"{cfg['stem']}_runs.jsonl").append(record)
+    return record
+
+
+def _worker_init() -> None:
+    set_threads(1)
+
+
+def _worker(args: tuple) -> dict[str, Any]:
+    cfg, job, prior, out = args
+    return run_job(cfg, job, prior, out)
+
+
+# --------------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    import multiprocessing
+
+    from pairs_report import report
+
+    args = parse_args(argv)
+    cfg = settings(args)
+    cfg["stem"] = f"{NAME}_quick" if args.quick else NAME
+    jobs = plan_jobs(cfg)  # bad methods fail here, before any prior is learned
+    out = Path(args.out)
+    command = "python benchmarks/accuracy/pairs.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    info = machine_info()
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if not args.report:
+        set_threads(1)
+        out.mkdir(parents=True, exist_ok=True)
+        priors = prepare_sources(cfg, log)
+        done = {json.dumps({k: r[k] for k in ("pair", "n", "seed", "method", "tuning", "key")}, sort_keys=True)
+                for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()}
+        todo = [j for j in jobs if json.dumps({**j, "key": settings_key(cfg, j["pair"])}, sort_keys=True) not in done]
+        log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done (resuming), {len(todo)} to run on "
+            f"{args.jobs} worker(s)")
+        tasks = [(cfg, j, priors[j["pair"]], str(out)) for j in todo]
+        start = time.perf_counter()
+        if args.jobs > 1:
+            with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_worker_init) as pool:
+                for i, record in enumerate(pool.imap_unordered(_worker, tasks), 1):
+                    log(_line(record, i, len(tasks), start))
+        else:
+            for i, task in enumerate(tasks, 1):
+                log(_line(_worker(task), i, len(tasks), start))
+    records = [r for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()
+               if r.get("key") == settings_key(cfg, r["pair"]) and r["pair"] in cfg["pairs"]]
+    markdown, data = report(records, cfg, command, machine_line(info))
+    data.update(machine=info, command=command, quick=args.quick,
+                complete=len({(r["pair"], r["n"], r["seed"], r["method"]) for r in records}) >= len(jobs))
+    write_results(out, cfg["stem"], markdown, data)
+    print(markdown)
+    return 0
+
+
+def _line(record: dict[str, Any], i: int, total: int, start: float) -> str:
+    sel = ", ".join(f"{k}={v:g}" for k, v in (record.get("selected") or {}).items() if k != "lr")
+    status = record.get("fit_status")
+    return (f"[{i}/{total}] {record['pair']:<16s} n={record['n']:<4s} seed={record['seed']} {record['method']:<16s} "
+            f"nll={record.get('nll', float('nan')):.4f} acc={record.get('accuracy', float('nan')):.4f} [{sel}] "
+            f"{record.get('edge_status', {})} train-nll={record.get('final_loss') or float('nan'):.3f} {status} "
+            f"{record['wall_time_s']:.0f}s (elapsed {(time.perf_counter() - start) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Tables of ``pairs.py``: per pair and n, every method's validation-selected test result (mean ± std over seeds), the
+test-selected upper bound, the selections with their effective strength and search status, the final training NLL and
+fit status; then the paired differences (learned low-rank minus each tuned baseline, per seed) with 95% t-intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from ptyl.pipeline import markdown_table
+
+BASELINES = ("standard", "l2sp")
+LEARNED = ("lowrank", "diag", "lowrank-sgld", "lowrank-sgld@T1")
+LABELS = {"standard": "standard FT", "l2sp": "L2-SP", "lowrank": "learned low-rank", "diag": "learned diag",
+          "lowrank-sgld": "low-rank + SGLD (cold T)", "lowrank-sgld@T1": "low-rank + SGLD T=1 (exact-posterior ablation)"}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+
+
+def t_quantile(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # pragma: no cover - scipy is optional
+        return _T975.get(df, 1.96)
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the 95% t-interval of the mean over seeds (``nan`` bounds for fewer than 2 values)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def _ms(values: list[float], digits: int = 4) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _axis(record: dict[str, Any]) -> tuple[str, float | None]:
+    for key in ("scale", "variance"):
+        if key in (record.get("selected") or {}):
+            return ("λ" if key == "scale" else "v"), float(record["selected"][key])
+    return "", None
+
+
+def _status(records: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in records:
+        for axis, state in (r.get("edge_status") or {}).items():
+            if axis != "lr":
+                counts[state] = counts.get(state, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+
+def _fit(records: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.get("fit_status", "?")] = counts.get(r.get("fit_status", "?"), 0) + 1
+    text = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    return text.replace("undertrained", "**UNDERTRAINED**")
+
+
+def method_table(records: list[dict[str, Any]]) -> str:
+    """One row per method (records of one pair and one n)."""
+    order = [m for m in (*BASELINES, *LEARNED) if any(r["method"] == m for r in records)]
+    rows = []
+    for method in order:
+        runs = sorted((r for r in records if r["method"] == method), key=lambda r: r["seed"])
+        ok = [r for r in runs if "error" not in r]
+        axis = next((_axis(r)[0] for r in ok if _axis(r)[0]), "")
+        chosen = ", ".join(f"{_axis(r)[1]:.3g}" for r in ok)
+        off = sum(bool(r.get("prior_off")) for r in ok)
+        ratio = statistics.median([r["std_ratio"] for r in ok]) if ok else math.nan
+        rows.append([
+            LABELS.get(method, method), _ms([r["nll"] for r in ok]), _ms([r["accuracy"] for r in ok]),
+            _ms([r["ece"] for r in ok]), _ms([r["test_selected"]["nll"] for r in ok if r.get("test_selected")]),
+            f"{axis} = {chosen}" if axis else "—", f"{ratio:.3g}" + (f" ({off} off)" if off else ""),
+            _status(ok), _ms([r.get("final_loss") for r in ok], 3), _fit(ok),
+            f"{statistics.fmean(r['trials'] for r in ok):.1f}" if ok else "—",
+            f"{len(ok)}" + (f" (+{len(runs) - len(ok)} failed)" if len(runs) > len(ok) else ""),
+        ])
+    header = ["method", "test NLL (val-selected)", "test acc", "test ECE", "test NLL (test-selected, upper bound)",
+              "selected per seed", "std ratio (median)", "search status", "train NLL", "fit", "trials", "seeds"]
+    return markdown_table(header, rows)
+
+
+def _by_seed(records: list[dict[str, Any]], method: str) -> dict[int, dict[str, Any]]:
+    return {r["seed"]: r for r in records if r["method"] == method and "error" not in r}
+
+
+def best_baseline_by_validation(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per seed, the tuned baseline with the lower validation NLL (an honest 'best baseline')."""
+    out = {}
+    per = {b: _by_seed(records, b) for b in BASELINES}
+    for seed in set.intersection(*(set(v) for v in per.values())) if all(per.values()) else ():
+        out[seed] = min((per[b][seed] for b in BASELINES), key=lambda r: r["val_nll"])
+    return out
+
+
+def paired(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Paired differences (method minus reference, per seed) with 95% t-intervals."""
+    rows, data = [], []
+    refs = {**{b: _by_seed(records, b) for b in BASELINES}, "best baseline (val)": best_baseline_by_validation(records)}
+    for method in [m for m in LEARNED if any(r["method"] == m for r in records)]:
+        mine = _by_seed(records, method)
+        for ref_name, ref in refs.items():
+            seeds = sorted(set(mine) & set(ref))
+            if not seeds:
+                continue
+            d_nll = [mine[s]["nll"] - ref[s]["nll"] for s in seeds]
+            d_acc = [mine[s]["accuracy"] - ref[s]["accuracy"] for s in seeds]
+            nll, acc = t_interval(d_nll), t_interval(d_acc)
+            verdict = _verdict(nll)
+            data.append({"method": method, "reference": ref_name, "seeds": seeds, "delta_nll": d_nll,
+                         "delta_accuracy": d_acc, "nll_interval": nll, "accuracy_interval": acc, "verdict": verdict})
+            rows.append([LABELS.get(method, method), ref_name if ref_name not in LABELS else LABELS[ref_name],
+                         _ci(nll), _ci(acc), verdict, len(seeds)])
+    header = ["method", "minus", "Δ test NLL, mean [95% CI]", "Δ test acc, mean [95% CI]", "verdict (NLL)", "seeds"]
+    return markdown_table(header, rows), data
+
+
+def _ci(interval: tuple[float, float, float]) -> str:
+    mean, lo, hi = interval
+    if not math.isfinite(lo):
+        return f"{mean:+.4f}"
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _verdict(interval: tuple[float, float, float]) -> str:
+    _, lo, hi = interval
+    if not math.isfinite(lo):
+        return "n/a (1 seed)"
+    if hi < 0:
+        return "**better** (CI < 0)"
+    if lo > 0:
+        return "worse (CI > 0)"
+    return "tie (CI contains 0)"
+
+
+def report(records: list[dict[str, Any]], cfg: dict[str, Any], command: str, machine: str
+           ) -> tuple[str, dict[str, Any]]:
+    """The markdown report and the JSON payload."""
+    lines = [f"# Transfer pairs: learned priors vs tuned baselines{' (quick smoke run)' if cfg['quick'] else ''}", "",
+             f"Command: `{command}`", "", machine, "",
+             "Protocol: see the docstring of `benchmarks/accuracy/pairs.py`. Test NLL/accuracy are those of the "
+             "configuration selected by validation NLL on a held-out pool; the test-selected column peeks at the "
+             "test set and is an upper bound, not a result. Paired differences are per seed (same subsample, pool "
+             "and test set), with a 95% t-interval over seeds (Student t, n_seeds - 1 df). 'std ratio' = median "
+             "prior std / median |theta0| over the backbone (>= 10: prior effectively off). Search status per "
+             "selection: interior / flat (no change beyond the edge) / at the documented hard bound / edge "
+             "(unextended: should not happen). Fit: training NLL of the final model <= 0.05 ('fit'), above it under "
+             "an active prior ('prior-limited'), or above it with the prior off ('UNDERTRAINED').", ""]
+    payload: dict[str, Any] = {"settings": {k: v for k, v in cfg.items() if k != "pairs"}, "pairs": cfg["pairs"],
+                               "tables": {}, "records": records}
+    for pair in cfg["pairs"]:
+        lines.append(f"## {pair}")
+        lines.append("")
+        for n in cfg["pairs"][pair]["n"]:
+            group = [r for r in records if r["pair"] == pair and r["n"] == n]
+            if not group:
+                continue
+            size = group[0]["n_per_class"]
+            lines += [f"### n = {n}{f' ({size})' if n == 'full' else ''} per class "
+                      f"({len({r['seed'] for r in group})} seeds)", "", method_table(group), ""]
+            table, data = paired(group)
+            if data:
+                lines += [table, ""]
+            payload["tables"][f"{pair} n={n}"] = data
+    return "\n".join(lines), payload
