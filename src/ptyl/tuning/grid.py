@@ -286,6 +286,7 @@ def tune(
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
     axes = check_grid(grid, spec, base)
+    initial = {k: list(v) for k, v in axes.items()}
     bounds = _extended_axes(spec, axes, extend)
     validation = make_validation(train_set, val_set=val_set, folds=folds, repeats=repeats, val_fraction=val_fraction,
                                  seed=seed, split=split, test_set=test_set)
@@ -319,7 +320,7 @@ def tune(
         best_row = select_best(table, key, sign)
         if best_row is None:
             break
-        moves, status = next_values(axes, best_row, bounds, table, key, decades, flat_rtol)
+        moves, status = next_values(axes, best_row, bounds, table, key, decades, flat_rtol, initial)
         path.append({"round": round_ - 1, "grid": {k: list(v) for k, v in axes.items()},
                      "best": {k: best_row[k] for k in axes}, key: best_row[key], "status": dict(status)})
         if not moves or round_ > max_rounds:

@@ -4,10 +4,10 @@ After the grid has run, the best trial is found; for every *extended* axis (the 
 with the hard log10 bounds of its :class:`~ptyl.priors.PriorKind` recipe) whose best value is the smallest or the
 largest of the axis, one value ``decades`` further out in that direction is added and the new trials (the new value
 crossed with every value of the other axes) run. This repeats until the best value of every extended axis is
-interior, or the curve has gone flat beyond the edge (the edge value beats its inner neighbour, the other axes held
-at their best values, by less than ``flat_rtol`` = 0.5 % of the metric: the prior is saturated -- frozen at its
-mean, or off -- and further values cannot change the selection materially), or the next value would pass the axis'
-hard bound, or ``max_rounds`` extensions were made. The path (grid and best of every round) is kept, and every axis
+interior, or the curve has gone flat beyond the original grid (an extension made the edge value, and it beats its
+inner neighbour, the other axes held at their best values, by less than ``flat_rtol`` = 0.5 % of the metric: the
+prior is saturated -- frozen at its mean, or off -- and further values cannot change the selection materially), or
+the next value would pass the axis' hard bound, or ``max_rounds`` extensions were made. The path (grid and best of every round) is kept, and every axis
 ends in one status:
 
 ``interior``      the best value has a tried neighbour on both sides;
@@ -85,7 +85,8 @@ def _is_flat(table: Sequence[dict[str, Any]], best: Mapping[str, Any], axes: Seq
 
 def next_values(axes: Mapping[str, Sequence[Any]], best: Mapping[str, Any],
                 extend: Mapping[str, tuple[float, float]], table: Sequence[dict[str, Any]] = (), key: str = "val_nll",
-                decades: float = 1.0, flat_rtol: float = FLAT_RTOL) -> tuple[dict[str, float], dict[str, str]]:
+                decades: float = 1.0, flat_rtol: float = FLAT_RTOL, initial: Mapping[str, Sequence[Any]] | None = None
+                ) -> tuple[dict[str, float], dict[str, str]]:
     """The values one extension round adds.
 
     Args:
@@ -96,6 +97,8 @@ def next_values(axes: Mapping[str, Sequence[Any]], best: Mapping[str, Any],
         key: the selection metric's column.
         decades: how far beyond the edge the new value lies (log10 units).
         flat_rtol: the flatness tolerance (0: never flat).
+        initial: the grid before any extension: an edge of it is always extended at least once (flatness is judged
+            only beyond the original grid).
 
     Returns:
         ``({axis: new value}, {axis: status now})`` for the extended axes; a new value is never past its bound
@@ -105,7 +108,9 @@ def next_values(axes: Mapping[str, Sequence[Any]], best: Mapping[str, Any],
     for axis, (lo, hi) in extend.items():
         values = [v for v in axes.get(axis, ()) if is_number(v)]
         state = axis_status(values, best.get(axis), (lo, hi))
-        if state == "edge" and flat_rtol > 0 and _is_flat(table, best, list(axes), axis, values, key, flat_rtol):
+        extended = initial is None or best.get(axis) not in initial.get(axis, ())
+        if state == "edge" and flat_rtol > 0 and extended and \
+                _is_flat(table, best, list(axes), axis, values, key, flat_rtol):
             state = "flat"
         status[axis] = state
         if state != "edge" or best[axis] <= 0:
