@@ -51,7 +51,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--n-per-class", nargs="+", type=positive_int, help="examples per class [10]")
     p.add_argument("--seeds", nargs="+", type=int, help="few-shot subset seeds [0 1]")
     p.add_argument("--steps", type=positive_int, help=f"SGD steps per fit [{FULL['steps']}]")
-    p.epilog = "The demo runs on one CPU thread unless --threads is given (small batches gain little from threads)."
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="worker processes, one source -> target pair each, one thread each [2]")
+    p.epilog = "Each worker runs on one CPU thread (small batches gain little from threads)."
     add_common(p)
     p.set_defaults(func=run)
 
@@ -74,19 +76,25 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results, tables, source_times = [], [], {}
-    for i, source in enumerate(s["sources"], 1):
-        prior, source_times[source] = _source(args, s, source, out, i)
-        info(args, f"      target {s['target']}, n per class {s['n_per_class']}, seeds {s['seeds']}: "
-                   f"{', '.join(s['methods'])}, each tuned on a {s['val_pool']}-image validation pool")
-        records = _transfer(args, s, prior)
-        for r in records:
-            r["pair"] = f"{source}->{s['target']}"
+    jobs = [(args, s, source, out, i) for i, source in enumerate(s["sources"], 1)]
+    if args.jobs > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch thread pools
+        with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=context, initializer=_one_thread) as pool:
+            done = list(pool.map(_pair, jobs))
+    else:
+        done = [_pair(job) for job in jobs]
+    for source, (records, table, seconds) in zip(s["sources"], done):
         results += records
-        tables.append(_pair_table(source, s, records))
+        tables.append(table)
+        source_times[source] = seconds
     wall = time.perf_counter() - start
     save_json(out / "results.json", {"settings": {k: v for k, v in s.items() if k != "grids"}, "wall_time_s": wall,
                                      "source_time_s": source_times, "results": results})
-    plot = plot_data_efficiency(results, out / "data_efficiency.png")
+    plot = plot_data_efficiency([{**r, "method": f"{r['pair']}: {r['method']}"} for r in results],
+                                out / "data_efficiency.png")
     header = (f"ptyl demo{' --quick' if args.quick else ''}: priors learned on {' and '.join(s['sources'])}, "
               f"transferred to {s['target']} ({s['model']}, width {s['width']})")
     if args.quick:
@@ -108,6 +116,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _pair(job) -> tuple[list[dict], str, float]:
+    """One source -> target pair: learn the prior, compare the methods (in a worker process or here)."""
+    args, s, source, out, i = job
+    prior, seconds = _source(args, s, source, out, i)
+    records = _transfer(args, s, prior, source)
+    for r in records:
+        r["pair"] = f"{source}->{s['target']}"
+    return records, _pair_table(source, s, records), seconds
+
+
 def _source(args, s, source: str, out: Path, i: int) -> tuple[Path, float]:
     from ptyl.pipeline import learn_source_prior
 
@@ -118,10 +142,12 @@ def _source(args, s, source: str, out: Path, i: int) -> tuple[Path, float]:
                                rank=s["rank"], lr=s["source_lr"], batch_size=s["source_batch_size"],
                                n_per_class=s["source_per_class"], model_kwargs={"width": s["width"]},
                                out=out / f"prior_{source}.safetensors", progress=progress(args))
+    info(args, f"      [{source}] target {s['target']}, n per class {s['n_per_class']}, seeds {s['seeds']}: "
+               f"{', '.join(s['methods'])}, each tuned on a {s['val_pool']}-image validation pool")
     return prior, time.perf_counter() - start
 
 
-def _transfer(args, s, prior: Path) -> list[dict]:
+def _transfer(args, s, prior: Path, source: str) -> list[dict]:
     from ptyl.pipeline import parse_method, run_transfer
 
     grids = {}
@@ -130,8 +156,8 @@ def _transfer(args, s, prior: Path) -> list[dict]:
         grids[method] = {kind.recipe.axis: s["grids"].get(kind, s["grids"][PriorKind.LOWRANK]), "lr": [s["lr"]]}
     return run_transfer(prior, s["target"], n_per_class=s["n_per_class"], seeds=s["seeds"], methods=s["methods"],
                         grids=grids, steps=s["steps"], num_samples=s["num_samples"], val_pool=s["val_pool"],
-                        max_test=s["max_test"], train_overrides={"grad_clip": s["grad_clip"]}, progress=progress(args),
-                        log=(lambda line: info(args, line)))
+                        max_test=s["max_test"], train_overrides={"grad_clip": s["grad_clip"]},
+                        max_rounds=s["max_rounds"], progress=False, log=(lambda line: info(args, f"[{source}]{line}")))
 
 
 def _pair_table(source: str, s, records: list[dict]) -> str:

@@ -157,6 +157,7 @@ def run_transfer(
     repeats: int = 1,
     max_test: int | None = None,
     tuning: str = "grid",
+    max_rounds: int = 6,
     train_overrides: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
@@ -186,6 +187,7 @@ def run_transfer(
         folds, repeats: cross-validation when the task has no pool (``folds=None``: one 80/20 split).
         max_test: evaluate on the first ``max_test`` test examples of a class-balanced order (default task only).
         tuning: the tuning strategy (:data:`TUNING_STRATEGIES`).
+        max_rounds: most edge-extension rounds per search.
         train_overrides: other :class:`~ptyl.training.TrainConfig` fields for every fit (e.g. ``{"grad_clip": 5}``).
         out_dir: if given, ``results.json`` is rewritten there after every finished run.
         progress, log: a progress bar; a function receiving one line per finished run.
@@ -245,7 +247,7 @@ def run_transfer(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             record.update(transfer_run(task, train, plan, spec, grid, config, model_fn, seed=seed, folds=folds,
-                                       repeats=repeats, tuning=tuning))
+                                       repeats=repeats, tuning=tuning, max_rounds=max_rounds))
         edges = record.get("edge_warnings", [])
         record["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if str(w.message) not in edges))
         record["wall_time_s"] = time.perf_counter() - start
