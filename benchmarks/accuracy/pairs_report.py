@@ -69,7 +69,8 @@ def _status(records: list[dict[str, Any]]) -> str:
 def _fit(records: list[dict[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for r in records:
-        counts[r.get("fit_status", "?")] = counts.get(r.get("fit_status", "?"), 0) + 1
+        status = "sampled" if r.get("inference", "map") != "map" or "sgld" in r["method"] else r.get("fit_status", "?")
+        counts[status] = counts.get(status, 0) + 1
     text = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     return text.replace("undertrained", "**UNDERTRAINED**")
 
@@ -163,7 +164,8 @@ def report(records: list[dict[str, Any]], cfg: dict[str, Any], command: str, mac
              "prior std / median |theta0| over the backbone (>= 10: prior effectively off). Search status per "
              "selection: interior / flat (no change beyond the edge) / at the documented hard bound / edge "
              "(unextended: should not happen). Fit: training NLL of the final model <= 0.05 ('fit'), above it under "
-             "an active prior ('prior-limited'), or above it with the prior off ('UNDERTRAINED').", ""]
+             "an active prior ('prior-limited'), or above it with the prior off ('UNDERTRAINED'); 'sampled' for SGLD (the "
+             "model average of samples has no point to converge to).", ""]
     payload: dict[str, Any] = {"settings": {k: v for k, v in cfg.items() if k != "pairs"}, "pairs": cfg["pairs"],
                                "tables": {}, "records": records}
     for pair in cfg["pairs"]:

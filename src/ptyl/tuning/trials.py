@@ -17,7 +17,9 @@ batches), ``epoch_loss`` (the last epoch's training-mode mean), ``steps``, ``sto
 
 ``fit``            ``final_loss <= converged_loss`` (the training data are fitted);
 ``prior-limited``  above it, with an active prior: the prior holds the fit back (that is what it is for);
-``undertrained``   above it with the prior effectively off: only the budget can have stopped it -- tables flag it.
+``undertrained``   above it with the prior effectively off: only the budget can have stopped it -- tables flag it;
+``sampled``        a sampling strategy (SGLD, cSGLD, SWAG): the model average of a posterior has no point to converge
+                   to, so its training NLL is reported without a verdict.
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ def make_validation(train_set: Dataset, *, val_set: Dataset | None = None, folds
                       sizes={"train": len(fit_part), "val": len(val_part), "total": len(train_set)})
 
 
-def fit_status(final_loss: float, prior_off: bool, converged_loss: float = CONVERGED_LOSS) -> str:
-    """``"fit"``, ``"prior-limited"`` or ``"undertrained"`` (see the module docstring)."""
+def fit_status(final_loss: float, prior_off: bool, converged_loss: float = CONVERGED_LOSS,
+               sampled: bool = False) -> str:
+    """``"fit"``, ``"prior-limited"``, ``"undertrained"`` or ``"sampled"`` (see the module docstring)."""
+    if sampled:
+        return "sampled"
     if final_loss <= converged_loss:
         return "fit"
     return "undertrained" if prior_off else "prior-limited"
@@ -189,7 +194,8 @@ class TrialRunner:
             final_loss = sum(losses) / len(losses)
             row.update({"std_ratio": strength["std_ratio"], "prior_off": strength["off"], "final_loss": final_loss,
                         "epoch_loss": sum(f.final_loss for f in fits) / len(fits),
-                        "fit_status": fit_status(final_loss, strength["off"], self.converged_loss),
+                        "fit_status": fit_status(final_loss, strength["off"], self.converged_loss,
+                                                 fits[-1].samples is not None),
                         "steps": sum(f.steps for f in fits) / len(fits), "stop_reason": fits[-1].stop_reason,
                         "fits": len(fits)})
         except DivergenceError as err:  # numerical failure: the trial loses, the search goes on
