@@ -86,7 +86,7 @@ QUICK = {
     "image_source": dict(model="smallcnn", width=4, pretrain_epochs=1, swag_epochs=1, rank=3, lr=0.05,
                          n_per_class=20),
     "steps": {"image": {"2": 8}}, "lr": 0.1, "grad_clip": 5.0, "batch_size": 16, "temperature": 0.01,
-    "num_samples": 2, "seeds": [0, 1], "grids": {k: v[:2] for k, v in GRIDS.items()}, "max_rounds": 1,
+    "num_samples": 2, "seeds": [0, 1], "grids": {k: v[:2] for k, v in GRIDS.items()}, "max_rounds": 4,
     "max_test": 100,
 }
 QUICK_PAIRS = {"mnist5k->mnist": dict(kind="image", source="mnist5k", target="mnist", val_pool=100, n=["2"])}
