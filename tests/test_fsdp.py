@@ -155,7 +155,8 @@ def _scenarios(out: Path, data_file: Path, single_prior: Path | None) -> dict[st
     # clipping must see the global gradient norm)
     model = _model(3)
     prior = make_prior(model, "lowrank", posterior=post, scale=100.0, eps=0.1, head_variance=1.0)
-    fitted = fit(model, data, prior, TrainConfig(epochs=2, batch_size=BATCH, lr=0.3, grad_clip=0.5, progress=False))
+    fitted = fit(model, data, prior, TrainConfig(epochs=2, batch_size=BATCH, lr=0.3, grad_clip=0.5,
+                                                 prior_step="gradient", progress=False))  # FSDP2: no proximal step
     res["map.params"] = _flat(model)
     res["map.loss"] = torch.tensor([h["loss"] for h in fitted.history], dtype=torch.float64)
     return res

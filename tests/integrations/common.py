@@ -81,7 +81,7 @@ def reference_fit(data, posterior, **config) -> Net:
     set's size); ``data`` a Dataset (ptyl shuffles it) or a loader."""
     model = make_net()
     settings = dict(epochs=EPOCHS, batch_size=BATCH, lr=LR, schedule="constant", grad_clip=CLIP, seed=SEED,
-                    progress=False)
+                    prior_step="gradient", progress=False)  # the integrations add the prior's gradient
     fit(model, data, prior_for(model, posterior), TrainConfig(**{**settings, **config}), head="fc",
         num_data=len(dataset()))
     return model

@@ -99,7 +99,8 @@ def _head(model) -> str:
 def _reference(kind: str, posterior) -> torch.nn.Module:
     model = _model(kind)
     fit(model, DataLoader(Tokens(), batch_size=BATCH), _prior(model, posterior),
-        TrainConfig(epochs=EPOCHS, lr=LR, schedule="constant", grad_clip=CLIP, progress=False), head=_head(model))
+        TrainConfig(epochs=EPOCHS, lr=LR, schedule="constant", grad_clip=CLIP, prior_step="gradient", progress=False),
+        head=_head(model))
     return model
 
 

@@ -51,7 +51,7 @@ def test_the_five_line_recipe_equals_fit(tmp_path, monkeypatch):
     ref_ns = _namespace(model=reference, loader=shuffled_loader(data))
     exec(once, ref_ns)  # the same prior, built the same way
     fit(reference, data, ref_ns["prior"], TrainConfig(epochs=3, batch_size=BATCH, lr=LR, schedule="constant",
-                                                       seed=SEED, progress=False), head="fc")
+                                                       seed=SEED, prior_step="gradient", progress=False), head="fc")
     torch.testing.assert_close(flat(model), flat(reference), rtol=0, atol=1e-6)
 
 

@@ -293,6 +293,8 @@ class Trainer:
             return "lower the learning rate"
         advice = ("lower the learning rate, or, under a strong learned prior, add eps (e.g. eps=1e-4, `--eps 1e-4`: "
                   "it caps the prior's precisions at 1/eps) or weaken it (a larger scale)")
+        if self.proximal is None and self.strategy.proximal:
+            advice += "; or take the prior's diagonal as a proximal step (prior_step='proximal', SGD: stable for any prior)"
         try:
             top = float(self.prior.precision_diagonal().max())  # the issue-12 prior interface
         except (AttributeError, NotImplementedError, RuntimeError):
@@ -300,9 +302,10 @@ class Trainer:
         step = self.config.lr * top / self.num_data
         if step <= 2:
             return advice
+        proximal = "; or use prior_step='proximal' (SGD), stable for any prior" if self.strategy.proximal else ""
         return (f"the prior's stiffest direction (precision {top:.3g}) makes lr * precision / N = {step:.3g} > 2, so "
                 f"every gradient step overshoots: add eps (e.g. eps=1e-4, `--eps 1e-4`), weaken the prior (a larger "
-                f"scale), or lower the learning rate below {2 * self.num_data / top:.3g}")
+                f"scale), or lower the learning rate below {2 * self.num_data / top:.3g}{proximal}")
 
     def _check_parameters(self, when: str) -> None:
         params = [local_tensor(p.detach()) for p in self.model.parameters()]  # this rank's shard under FSDP2
