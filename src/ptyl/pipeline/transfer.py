@@ -269,8 +269,8 @@ def _log_line(record: dict[str, Any], task: Task, plan: Method, n: int, seed: in
     scores = " ".join(f"{short.get(k, k)}={record[k]:.4f}" for k in task.metrics[:3])
     extra = ""
     if "final_loss" in record and record["final_loss"] is not None:
-        status = record.get("fit_status")
-        extra = f" train-nll={record['final_loss']:.3f}{' UNDERTRAINED' if status == 'undertrained' else ''}"
+        fit = record.get("fit_status")
+        extra = f" train-nll={record['final_loss']:.3f}{' UNDERTRAINED' if fit == 'undertrained' else ''}"
         if record.get("prior_off"):
             extra += " (prior effectively off)"
     return f"  n={n:<4d} seed={seed} {plan.name:<14s} {scores}  {status}{extra}  {record['wall_time_s']:.1f}s"
