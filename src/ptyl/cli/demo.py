@@ -27,7 +27,7 @@ METHODS = [Method.of(PriorKind.STANDARD).name, Method.of(PriorKind.L2SP).name, M
 FULL = dict(sources=["mnist5k", "kmnist"], target="mnist", model="smallcnn", width=16, pretrain_epochs=5,
             swag_epochs=3, rank=20, source_lr=0.05, source_batch_size=128, source_per_class=None, n_per_class=[10],
             seeds=[0, 1], methods=METHODS, lr=0.1, grad_clip=5.0, steps=500, num_samples=10, val_pool=500,
-            max_test=None, max_rounds=3,
+            max_test=None, max_rounds=6,
             grids={PriorKind.STANDARD: [10.0, 100.0, 1000.0], PriorKind.L2SP: [1e-5, 1e-4, 1e-3],
                    PriorKind.LOWRANK: [10.0, 100.0, 1000.0], PriorKind.DIAG: [10.0, 100.0, 1000.0]})
 # Seconds: a handful of source images, a tiny network, two grid values. Exercises every stage, proves nothing.
