@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg["stem"] = f"{NAME}_quick" if args.quick else NAME
     jobs = plan_jobs(cfg)  # bad methods fail here, before any prior is learned
     out = Path(args.out)
-    command = "python benchmarks/accuracy/pairs.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    # the run's command (a --report re-render records the command that produced the stores)
+    command = "python benchmarks/accuracy/pairs.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--report")
     info = machine_info()
     log = lambda line: print(line, flush=True)  # noqa: E731
     if not args.report:
