@@ -25,7 +25,6 @@ REGISTRIES = {SRC / "priors" / "registry.py", SRC / "training" / "registry.py"}
 OTHER_MEANINGS = {
     ("metrics/segmentation.py", "none"): "torchmetrics average='none'",
     ("tuning/result.py", "none"): "matplotlib linestyle='none'",
-    ("tuning/evidence.py", "diag"): "the 'diag' log-determinant approximation",
     ("autotune/curvature.py", "diag"): "the 'diag' curvature structure",
     ("autotune/kfac.py", "diag"): "the 'diag' curvature structure",
     ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",

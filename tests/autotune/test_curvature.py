@@ -213,19 +213,32 @@ def test_log_likelihood_and_count():
     assert curv.log_likelihood == pytest.approx(float(expected), rel=1e-12)
 
 
-def test_diag_matches_the_existing_evidence_curvature():
-    """The diagonal GGN equals ptyl.inference.evidence.curvature (its per-example Jacobian implementation)."""
-    from ptyl.tuning import curvature as existing
-
+def test_diag_on_a_cnn_matches_the_exact_ggn_diagonal():
+    """The diagonal GGN (hooks for Conv2d / Linear) equals the diagonal of the GGN from per-example Jacobians."""
     model = TinyNet().double()
     x, y = torch.randn(12, 1, 6, 6, dtype=F64), torch.randint(0, 3, (12,))
     names = [n for n, _ in model.named_parameters()]
-    ours = compute_curvature(model, [(x, y)], Categorical(), names, method="kfac")
     shapes = [tuple(p.shape) for p in model.parameters()]
-    ours_diag = compute_curvature(model, [(x, y)], Categorical(), names, method="diag").dense(names, shapes).diagonal()
-    ref = existing(model, torch.utils.data.TensorDataset(x, y), names)
-    torch.testing.assert_close(ours_diag, torch.cat([ref.hessian_diag[n].reshape(-1) for n in names]))
-    assert ours.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-12)
+    diag = compute_curvature(model, [(x, y)], Categorical(), names, method="diag").dense(names, shapes).diagonal()
+    torch.testing.assert_close(diag, exact_ggn(model, x, Categorical()).diagonal(), rtol=1e-10, atol=1e-12)
+
+
+def test_softmax_regression_ggn_is_the_hessian():
+    """Softmax regression is linear in its weights, so its GGN equals the exact Hessian of the summed NLL."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, dtype=F64, generator=gen), torch.randint(0, 4, (12,), generator=gen)
+    model = nn.Linear(3, 4).double()
+    params = (model.weight.detach(), model.bias.detach())
+    hess = torch.autograd.functional.hessian(
+        lambda w, b: torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum"), params)
+    full = torch.cat([torch.cat([hess[i][j].reshape(params[i].numel(), params[j].numel()) for j in range(2)], 1)
+                      for i in range(2)])
+    for method in ("full", "diag"):
+        curv = compute_curvature(model, [(x[:5], y[:5]), (x[5:], y[5:])], Categorical(), ["weight", "bias"],
+                                 method=method)
+        dense = curv.dense(["weight", "bias"], [(4, 3), (4,)])
+        expected = full if method == "full" else torch.diag(full.diagonal())
+        torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_shared_layers_and_bad_choices_are_refused():
@@ -238,3 +251,50 @@ def test_shared_layers_and_bad_choices_are_refused():
         compute_curvature(mlp(), [], Categorical(), ["0.weight"], method="exact")
     with pytest.raises(DataError, match="no batches"):
         compute_curvature(mlp(), [], Categorical(), ["0.weight"])
+
+
+class DictInput(nn.Module):
+    """A model fed a tokenizer-style dict of tensors (as ptyl's text classifier is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.scale = nn.Parameter(torch.ones(5))  # not a Linear: the per-example-gradient path
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, inputs):
+        return self.head(torch.tanh(self.body(inputs["features"])) * self.scale * inputs["mask"][:, :1])
+
+
+@pytest.mark.parametrize("method", ["kfac", "diag"])
+def test_dict_inputs_give_the_curvature_of_tensor_inputs(method):
+    model = DictInput().double()
+    x, y = torch.randn(10, 4, dtype=F64), torch.randint(0, 3, (10,))
+    inputs = {"features": x, "mask": torch.ones(10, 2, dtype=F64)}
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    ours = compute_curvature(model, [(inputs, y)], Categorical(), names, method=method).dense(names, shapes)
+
+    class Plain(nn.Module):
+        def forward(self, features):
+            return model({"features": features, "mask": torch.ones(len(features), 2, dtype=F64)})
+
+    wrapped = Plain()
+    wrapped.model = model
+    plain_names = [f"model.{n}" for n in names]
+    plain = compute_curvature(wrapped, [(x, y)], Categorical(), plain_names, method=method).dense(plain_names, shapes)
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["kfac", "diag", "full"])
+def test_scaled_subset_curvature_is_the_sum_over_copies(method):
+    """The curvature of a subset scaled by N / M equals that of the full data when the data are copies of it."""
+    model = mlp()
+    x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    names, shapes = names_shapes(model)
+    once = compute_curvature(model, [(x, y)], Categorical(), names, method=method)
+    thrice = compute_curvature(model, [(x, y)] * 3, Categorical(), names, method=method)
+    scaled = once.scaled(3.0, 18)
+    torch.testing.assert_close(scaled.dense(names, shapes), thrice.dense(names, shapes), rtol=1e-10, atol=1e-12)
+    assert scaled.num_data == thrice.num_data == 18
+    assert scaled.log_likelihood == pytest.approx(thrice.log_likelihood, rel=1e-12)

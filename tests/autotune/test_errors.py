@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ptyl.autotune import Gaussian, build_family, compute_curvature, deelbo_tune, marglik_tune
-from ptyl.errors import ConfigError, DataError, InvalidValueError, PtylError
+from ptyl.autotune import Gaussian, build_family, compute_curvature, evidence_part
+from ptyl.errors import ConfigError, DataError, InvalidValueError
 from tests.autotune.problems import F64, random_posterior
 from tests.helpers import TinyNet
 
@@ -46,63 +46,17 @@ def test_model_without_the_named_head(net):
         build_family(net, "standard", head="fc")
     family = build_family(net, "standard", head="fc", head_variance=None)  # no head prior asked: fine
     with pytest.raises(ConfigError, match="needs a head prior"):
-        marglik_tune(net, family, [(torch.randn(2, 1, 6, 6, dtype=F64), torch.tensor([0, 1]))],
-                     curvature="last-layer")
+        evidence_part(family, "last-layer")
 
 
-def regression():
+def test_curvature_data_errors_name_the_batch():
     model = nn.Linear(3, 1).double()
-    return model, build_family(model, "standard", head=None)
-
-
-@pytest.mark.parametrize("engine", ["deelbo", "marglik"])
-def test_data_that_yields_no_batches(engine):
-    model, family = regression()
-    run = deelbo_tune if engine == "deelbo" else marglik_tune
-    for empty in ([], DataLoader(TensorDataset(torch.zeros(0, 3), torch.zeros(0, 1)), batch_size=4)):
-        with pytest.raises(DataError, match="no batches|empty"):
-            run(model, family, empty, Gaussian(1.0), epochs=1)
-    with pytest.raises(DataError, match="one-shot iterator"):
-        run(model, family, iter([(torch.zeros(2, 3), torch.zeros(2, 1))]), Gaussian(1.0), epochs=1)
-
-
-@pytest.mark.parametrize("engine", ["deelbo", "marglik", "curvature"])
-def test_non_finite_data_names_the_batch(engine):
-    model, family = regression()
     good = (torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64))
     bad = (torch.randn(4, 3, dtype=F64), torch.tensor([[0.0], [float("nan")], [1.0], [2.0]], dtype=F64))
-    data = [good, bad]
     with pytest.raises(DataError, match="batch 1 .*NaN/Inf"):
-        if engine == "deelbo":
-            deelbo_tune(model, family, data, Gaussian(1.0), epochs=1)
-        elif engine == "marglik":
-            marglik_tune(model, family, data, Gaussian(1.0), epochs=1)
-        else:
-            compute_curvature(model, data, Gaussian(1.0), family.names)
-
-
-def test_divergence_is_reported():
-    model, family = regression()
-    x = torch.randn(16, 3, dtype=F64) * 100
-    with pytest.raises(InvalidValueError, match="non-finite (in|at) epoch"):
-        marglik_tune(model, family, [(x, x.sum(1, keepdim=True))], Gaussian(1.0), epochs=50, lr=10.0,
-                     optimizer="sgd")
-
-
-def test_bad_settings():
-    model, family = regression()
-    data = [(torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64))]
-    with pytest.raises(ConfigError, match="curvature"):
-        marglik_tune(model, family, data, Gaussian(1.0), curvature="hessian")
-    with pytest.raises(ConfigError, match="epochs"):
-        deelbo_tune(model, family, data, Gaussian(1.0), epochs=0)
-    with pytest.raises(ConfigError, match="optimizer"):
-        deelbo_tune(model, family, data, Gaussian(1.0), optimizer="lbfgs")
-    with pytest.raises(ConfigError, match="kappa"):
-        deelbo_tune(model, family, data, Gaussian(1.0), kappa=-1.0)
+        compute_curvature(model, [good, bad], Gaussian(1.0), ["weight", "bias"])
+    for empty in ([], DataLoader(TensorDataset(torch.zeros(0, 3), torch.zeros(0, 1)), batch_size=4)):
+        with pytest.raises(DataError, match="no batches"):
+            compute_curvature(model, empty, Gaussian(1.0), ["weight", "bias"])
     with pytest.raises(InvalidValueError, match="noise_variance"):
         Gaussian(0.0)
-    fixed = build_family(model, "standard", head=None, learn=("variance",))
-    for p in fixed.parameters():
-        p.requires_grad_(False)
-    assert issubclass(ConfigError, PtylError) and issubclass(DataError, PtylError)

@@ -106,6 +106,25 @@ def test_finetune_tune_selects_from_the_grid(tiny_prior, tmp_path):
     assert report["tuning"]["path"] and report["tuning"]["edge_status"]["scale"] != "edge"
 
 
+@pytest.mark.parametrize("strategy", ["de-elbo", "auto"])
+def test_finetune_tune_learns_the_strength_in_one_run(tiny_prior, tmp_path, strategy):
+    from ptyl.tuning import AUTO
+
+    out = tmp_path / strategy
+    assert main(["finetune", "--prior", str(tiny_prior), *FAST, "--tune", strategy, "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    tuning = report["tuning"]
+    assert tuning["strategy"] == (AUTO if strategy == "auto" else strategy) and tuning["search_cost_s"] > 0
+    assert report["hyperparameters"]["scale"] == tuning["best"]["scale"] != 1e4  # learned from the default
+    assert [row["epoch"] for row in tuning["table"]] == [h["epoch"] for h in report["history"]]
+
+
+def test_finetune_tune_none_has_nothing_to_learn(tiny_prior, tmp_path, capsys):
+    args = ["finetune", "--prior", str(tiny_prior), *FAST, "--baseline", "none", "--tune", "marglik"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert "no usable scale" in _error_line(capsys)
+
+
 def test_finetune_segmentation(tiny_prior, tmp_path):
     out = tmp_path / "seg"
     assert main(["finetune", "--prior", str(tiny_prior), "--task", "segmentation", "--n-train", "4", "--n-test", "4",

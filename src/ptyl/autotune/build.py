@@ -35,13 +35,8 @@ from ptyl.priors.block import assign_blocks
 from ptyl.priors.lowrank import check_rank
 from ptyl.priors.registry import PriorKind
 
-KINDS = tuple(kind for kind in PriorKind if kind.recipe.axis is not None)  # the kinds with a scale to learn
+KINDS = tuple(kind for kind in PriorKind if kind.recipe.learnable)  # the kinds with a hyper-parameter to learn
 HYPERS = ("scale", "eps", "variance", "head_variance")
-
-
-def _kind_hypers(kind: PriorKind) -> tuple[str, ...]:
-    """The strength axis of the kind (its recipe's), plus eps for learned priors."""
-    return (kind.recipe.axis, "eps") if kind.recipe.needs_posterior else (kind.recipe.axis,)
 
 
 def split_parameters(model: nn.Module, head, unregularized: Sequence[str], need_head: bool):
@@ -64,7 +59,7 @@ def _check_learn(kind: str, learn: Sequence[str], eps: float, head_variance: flo
     unknown = learn - set(HYPERS)
     if unknown:
         raise ConfigError(f"unknown hyper-parameter(s) {sorted(unknown)} to learn; choose from {HYPERS}")
-    usable = set(_kind_hypers(kind)) | ({"head_variance"} if head_variance is not None else set())
+    usable = set(kind.recipe.learnable) | ({"head_variance"} if head_variance is not None else set())
     if not learn & usable:
         raise ConfigError(f"prior kind {str(kind)!r} has no usable scale among learn={sorted(learn)}: learnable here are "
                           f"{sorted(usable)}")
@@ -126,8 +121,8 @@ def build_family(
         blocks: ``"auto"`` or module prefixes (``block`` only).
     """
     if kind not in KINDS:  # members compare equal to their names
-        raise ConfigError(f"prior kind {str(kind)!r} has no scale to learn; choose one of "
-                          f"{tuple(str(k) for k in KINDS)}")
+        raise ConfigError(f"prior kind {str(kind)!r} has no scale to learn (its registry recipe declares no learnable "
+                          f"hyper-parameter); choose one of {tuple(str(k) for k in KINDS)}")
     kind = PriorKind.parse(kind)
     learn = _check_learn(kind, learn, eps, head_variance)
     params, head_names, backbone, free = split_parameters(model, head, unregularized, head_variance is not None)

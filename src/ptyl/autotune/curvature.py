@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -142,6 +142,14 @@ class Curvature:
     @property
     def names(self) -> list[str]:
         return [n for b in self.blocks for n in b.names]
+
+    def scaled(self, factor: float, num_data: int) -> Curvature:
+        """The curvature of ``num_data`` examples estimated from this one of a random subset: every sum times
+        ``factor`` = N / M (K-FAC: the output factor B; A is a mean)."""
+        blocks = [replace(b, b=b.b * factor) if isinstance(b, KronBlock) else replace(b, h=b.h * factor)
+                  for b in self.blocks]
+        return Curvature(blocks, self.log_likelihood * factor, num_data, self.method,
+                         {**self.info, "subset": self.num_data})
 
     def dense(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> torch.Tensor:
         """The block-diagonal approximation as a dense matrix over ``names`` (tests only)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ptyl.autotune.curvature import DenseBlock, DiagBlock
-from ptyl.autotune.data import checked_batches
+from ptyl.autotune.data import checked_batches, num_examples, rows
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
 from ptyl.params import normalize_name
@@ -52,12 +52,14 @@ def ggn_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: 
     """One :class:`DiagBlock` (``structure="diag"``) or :class:`DenseBlock` (``"full"``) over ``names``; also the
     summed log-likelihood and the number of examples."""
     from torch.func import functional_call, grad, vmap
+    from torch.utils._pytree import tree_map
 
     wrt, fixed = _split_params(model, names)
     size = sum(p.numel() for p in wrt.values())
 
     def projected(params, x, v):
-        out = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),))
+        one = tree_map(lambda t: t.unsqueeze(0) if torch.is_tensor(t) else t, x)  # a tensor or a dict of tensors
+        out = functional_call(model, {**fixed, **params}, (one,))
         return (likelihood.outputs(out).reshape(-1) * v.to(out.dtype)).sum()
 
     per_column = vmap(vmap(grad(projected), in_dims=(None, None, 0)), in_dims=(None, 0, 0))
@@ -69,11 +71,12 @@ def ggn_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: 
         with torch.no_grad():
             out = model(x)
         log_lik += likelihood.log_prob(out.double(), y).sum().cpu()
-        count += x.shape[0]
+        size = num_examples(x)
+        count += size
         vectors = _column_vectors(likelihood, out, fisher, mc_samples, generator)  # [B, R, O]
         chunk = max(1, _BUDGET // max(vectors.shape[1] * size, 1))
-        for start in range(0, x.shape[0], chunk):
-            g = per_column(wrt, x[start:start + chunk], vectors[start:start + chunk])
+        for start in range(0, size, chunk):
+            g = per_column(wrt, rows(x, start, start + chunk), vectors[start:start + chunk])
             flat = torch.cat([g[n].reshape(g[n].shape[0] * g[n].shape[1], -1) for n in wrt], dim=1).double()
             if dense is None:
                 diag += flat.pow(2).sum(0)

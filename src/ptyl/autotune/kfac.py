@@ -32,7 +32,7 @@ from torch import nn
 
 from ptyl.autotune.affine import affine_grads, supported_affine
 from ptyl.autotune.curvature import DiagBlock, KronBlock
-from ptyl.autotune.data import checked_batches
+from ptyl.autotune.data import checked_batches, num_examples
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
 from ptyl.params import normalize_name
@@ -67,20 +67,20 @@ def plan_layers(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Mo
 
 
 def _inputs(module: nn.Module, x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """The layer's inputs a_nt as [N, T, in'] (float64, bias column of ones appended)."""
+    """The layer's inputs a_nt as [N, T, in'] (the model's dtype: the factor products run in it and are summed in
+    float64; bias column of ones appended)."""
     if isinstance(module, nn.Conv2d):
         a = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1])
-    a = a.double()
     return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if has_bias else a
 
 
 def _grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Output gradients g_nt as [N, T, out] (float64)."""
+    """Output gradients g_nt as [N, T, out] (the model's dtype)."""
     if isinstance(module, nn.Conv2d):
-        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).double()
-    return g.reshape(g.shape[0], -1, g.shape[-1]).double()
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 _BUDGET = 2**24  # per-example gradient entries held at once for the diagonal of a weight-shared layer
@@ -88,10 +88,11 @@ _BUDGET = 2**24  # per-example gradient entries held at once for the diagonal of
 
 def _diag_update(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """sum_n (sum_t g_nt a_nt^T)^2 over one column's gradients: [out, in']."""
+    g, a = g.to(a.dtype), a
     if g.shape[1] == 1:
-        return g[:, 0].pow(2).T @ a[:, 0].pow(2)
+        return (g[:, 0].pow(2).T @ a[:, 0].pow(2)).double()
     chunk = max(1, _BUDGET // (g.shape[2] * a.shape[2]))
-    return sum(torch.einsum("nto,nti->noi", g[i:i + chunk], a[i:i + chunk]).pow(2).sum(0)
+    return sum(torch.einsum("nto,nti->noi", g[i:i + chunk], a[i:i + chunk]).pow(2).sum(0).double()
                for i in range(0, g.shape[0], chunk))
 
 
@@ -145,7 +146,7 @@ def layer_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names
                 out = model(x)
             f = likelihood.outputs(out)
             log_lik += likelihood.log_prob(out.detach().double(), y).sum().cpu()
-            count += x.shape[0]
+            count += num_examples(x)
             if plan:
                 _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc_samples, generator)
     finally:
@@ -175,11 +176,11 @@ def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc
                 stats[name]["diag"] = stats[name]["diag"] + _diag_update(g, inputs[name])
             else:
                 g = g.reshape(-1, g.shape[-1])
-                stats[name]["b"] = stats[name]["b"] + g.T @ g
+                stats[name]["b"] = stats[name]["b"] + (g.T @ g).double()
     if structure != "diag":
         for name in (n for n in layer_names if n not in affine):
             a = inputs[name].reshape(-1, inputs[name].shape[-1])
-            stats[name]["a"] = stats[name]["a"] + a.T @ a
+            stats[name]["a"] = stats[name]["a"] + (a.T @ a).double()
             stats[name]["rows"] += a.shape[0]
 
 

@@ -12,13 +12,12 @@ with E_q[log p] closed form for every prior family (:meth:`~ptyl.autotune.famili
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ptyl.autotune.data import checked_batches
 from ptyl.autotune.families import Family
 from ptyl.errors import ConfigError
 from ptyl.params import normalize_name
@@ -77,23 +76,13 @@ class VariationalPosterior(nn.Module):
         return -family.expected_log_prob(self.means(model), self.variances()) - self.entropy()
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, data: Iterable, num_samples: int = 10, seed: int = 0,
-                transform=lambda out: torch.softmax(out, dim=-1)) -> torch.Tensor:
-        """Bayesian model average over ``num_samples`` draws of q: the mean of ``transform(model_theta(x))`` (class
-        probabilities by default), in data order, model in eval mode."""
-        device = self.log_std[0].device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        draws = [self.sample(model, generator) for _ in range(num_samples)]
-        was_training = model.training
-        model.eval()
-        try:
-            chunks = []
-            for x, _ in checked_batches(data, device):
-                chunks.append(sum(transform(functional_call(model, d, (x,), strict=False)) for d in draws)
-                              / num_samples)
-        finally:
-            model.train(was_training)
-        return torch.cat(chunks)
+    def sample_states(self, model: nn.Module, num_samples: int, generator: torch.Generator | None = None):
+        """``num_samples`` full state dicts of ``model`` (buffers included) with the covered parameters drawn from
+        q, for a :class:`~ptyl.inference.SampleBank` (Bayesian model averaging over q)."""
+        state = model.state_dict(keep_vars=False)
+        for _ in range(num_samples):
+            draw = self.sample(model, generator)
+            yield {k: draw[k].detach() if k in draw else v for k, v in state.items()}
 
 
 class SampledModel(nn.Module):

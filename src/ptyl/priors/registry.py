@@ -1,15 +1,17 @@
 """The prior kinds ptyl knows, each declared once with its recipe.
 
 Everything that depends on the kind of a prior reads this registry: :func:`ptyl.priors.make_prior` (the builder),
-the tuning grids (:func:`ptyl.tuning.default_grid`: the strength axis and its default range), the evidence
-(:func:`ptyl.tuning.select_prior_scale`: which value it selects), method parsing (:func:`ptyl.pipeline.parse_method`)
-and the command line's choices. Adding a kind is one new builder file plus one member line below (see
+the tuning grids (:func:`ptyl.tuning.default_grid`: the strength axis and its default range), the automatic tuning
+strategies (:func:`ptyl.tuning.tune` with ``strategy="de-elbo"`` / ``"marglik"``: which hyper-parameters they may learn
+and where they start), method parsing (:func:`ptyl.pipeline.parse_method`) and the command line's choices. Adding a kind is one new builder file plus one member line below (see
 ``docs/architecture.md``).
 
 >>> PriorKind.parse("lowrank").recipe.axis
 'scale'
 >>> [str(kind) for kind in PriorKind if not kind.recipe.needs_posterior]
 ['l2sp', 'standard', 'none']
+>>> PriorKind.parse("lowrank").recipe.learnable
+('scale', 'eps')
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class PriorRecipe:
         axis: the option a tuner varies to make the prior weaker or stronger (``"scale"`` = lambda of a learned
             prior, ``"variance"`` of an isotropic one); ``None``: nothing to tune.
         log10_range: default search interval of ``axis`` in log10 units.
-        default: value of ``axis`` when it is not tuned (the command line's default).
+        default: value of ``axis`` when it is not tuned (the command line's default), and where the automatic tuning
+            strategies start learning it (the midpoint of ``log10_range`` in log space for the built-in kinds).
         builder: ``"module:function"`` with signature ``(backbone, posterior, options) -> Prior | None``: the
             backbone parameters (name -> tensor), the posterior matched to them (or ``None``) and the
             :class:`PriorOptions`; ``None`` leaves the backbone unregularised. Imported on first use, so this file
@@ -70,6 +73,9 @@ class PriorRecipe:
         hard_log10_bounds: how far a tuner may extend ``axis`` beyond ``log10_range`` when the best value sits on an
             edge (:func:`ptyl.tuning.tune`); ``None``: ``log10_range`` widened by 4 decades on each side.
         eps: default isotropic jitter of a learned prior, ``N(mu, lam Sigma + eps I)`` (ignored by other kinds).
+        learnable: the backbone hyper-parameters the automatic strategies may learn by gradient
+            (:func:`ptyl.autotune.build_family`; the head's ``head_variance`` is learnable for every kind). Empty: the
+            kind has no differentiable family and only grid tuning applies to it.
     """
 
     needs_posterior: bool
@@ -88,6 +94,7 @@ class PriorRecipe:
         if self.log10_range is None:
             return None
         return self.log10_range[0] - 4.0, self.log10_range[1] + 4.0
+    learnable: tuple[str, ...] = ()
 
     def build(self, backbone: dict[str, Any], posterior: Any, options: PriorOptions) -> Any:
         """Call the builder.
@@ -120,20 +127,22 @@ class PriorKind(str, Enum):
     __str__ = str.__str__
     __format__ = str.__format__
 
-    # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder[, hard_log10_bounds, eps])
+    # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder[, hard_log10_bounds, eps,
+    #                              learnable])
     # Learned kinds: lambda in 10^[0, 4] with eps = 1e-3 holds the weights at the scale they have (median prior
     # std / median |mu| ~ 0.6-3 on the benchmarks' CNNs); lambda >= ~1e6 switches the prior off. Hard bounds: below
     # 10^-3 the prior is N(mu, eps I) whatever lambda is; above 10^10 it is off on any network we ship.
     LOWRANK = "lowrank", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.learned:build_lowrank",
-                                     (-3.0, 10.0), 1e-3)
+                                     (-3.0, 10.0), 1e-3, ("scale", "eps"))
     DIAG = "diag", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.learned:build_diagonal",
-                               (-3.0, 10.0), 1e-3)
+                               (-3.0, 10.0), 1e-3, ("scale", "eps"))
     BLOCK = "block", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.block:build_block",
-                                 (-3.0, 10.0), 1e-3)
+                                 (-3.0, 10.0), 1e-3, ("scale", "eps"))
     L2SP = "l2sp", PriorRecipe(False, "variance", (-5.0, -1.0), 1e-3, "ptyl.priors.isotropic_builders:build_l2sp",
-                               (-9.0, 3.0))
+                               (-9.0, 3.0), learnable=("variance",))
     STANDARD = "standard", PriorRecipe(False, "variance", (-1.0, 3.0), 10.0,
-                                       "ptyl.priors.isotropic_builders:build_standard", (-5.0, 5.0))
+                                       "ptyl.priors.isotropic_builders:build_standard", (-5.0, 5.0),
+                                       learnable=("variance",))
     NONE = "none", PriorRecipe(False, None, None, None, "ptyl.priors.isotropic_builders:build_none")
 
     @classmethod

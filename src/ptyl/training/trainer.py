@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ptyl import distributed as ddp
-from ptyl.errors import CheckpointError, ConfigError, DivergenceError
+from ptyl.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from ptyl.inference.bma import to_device
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.priors.base import Prior
@@ -139,6 +139,9 @@ class Trainer:
         self.prior_term = PriorTerm(prior, self.num_data, self.device)
         self.precision = MixedPrecision(self.config.precision, self.device)
         self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise DataError("the data loader yields no batches (an empty data set, or drop_last with fewer examples "
+                            "than one batch)")
         if self.config.max_steps is not None:
             self.config.epochs = max(1, math.ceil(self.config.max_steps / max(self.steps_per_epoch, 1)))
         self.total_steps = self.config.epochs * self.steps_per_epoch
@@ -161,6 +164,19 @@ class Trainer:
         self.stop_epoch: int | None = None  # the run ends after this many epochs (the rule was met; annealing)
         self.history: list[dict[str, float]] = []
         self._zero = torch.zeros((), device=self.device)
+
+    def set_prior(self, prior: Prior | None) -> None:
+        """Train under ``prior`` from the next step on (e.g. a prior whose hyper-parameters were just updated:
+        :class:`ptyl.tuning.MarginalLikelihood`).
+
+        Args:
+            prior: the new prior (over the same parameters), or ``None``.
+        """
+        if isinstance(prior, nn.Module):
+            prior.to(self.device)
+        self.prior = prior
+        self.prior_term = PriorTerm(prior, self.num_data, self.device)
+        self.proximal = self._proximal(prior)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> FitResult:
@@ -235,6 +251,8 @@ class Trainer:
             if full:
                 window.flush(self.env, self._divergence_hint)
         window.flush(self.env, self._divergence_hint)
+        if window.steps == 0:
+            raise DataError(f"the data loader yielded no batches in epoch {self.epoch + 1}")
         self._check_parameters(f"after epoch {self.epoch + 1} (step {self.step})")
         self.strategy.on_epoch(self)
         loss, prior = self.env.mean(window.means()).tolist()
@@ -249,18 +267,15 @@ class Trainer:
         optimizer = self.strategy.optimizer
         optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            data_loss = self.objective(self.net, batch)
+            data_loss = self.strategy.data_loss(self, batch)
         self.precision.backward(data_loss)
-        prior_term = self._zero
         if self.prior is not None or self.config.grad_clip:
             self.precision.unscale_(optimizer)  # fp16: the true gradients before the prior's are added and clipping
-        if self.prior is not None:
-            # the prior's gradient goes straight into .grad in a few fused kernels, in full precision (the same update
-            # as backpropagating penalty/N). DDP: backward has averaged the data gradients; every rank adds the same
-            # prior term once
-            prior_term = self.prior_term.add_grad_(self.model)
-            if self.proximal is not None:  # the separable part is the proximal step below, not a gradient
-                self.proximal.remove_separable_grad_()
+        # the prior's gradient goes straight into .grad in a few fused kernels, in full precision (the same update as
+        # backpropagating penalty/N). DDP: backward has averaged the data gradients; every rank adds the same term once
+        prior_term = self.strategy.add_prior_grad(self)
+        if self.proximal is not None:  # the separable part is the proximal step below, not a gradient
+            self.proximal.remove_separable_grad_()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.precision.step(optimizer)

@@ -1,32 +1,26 @@
-"""Choosing hyper-parameters: the same-budget validation grid every method and baseline goes through (:func:`tune`)
-and the Laplace evidence (:func:`select_prior_scale`)."""
+"""Choosing hyper-parameters: :func:`tune` -- the same-budget validation grid every method and baseline goes through
+(``strategy="grid"``), or one run of an automatic strategy that learns the prior's strength from the training data
+(``"de-elbo"``: the data-emphasized ELBO; ``"marglik"``: the online Laplace marginal likelihood)."""
 
-from ptyl.tuning.curvature import Curvature, curvature, gaussian_objective
-from ptyl.tuning.evidence import (
-    EvidenceResult,
-    laplace_log_evidence,
-    posterior_log_det,
-    prior_precision_diagonal,
-    select_prior_scale,
-)
+from ptyl.tuning.automatic import AUTO, AutoConfig, tune_automatic
+from ptyl.tuning.deelbo import DEELBOStrategy
 from ptyl.tuning.grid import DEFAULT_LRS, PriorSpec, default_grid, tune
-from ptyl.tuning.result import TuneResult
+from ptyl.tuning.marglik import MarginalLikelihood
+from ptyl.tuning.result import STRATEGIES, TuneResult
 from ptyl.tuning.splits import k_folds, validation_split
 
 __all__ = [
+    "AUTO",
     "DEFAULT_LRS",
-    "Curvature",
-    "EvidenceResult",
+    "STRATEGIES",
+    "AutoConfig",
+    "DEELBOStrategy",
+    "MarginalLikelihood",
     "PriorSpec",
     "TuneResult",
-    "curvature",
     "default_grid",
-    "gaussian_objective",
     "k_folds",
-    "laplace_log_evidence",
-    "posterior_log_det",
-    "prior_precision_diagonal",
-    "select_prior_scale",
     "tune",
+    "tune_automatic",
     "validation_split",
 ]

@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -60,11 +61,14 @@ from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.result import FitResult
-from ptyl.tuning.result import TuneResult, edge_warnings, is_number
+from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, edge_warnings, is_number
 from ptyl.tuning.search import FLAT_RTOL, axis_status, next_values, select_best
 from ptyl.tuning.splits import SPLITS
 from ptyl.tuning.trials import PRIOR_KEYS, TrialRunner, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
+
+if TYPE_CHECKING:
+    from ptyl.tuning.automatic import AutoConfig
 
 __all__ = ["DEFAULT_LRS", "PriorSpec", "default_grid", "tune"]
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
@@ -218,8 +222,10 @@ def tune(
     model_fn: Callable[[], nn.Module],
     train_set: Dataset,
     prior_spec: PriorSpec | str | Mapping[str, Any],
-    grid: Mapping[str, Sequence[Any]],
+    grid: Mapping[str, Sequence[Any]] | None = None,
     *,
+    strategy: str = GRID,
+    auto: AutoConfig | None = None,
     val_set: Dataset | None = None,
     folds: int | None = None,
     repeats: int = 1,
@@ -240,14 +246,20 @@ def tune(
     evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
     cache: Any = None,
 ) -> TuneResult:
-    """Grid search with edge extension on validation data (see the module docstring).
+    """Choose the prior's hyper-parameters: grid search with edge extension on validation data (see the module
+    docstring), or one run of an automatic strategy that learns them without validation data
+    (:mod:`ptyl.tuning.automatic`).
 
     Args:
         model_fn: returns a fresh pretrained / initialised model on every call (called after
             ``torch.manual_seed(seed)``, so random heads are the same in every trial).
         train_set: the n training examples.
         prior_spec: a :class:`PriorSpec`, a kind name (``"standard"``...), or a dict of PriorSpec fields.
-        grid: axis name -> values (see the module docstring).
+        grid: axis name -> values (see the module docstring); default :func:`default_grid` of the kind. Automatic
+            strategies take no prior axis and one value per training axis (``{"lr": [0.03]}``).
+        strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"`` (:data:`~ptyl.tuning.STRATEGIES`).
+        auto: settings of the automatic strategies (:class:`~ptyl.tuning.AutoConfig`); the grid's validation
+            options (``val_set``, ``folds``, ``test_set``, ``extend``, ``metric``, ``cache``...) do not apply to them.
         val_set: a validation pool of examples never trained on: every trial trains on all of ``train_set`` and is
             scored on the pool; no refit (``final`` is the selected trial's model).
         folds, repeats: repeated stratified k-fold cross-validation instead (then refit on all n).
@@ -273,19 +285,28 @@ def tune(
             there and not re-run (resumable benchmarks).
 
     Returns:
-        A :class:`TuneResult`.
+        A :class:`TuneResult` (``search_cost_s``: the seconds spent choosing).
 
     Raises:
-        DivergenceError: every trial diverged.
+        DivergenceError: every trial (automatic: the run) diverged.
     """
     from tqdm.auto import tqdm
 
     spec = _as_spec(prior_spec)
+    check_choice(strategy, STRATEGIES, "tuning strategy")
+    if strategy != GRID:
+        from ptyl.tuning.automatic import tune_automatic
+
+        fixed = _single_values(grid or {}, spec, config or TrainConfig(), strategy)
+        return tune_automatic(model_fn, train_set, spec, strategy, config=replace(config or TrainConfig(), **fixed),
+                              auto=auto, seed=seed, progress=progress, refit=refit, objective=objective,
+                              collate_fn=collate_fn)
     check_choice(metric, tuple(METRICS), "metric")
     check_choice(split, SPLITS, "split")
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
+    start = time.perf_counter()
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
-    axes = check_grid(grid, spec, base)
+    axes = check_grid(grid if grid is not None else default_grid(spec.kind), spec, base)
     initial = {k: list(v) for k, v in axes.items()}
     bounds = _extended_axes(spec, axes, extend)
     validation = make_validation(train_set, val_set=val_set, folds=folds, repeats=repeats, val_fraction=val_fraction,
@@ -339,11 +360,27 @@ def tune(
     edges = edge_warnings({k: v for k, v in axes.items() if final_status[k] == "edge"}, best)
     for message in edges:
         warnings.warn(message, stacklevel=2)
+    search_cost = time.perf_counter() - start
     final = fits.get(tuple(best.values()))
     if (validation.refit or final is None) and refit:
         final, _ = runner.fit_once(train_set, best, progress=progress)
     return TuneResult(best, table, edges, final, metric, axes, validation.sizes, path=path, edge_status=final_status,
-                      validation=validation.mode)
+                      validation=validation.mode, search_cost_s=search_cost)
+
+
+def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainConfig,
+                   strategy: str) -> dict[str, Any]:
+    """The training settings an automatic strategy takes from a grid: one value per axis, no prior axis."""
+    learned = [k for k in grid if k in PRIOR_KEYS]
+    if learned:
+        raise ConfigError(f"strategy {strategy!r} learns the prior's values: drop the grid axes {learned} (set the "
+                          "starting values with AutoConfig.initial)")
+    axes = check_grid(grid, replace(spec, kind=PriorKind.NONE), base)  # the training axes, checked as the grid's
+    several = [k for k, v in axes.items() if len(v) > 1]
+    if several:
+        raise ConfigError(f"strategy {strategy!r} runs once: give one value for {several}, or use strategy 'grid'")
+    return {k: v[0] for k, v in axes.items()}
+
 
 
 def _keep_best(fits: dict, combo: tuple, result: FitResult, row: dict, table: list, key: str, sign: float) -> None:

@@ -1,5 +1,5 @@
-"""What a grid search returns: the table of trials, the choice, the search path, edge warnings, the final model;
-JSON and a plot."""
+"""What tuning returns -- a grid search (the table of trials, the choice, edge warnings, the refit) or an automatic
+strategy (the per-epoch path of the learned values, the trained model) -- with JSON and a plot."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from typing import Any
 from ptyl.errors import ConfigError
 from ptyl.training.result import FitResult
 
-__all__ = ["TuneResult", "edge_warnings", "is_number"]
+__all__ = ["DEELBO", "GRID", "MARGLIK", "STRATEGIES", "TuneResult", "edge_warnings", "is_number"]
+
+GRID, DEELBO, MARGLIK = "grid", "de-elbo", "marglik"
+STRATEGIES = (GRID, DEELBO, MARGLIK)  # how tune() chooses: a validation grid, or one of the automatic strategies
 
 
 def is_number(value: Any) -> bool:
@@ -41,13 +44,16 @@ class TuneResult:
     """Outcome of :func:`ptyl.tuning.tune`.
 
     Attributes:
-        best: the chosen value of every grid axis.
+        best: the chosen value of every grid axis; automatic strategies: the learned values as keyword arguments of
+            :func:`ptyl.priors.make_prior` (``scale`` / ``variance``, ``eps``, ``head_variance``; block: ``scale``
+            per block).
         table: one row per trial: the axis values, ``val_nll``, ``val_accuracy``, ``val_ece``, ``val_brier``
-            (``inf``/``nan`` and an ``error`` message if training diverged).
+            (``inf``/``nan`` and an ``error`` message if training diverged); automatic strategies: one row per
+            epoch (loss, the hyper-parameters, ``log_evidence`` / ``deelbo``).
         edge_warnings: one message per numeric axis whose best value lies at an edge of its grid.
         final: the model of the chosen values trained on all n examples: the selected trial itself with a
-            validation pool, else the refit (``None`` with ``refit=False``).
-        metric: the selection criterion.
+            validation pool, else the refit (``None`` with ``refit=False``); automatic: the trained model.
+        metric: the selection criterion (automatic: ``log_evidence`` or ``deelbo``).
         grid: the axes searched (extensions included).
         split: sizes of the fit / validation parts and of the whole set.
         path: one entry per round of the search: the grid, the best values, the best validation score and the
@@ -55,6 +61,10 @@ class TuneResult:
         edge_status: per axis: ``interior``, ``lower bound`` / ``upper bound`` (at the documented hard bound) or
             ``edge`` (left on an edge: a warning).
         validation: ``"pool"``, ``"cv"`` or ``"split"``.
+        strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"``.
+        search_cost_s: seconds spent choosing (grid: every trial, not the refit; automatic: the one run).
+        objective: automatic: the final DE-ELBO estimate or the selected log evidence.
+        settings: automatic: the :class:`~ptyl.tuning.AutoConfig` used.
     """
 
     best: dict[str, Any]
@@ -67,10 +77,17 @@ class TuneResult:
     path: list[dict[str, Any]] = field(default_factory=list)
     edge_status: dict[str, str] = field(default_factory=dict)
     validation: str = "split"
+    strategy: str = GRID
+    search_cost_s: float = math.nan
+    objective: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def selected(self) -> dict[str, Any]:
-        """The table row of the chosen values (validation and, with a pool and a test set, test metrics)."""
+        """The table row of the chosen values (validation and, with a pool and a test set, test metrics); automatic
+        strategies: the last epoch's row."""
+        if self.strategy != GRID:
+            return self.table[-1]
         return next(r for r in self.table if all(r.get(k) == v for k, v in self.best.items()))
 
     @property
@@ -94,15 +111,20 @@ class TuneResult:
         """Everything but the trained model.
 
         Returns:
-            A JSON-ready dict (``best``, ``metric``, ``grid``, ``split``, ``validation``, ``table``, ``path``,
-            ``edge_status``, ``edge_warnings``, ``final``).
+            A JSON-ready dict (``strategy``, ``best``, ``metric``, ``grid``, ``split``, ``validation``, ``table``,
+            ``path``, ``edge_status``, ``edge_warnings``, ``search_cost_s``, ``final``; automatic: ``objective``,
+            ``settings``).
         """
         final = None
         if self.final is not None:
             final = {"history": self.final.history, "config": asdict(self.final.config)}
-        return {"best": self.best, "metric": self.metric, "grid": self.grid, "split": self.split,
-                "validation": self.validation, "table": self.table, "path": self.path,
-                "edge_status": self.edge_status, "edge_warnings": self.edge_warnings, "final": final}
+        out = {"strategy": self.strategy, "best": self.best, "metric": self.metric, "grid": self.grid,
+               "split": self.split, "validation": self.validation, "table": self.table, "path": self.path,
+               "edge_status": self.edge_status, "edge_warnings": self.edge_warnings,
+               "search_cost_s": self.search_cost_s, "final": final}
+        if self.strategy != GRID:
+            out.update({"objective": self.objective, "settings": self.settings})
+        return out
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON.
@@ -121,8 +143,8 @@ class TuneResult:
 
     def plot(self, path: str | Path, x: str | None = None) -> Path:
         """Plot validation NLL against one axis (log scale), one line per combination of the other axes, the
-        selected point starred. Draws on its own figure (no pyplot state: the caller's matplotlib backend is left
-        alone).
+        selected point starred; for an automatic strategy, the learned values against the epoch. Draws on its own
+        figure (no pyplot state: the caller's matplotlib backend is left alone).
 
         Args:
             path: the PNG file to write (atomically).
@@ -136,6 +158,8 @@ class TuneResult:
 
         from ptyl.io.atomic import atomic_write
 
+        if self.strategy != GRID:
+            return atomic_write(path, lambda tmp: self._path_figure().savefig(tmp, format="png", dpi=120))
         x = x or next((k for k in ("scale", "variance") if k in self.grid), None) or next(
             (k for k, v in self.grid.items() if all(is_number(a) for a in v)), None)
         if x is None or x not in self.grid:
@@ -157,3 +181,22 @@ class TuneResult:
         ax.set_ylabel("validation NLL")
         ax.legend(fontsize=7)
         return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+    def _path_figure(self):
+        """The learned hyper-parameters (log scale) against the epoch of an automatic strategy's run."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6, 4), layout="constrained")
+        FigureCanvasAgg(figure)
+        ax = figure.subplots()
+        names = [k for k in self.table[0] if k.startswith(("scale", "variance", "head_variance", "eps"))
+                 and all(is_number(r.get(k)) and r[k] > 0 for r in self.table)] if self.table else []
+        for name in names:
+            ax.plot([r["epoch"] for r in self.table], [r[name] for r in self.table], marker=".", label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"learned value ({self.strategy})")
+        if names:
+            ax.legend(fontsize=7)
+        return figure

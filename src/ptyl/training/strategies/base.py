@@ -98,6 +98,33 @@ class Strategy:
         """
 
     # --- the hooks the loop calls ---------------------------------------------------------------------------------
+    def data_loss(self, trainer: Trainer, batch: Any) -> torch.Tensor:
+        """The data term of one batch, which the loop back-propagates (under autocast); default
+        ``objective(model, batch)``.
+
+        Args:
+            trainer: the running :class:`~ptyl.training.Trainer` (its ``net`` and ``objective``).
+            batch: the batch, on the device.
+
+        Returns:
+            A 0-dim tensor.
+        """
+        return trainer.objective(trainer.net, batch)
+
+    def add_prior_grad(self, trainer: Trainer) -> torch.Tensor:
+        """Add the prior term's gradient into ``.grad`` after the data term's backward; default ``grad(penalty) / N``
+        through :meth:`PriorTerm.add_grad_ <ptyl.training.PriorTerm.add_grad_>` (fused kernels, full precision).
+
+        Args:
+            trainer: the running :class:`~ptyl.training.Trainer` (its ``model``, ``prior``, ``prior_term``).
+
+        Returns:
+            The detached prior term of the step (the loop logs it; no host synchronisation).
+        """
+        if trainer.prior is None:
+            return trainer._zero
+        return trainer.prior_term.add_grad_(trainer.model)
+
     def setup(self, trainer: Trainer) -> None:  # pragma: no cover - abstract
         """Build ``self.optimizer`` (and ``self.scheduler`` / ``self.bank``) for ``trainer``'s model; called once,
         before any step and before a checkpoint is restored."""

@@ -1,0 +1,210 @@
+"""Choosing the prior's strength without a grid: one training run that learns it (``tune(..., strategy=...)``).
+
+=============  ==================================================================  ===================================
+strategy       what the run does                                                   reference
+=============  ==================================================================  ===================================
+``de-elbo``    trains the weights, a diagonal q and log lam / log v jointly on     Harvey et al. 2024,
+               the data-emphasized ELBO (:class:`DEELBOStrategy`)                  https://arxiv.org/abs/2410.19675
+``marglik``    MAP training; every few epochs log lam / log v take Adam steps on   Immer et al. 2021,
+               the Laplace evidence with K-FAC curvature (``curvature="diag"``:    https://arxiv.org/abs/2104.04975
+               the exact diagonal GGN) (:class:`MarginalLikelihood`)
+=============  ==================================================================  ===================================
+
+Both run through :class:`~ptyl.training.Trainer` with the caller's :class:`~ptyl.training.TrainConfig` -- the same
+optimizer, learning rate, schedule and epochs as one grid trial -- on all n training examples (no validation split:
+that is their point), and start from the registry's values (:class:`~ptyl.priors.PriorKind`: the strength axis at
+the recipe's ``default``, the midpoint of its grid range; the head variance at ``PriorSpec.head_variance``). What
+they learn is the kind's strength axis and the head variance unless :attr:`AutoConfig.learn` says otherwise; the
+registry declares what each kind may learn (``recipe.learnable``).
+
+The result is a :class:`~ptyl.tuning.TuneResult` like the grid's: ``best`` holds the selected values as keyword
+arguments of :func:`ptyl.priors.make_prior`, ``table`` the per-epoch path (loss, hyper-parameters, objective),
+``final`` the trained model (DE-ELBO: the variational mean), ``search_cost_s`` the run's seconds. A config whose
+inference samples (``lowrank-sgld``) is refit with it at the selected values.
+
+``auto`` (:data:`AUTO`, the command line's ``--tune auto``) is the strategy the benchmark supports; see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ptyl.autotune.build import build_family
+from ptyl.autotune.likelihoods import Categorical, Likelihood, get_likelihood
+from ptyl.errors import ConfigError
+from ptyl.priors.factory import make_prior
+from ptyl.training.config import TrainConfig
+from ptyl.training.fit import fit
+from ptyl.training.registry import Inference
+from ptyl.tuning.deelbo import DEELBOStrategy
+from ptyl.tuning.marglik import MarginalLikelihood
+from ptyl.tuning.result import DEELBO, MARGLIK, TuneResult
+from ptyl.validation import check_choice
+
+__all__ = ["AUTO", "AutoConfig", "tune_automatic"]
+
+AUTO = MARGLIK
+"""What ``--tune auto`` runs: the online marginal likelihood with K-FAC curvature (see benchmarks/results/autotune.md
+for the side-by-side runs it was chosen from)."""
+
+
+@dataclass
+class AutoConfig:
+    """Settings of the automatic strategies (defaults from the phase-A sanity runs; see the benchmark).
+
+    Attributes:
+        learn: hyper-parameters to learn, from ``("scale", "eps", "variance", "head_variance")``; ``None``: the
+            kind's strength axis and, when the head has a prior, ``head_variance``.
+        initial: starting values by name (default: the registry's ``default`` for the strength axis).
+        likelihood, noise_variance: the model of the data (``"categorical"`` or ``"gaussian"``); the training
+            objective defaults to it.
+        hyper_lr: Adam learning rate of the log hyper-parameters (``None``: 1e-2 for DE-ELBO, 0.1 for marglik).
+        kappa, init_std, std_lr, hyper_every, num_samples, bma_samples: DE-ELBO (:class:`DEELBOStrategy`).
+        curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best, curvature_batch_size,
+            curvature_examples: marglik (:class:`MarginalLikelihood`); ``updates`` spreads that many evidence
+            updates over the run (an update every ``max(1, epochs // updates)`` epochs, and one after the last);
+            ``curvature_examples`` caps the examples each curvature pass reads (a random subset, scaled up to N).
+    """
+
+    learn: Sequence[str] | None = None
+    initial: Mapping[str, float] | None = None
+    likelihood: str | Likelihood = "categorical"
+    noise_variance: float = 1.0
+    hyper_lr: float | None = None
+    kappa: float | None = None
+    init_std: float = 1e-3
+    std_lr: float = 1e-2
+    hyper_every: int = 10
+    num_samples: int = 1
+    bma_samples: int = 0
+    curvature: str = "kfac"
+    updates: int = 10
+    burnin: int = 0
+    hyper_steps: int = 20
+    fisher: str = "exact"
+    mc_samples: int = 1
+    restore_best: bool = False
+    curvature_batch_size: int = 256
+    curvature_examples: int | None = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (a Likelihood instance by its name)."""
+        out = asdict(self)
+        out["likelihood"] = getattr(self.likelihood, "name", self.likelihood)
+        return out
+
+
+def _family(model: nn.Module, spec, auto: AutoConfig):
+    """The prior family of ``spec`` at its starting values, learning what ``auto.learn`` (or the registry) says."""
+    recipe = spec.kind.recipe
+    if not recipe.learnable:
+        raise ConfigError(f"prior kind {str(spec.kind)!r} has no usable scale to learn (its registry recipe declares "
+                          "no learnable hyper-parameter); tune it with strategy 'grid'")
+    if recipe.needs_posterior and spec.posterior is None:
+        raise ConfigError(f"prior kind {str(spec.kind)!r} needs PriorSpec.posterior (the learned source posterior)")
+    learn = auto.learn if auto.learn is not None else (
+        (recipe.axis,) + (("head_variance",) if spec.head_variance is not None else ()))
+    initial = {recipe.axis: recipe.default, **(auto.initial or {})}
+    values = {"scale": initial.get("scale", spec.scale), "variance": initial.get("variance", spec.variance or 1.0),
+              "eps": initial.get("eps", spec.eps if spec.eps is not None else recipe.eps),
+              "head_variance": initial.get("head_variance", spec.head_variance)}
+    return build_family(model, spec.kind, posterior=spec.posterior, rank=spec.rank, blocks=spec.blocks,
+                        head=spec.head, unregularized=spec.unregularized, learn=tuple(learn), **values)
+
+
+def _run_parts(strategy: str, family, config: TrainConfig, auto: AutoConfig, likelihood: Likelihood):
+    """(prior, strategy object, callbacks) of the automatic run."""
+    if strategy == DEELBO:
+        deelbo = DEELBOStrategy(config, family, kappa=auto.kappa, init_std=auto.init_std,
+                                hyper_lr=auto.hyper_lr or 1e-2, std_lr=auto.std_lr, hyper_every=auto.hyper_every,
+                                num_samples=auto.num_samples, bma_samples=auto.bma_samples)
+        return None, deelbo, []
+    callback = MarginalLikelihood(family, likelihood, curvature=auto.curvature, updates=auto.updates,
+                                  burnin=auto.burnin, steps=auto.hyper_steps, lr=auto.hyper_lr or 0.1,
+                                  fisher=auto.fisher, mc_samples=auto.mc_samples, restore_best=auto.restore_best,
+                                  batch_size=auto.curvature_batch_size, max_examples=auto.curvature_examples)
+    return family.to_prior(), None, [callback]
+
+
+def tune_automatic(
+    model_fn: Callable[[], nn.Module],
+    train_set: Dataset,
+    spec,
+    strategy: str = AUTO,
+    *,
+    config: TrainConfig | None = None,
+    auto: AutoConfig | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    refit: bool = True,
+    objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    collate_fn: Callable | None = None,
+    checkpoint: str | None = None,
+    resume: bool = False,
+) -> TuneResult:
+    """Learn the prior's strength in one training run (see the module docstring).
+
+    Args:
+        model_fn: returns a fresh pretrained / initialised model (called once, after ``torch.manual_seed(seed)``).
+        train_set: the n training examples (all of them train).
+        spec: a :class:`~ptyl.tuning.PriorSpec` (its strength field is not used: it is learned).
+        strategy: ``"de-elbo"`` or ``"marglik"``.
+        config: training settings, as for one grid trial (``seed`` and ``progress`` are replaced).
+        auto: an :class:`AutoConfig`.
+        seed, progress: seeds the model, the run and its draws; progress bars.
+        refit: when ``config.inference`` samples (SGLD, ...), refit with it at the selected values (the
+            automatic run itself is MAP / DE-ELBO); otherwise the run's model is final either way.
+        objective, collate_fn: the training objective (default: the likelihood's) and how examples become batches.
+        checkpoint, resume: a checkpoint file written after every epoch, and resuming from it.
+
+    Returns:
+        A :class:`~ptyl.tuning.TuneResult` with ``strategy``, ``best`` (make_prior keyword arguments), ``table``
+        (per-epoch path), ``final`` and ``search_cost_s``.
+
+    Raises:
+        ConfigError: the kind has nothing to learn, the head or the posterior is missing, a bad setting.
+        DataError: no training batches.
+        DivergenceError: the run diverged.
+    """
+    start = time.perf_counter()
+    strategy = check_choice(strategy, (DEELBO, MARGLIK), "automatic tuning strategy")
+    auto = auto or AutoConfig()
+    likelihood = get_likelihood(auto.likelihood, auto.noise_variance)
+    if objective is None and not isinstance(likelihood, Categorical):
+        objective = likelihood  # the default objective is the cross-entropy, the categorical likelihood
+    config = replace(config or TrainConfig(), seed=int(seed), progress=progress)
+    config.validate()
+    run_config = replace(config, inference=Inference.MAP)
+    torch.manual_seed(config.seed)  # the same initial head as the grid's trials
+    model = model_fn()
+    family = _family(model, spec, auto)  # before training: l2sp centres on the pretrained weights
+    prior, deelbo, callbacks = _run_parts(strategy, family, run_config, auto, likelihood)
+    result = fit(model, train_set, prior, run_config, strategy=deelbo, callbacks=callbacks, objective=objective,
+                 num_data=len(train_set), head=spec.head, collate_fn=collate_fn, checkpoint=checkpoint,
+                 resume=resume)
+    selected = family.prior_kwargs()
+    search_cost = time.perf_counter() - start
+    final = result
+    if refit and Inference.parse(config.inference) is not Inference.MAP:
+        torch.manual_seed(config.seed)
+        model = model_fn()
+        prior = make_prior(model, spec.kind, posterior=spec.posterior, rank=spec.rank, blocks=spec.blocks,
+                           head=spec.head, unregularized=spec.unregularized,
+                           **{"eps": spec.eps, "head_variance": spec.head_variance, **selected})
+        final = fit(model, train_set, prior, config, objective=objective, num_data=len(train_set), head=spec.head,
+                    collate_fn=collate_fn)
+    objective_name = "deelbo" if strategy == DEELBO else "log_evidence"
+    score = next((r[objective_name] for r in reversed(result.history) if objective_name in r), math.nan)
+    if strategy == MARGLIK:
+        score = callbacks[0].log_evidence
+    return TuneResult(selected, result.history, [], final, objective_name, {}, {"train": len(train_set), "val": 0,
+                      "total": len(train_set)}, strategy=strategy, search_cost_s=search_cost,
+                      objective=float(score), settings=auto.to_dict())
