@@ -66,7 +66,7 @@ class DEELBOStrategy(MAPStrategy):
     """
 
     def __init__(self, config: TrainConfig, family: Family, *, kappa: float | None = None, init_std: float = 1e-3,
-                 hyper_lr: float = 1e-2, std_lr: float = 1e-2, hyper_every: int = 10, num_samples: int = 1,
+                 hyper_lr: float = 0.1, std_lr: float = 1e-2, hyper_every: int = 10, num_samples: int = 1,
                  bma_samples: int = 0) -> None:
         super().__init__(config)
         self.family = family
