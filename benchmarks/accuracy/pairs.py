@@ -39,7 +39,13 @@ Protocol (every method, every pair):
 Outputs (``--out``, default ``benchmarks/results``): ``pairs_trials.jsonl`` (every trial, appended atomically: an
 interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished (pair, n, seed, method)),
 ``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
-dimension of every key (``--tuning``, only ``grid`` today).
+dimension of every key (``--tuning``): ``grid`` (above; ``pairs.md``), or an automatic strategy, ``de-elbo`` /
+``marglik`` (issue 11): one run on the n examples with the same step budget, scored on the same test set (the pool
+scored for reference only), its records appended to the same store; ``autotune.md`` / ``autotune.json`` put them
+next to the grid's records of the same cells (``autotune_report.py``)::
+
+    nice -n 5 python benchmarks/accuracy/pairs.py --tuning de-elbo --methods lowrank
+    nice -n 5 python benchmarks/accuracy/pairs.py --tuning marglik --methods lowrank
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ EXTRA = {"mnist5k->mnist": ("diag", "lowrank-sgld", "lowrank-sgld@T1"), "mnist5k
          "kmnist->mnist": ("diag",)}
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
+# settings of the automatic strategies (ptyl.tuning.AutoConfig fields; the rest are its defaults): DE-ELBO also keeps
+# 10 draws of q, so its records hold the Bayesian model average next to the variational mean's predictions
+AUTO_SETTINGS = {"de-elbo": {"bma_samples": 10}, "marglik": {}}
 FULL = {
     "image_source": dict(model="smallcnn", width=16, pretrain_epochs=5, swag_epochs=3, rank=20, lr=0.05),
     "text_source": dict(pretrain_epochs=1, swag_epochs=2, rank=10, lr=0.05),
@@ -217,6 +226,22 @@ def settings_key(cfg: dict[str, Any], pair: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
+    """:func:`settings_key`, plus a hash of the automatic strategy's settings for its jobs."""
+    key = settings_key(cfg, job["pair"])
+    if job["tuning"] == "grid":
+        return key
+    settings = json.dumps(auto_config(job["tuning"]).to_dict(), sort_keys=True)
+    return f"{key}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+
+
+def auto_config(tuning: str):
+    """The :class:`ptyl.tuning.AutoConfig` of an automatic strategy (``None`` for the grid)."""
+    from ptyl.tuning import AutoConfig
+
+    return AutoConfig(**AUTO_SETTINGS[tuning]) if tuning in AUTO_SETTINGS else None
+
+
 # ------------------------------------------------------------------------------------------------------------ sources
 def image_prior(cfg: dict[str, Any], source: str, log) -> Path:
     """The cached prior file of an image source (learned on first use)."""
@@ -322,13 +347,15 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     axis = plan.prior.recipe.axis
     grid = {axis: list(cfg["grids"][str(plan.prior)]), "lr": [cfg["lr"]]}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
-    key = {**job, "key": settings_key(cfg, job["pair"])}
+    key = {**job, "key": job_key(cfg, job)}
     trials = JsonlStore(Path(out) / f"{cfg['stem']}_trials.jsonl")
     known = {_value_key(r["values"]): r["row"] for r in trials.rows()
              if all(r.get(k) == v for k, v in key.items())}
     record = transfer_run(task, train, plan, prior_spec, grid, config, model_fn, seed=job["seed"],
-                          tuning=job["tuning"], cache=TrialCache(trials, key, known), max_rounds=cfg["max_rounds"])
+                          tuning=job["tuning"], cache=TrialCache(trials, key, known), max_rounds=cfg["max_rounds"],
+                          auto=auto_config(job["tuning"]))
     record.update({**key, "n_per_class": n, "num_train": len(train), "max_steps": config.max_steps,
+                   "command": cfg.get("command"),
                    "temperature": temperature if plan.inference.strategy.uses_temperature else None,
                    "wall_time_s": time.perf_counter() - start})
     JsonlStore(Path(out) / f"{cfg['stem']}_runs.jsonl").append(record)
@@ -358,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     # the run's command (a --report re-render records the command that produced the stores)
     command = "python benchmarks/accuracy/pairs.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--report")
+    cfg["command"] = command
     info = machine_info()
     log = lambda line: print(line, flush=True)  # noqa: E731
     if not args.report:
@@ -366,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         priors = prepare_sources(cfg, log)
         done = {json.dumps({k: r[k] for k in ("pair", "n", "seed", "method", "tuning", "key")}, sort_keys=True)
                 for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()}
-        todo = [j for j in jobs if json.dumps({**j, "key": settings_key(cfg, j["pair"])}, sort_keys=True) not in done]
+        todo = [j for j in jobs if json.dumps({**j, "key": job_key(cfg, j)}, sort_keys=True) not in done]
         log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done (resuming), {len(todo)} to run on "
             f"{args.jobs} worker(s)")
         tasks = [(cfg, j, priors[j["pair"]], str(out)) for j in todo]
@@ -378,8 +406,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for i, task in enumerate(tasks, 1):
                 log(_line(_worker(task), i, len(tasks), start))
-    records = [r for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()
-               if r.get("key") == settings_key(cfg, r["pair"]) and r["pair"] in cfg["pairs"]]
+    stored = [r for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()
+              if r["pair"] in cfg["pairs"] and r.get("key") == job_key(cfg, r)]
+    if cfg["tuning"] != "grid":  # the automatic rows next to the grid's (grid rows come from the grid's run)
+        from autotune_report import autotune_report
+
+        markdown, data = autotune_report(stored, cfg, machine_line(info))
+        data.update(machine=info, quick=args.quick)
+        write_results(out, f"{NAME}_quick_autotune" if args.quick else "autotune", markdown, data)
+        print(markdown)
+        return 0
+    records = [r for r in stored if r.get("tuning", "grid") == "grid"]
     markdown, data = report(records, cfg, command, machine_line(info))
     data.update(machine=info, command=command, quick=args.quick,
                 complete=len({(r["pair"], r["n"], r["seed"], r["method"]) for r in records}) >= len(jobs))
@@ -389,12 +426,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _line(record: dict[str, Any], i: int, total: int, start: float) -> str:
-    sel = ", ".join(f"{k}={v:g}" for k, v in (record.get("selected") or {}).items() if k != "lr")
+    sel = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                    (record.get("selected") or {}).items() if k != "lr")
     status = record.get("fit_status")
     return (f"[{i}/{total}] {record['pair']:<16s} n={record['n']:<4s} seed={record['seed']} {record['method']:<16s} "
             f"nll={record.get('nll', float('nan')):.4f} acc={record.get('accuracy', float('nan')):.4f} [{sel}] "
             f"{record.get('edge_status', {})} train-nll={record.get('final_loss') or float('nan'):.3f} {status} "
-            f"{record['wall_time_s']:.0f}s (elapsed {(time.perf_counter() - start) / 60:.1f} min)")
+            f"{record.get('tuning', 'grid')} {record['wall_time_s']:.0f}s (elapsed {(time.perf_counter() - start) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,31 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="tuning strategy"):
         main(["--quick", "--out", str(tmp_path), "--tuning", "oracle"])
     assert not list(tmp_path.iterdir())
+
+
+def test_automatic_strategies_append_their_rows_next_to_the_grid(quick_run, capsys):
+    """--tuning de-elbo / marglik: records in the same store, keyed apart from the grid's (pairs.md keeps the grid
+    rows only), autotune md/json with the paired verdicts; a rerun resumes."""
+    out, _ = quick_run
+    main = _module().main
+    runs = out / "pairs_quick_runs.jsonl"
+    grid_md = (out / "pairs_quick.md").read_text()
+    for strategy in ("de-elbo", "marglik"):
+        assert main(["--quick", "--tuning", strategy, "--methods", "lowrank", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in runs.read_text().splitlines()]
+    auto = [r for r in records if r["tuning"] != "grid"]
+    assert sorted((r["tuning"], r["seed"]) for r in auto) == [("de-elbo", 0), ("de-elbo", 1), ("marglik", 0),
+                                                              ("marglik", 1)]
+    for r in auto:
+        assert r["validation_mode"] == "none" and r["trials"] == 1 and "pool_nll" in r and r["search_cost_s"] > 0
+        assert {"scale", "head_variance"} <= set(r["selected"]) and r["key"] != records[0]["key"]
+        assert ("bma" in r) == (r["tuning"] == "de-elbo") and r["command"].endswith(str(out))
+    md = (out / "pairs_quick_autotune.md").read_text()
+    data = json.loads((out / "pairs_quick_autotune.json").read_text())
+    assert "grid (pool-selected)" in md and "| marglik |" in md
+    assert set(data["summary"]) == {"de-elbo", "de-elbo (bma)", "marglik"}
+    assert main(["--quick", "--out", str(out)]) == 0 and (out / "pairs_quick.md").read_text().split("\n", 5)[5] == \
+        grid_md.split("\n", 5)[5]  # the grid's table ignores the automatic rows (only its header line moves)
+    capsys.readouterr()
+    assert main(["--quick", "--tuning", "marglik", "--methods", "lowrank", "--out", str(out)]) == 0
+    assert "0 to run" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 With the likelihood's Hessian square root ``L_n`` (see :mod:`ptyl.autotune.likelihoods`) the GGN is
 ``G = sum_n sum_c g_nc g_nc^T`` with ``g_nc = J_n^T L_n[:, c] = grad_theta <f(x_n; theta), L_n[:, c]>``, so
 
-    diag G = sum_{n,c} g_nc^2         (the idea of :func:`ptyl.tuning.curvature`, any likelihood here)
+    diag G = sum_{n,c} g_nc^2         (per-example gradients, any likelihood)
     G      = sum_{n,c} g_nc g_nc^T    (dense: "last-layer" Laplace over the head)
 
 ``g_nc`` is one vector-Jacobian product per example and column, batched with ``vmap``; with ``fisher="mc"`` the

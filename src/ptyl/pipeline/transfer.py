@@ -15,7 +15,8 @@ rule of :func:`train_config`), the effective strength of the chosen prior (``std
 path and the status of every tuned axis (``interior`` / at a documented hard bound / ``edge``).
 
 The tuning strategy is a dimension of the runner (``tuning``; :data:`TUNING_STRATEGIES`): ``"grid"`` is the
-validation grid above; evidence-based strategies plug in next to it.
+validation grid above; ``"de-elbo"`` and ``"marglik"`` learn the prior's strength in one run on the n examples with
+the same training budget (:func:`automatic_run`), and their records carry the pool score for reference only.
 
 >>> results = run_transfer("runs/prior.safetensors", "mnist", n_per_class=[10, 100])   # doctest: +SKIP
 >>> print(summarize(results))                                                        # doctest: +SKIP
@@ -28,6 +29,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,15 @@ from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_c
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.training.config import TrainConfig
+from ptyl.tuning.automatic import AutoConfig
 from ptyl.tuning.grid import PriorSpec, check_grid, default_grid, tune
+from ptyl.tuning.result import GRID, STRATEGIES
 from ptyl.tuning.trials import CONVERGED_LOSS, fit_status
 from ptyl.validation import check_choice
 
-__all__ = ["TUNING_STRATEGIES", "method_grid", "run_transfer", "transfer_run"]
+__all__ = ["TUNING_STRATEGIES", "automatic_run", "method_grid", "run_transfer", "transfer_run"]
 
-TUNING_STRATEGIES = ("grid",)
+TUNING_STRATEGIES = STRATEGIES
 
 
 def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict | None = None,
@@ -73,7 +77,8 @@ def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict |
 
 def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, grid: dict[str, list[Any]],
                  config: TrainConfig, model_fn: Callable[[], nn.Module], *, seed: int, folds: int | None = None,
-                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = 6) -> dict[str, Any]:
+                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = 6,
+                 auto: AutoConfig | None = None) -> dict[str, Any]:
     """Tune one method on one training set and score it on the task's test set.
 
     Args:
@@ -83,9 +88,11 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         model_fn: fresh starting models.
         seed: seeds the fits (and picks folds / splits).
         folds, repeats: cross-validation when the task has no pool (``None``: one 80/20 split).
-        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`).
+        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`): ``"grid"``, or an automatic strategy
+            (:func:`automatic_run`; ``grid``, ``folds``, ``cache`` and ``max_rounds`` are then unused).
         cache: stores finished trials (see :func:`ptyl.tuning.tune`).
         max_rounds: most edge-extension rounds.
+        auto: settings of the automatic strategies.
 
     Returns:
         The metrics and diagnostics of the record (see the module docstring); ``error`` when every trial diverged.
@@ -94,6 +101,8 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         ConfigError: an unknown tuning strategy.
     """
     check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
+    if tuning != GRID:
+        return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto)
     test, pool = task.test_set(seed), task.validation_set()
     evaluate = task.evaluate
     record: dict[str, Any] = {"tuning": tuning}
@@ -131,6 +140,47 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
     return record
 
 
+def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConfig, model_fn: Callable[[], nn.Module],
+                  *, seed: int, tuning: str, auto: AutoConfig | None = None) -> dict[str, Any]:
+    """One run of an automatic strategy on one training set (same budget as one grid trial), scored on the task's
+    test set; the validation pool, never used to choose anything here, is scored too for reference
+    (``pool_<metric>``). With DE-ELBO draws of q (``auto.bma_samples``) the record also holds their Bayesian model
+    average (``bma``); the headline metrics are the variational mean's.
+
+    Args:
+        task, train, spec, config, model_fn, seed: as in :func:`transfer_run`.
+        tuning: ``"de-elbo"`` or ``"marglik"``.
+        auto: their settings.
+
+    Returns:
+        The record: test metrics, ``selected`` (make_prior keyword arguments), ``std_ratio`` / ``prior_off``, the
+        final training NLL and fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch).
+    """
+    record: dict[str, Any] = {"tuning": tuning}
+    try:
+        tuned = tune(model_fn, train, spec, strategy=tuning, auto=auto, seed=seed, config=config, progress=False,
+                     objective=task.objective, collate_fn=task.collate_fn)
+    except DivergenceError as err:  # the run diverged: record it and go on
+        return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
+    final, row = tuned.final, tuned.selected
+    single = replace(final, samples=None)  # the variational mean / the MAP model
+    test, pool = task.test_set(seed), task.validation_set()
+    record.update({k: float(v) for k, v in task.evaluate(single.predict(test), task.targets(test)).items()})
+    if final.samples is not None:
+        record["bma"] = {k: float(v) for k, v in task.evaluate(final.predict(test), task.targets(test)).items()}
+    if pool is not None:
+        record.update({f"pool_{k}": float(v) for k, v in task.evaluate(single.predict(pool), task.targets(pool)).items()})
+    final_loss = float(task.evaluate(single.predict(train), task.targets(train))["nll"])
+    record.update({
+        "final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps, "stop_reason": final.stop_reason,
+        "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS),
+        "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
+        "std_ratio": row.get("std_ratio"), "prior_off": row.get("prior_off"), "objective": tuned.objective,
+        "search_cost_s": tuned.search_cost_s, "trials": 1, "path": tuned.table,
+    })
+    return record
+
+
 def run_transfer(
     prior_path: str | Path | None,
     target: str = "mnist",
@@ -158,6 +208,7 @@ def run_transfer(
     repeats: int = 1,
     max_test: int | None = None,
     tuning: str = "grid",
+    auto: AutoConfig | None = None,
     max_rounds: int = 6,
     train_overrides: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
@@ -187,7 +238,7 @@ def run_transfer(
         val_pool: validation pool of the default task (0: none).
         folds, repeats: cross-validation when the task has no pool (``folds=None``: one 80/20 split).
         max_test: evaluate on the first ``max_test`` test examples of a class-balanced order (default task only).
-        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`).
+        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`); ``auto``: settings of the automatic ones.
         max_rounds: most edge-extension rounds per search.
         train_overrides: other :class:`~ptyl.training.TrainConfig` fields for every fit (e.g. ``{"grad_clip": 5}``).
         out_dir: if given, ``results.json`` is rewritten there after every finished run.
@@ -248,7 +299,7 @@ def run_transfer(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             record.update(transfer_run(task, train, plan, spec, grid, config, model_fn, seed=seed, folds=folds,
-                                       repeats=repeats, tuning=tuning, max_rounds=max_rounds))
+                                       repeats=repeats, tuning=tuning, max_rounds=max_rounds, auto=auto))
         edges = record.get("edge_warnings", [])
         record["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if str(w.message) not in edges))
         record["wall_time_s"] = time.perf_counter() - start

@@ -18,8 +18,10 @@ they learn is the kind's strength axis and the head variance unless :attr:`AutoC
 registry declares what each kind may learn (``recipe.learnable``).
 
 The result is a :class:`~ptyl.tuning.TuneResult` like the grid's: ``best`` holds the selected values as keyword
-arguments of :func:`ptyl.priors.make_prior`, ``table`` the per-epoch path (loss, hyper-parameters, objective),
-``final`` the trained model (DE-ELBO: the variational mean), ``search_cost_s`` the run's seconds. A config whose
+arguments of :func:`ptyl.priors.make_prior`, ``table`` the per-epoch path (loss, hyper-parameters, objective; the
+last row also the effective-strength diagnostic of the selected prior against the starting weights, ``std_ratio`` /
+``prior_off``, as every grid trial has it), ``final`` the trained model (DE-ELBO: the variational mean),
+``search_cost_s`` the run's seconds. A config whose
 inference samples (``lowrank-sgld``) is refit with it at the selected values.
 
 ``auto`` (:data:`AUTO`, the command line's ``--tune auto``) is the strategy the benchmark supports; see its docstring.
@@ -40,7 +42,9 @@ from torch.utils.data import Dataset
 from ptyl.autotune.build import build_family
 from ptyl.autotune.likelihoods import Categorical, Likelihood, get_likelihood
 from ptyl.errors import ConfigError
+from ptyl.params import named_parameters
 from ptyl.priors.factory import make_prior
+from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
 from ptyl.training.fit import fit
 from ptyl.training.registry import Inference
@@ -192,12 +196,16 @@ def tune_automatic(
     torch.manual_seed(config.seed)  # the same initial head as the grid's trials
     model = model_fn()
     family = _family(model, spec, auto)  # before training: l2sp centres on the pretrained weights
+    start_weights = {n: p.detach().to("cpu", copy=True) for n, p in named_parameters(model).items()}
     prior, deelbo, callbacks = _run_parts(strategy, family, run_config, auto, likelihood)
     result = fit(model, train_set, prior, run_config, strategy=deelbo, callbacks=callbacks, objective=objective,
                  num_data=len(train_set), head=spec.head, collate_fn=collate_fn, checkpoint=checkpoint,
                  resume=resume)
     selected = family.prior_kwargs()
     search_cost = time.perf_counter() - start
+    table = [dict(record) for record in result.history]
+    strength = prior_strength(family.to_prior(), start_weights)  # as the grid's trials: against the start
+    table[-1].update({"std_ratio": strength.std_ratio, "prior_off": strength.off})
     final = result
     if refit and Inference.parse(config.inference) is not Inference.MAP:
         torch.manual_seed(config.seed)
@@ -211,6 +219,6 @@ def tune_automatic(
     score = next((r[objective_name] for r in reversed(result.history) if objective_name in r), math.nan)
     if strategy == MARGLIK:
         score = callbacks[0].log_evidence
-    return TuneResult(selected, result.history, [], final, objective_name, {}, {"train": len(train_set), "val": 0,
-                      "total": len(train_set)}, strategy=strategy, search_cost_s=search_cost,
-                      objective=float(score), settings=auto.to_dict())
+    sizes = {"train": len(train_set), "val": 0, "total": len(train_set)}
+    return TuneResult(selected, table, [], final, objective_name, {}, sizes, validation="none", strategy=strategy,
+                      search_cost_s=search_cost, objective=float(score), settings=auto.to_dict())

@@ -60,7 +60,7 @@ class TuneResult:
             status of every extended axis.
         edge_status: per axis: ``interior``, ``lower bound`` / ``upper bound`` (at the documented hard bound) or
             ``edge`` (left on an edge: a warning).
-        validation: ``"pool"``, ``"cv"`` or ``"split"``.
+        validation: ``"pool"``, ``"cv"`` or ``"split"`` (automatic strategies: ``"none"``).
         strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"``.
         search_cost_s: seconds spent choosing (grid: every trial, not the refit; automatic: the one run).
         objective: automatic: the final DE-ELBO estimate or the selected log evidence.
