@@ -41,8 +41,9 @@ interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished 
 ``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
 dimension of every key (``--tuning``): ``grid`` (above; ``pairs.md``), or an automatic strategy, ``de-elbo`` /
 ``marglik`` (issue 11): one run on the n examples with the same step budget, scored on the same test set (the pool
-scored for reference only), its records appended to the same store; ``autotune.md`` / ``autotune.json`` put them
-next to the grid's records of the same cells (``autotune_report.py``)::
+scored for reference only), its records appended to ``pairs_autotune_runs.jsonl``; ``autotune.md`` /
+``autotune.json`` put them next to the grid's records of the same cells (``pairs_runs.jsonl``, or ``--grid-runs``;
+``autotune_report.py``)::
 
     nice -n 5 python benchmarks/accuracy/pairs.py --tuning de-elbo --methods lowrank
     nice -n 5 python benchmarks/accuracy/pairs.py --tuning marglik --methods lowrank
@@ -175,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for pairs.{md,json} and the stores")
     p.add_argument("--cache", default=None, help="folder of cached source priors (default runs/pairs)")
     p.add_argument("--report", action="store_true", help="only rewrite the tables from the stores (no runs)")
+    p.add_argument("--grid-runs", default=None,
+                   help="automatic --tuning: the grid's job records to compare with (default <out>/pairs_runs.jsonl)")
     return p.parse_args(argv)
 
 
@@ -358,8 +361,14 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
                    "command": cfg.get("command"),
                    "temperature": temperature if plan.inference.strategy.uses_temperature else None,
                    "wall_time_s": time.perf_counter() - start})
-    JsonlStore(Path(out) / f"{cfg['stem']}_runs.jsonl").append(record)
+    JsonlStore(runs_store(cfg, out, job["tuning"])).append(record)
     return record
+
+
+def runs_store(cfg: dict[str, Any], out: str | Path, tuning: str) -> Path:
+    """The job records of the grid (``<stem>_runs.jsonl``) or of the automatic strategies
+    (``<stem>_autotune_runs.jsonl``: kept apart, so the grid's run and store are never touched by them)."""
+    return Path(out) / (f"{cfg['stem']}_runs.jsonl" if tuning == "grid" else f"{cfg['stem']}_autotune_runs.jsonl")
 
 
 def _worker_init() -> None:
@@ -393,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         priors = prepare_sources(cfg, log)
         done = {json.dumps({k: r[k] for k in ("pair", "n", "seed", "method", "tuning", "key")}, sort_keys=True)
-                for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()}
+                for r in JsonlStore(runs_store(cfg, out, cfg["tuning"])).rows()}
         todo = [j for j in jobs if json.dumps({**j, "key": job_key(cfg, j)}, sort_keys=True) not in done]
         log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done (resuming), {len(todo)} to run on "
             f"{args.jobs} worker(s)")
@@ -406,12 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for i, task in enumerate(tasks, 1):
                 log(_line(_worker(task), i, len(tasks), start))
-    stored = [r for r in JsonlStore(out / f"{cfg['stem']}_runs.jsonl").rows()
+    grid_runs = Path(args.grid_runs) if args.grid_runs else runs_store(cfg, out, "grid")
+    stored = [r for r in JsonlStore(grid_runs).rows()
               if r["pair"] in cfg["pairs"] and r.get("key") == job_key(cfg, r)]
     if cfg["tuning"] != "grid":  # the automatic rows next to the grid's (grid rows come from the grid's run)
         from autotune_report import autotune_report
 
-        markdown, data = autotune_report(stored, cfg, machine_line(info))
+        automatic = [r for r in JsonlStore(runs_store(cfg, out, cfg["tuning"])).rows()
+                     if r["pair"] in cfg["pairs"] and r.get("key") == job_key(cfg, r)]
+        markdown, data = autotune_report(stored + automatic, cfg, machine_line(info))
         data.update(machine=info, quick=args.quick)
         write_results(out, f"{NAME}_quick_autotune" if args.quick else "autotune", markdown, data)
         print(markdown)

@@ -298,3 +298,13 @@ def test_scaled_subset_curvature_is_the_sum_over_copies(method):
     torch.testing.assert_close(scaled.dense(names, shapes), thrice.dense(names, shapes), rtol=1e-10, atol=1e-12)
     assert scaled.num_data == thrice.num_data == 18
     assert scaled.log_likelihood == pytest.approx(thrice.log_likelihood, rel=1e-12)
+
+
+def test_layers_with_a_large_factor_get_their_exact_diagonal():
+    model = mlp()  # Linear(4, 6) and Linear(6, 3): factors of 5 / 6 and 7 / 3 rows
+    x, y = torch.randn(10, 4, dtype=F64), torch.randint(0, 3, (10,))
+    names, shapes = names_shapes(model)
+    mixed = compute_curvature(model, [(x, y)], Categorical(), names, max_factor=6)
+    assert [type(b).__name__ for b in mixed.blocks] == ["KronBlock", "DiagBlock"]
+    diag = compute_curvature(model, [(x, y)], Categorical(), names, method="diag")
+    torch.testing.assert_close(mixed.blocks[1].h, diag.blocks[1].h, rtol=1e-12, atol=1e-14)

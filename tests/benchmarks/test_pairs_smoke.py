@@ -93,12 +93,13 @@ def test_automatic_strategies_append_their_rows_next_to_the_grid(quick_run, caps
     rows only), autotune md/json with the paired verdicts; a rerun resumes."""
     out, _ = quick_run
     main = _module().main
-    runs = out / "pairs_quick_runs.jsonl"
-    grid_md = (out / "pairs_quick.md").read_text()
+    runs, auto_runs = out / "pairs_quick_runs.jsonl", out / "pairs_quick_autotune_runs.jsonl"
+    grid_md, grid_runs = (out / "pairs_quick.md").read_text(), runs.read_text()
     for strategy in ("de-elbo", "marglik"):
         assert main(["--quick", "--tuning", strategy, "--methods", "lowrank", "--out", str(out)]) == 0
+    assert runs.read_text() == grid_runs  # the grid's store is not touched
     records = [json.loads(line) for line in runs.read_text().splitlines()]
-    auto = [r for r in records if r["tuning"] != "grid"]
+    auto = [json.loads(line) for line in auto_runs.read_text().splitlines()]
     assert sorted((r["tuning"], r["seed"]) for r in auto) == [("de-elbo", 0), ("de-elbo", 1), ("marglik", 0),
                                                               ("marglik", 1)]
     for r in auto:

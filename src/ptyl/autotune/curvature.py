@@ -27,6 +27,7 @@ from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
 
 METHODS = ("kfac", "diag", "full")
+MAX_FACTOR = 1024  # K-FAC: layers with a larger Kronecker factor get the exact diagonal (an eigh of 1,536^2: ~10 s)
 FISHERS = ("exact", "mc")
 MAX_DENSE = 4096  # parameters in one dense block (its matrix is MAX_DENSE^2 float64 numbers)
 
@@ -180,6 +181,7 @@ def compute_curvature(
     fisher: str = "exact",
     mc_samples: int = 1,
     seed: int = 0,
+    max_factor: int | None = MAX_FACTOR,
 ) -> Curvature:
     """GGN blocks over the parameters ``names`` of ``model`` (eval mode) on every batch of ``data``.
 
@@ -188,6 +190,8 @@ def compute_curvature(
             or ``"full"`` (one dense block, at most :data:`MAX_DENSE` parameters).
         fisher: ``"exact"`` — the expectation over the likelihood's outputs in closed form (one backward pass per
             column of L, i.e. per class); ``"mc"`` — ``mc_samples`` sampled targets per example (seeded).
+        max_factor: ``"kfac"``: a layer whose Kronecker factor would have more rows gets its exact diagonal instead
+            (the evidence eigendecomposes every factor once per update); ``None``: no limit.
     """
     from ptyl.autotune.ggn import ggn_blocks
     from ptyl.autotune.kfac import layer_blocks
@@ -207,7 +211,8 @@ def compute_curvature(
         blocks, rest, log_lik, count = [], names, None, None
         if method in ("kfac", "diag"):  # Linear / Conv2d layers from forward inputs and output gradients
             structure = "kron" if method == "kfac" else "diag"
-            blocks, rest, log_lik, count = layer_blocks(model, data, likelihood, names, structure=structure, **options)
+            blocks, rest, log_lik, count = layer_blocks(model, data, likelihood, names, structure=structure,
+                                                        max_factor=max_factor, **options)
         if rest:
             structure = "full" if method == "full" else "diag"
             more, ll, n = ggn_blocks(model, data, likelihood, rest, structure=structure, **options)
@@ -232,4 +237,5 @@ def _shapes(model: nn.Module, names: Sequence[str]) -> list[tuple[int, ...]]:
     return [tuple(params[n].shape) for n in names]
 
 
-__all__ = ["Block", "Curvature", "DenseBlock", "DiagBlock", "FISHERS", "KronBlock", "METHODS", "compute_curvature"]
+__all__ = ["Block", "Curvature", "DenseBlock", "DiagBlock", "FISHERS", "KronBlock", "MAX_FACTOR", "METHODS",
+           "compute_curvature"]

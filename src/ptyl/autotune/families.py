@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ptyl.autotune.woodbury import ScaledWoodbury, Woodbury
+from ptyl.autotune.woodbury import FactorWoodbury, ScaledWoodbury, Woodbury
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.params import check_names_and_shapes, named_parameters
 from ptyl.priors.base import LOG_2PI, CompositePrior, Prior
@@ -215,7 +215,9 @@ class LearnedFamily(LeafFamily):
 
     def woodbury(self):
         if not self.scaled_only:
-            return Woodbury.build(*self.covariance_parts())
+            if self.base_factor is None:
+                return Woodbury.build(self.variance_diag(), None)
+            return FactorWoodbury(self.variance_diag(), self.base_factor, self.scale())
         key = (self.base_diag.device, self.base_diag.dtype)
         if getattr(self, "_base_cache", (None,))[0] != key:  # Sigma_0 = diag(a) + V^T V, factorised once
             with torch.no_grad():

@@ -128,11 +128,25 @@ def _columns(likelihood: Likelihood, out: torch.Tensor, fisher: str, mc_samples:
     return [likelihood.sample_gradient(out, generator) / math.sqrt(mc_samples) for _ in range(mc_samples)]
 
 
+def _structures(plan, structure: str, max_factor: int | None) -> dict[str, str]:
+    """Per layer: ``structure``, or ``"diag"`` for a layer whose Kronecker factor would exceed ``max_factor`` rows
+    (its eigendecomposition, once per evidence update, would cost more than the training it serves)."""
+    out = {}
+    for name, (module, block_names) in plan.items():
+        size = 0 if supported_affine(module) else max(module.weight.shape[0],
+                                                      module.weight[0].numel() + int(len(block_names) == 2))
+        out[name] = "diag" if structure == "kron" and max_factor is not None and size > max_factor else structure
+    return out
+
+
 def layer_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: Sequence[str], *, fisher: str,
-                mc_samples: int, generator, structure: str = "kron") -> tuple[list, list[str], float, int]:
+                mc_samples: int, generator, structure: str = "kron",
+                max_factor: int | None = None) -> tuple[list, list[str], float, int]:
     """K-FAC blocks (``structure="kron"``) or exact diagonal blocks (``"diag"``) for the supported layers among
-    ``names``; returns (blocks, names left over, summed log-likelihood, number of examples)."""
+    ``names`` (with ``max_factor``: the exact diagonal for layers with a Kronecker factor larger than that); returns
+    (blocks, names left over, summed log-likelihood, number of examples)."""
     plan = plan_layers(model, names)
+    structures = _structures(plan, structure, max_factor)
     covered = {n for _, block_names in plan.values() for n in block_names}
     rest = [n for n in names if n not in covered]
     stats = {name: {"a": 0.0, "b": 0.0, "diag": 0.0, "rows": 0} for name in plan}
@@ -148,14 +162,14 @@ def layer_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names
             log_lik += likelihood.log_prob(out.detach().double(), y).sum().cpu()
             count += num_examples(x)
             if plan:
-                _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc_samples, generator)
+                _accumulate(plan, recorder, f, out, likelihood, stats, structures, fisher, mc_samples, generator)
     finally:
         recorder.remove()
-    return [_block(module, block_names, stats[name], structure, device)
+    return [_block(module, block_names, stats[name], structures[name], device)
             for name, (module, block_names) in plan.items()], rest, float(log_lik), count
 
 
-def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc_samples, generator) -> None:
+def _accumulate(plan, recorder, f, out, likelihood, stats, structures, fisher, mc_samples, generator) -> None:
     layer_names = list(plan)
     affine = {n for n in layer_names if supported_affine(plan[n][0])}
     inputs = {n: recorder.inputs[n] if n in affine else _inputs(plan[n][0], recorder.inputs[n], len(plan[n][1]) == 2)
@@ -172,16 +186,15 @@ def _accumulate(plan, recorder, f, out, likelihood, stats, structure, fisher, mc
                     stats[name][key] = stats[name].get(key, 0.0) + value.pow(2).sum(0)
                 continue
             g = _grads(plan[name][0], g)
-            if structure == "diag":
+            if structures[name] == "diag":
                 stats[name]["diag"] = stats[name]["diag"] + _diag_update(g, inputs[name])
             else:
                 g = g.reshape(-1, g.shape[-1])
                 stats[name]["b"] = stats[name]["b"] + (g.T @ g).double()
-    if structure != "diag":
-        for name in (n for n in layer_names if n not in affine):
-            a = inputs[name].reshape(-1, inputs[name].shape[-1])
-            stats[name]["a"] = stats[name]["a"] + (a.T @ a).double()
-            stats[name]["rows"] += a.shape[0]
+    for name in (n for n in layer_names if n not in affine and structures[n] != "diag"):
+        a = inputs[name].reshape(-1, inputs[name].shape[-1])
+        stats[name]["a"] = stats[name]["a"] + (a.T @ a).double()
+        stats[name]["rows"] += a.shape[0]
 
 
 def _block(module: nn.Module, block_names, stat, structure: str, device):

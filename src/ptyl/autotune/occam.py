@@ -102,7 +102,8 @@ def _block_terms(block, prepared, d: torch.Tensor, f: torch.Tensor | None, v: to
         return _live_kron(block, d, f, v)
     scale = d.log().mean().exp()
     t = scale * prepared.eig
-    gain = None if v is None else (f.pow(2) / scale) * (prepared.x * (t / (1.0 + t)).reshape(-1)) @ prepared.x.T
+    x = prepared.x  # the block's transformed factor (None: no low-rank part)
+    gain = None if x is None else (f.pow(2) / scale) * (x * (t / (1.0 + t)).reshape(-1)) @ x.T
     return torch.log1p(t).sum(), gain
 
 
@@ -149,7 +150,9 @@ class _LeafOccam:
         total = torch.zeros((), dtype=d_all.dtype, device=d_all.device)
         gain = None
         for block, prepared in zip(self.blocks, self.prepared):
-            log_det, g = _block_terms(block, prepared, block.gather(d), f, None if v is None else block.gather(v))
+            # a prepared K-FAC block holds its transformed factor already: no [k, block] copy of V per evaluation
+            vb = None if v is None or (prepared is not None and prepared.x is not None) else block.gather(v)
+            log_det, g = _block_terms(block, prepared, block.gather(d), f, vb)
             total = total + log_det
             if g is not None:
                 gain = g if gain is None else gain + g

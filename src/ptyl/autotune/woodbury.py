@@ -73,6 +73,42 @@ class Woodbury:
         return value - (self._solve(self.whitened) / self.diag.sqrt()).pow(2).sum(0)
 
 
+class FactorWoodbury:
+    """Sigma = diag(d) + c V^T V with a fixed factor V [k, P] and a differentiable diagonal d [P] and scalar c (the
+    learned prior with eps > 0: d = lam a + eps, c = lam). The same quantities as :class:`Woodbury`, written on the
+    k x k matrix ``M = V diag(1/d) V^T`` so that no [k, P] tensor depends on the hyper-parameters: with
+    ``C = I + c M = L L^T``,
+
+        r^T Sigma^-1 r        = sum r^2 / d - c z^T C^-1 z,        z = V (r / d)
+        log det Sigma         = sum log d + log det C
+        tr(Sigma^-1 diag s2)  = sum s2 / d - c <C^-1, V diag(s2 / d^2) V^T>
+
+    (a few k x P x k products; differentiating them costs about as much, not a graph of [k, P] temporaries).
+    """
+
+    def __init__(self, diag: torch.Tensor, factor: torch.Tensor, scale: torch.Tensor):
+        self.diag, self.factor, self.scale = diag, factor, scale
+        self.inverse = 1.0 / diag
+        gram = (factor * self.inverse) @ factor.T
+        eye = torch.eye(factor.shape[0], dtype=diag.dtype, device=diag.device)
+        self.chol = torch.linalg.cholesky(eye + scale * gram)
+
+    def mahalanobis(self, r: torch.Tensor) -> torch.Tensor:
+        """r^T Sigma^-1 r."""
+        weighted = r * self.inverse
+        z = (self.factor @ weighted).unsqueeze(1)
+        return (r * weighted).sum() - self.scale * torch.cholesky_solve(z, self.chol).mul(z).sum()
+
+    def log_det(self) -> torch.Tensor:
+        """log det Sigma."""
+        return self.diag.log().sum() + 2.0 * self.chol.diagonal().log().sum()
+
+    def trace_with_diag(self, s2: torch.Tensor) -> torch.Tensor:
+        """tr(Sigma^-1 diag(s2))."""
+        inner = (self.factor * (s2 * self.inverse.pow(2))) @ self.factor.T
+        return (s2 * self.inverse).sum() - self.scale * (torch.cholesky_inverse(self.chol) * inner).sum()
+
+
 class ScaledWoodbury:
     """Sigma = scale * Sigma_0: ``base`` factorises Sigma_0 (fixed), ``scale`` is a 0-dim (differentiable) tensor."""
 
@@ -89,4 +125,4 @@ class ScaledWoodbury:
         return (s2 * self.base_precision).sum() / self.scale
 
 
-__all__ = ["ScaledWoodbury", "Woodbury"]
+__all__ = ["FactorWoodbury", "ScaledWoodbury", "Woodbury"]
