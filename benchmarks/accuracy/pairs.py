@@ -444,7 +444,8 @@ def _line(record: dict[str, Any], i: int, total: int, start: float) -> str:
     return (f"[{i}/{total}] {record['pair']:<16s} n={record['n']:<4s} seed={record['seed']} {record['method']:<16s} "
             f"nll={record.get('nll', float('nan')):.4f} acc={record.get('accuracy', float('nan')):.4f} [{sel}] "
             f"{record.get('edge_status', {})} train-nll={record.get('final_loss') or float('nan'):.3f} {status} "
-            f"{record.get('tuning', 'grid')} {record['wall_time_s']:.0f}s (elapsed {(time.perf_counter() - start) / 60:.1f} min)")
+            f"{record.get('tuning', 'grid')} {record['wall_time_s']:.0f}s "
+            f"(elapsed {(time.perf_counter() - start) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -169,10 +169,12 @@ def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConf
     if final.samples is not None:
         record["bma"] = {k: float(v) for k, v in task.evaluate(final.predict(test), task.targets(test)).items()}
     if pool is not None:
-        record.update({f"pool_{k}": float(v) for k, v in task.evaluate(single.predict(pool), task.targets(pool)).items()})
+        scores = task.evaluate(single.predict(pool), task.targets(pool))
+        record.update({f"pool_{k}": float(v) for k, v in scores.items()})
     final_loss = float(task.evaluate(single.predict(train), task.targets(train))["nll"])
     record.update({
-        "final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps, "stop_reason": final.stop_reason,
+        "final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
+        "stop_reason": final.stop_reason,
         "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS),
         "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
         "std_ratio": row.get("std_ratio"), "prior_off": row.get("prior_off"), "objective": tuned.objective,

@@ -59,7 +59,8 @@ class MarginalLikelihood(Callback):
     stateful = True
 
     def __init__(self, family: Family, likelihood: str | Likelihood = "categorical", *, curvature: str = "kfac",
-                 every: int | None = None, updates: int = 5, burnin: int = 0, steps: int = 20, lr: float = 0.1, fisher: str = "exact",
+                 every: int | None = None, updates: int = 5, burnin: int = 0, steps: int = 20, lr: float = 0.1,
+                 fisher: str = "exact",
                  mc_samples: int = 1, restore_best: bool = False, batch_size: int = 256,
                  noise_variance: float = 1.0, frozen_shape: bool = True, max_examples: int | None = None) -> None:
         self.curvature = check_choice(curvature, CURVATURES, "curvature")
