@@ -25,6 +25,7 @@ REGISTRIES = {SRC / "priors" / "registry.py", SRC / "training" / "registry.py"}
 OTHER_MEANINGS = {
     ("metrics/segmentation.py", "none"): "torchmetrics average='none'",
     ("tuning/result.py", "none"): "matplotlib linestyle='none'",
+    ("tuning/automatic.py", "none"): "validation='none': automatic strategies hold out no data",
     ("autotune/curvature.py", "diag"): "the 'diag' curvature structure",
     ("autotune/kfac.py", "diag"): "the 'diag' curvature structure",
     ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",
