@@ -10,8 +10,9 @@ and are checked for NaN/Inf every ``config.check_every`` steps and at every epoc
 checked too; a failure raises :class:`~ptyl.errors.DivergenceError` naming the step. The budget is ``epochs`` or
 ``max_steps``; MAP may stop earlier under the convergence rule (:class:`~ptyl.training.callbacks.ConvergenceStop`),
 and with SGD the prior's separable part is a closed-form proximal step (:class:`ptyl.priors.ProximalPrior`), so no
-prior strength makes training unstable. After each epoch the loop writes a checkpoint (model, strategy, callbacks, RNG streams) and ``resume=True`` continues a run exactly where it
-stopped: the final weights equal an uninterrupted run's.
+prior strength makes training unstable. After each epoch the loop writes a checkpoint (model, strategy, callbacks,
+RNG streams) and ``resume=True`` continues a run exactly where it stopped: the final weights equal an uninterrupted
+run's.
 
 Under ``torchrun`` the loop runs data-parallel through :class:`~ptyl.training.environment.DistributedEnvironment`.
 """
