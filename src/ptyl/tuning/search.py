@@ -7,8 +7,8 @@ crossed with every value of the other axes) run. This repeats until the best val
 interior, or the curve has gone flat beyond the original grid (an extension made the edge value, and it beats its
 inner neighbour, the other axes held at their best values, by less than ``flat_rtol`` = 0.5 % of the metric: the
 prior is saturated -- frozen at its mean, or off -- and further values cannot change the selection materially), or
-the next value would pass the axis' hard bound, or ``max_rounds`` extensions were made. The path (grid and best of every round) is kept, and every axis
-ends in one status:
+the next value would pass the axis' hard bound, or ``max_rounds`` extensions were made. The path (grid and best of
+every round) is kept, and every axis ends in one status:
 
 ``interior``      the best value has a tried neighbour on both sides;
 ``flat``          the best value is at an edge beyond which the metric no longer changes (see above);
