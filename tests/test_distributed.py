@@ -8,33 +8,21 @@ gloo group on 127.0.0.1 through torchrun's environment variables. One process re
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from ptyl import distributed as ddp
+from tests.ranks import init_rank, run_ranks, write_digits
 
 WORLD = 2
 TIMEOUT_S = 90.0  # generous for a loaded CI machine; an idle 2-core one needs ~15 s
 NUM_TRAIN = 128  # divisible by WORLD * batch: no padded examples
 BATCH = 32  # global batch
 LR, VARIANCE = 1.0, 0.01  # zero-data-gradient step: theta1 = theta0 (1 - LR / (VARIANCE N))
-
-
-def _write_digits(path: Path) -> None:
-    """The data, written once by the test process (the ranks skip importing scikit-learn)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data[:NUM_TRAIN], dtype=torch.float32) / 16.0
-    save_file({"x": x, "y": torch.tensor(d.target[:NUM_TRAIN], dtype=torch.long)}, str(path))
 
 
 def _model(seed: int):
@@ -114,10 +102,7 @@ def _scenarios(out: Path, data_file: Path) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, port: int, root: str) -> None:
     """One spawned rank: torchrun's environment, then the scenarios; results to a file of its own."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    device = ddp.init_from_env(device="cpu", timeout_s=TIMEOUT_S)
+    device = init_rank(rank, port, WORLD, TIMEOUT_S)
     assert device.type == "cpu" and ddp.world_size() == WORLD and ddp.rank() == rank
     try:
         res = _scenarios(Path(root) / "out" / f"rank{rank}", Path(root) / "digits.safetensors")  # a rank-private path: a stray write would show
@@ -127,32 +112,12 @@ def _worker(rank: int, port: int, root: str) -> None:
         ddp.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(root: Path) -> None:
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"DDP ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    _write_digits(root / "digits.safetensors")
+    write_digits(root / "digits.safetensors", NUM_TRAIN)
     single = _scenarios(root / "single", root / "digits.safetensors")
-    _spawn(root)
+    run_ranks(_worker, root, WORLD, TIMEOUT_S, "DDP")
     ranks = [load_file(str(root / f"result{r}.safetensors")) for r in range(WORLD)]
     return single, ranks, root
 

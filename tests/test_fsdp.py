@@ -9,34 +9,23 @@ compared here with the single-process ones. One spawn serves every test in this 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 from ptyl import distributed as ddp
 from ptyl.errors import PriorFileError
+from tests.ranks import init_rank, run_ranks, write_digits
 
 WORLD = 2
 TIMEOUT_S = 120.0
 NUM_TRAIN = 128
 BATCH = 32
 KINDS = ("lowrank", "diag", "block", "l2sp", "standard")
-
-
-def _write_digits(path: Path) -> None:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data[:NUM_TRAIN], dtype=torch.float32) / 16.0
-    save_file({"x": x, "y": torch.tensor(d.target[:NUM_TRAIN], dtype=torch.long)}, str(path))
 
 
 def _model(seed: int, dtype: torch.dtype = torch.float32):
@@ -163,10 +152,7 @@ def _scenarios(out: Path, data_file: Path, single_prior: Path | None) -> dict[st
 
 
 def _worker(rank: int, port: int, root: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    ddp.init_from_env(device="cpu", timeout_s=TIMEOUT_S)
+    init_rank(rank, port, WORLD, TIMEOUT_S)
     try:
         out = Path(root) / "sharded"
         res = _scenarios(out, Path(root) / "digits.safetensors", Path(root) / "single" / "prior.safetensors")
@@ -175,30 +161,14 @@ def _worker(rank: int, port: int, root: str) -> None:
         ddp.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    _write_digits(root / "digits.safetensors")
+    write_digits(root / "digits.safetensors", NUM_TRAIN)
     (root / "single").mkdir()
     (root / "sharded").mkdir()
     single = _scenarios(root / "single", root / "digits.safetensors", None)
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"FSDP ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    run_ranks(_worker, root, WORLD, TIMEOUT_S, "FSDP")
     ranks = [load_file(str(root / f"result{r}.safetensors")) for r in range(WORLD)]
     return single, ranks, root
 
