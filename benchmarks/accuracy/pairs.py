@@ -234,7 +234,10 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
         return key
-    settings = json.dumps(auto_config(job["tuning"]).to_dict(), sort_keys=True)
+    fields = auto_config(job["tuning"]).to_dict()
+    if job["tuning"] != "de-elbo":  # a DE-ELBO setting (added after the marglik rows): not part of marglik's key
+        fields.pop("hyper_solver", None)
+    settings = json.dumps(fields, sort_keys=True)
     return f"{key}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -336,6 +339,7 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
 
     start = time.perf_counter()
     ctx = pair_context(cfg, job["pair"], prior)
+    automatic = job["tuning"] != "grid"
     task, spec = ctx["task"], cfg["pairs"][job["pair"]]
     n = resolve_n(task, job["n"])
     train = task.train_set(n, job["seed"])
@@ -351,6 +355,13 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     grid = {axis: list(cfg["grids"][str(plan.prior)]), "lr": [cfg["lr"]]}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
+    timing = {}
+    if automatic:  # one grid trial in this process, just before the automatic run: the wall-time ratio side by side
+        trial_start = time.perf_counter()
+        transfer_run(task, train, plan, prior_spec, {axis: [plan.prior.recipe.default], "lr": [cfg["lr"]]}, config,
+                     model_fn, seed=job["seed"], max_rounds=0)
+        timing = {"trial_wall_s": time.perf_counter() - trial_start}
+        start = time.perf_counter()
     trials = JsonlStore(Path(out) / f"{cfg['stem']}_trials.jsonl")
     known = {_value_key(r["values"]): r["row"] for r in trials.rows()
              if all(r.get(k) == v for k, v in key.items())}
@@ -360,7 +371,7 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     record.update({**key, "n_per_class": n, "num_train": len(train), "max_steps": config.max_steps,
                    "command": cfg.get("command"),
                    "temperature": temperature if plan.inference.strategy.uses_temperature else None,
-                   "wall_time_s": time.perf_counter() - start})
+                   "wall_time_s": time.perf_counter() - start, **timing})
     JsonlStore(runs_store(cfg, out, job["tuning"])).append(record)
     return record
 

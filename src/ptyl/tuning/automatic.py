@@ -84,7 +84,8 @@ class AutoConfig:
             objective defaults to it.
         hyper_lr: Adam learning rate of the log hyper-parameters (DE-ELBO: per training step; marglik: per hyper
             step of an update).
-        kappa, init_std, std_lr, hyper_every, num_samples, bma_samples: DE-ELBO (:class:`DEELBOStrategy`).
+        kappa, init_std, std_lr, hyper_every, hyper_solver, num_samples, bma_samples: DE-ELBO
+            (:class:`DEELBOStrategy`).
         curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best, curvature_batch_size,
             curvature_examples: marglik (:class:`MarginalLikelihood`); ``updates`` spreads that many evidence
             updates over the run (an update every ``max(1, epochs // updates)`` epochs, and one after the last);
@@ -100,6 +101,7 @@ class AutoConfig:
     init_std: float = 1e-3
     std_lr: float = 1e-2
     hyper_every: int = 10
+    hyper_solver: str = "exact"
     num_samples: int = 1
     bma_samples: int = 0
     curvature: str = "kfac"
@@ -142,7 +144,8 @@ def _run_parts(strategy: str, family, config: TrainConfig, auto: AutoConfig, lik
     if strategy == DEELBO:
         deelbo = DEELBOStrategy(config, family, kappa=auto.kappa, init_std=auto.init_std,
                                 hyper_lr=auto.hyper_lr, std_lr=auto.std_lr, hyper_every=auto.hyper_every,
-                                num_samples=auto.num_samples, bma_samples=auto.bma_samples)
+                                num_samples=auto.num_samples, bma_samples=auto.bma_samples,
+                                hyper_solver=auto.hyper_solver)
         return None, deelbo, []
     callback = MarginalLikelihood(family, likelihood, curvature=auto.curvature, updates=auto.updates,
                                   burnin=auto.burnin, steps=auto.hyper_steps, lr=auto.hyper_lr,

@@ -12,9 +12,12 @@ weights m and log s). The KL term's gradients in m and log s are closed form at 
     d KL / d m = Sigma_h^-1 (m - mu)  (the prior's ``add_grad_``: a few fused kernels, O(P k)),
     d KL / d log s = s^2 diag(Sigma_h^-1) - 1  (``precision_diagonal()``, cached per h: O(P)),
 
-so a step costs about one MAP step. The hyper-parameters take one Adam step on the KL (its gradient in h has no data
-term) every ``hyper_every`` training steps, at ``hyper_every`` times the per-step learning rate (the pace of one
-step per iteration; an O(P k^2) evaluation with eps > 0, amortised), and the cached prior is rebuilt after it. The
+so a step costs about one MAP step. Every ``hyper_every`` training steps the hyper-parameters are updated on the KL
+(its gradient in h has no data term) and the cached prior is rebuilt. ``hyper_solver="exact"`` (default) moves them
+to the minimiser of KL(q || p_h) at the current q, as the reference code does in closed form for its scalar
+lambda (L-BFGS in log h, a few O(P k^2) evaluations with eps > 0, amortised over ``hyper_every`` steps);
+``"adam"`` takes one Adam step at ``hyper_every`` times ``hyper_lr`` (rate-limited: on the 60-step text runs of
+``benchmarks/results/autotune.md`` lambda was still falling by e^-1 per update when the run ended). The
 weights use the run's own optimizer, learning rate and schedule (exactly as MAP training), log s its own Adam. The
 trained model is the variational mean (MAP-style predictions); with ``bma_samples`` the strategy also returns that
 many draws of q, and ``FitResult.predict`` averages over them.
@@ -34,13 +37,17 @@ from ptyl.errors import ConfigError
 from ptyl.inference.samples import SampleBank
 from ptyl.training.callbacks import Callback
 from ptyl.training.strategies.map import MAPStrategy
-from ptyl.validation import check_int, check_positive_number
+from ptyl.validation import check_choice, check_int, check_positive_number
 
 if TYPE_CHECKING:
     from ptyl.training.config import TrainConfig
     from ptyl.training.trainer import Trainer
 
-__all__ = ["DEELBOStrategy"]
+__all__ = ["HYPER_SOLVERS", "DEELBOStrategy"]
+
+HYPER_SOLVERS = ("exact", "adam")
+# log h stays within e^+-LOG_LIMIT (1e-13 .. 1e13): a KL flat in h (no displacement to explain) cannot run it off
+LOG_LIMIT = 30.0
 
 
 def single_process(trainer: Trainer, what: str) -> None:
@@ -61,13 +68,14 @@ class DEELBOStrategy(MAPStrategy):
             first steps; q at the prior's spread made them noise).
         hyper_lr, std_lr: Adam learning rates of log h (per training step) and log s.
         hyper_every: training steps per hyper-parameter step.
+        hyper_solver: ``"exact"`` (the minimiser of the KL in h at each update) or ``"adam"`` (one Adam step).
         num_samples: draws of q per step.
         bma_samples: draws of q returned for Bayesian model averaging (0: the variational mean predicts).
     """
 
     def __init__(self, config: TrainConfig, family: Family, *, kappa: float | None = None, init_std: float = 1e-3,
                  hyper_lr: float = 0.1, std_lr: float = 1e-2, hyper_every: int = 10, num_samples: int = 1,
-                 bma_samples: int = 0) -> None:
+                 bma_samples: int = 0, hyper_solver: str = "exact") -> None:
         super().__init__(config)
         self.family = family
         self.kappa_option = None if kappa is None else check_positive_number(kappa, "kappa")
@@ -77,6 +85,7 @@ class DEELBOStrategy(MAPStrategy):
         self.hyper_every = check_int(hyper_every, "hyper_every", minimum=1)
         self.num_samples = check_int(num_samples, "num_samples", minimum=1)
         self.bma_samples = check_int(bma_samples, "bma_samples", minimum=0)
+        self.hyper_solver = check_choice(hyper_solver, HYPER_SOLVERS, "hyper_solver")
         if not list(family.parameters()):
             raise ConfigError("the prior family has no learnable hyper-parameter (see build_family(learn=...))")
 
@@ -130,13 +139,41 @@ class DEELBOStrategy(MAPStrategy):
         super().on_step(trainer)
 
     def _hyper_step(self, model) -> None:
-        """One Adam step of log h on KL(q || p_h) at the current q (only -E_q[log p_h] depends on h)."""
+        """Update log h on KL(q || p_h) at the current q (only -E_q[log p_h] depends on h), see the module docstring."""
         means = {n: m.detach() for n, m in self.q.means(model).items()}
         variances = {n: v.detach() for n, v in self.q.variances().items()}
-        self.hyper_optimizer.zero_grad(set_to_none=True)
-        (-self.family.expected_log_prob(means, variances)).backward()
-        self.hyper_optimizer.step()
+        params = list(self.family.parameters())
+        if self.hyper_solver == "adam":
+            self.hyper_optimizer.zero_grad(set_to_none=True)
+            (-self.family.expected_log_prob(means, variances)).backward()
+            self.hyper_optimizer.step()
+        else:
+            self._minimise_kl(params, means, variances)
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(-LOG_LIMIT, LOG_LIMIT)
         self._refresh(model)
+
+    def _minimise_kl(self, params, means, variances) -> None:
+        """L-BFGS (strong Wolfe) on -E_q[log p_h] / P in log h; a non-finite outcome keeps the previous h."""
+        before = [p.detach().clone() for p in params]
+        scale = 1.0 / self.family.num_parameters
+        solver = torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-7, tolerance_change=1e-9,
+                                   line_search_fn="strong_wolfe")
+
+        def closure():
+            solver.zero_grad(set_to_none=True)
+            loss = -self.family.expected_log_prob(means, variances) * scale
+            loss.backward()
+            return loss
+
+        solver.step(closure)
+        with torch.no_grad():
+            if not all(torch.isfinite(p).all() for p in params):
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            for p in params:
+                p.grad = None
 
     def callbacks(self) -> list[Callback]:
         return [_RecordDEELBO(self)]
