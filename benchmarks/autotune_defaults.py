@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -132,6 +133,7 @@ def main() -> None:
     model_fn = pretrained_model_fn(meta, pretrained.state_dict(), task)
     rest, val = pool_split()
     spec = PriorSpec("lowrank", posterior=posterior, eps=1e-3, head=task.head)
+    command = "python benchmarks/autotune_defaults.py " + shlex.join(sys.argv[1:])
     out = Path(args.out) / "autotune_defaults.json"
     rows = json.loads(out.read_text()) if out.is_file() else []
     done = {(r["config"], r["n"], r["seed"], r["steps"], r["initial"]) for r in rows}
@@ -144,15 +146,18 @@ def main() -> None:
                     continue
                 torch.manual_seed(seed)
                 row = run_row(name, model_fn, train, val, spec, config_for(len(train), args.steps, seed), args.initial)
-                rows.append({"config": name, "n": n, "seed": seed, "steps": args.steps, "initial": args.initial, **row})
+                rows.append({"config": name, "n": n, "seed": seed, "steps": args.steps, "initial": args.initial,
+                             "command": command, **row})
                 print(json.dumps(rows[-1]), flush=True)
                 save_json(out, rows)
-    write_table(rows, Path(args.out) / "autotune_defaults.md", " ".join(sys.argv[1:]))
+    write_table(rows, Path(args.out) / "autotune_defaults.md")
 
 
-def write_table(rows: list[dict], path: Path, argv: str) -> None:
-    lines = [f"# Defaults of the automatic strategies (held-out pair MNIST-5k -> KMNIST, pool of 500)\n",
-             f"`python benchmarks/autotune_defaults.py {argv}`  \n{machine_line(machine_info())}\n",
+def write_table(rows: list[dict], path: Path) -> None:
+    commands = list(dict.fromkeys(r["command"] for r in rows))  # the runs that produced the rows, in order
+    lines = ["# Defaults of the automatic strategies (held-out pair MNIST-5k -> KMNIST, pool of 500)\n",
+             "Commands (rows resume across them):\n", *(f"    {c}" for c in commands), "",
+             f"{machine_line(machine_info())} (this table's rendering; each row's wall time is its own run's)\n",
              "| config | n | start lambda | seeds | pool NLL | pool acc | selected lambda (median) | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}

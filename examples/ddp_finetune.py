@@ -19,8 +19,6 @@ processes is close to, not bit-equal with, a one-process run; tests/test_distrib
 model without BatchNorm.
 """
 
-import ast
-import sys
 import time
 from pathlib import Path
 
@@ -57,15 +55,7 @@ seed = 0
 out_dir = "out/ddp_finetune"
 progress = True
 
-_settings = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
-for _arg in sys.argv[1:]:  # nanoGPT-style overrides: --name=value, the value read as a Python literal if it is one
-    _key, _eq, _value = _arg.removeprefix("--").partition("=")
-    if _key not in _settings or not _eq:
-        raise SystemExit(f"unknown or malformed setting {_arg!r}; use --name=value with a name from {_settings}")
-    try:
-        globals()[_key] = ast.literal_eval(_value)
-    except (ValueError, SyntaxError):
-        globals()[_key] = _value
+exec(Path(__file__).with_name("configurator.py").read_text())  # --name=value overrides
 
 # --- processes ------------------------------------------------------------------------------------------------------
 device = ddp.init_from_env()  # no-op without torchrun; cuda:LOCAL_RANK + nccl on GPUs, CPU + gloo otherwise

@@ -41,7 +41,8 @@ interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished 
 ``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
 dimension of every key (``--tuning``): ``grid`` (above; ``pairs.md``), or an automatic strategy, ``de-elbo`` /
 ``marglik`` (issue 11): one run on the n examples with the same step budget, scored on the same test set (the pool
-scored for reference only), its records appended to ``pairs_autotune_runs.jsonl``; ``autotune.md`` /
+scored for reference only), its records appended to ``pairs_autotune_runs.jsonl`` (each job first times one grid
+trial in its own process, for a side-by-side wall-time ratio); ``autotune.md`` /
 ``autotune.json`` put them next to the grid's records of the same cells (``pairs_runs.jsonl``, or ``--grid-runs``;
 ``autotune_report.py``)::
 
@@ -356,7 +357,8 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}
-    if automatic:  # one grid trial in this process, just before the automatic run: the wall-time ratio side by side
+    if automatic and cfg.get("time_trial", True):  # one grid trial in this process, just before the automatic run:
+        # the wall-time ratio side by side
         trial_start = time.perf_counter()
         transfer_run(task, train, plan, prior_spec, {axis: [plan.prior.recipe.default], "lr": [cfg["lr"]]}, config,
                      model_fn, seed=job["seed"], max_rounds=0)

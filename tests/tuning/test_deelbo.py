@@ -66,6 +66,23 @@ def test_classification_learns_records_and_averages_over_q():
                                                                      rel=1e-5)
 
 
+def test_exact_hyper_update_lands_at_the_closed_form_minimiser():
+    """hyper_solver="exact": after an update each isotropic variance is argmin_v KL(q || N(c, v I)) =
+    (|m - c|^2 + sum s^2) / P (the reference code's closed form); the Adam solver only steps towards it."""
+    data = classification()
+    strategy, result = deelbo_run(data, 2)
+    assert strategy.hyper_solver == "exact"
+    strategy._hyper_step(result.model)
+    means, variances = strategy.q.means(result.model), strategy.q.variances()
+    leaves = strategy.family.leaves()
+    assert len(leaves) == 2  # backbone and head
+    for leaf in leaves:
+        center = leaf.center()
+        residual = leaf.flatten(means).detach() - (0.0 if center is None else center)
+        expected = (residual.square().sum() + leaf.flatten(variances).sum()) / leaf.num_parameters
+        assert float(leaf.variance()) == pytest.approx(float(expected), rel=1e-4)
+
+
 def test_gradients_equal_autograd_of_the_deelbo():
     """The closed-form KL gradients in m and log s plus the data term through a draw equal autograd of the whole
     per-example objective (:func:`ptyl.autotune.deelbo_loss`, the reference form), for a learned low-rank prior
@@ -113,3 +130,9 @@ def test_rejects_a_family_without_learnable_values():
     fixed = IsotropicFamily({"weight": (1, 3), "bias": (1,)}, 1.0, learn=False)  # a fixed value: nothing to learn
     with pytest.raises(ConfigError, match="no learnable hyper-parameter"):
         DEELBOStrategy(TrainConfig(), fixed)
+
+
+def test_rejects_an_unknown_hyper_solver():
+    family = IsotropicFamily({"weight": (1, 3)}, 1.0)
+    with pytest.raises(ConfigError, match="hyper_solver"):
+        DEELBOStrategy(TrainConfig(), family, hyper_solver="newton")
