@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,8 +74,10 @@ def run(args, cfg, store: pairs.JsonlStore) -> None:
                 kappa = c * count / num_train
                 pairs.AUTO_SETTINGS["de-elbo"] = {"kappa": kappa}
                 job = {"pair": pair, "n": n, "seed": seed, "method": "lowrank", "tuning": "de-elbo"}
-                record = pairs.run_job(cfg, job, prior, str(Path(args.out) / "kappa_scratch"))
+                with tempfile.TemporaryDirectory() as scratch:  # run_job's own store: not kept
+                    record = pairs.run_job(cfg, job, prior, scratch)
                 row = {"pair": pair, "n": n, "seed": seed, "multiplier": c, "kappa": kappa, "num_parameters": count,
+                       "command": cfg["command"],
                        "num_train": num_train, **{k: record.get(k) for k in (
                            "accuracy", "nll", "ece", "selected", "std_ratio", "final_loss", "wall_time_s")}}
                 store.append(row)
@@ -82,7 +86,7 @@ def run(args, cfg, store: pairs.JsonlStore) -> None:
                       f"train-nll {row['final_loss']:.3f} {row['wall_time_s']:.0f}s", flush=True)
 
 
-def report(rows, grid_records, info) -> tuple[str, dict]:
+def report(rows, grid_records, info, commands) -> tuple[str, dict]:
     grid = {(r["pair"], r["n"], r["seed"]): r for r in grid_records
             if r["method"] == "lowrank" and r.get("tuning", "grid") == "grid" and "error" not in r}
     header = ["pair", "n/class", "c (kappa = c P/N)", "seeds", "test accuracy", "test NLL", "lambda (median)",
@@ -98,7 +102,8 @@ def report(rows, grid_records, info) -> tuple[str, dict]:
             entry = {"pair": pair, "n": n, "multiplier": c, "seeds": len(paired)}
             for m in ("accuracy", "nll"):
                 values = [r[m] for r in paired]
-                cells.append(f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}")
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.fmean(values):.4f} ± {sd:.4f}")
             cells.append(f"{statistics.median(r['selected'].get('scale', math.nan) for r in paired):.3g}")
             cells.append(f"{statistics.fmean(r['final_loss'] for r in paired):.3f}")
             for m in ("accuracy", "nll"):
@@ -111,7 +116,7 @@ def report(rows, grid_records, info) -> tuple[str, dict]:
             table.append(cells)
             data.append(entry)
     lines = ["# DE-ELBO's kappa swept against the grid (issue 11)", "",
-             "`python benchmarks/accuracy/kappa_sweep.py`", "", machine_line(info), "",
+             "Commands: " + "; ".join(f"`{c}`" for c in commands), "", machine_line(info), "",
              __doc__.split("\n\n")[2].replace("\n", " "), "", markdown_table(header, table), ""]
     return "\n".join(lines), {"rows": data}
 
@@ -119,14 +124,18 @@ def report(rows, grid_records, info) -> tuple[str, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = pairs.settings(pairs.parse_args(["--cache", args.cache] if args.cache else []))
-    cfg.update(stem=STEM, command="python benchmarks/accuracy/kappa_sweep.py", time_trial=False)
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report"]
+    command = "python benchmarks/accuracy/kappa_sweep.py " + shlex.join(given)
+    cfg.update(stem=STEM, command=command.strip(), time_trial=False)
     store = pairs.JsonlStore(Path(args.out) / f"{STEM}_runs.jsonl")
     info = machine_info()
     if not args.report:
         set_threads(1)
         run(args, cfg, store)
     grid_runs = Path(args.grid_runs) if args.grid_runs else Path(args.out) / "pairs_runs.jsonl"
-    markdown, data = report(store.rows(), pairs.JsonlStore(grid_runs).rows(), info)
+    rows = store.rows()
+    commands = list(dict.fromkeys(r.get("command", cfg["command"]) for r in rows))
+    markdown, data = report(rows, pairs.JsonlStore(grid_runs).rows(), info, commands)
     data["machine"] = info
     write_results(args.out, STEM, markdown, data)
     print(markdown)

@@ -106,8 +106,10 @@ def test_automatic_strategies_append_their_rows_next_to_the_grid(quick_run, caps
         assert r["validation_mode"] == "none" and r["trials"] == 1 and "pool_nll" in r and r["search_cost_s"] > 0
         assert {"scale", "head_variance"} <= set(r["selected"]) and r["key"] != records[0]["key"]
         assert ("bma" in r) == (r["tuning"] == "de-elbo") and r["command"].endswith(str(out))
+        assert r["trial_wall_s"] > 0  # one grid trial timed in the same process, for the side-by-side ratio
     md = (out / "pairs_quick_autotune.md").read_text()
     data = json.loads((out / "pairs_quick_autotune.json").read_text())
+    assert all(v["wall_ratio_same_process"] > 0 for c in data["cells"] for v in c["verdicts"])
     assert "grid (pool-selected)" in md and "| marglik |" in md
     assert set(data["summary"]) == {"de-elbo", "de-elbo (bma)", "marglik"}
     assert main(["--quick", "--out", str(out)]) == 0 and (out / "pairs_quick.md").read_text().split("\n", 5)[5] == \
