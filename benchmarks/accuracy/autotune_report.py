@@ -11,6 +11,8 @@ trains once with the same budget as one trial). Side by side: each automatic job
 training set, budget and evaluations) in its own process just before its run, so load and machine are shared; the
 grid's time is then that trial's time times the number of trials the grid ran on that seed, and this ratio decides
 the match ("wall / grid" keeps the ratio to the grid run's recorded time, measured at another time and load).
+DE-ELBO's wall time includes the evaluation of its Bayesian model average over q (10 extra passes over the test set
+and the pool), which a grid trial does not have; ``search_cost_s`` in its records is the training run alone.
 """
 
 from __future__ import annotations

@@ -85,8 +85,8 @@ class AutoConfig:
         initial: starting values by name (default: the registry's ``default`` for the strength axis).
         likelihood, noise_variance: the model of the data (``"categorical"`` or ``"gaussian"``); the training
             objective defaults to it.
-        hyper_lr: Adam learning rate of the log hyper-parameters (DE-ELBO: per training step; marglik: per hyper
-            step of an update).
+        hyper_lr: Adam learning rate of the log hyper-parameters (DE-ELBO with ``hyper_solver="adam"``: per
+            training step; marglik: per hyper step of an update).
         kappa, init_std, std_lr, hyper_every, hyper_solver, num_samples, bma_samples: DE-ELBO
             (:class:`DEELBOStrategy`).
         curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best, curvature_batch_size,

@@ -66,7 +66,7 @@ class DEELBOStrategy(MAPStrategy):
         kappa: likelihood weight (``None``: max(1, P / N); 1 is the ordinary ELBO).
         init_std: initial standard deviation of q (the phase-A sanity runs: 1e-3 kept q out of the way of the
             first steps; q at the prior's spread made them noise).
-        hyper_lr, std_lr: Adam learning rates of log h (per training step) and log s.
+        hyper_lr, std_lr: Adam learning rates of log h (per training step; ``hyper_solver="adam"``) and log s.
         hyper_every: training steps per hyper-parameter step.
         hyper_solver: ``"exact"`` (the minimiser of the KL in h at each update) or ``"adam"`` (one Adam step).
         num_samples: draws of q per step.
