@@ -121,7 +121,8 @@ def autotune_report(records: list[dict[str, Any]], cfg: dict[str, Any], machine:
     header = ["tuning", "seeds", "test accuracy", "test NLL", "test ECE", "strength (median)", "std ratio",
               "fit status", "pool NLL", "wall s", "wall / grid"]
     verdict_header = ["strategy", "paired seeds", "Δ accuracy (grid sd) ok", "Δ NLL (grid sd) ok",
-                      "wall / grid (recorded)", "wall / grid (side by side)", "grid trials", f"match (both ok, ratio <= {TARGET_RATIO:g})"]
+                      "wall / grid (recorded)", "wall / grid (side by side)", "grid trials",
+                      f"match (both ok, ratio <= {TARGET_RATIO:g})"]
     summary: dict[str, list[bool]] = {}
     for pair in cfg["pairs"]:
         for n in cfg["pairs"][pair]["n"]:

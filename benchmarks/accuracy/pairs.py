@@ -340,7 +340,6 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
 
     start = time.perf_counter()
     ctx = pair_context(cfg, job["pair"], prior)
-    automatic = job["tuning"] != "grid"
     task, spec = ctx["task"], cfg["pairs"][job["pair"]]
     n = resolve_n(task, job["n"])
     train = task.train_set(n, job["seed"])
@@ -357,8 +356,8 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}
-    if automatic and cfg.get("time_trial", True):  # one grid trial in this process, just before the automatic run:
-        # the wall-time ratio side by side
+    # an automatic job first times one grid trial in this process: the wall-time ratio side by side
+    if job["tuning"] != "grid" and cfg.get("time_trial", True):
         trial_start = time.perf_counter()
         transfer_run(task, train, plan, prior_spec, {axis: [plan.prior.recipe.default], "lr": [cfg["lr"]]}, config,
                      model_fn, seed=job["seed"], max_rounds=0)
