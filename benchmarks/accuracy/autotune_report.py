@@ -64,6 +64,16 @@ def _rows(label: str, records: list[dict[str, Any]], grid: dict[int, dict[str, A
             f"{statistics.median(ratios):.2f}" if ratios else "-"]
 
 
+def within_one_sd(metric: str, values: list[float], reference: list[float]) -> tuple[float, float, bool]:
+    """The match rule for one metric over paired seeds: (mean of value - reference, the reference's seed std, whether
+    the values are no worse than that std; a higher accuracy or a lower NLL counts as a match)."""
+    diffs = [float(v) - float(g) for v, g in zip(values, reference)]
+    sd = statistics.stdev(float(g) for g in reference) if len(reference) > 1 else math.nan
+    delta = statistics.fmean(diffs) if diffs else math.nan
+    worse = -delta if metric == "accuracy" else delta  # > 0: worse than the reference
+    return delta, sd, bool(diffs) and worse <= sd
+
+
 def _same_process_ratio(paired: list[dict[str, Any]], grid: dict[int, dict[str, Any]]) -> float:
     """Median over seeds of auto wall / (the same process's trial wall x the grid's trials); NaN without timings."""
     ratios = [r["wall_time_s"] / (r["trial_wall_s"] * grid[r["seed"]]["trials"]) for r in paired
@@ -78,12 +88,7 @@ def _verdict(strategy: str, records: list[dict[str, Any]], grid: dict[int, dict[
     out: dict[str, Any] = {"strategy": strategy + (f" ({prefix})" if prefix else ""), "seeds": len(paired)}
     cells = []
     for m in ("accuracy", "nll"):
-        diffs = [float(get(r)[m]) - float(grid[r["seed"]][m]) for r in paired]
-        ref = [float(grid[r["seed"]][m]) for r in paired]
-        sd = statistics.stdev(ref) if len(ref) > 1 else math.nan
-        delta = statistics.fmean(diffs) if diffs else math.nan
-        worse = -delta if m == "accuracy" else delta  # > 0: the automatic strategy is worse
-        within = bool(diffs) and worse <= sd
+        delta, sd, within = within_one_sd(m, [get(r)[m] for r in paired], [grid[r["seed"]][m] for r in paired])
         out.update({f"delta_{m}": delta, f"grid_sd_{m}": sd, f"within_{m}": within})
         cells.append(f"{delta:+.4f} (sd {sd:.4f}) {'yes' if within else 'no'}")
     ratios = [r["wall_time_s"] / grid[r["seed"]]["wall_time_s"] for r in paired]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pairs  # noqa: E402
+from autotune_report import within_one_sd  # noqa: E402
 from common import DEFAULT_OUT, machine_info, machine_line, set_threads, write_results  # noqa: E402
 
 from ptyl.pipeline import markdown_table  # noqa: E402
@@ -107,10 +108,8 @@ def report(rows, grid_records, info, commands) -> tuple[str, dict]:
             cells.append(f"{statistics.median(r['selected'].get('scale', math.nan) for r in paired):.3g}")
             cells.append(f"{statistics.fmean(r['final_loss'] for r in paired):.3f}")
             for m in ("accuracy", "nll"):
-                ref = [grid[(pair, n, r["seed"])][m] for r in paired]
-                delta = statistics.fmean(r[m] - g for r, g in zip(paired, ref))
-                sd = statistics.stdev(ref) if len(ref) > 1 else math.nan
-                ok = (-delta if m == "accuracy" else delta) <= sd
+                reference = [grid[(pair, n, r["seed"])][m] for r in paired]
+                delta, sd, ok = within_one_sd(m, [r[m] for r in paired], reference)
                 cells.append(f"{delta:+.4f} ({sd:.4f}) {'yes' if ok else 'no'}")
                 entry.update({f"delta_{m}": delta, f"grid_sd_{m}": sd, f"within_{m}": ok})
             table.append(cells)
