@@ -1,6 +1,9 @@
-"""Small shared test fixtures: a tiny model and a synthetic SWAG posterior."""
+"""Small shared test fixtures: a tiny model, a synthetic SWAG posterior and the fuzz tests' hypothesis settings."""
+
+import os
 
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 from ptyl.posterior import SourcePosterior
@@ -28,3 +31,14 @@ def random_posterior(model: nn.Module, rank: int = 3, dtype=torch.float64, head:
         var[n] = torch.rand(p.shape, generator=gen, dtype=dtype) * 0.5 + 0.1
         dev[n] = torch.randn((rank, *p.shape), generator=gen, dtype=dtype) * 0.3
     return SourcePosterior(mean, var, dev, {"architecture": "TinyNet"})
+
+
+FUZZ_SCALE = float(os.environ.get("PTYL_FUZZ_SCALE", "1"))
+
+
+def fuzz_settings(examples: int):
+    """Hypothesis settings of the in-suite fuzz: derandomised (the same examples on every run, so CI is reproducible);
+    ``PTYL_FUZZ_SCALE=10`` runs ten times as many, ``PTYL_FUZZ_RANDOM=1`` draws new ones."""
+    return settings(max_examples=max(1, int(examples * FUZZ_SCALE)), deadline=None, database=None,
+                    derandomize=os.environ.get("PTYL_FUZZ_RANDOM") != "1",
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -9,7 +9,6 @@ original tensors exactly; a changed data byte is always caught by the version-2 
 import argparse
 import atexit
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -17,24 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ptyl.cli import build_parser
 from ptyl.config import config_defaults, load_config
 from ptyl.errors import ConfigError, PriorFileError, PtylError
 from ptyl.io import load_posterior, save_posterior
-from tests.helpers import TinyNet, random_posterior
+from tests.helpers import TinyNet, fuzz_settings, random_posterior
 
 COUNTS: Counter = Counter()  # mutations tried, by kind (printed at the end with -s)
 OUTCOMES: Counter = Counter()  # prior-file loads: "error" / "exact"
-_SCALE = float(os.environ.get("PTYL_FUZZ_SCALE", "1"))
-
-
-def _settings(examples: int):
-    return settings(max_examples=max(1, int(examples * _SCALE)), deadline=None, database=None,
-                    derandomize=os.environ.get("PTYL_FUZZ_RANDOM") != "1",
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_settings = fuzz_settings
 
 
 @pytest.fixture(scope="module", autouse=True)

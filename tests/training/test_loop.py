@@ -172,3 +172,61 @@ def test_no_host_synchronisation_between_checks_on_cuda():
             trainer.strategy.on_step(trainer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(3, 8))
+    model.add_module("act", nn.ReLU())
+    model.add_module("head", nn.Linear(8, 2))
+    return model
+
+
+def test_a_model_whose_loss_is_nonfinite_after_the_last_step_is_an_error():
+    """Issue 25: lr 1e6, constant schedule, no clipping, 4 full-batch steps, no prior. After step 3 the weights are
+    finite but the logits overflow; 5 steps named step 4 (the loss window), so must 4 (the final check)."""
+    settings = dict(batch_size=64, lr=1e6, schedule="constant", grad_clip=None, progress=False)
+    for steps in (4, 5, 8):
+        with pytest.raises(DivergenceError, match=r"non-finite loss at step 4\b"):
+            fit(mlp(), blobs(), None, max_steps=steps, **settings)
+    result = fit(mlp(), blobs(), None, max_steps=3, **settings)  # the model after 3 steps is huge but finite
+    x, y = blobs().tensors
+    with torch.no_grad():
+        assert torch.isfinite(F.cross_entropy(result.model(x), y))
+
+
+def test_swag_draws_whose_loss_is_nonfinite_are_an_error():
+    class Inflate(Callback):  # a SWAG posterior so wide that its draws overflow the logits (the iterates are fine)
+        def on_fit_end(self, trainer):
+            collector = trainer.strategy.collector
+            state = collector.state_dict()
+            state["m2"] = state["m2"] * 1e60
+            collector.load_state_dict(state)
+
+    settings = dict(inference="swag", epochs=4, batch_size=16, lr=0.05, burn_in_fraction=0.5, num_samples=3,
+                    progress=False)
+    assert len(fit(net(), blobs(), None, **settings).samples) == 3
+    with pytest.raises(DivergenceError, match=r"sample 1 of 3.*step 16"):
+        fit(net(), blobs(), None, callbacks=[Inflate()], **settings)
+
+
+def test_kept_samples_whose_loss_is_nonfinite_are_an_error():
+    class KeepsABadOne(Strategy):
+        """Plain SGD keeping the model at the end of every epoch, the second one overflowing."""
+
+        collects_samples = True
+
+        def setup(self, trainer):
+            self.optimizer = make_optimizer(param_groups(trainer.model, trainer.head, 0.05, None), self.config)
+            self.bank = SampleBank()
+
+        def on_epoch(self, trainer):
+            state = trainer.model.state_dict()
+            if trainer.epoch == 1:
+                state = {k: v * 1e30 for k, v in state.items()}
+            self.bank.add(state)
+
+    config = TrainConfig(epochs=3, progress=False)
+    with pytest.raises(DivergenceError, match=r"sample 2 of 3.*step 6"):
+        fit(net(), blobs(), None, config, strategy=KeepsABadOne(config), batch_size=32)

@@ -7,7 +7,9 @@ Every strategy minimises (or samples) the same objective (Shwartz-Ziv et al. 202
 
 with N the number of training examples. The hot loop never waits for the device: losses go into a device buffer
 and are checked for NaN/Inf every ``config.check_every`` steps and at every epoch end, when the parameters are
-checked too; a failure raises :class:`~ptyl.errors.DivergenceError` naming the step. The budget is ``epochs`` or
+checked too; after the last step one forward checks the objective of the model returned, and of every sample kept
+(:mod:`ptyl.training.final_check`: a step's loss is computed before its update, so no window sees the last one). A
+failure raises :class:`~ptyl.errors.DivergenceError` naming the step. The budget is ``epochs`` or
 ``max_steps``; MAP may stop earlier under the convergence rule (:class:`~ptyl.training.callbacks.ConvergenceStop`),
 and with SGD the prior's separable part is a closed-form proximal step (:class:`ptyl.priors.ProximalPrior`), so no
 prior strength makes training unstable. After each epoch the loop writes a checkpoint (model, strategy, callbacks,
@@ -40,6 +42,7 @@ from ptyl.sharding import local_tensor
 from ptyl.training.callbacks import Callback, ConvergenceStop
 from ptyl.training.config import TrainConfig
 from ptyl.training.environment import current_environment
+from ptyl.training.final_check import check_final_objective
 from ptyl.training.objective import Objective, PriorTerm, supervised_objective
 from ptyl.training.precision import MixedPrecision
 from ptyl.training.registry import Inference
@@ -165,6 +168,7 @@ class Trainer:
         self.stop_epoch: int | None = None  # the run ends after this many epochs (the rule was met; annealing)
         self.history: list[dict[str, float]] = []
         self._zero = torch.zeros((), device=self.device)
+        self._last_batch: Any = None
 
     def set_prior(self, prior: Prior | None) -> None:
         """Train under ``prior`` from the next step on (e.g. a prior whose hyper-parameters were just updated:
@@ -215,6 +219,7 @@ class Trainer:
             callback.on_fit_end(self)
         samples = self.strategy.finalize(self)
         self._check_parameters("at the end of training")
+        check_final_objective(self, self._final_batch(), samples)
         converged = None
         if self.stop_rule is not None:
             converged = self.stop_reason is not None or self.stop_rule.met(self.history, self.steps_per_epoch)
@@ -243,6 +248,7 @@ class Trainer:
         self.env.set_epoch(self.loader, self.epoch)
         window = _LossWindow(min(self.config.check_every, max(self.steps_per_epoch, 1)), self.device)
         for batch in self.loader:
+            self._last_batch = batch  # the final check's batch (a reference: no copy)
             data_loss, prior_term = self._train_step(batch)
             full = window.add(data_loss, prior_term, self.step)
             self.strategy.on_step(self)
@@ -322,6 +328,17 @@ class Trainer:
         return (f"the prior's stiffest direction (precision {top:.3g}) makes lr * precision / N = {step:.3g} > 2, so "
                 f"every gradient step overshoots: add eps (e.g. eps=1e-4, `--eps 1e-4`), weaken the prior (a larger "
                 f"scale), or lower the learning rate below {2 * self.num_data / top:.3g}{proximal}")
+
+    def _final_batch(self) -> Any:
+        """The last batch trained on; after a resume with nothing left to train, the loader's first (its shuffling
+        stream restored, so a checkpoint written later is unchanged)."""
+        if self._last_batch is not None:
+            return self._last_batch
+        state = self.loader_generator.get_state()
+        try:
+            return next(iter(self.loader))
+        finally:
+            self.loader_generator.set_state(state)
 
     def _check_parameters(self, when: str) -> None:
         params = [local_tensor(p.detach()) for p in self.model.parameters()]  # this rank's shard under FSDP2

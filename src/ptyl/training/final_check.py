@@ -1,0 +1,103 @@
+"""The final check of a run (issue 25): the model it returns, and every sample it keeps, has a finite objective.
+
+The loss window checks the loss of every step, and a step's loss is computed on the parameters *before* its update,
+so the model after the last update is seen by no step: its weights can be finite while its logits overflow. One
+forward on a batch closes the gap:
+
+    U(theta_E) = loss(f(x; theta_E), y) + (-log p(theta_E)) / N      must be finite (theta_E: after the E-th step)
+
+It runs once, after ``strategy.finalize`` (the one host synchronisation it adds), in evaluation mode and without
+gradients, under the run's autocast, with the global RNG and a stateful objective's state restored afterwards, so a
+finished run is exactly what it was before. A failure is a :class:`~ptyl.errors.DivergenceError` naming step E, the
+step a longer run's loss window would name. Kept samples (SGLD iterates, SWAG's drawn models, draws of q) are
+checked the same way, one at a time, and the trained weights are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ptyl.errors import DivergenceError
+from ptyl.inference.bma import to_device
+from ptyl.inference.samples import SampleBank, cpu_copy
+from ptyl.sharding import local_tensor
+
+if TYPE_CHECKING:
+    from ptyl.training.trainer import Trainer
+
+__all__ = ["check_final_objective"]
+
+
+@contextlib.contextmanager
+def _untouched(trainer: Trainer) -> Iterator[None]:
+    """Evaluation mode, no gradients, the run's autocast; training mode, the RNG streams and the objective's state
+    (SimCLR's augmentation stream) as they were afterwards."""
+    model, objective = trainer.model, trainer.objective
+    was_training = model.training
+    saved = objective.state_dict() if hasattr(objective, "state_dict") else None
+    devices = [trainer.device] if trainer.device.type not in ("cpu", "meta") else []
+    device_type = trainer.device.type if devices else "cuda"
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
+            model.eval()
+            with trainer.precision.autocast():
+                yield
+    finally:
+        model.train(was_training)
+        if saved is not None:
+            objective.load_state_dict(saved)
+
+
+def _objective(trainer: Trainer, batch: Any) -> torch.Tensor:
+    """Data term + prior term of the model's current weights on ``batch`` (a 0-dim tensor on the device)."""
+    data = trainer.objective(trainer.model, batch).detach().double()
+    return data + trainer.prior_term(trainer.model).detach().double()
+
+
+def _finite(trainer: Trainer, value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every rank (every rank answers the same)."""
+    return bool(trainer.env.min(int(torch.isfinite(value).all())))
+
+
+def _check_samples(trainer: Trainer, bank: SampleBank, batch: Any, when: str) -> None:
+    """Every kept sample: finite tensors and (unsharded models) a finite objective on ``batch``."""
+    model = trainer.model
+    sharded = any(local_tensor(p) is not p for p in model.parameters())
+    trained = None if sharded else cpu_copy(model.state_dict())
+    try:
+        for index, sample in enumerate(bank, start=1):
+            tensors = [local_tensor(t) for t in sample.values() if t.is_floating_point()]
+            ok = _finite(trainer, torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+            if ok and not sharded:
+                model.load_state_dict(sample)
+                ok = _finite(trainer, _objective(trainer, batch))
+            if not ok:
+                raise DivergenceError(f"kept sample {index} of {len(bank)} has a non-finite loss or weights ({when}): "
+                                      f"{trainer._divergence_hint()}")
+    finally:
+        if trained is not None:
+            model.load_state_dict(trained)
+
+
+def check_final_objective(trainer: Trainer, batch: Any, samples: SampleBank | None) -> None:
+    """Raise :class:`DivergenceError` if the trained model's objective on ``batch``, or a kept sample's, is not finite.
+
+    Args:
+        trainer: the finished :class:`~ptyl.training.Trainer` (its model, objective, prior term and step count).
+        batch: a training batch as the loader yields it (moved to the device here).
+        samples: what the strategy kept (``None``: one model).
+
+    Raises:
+        DivergenceError: naming step ``trainer.step`` (the model after the last update) or the sample.
+    """
+    batch = to_device(batch, trainer.device)
+    with _untouched(trainer):
+        if not _finite(trainer, _objective(trainer, batch)):
+            raise DivergenceError(f"non-finite loss at step {trainer.step} (the trained model, after the last "
+                                  f"update; one forward on a training batch): {trainer._divergence_hint()}")
+        if samples is not None and len(samples):
+            _check_samples(trainer, samples, batch, f"checked after the last update, step {trainer.step}")
