@@ -188,9 +188,10 @@ def load_text_source(prior: Path, num_classes: int) -> LastLayerClassifier:
     """The SWA-mean source model saved by :func:`learn_text_prior`."""
     from safetensors.torch import load_file
 
-    model = last_layer_model(num_classes)
-    model.load_state_dict(load_file(str(weights_path(prior))))
-    return model
+    from ptyl.io import load_state_checked
+
+    path = weights_path(prior)
+    return load_state_checked(last_layer_model(num_classes), load_file(str(path)), path)
 
 
 def text_task(target: HiddenStates, val_pool: int) -> Any:

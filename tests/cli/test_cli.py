@@ -214,3 +214,22 @@ def test_finetune_writes_every_output_or_none(tiny_prior, tmp_path, monkeypatch,
     out = tmp_path / "run"
     assert main(["finetune", "--prior", str(tiny_prior), "--data", "mnist", *FAST, "--out", str(out)]) != 0
     assert list(out.iterdir()) == []
+
+
+def test_a_prior_whose_pretrained_weights_belong_to_another_width(tiny_prior, tmp_path, capsys):
+    """Issue 25: the weights file next to a width-4 prior holds a width-6 model: one line naming the parameters, their
+    shapes and the file, exit 2 (was: exit 1, "unexpected RuntimeError: Error(s) in loading state_dict")."""
+    import shutil
+
+    from ptyl.io import read_weights_metadata, save_weights
+    from ptyl.pipeline.tasks import build_from_metadata
+
+    prior = tmp_path / "prior.safetensors"
+    shutil.copy(tiny_prior, prior)
+    meta = read_weights_metadata(pretrained_weights_path(tiny_prior))
+    meta = {**meta, "model_kwargs": {**meta["model_kwargs"], "width": 6}}
+    weights = save_weights(build_from_metadata(meta), pretrained_weights_path(prior), meta)
+    assert main(["finetune", "--prior", str(prior), "--data", "mnist", *FAST, "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys)
+    assert str(weights) in line and "shape" in line
+    assert "expected (4, 1, 3, 3)" in line and "found (6, 1, 3, 3)" in line, line

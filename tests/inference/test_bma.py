@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ptyl.errors import DataError, InvalidValueError, PtylError
+from ptyl.errors import DataError, InvalidValueError, ParameterMismatchError, PtylError
 from ptyl.inference import SampleBank, bma_predict, collect_targets, predict_probs
 
 
@@ -223,4 +223,13 @@ def test_bma_sample_mismatch_raises_and_restores():
     bad.pop("head.bias")
     with pytest.raises(PtylError, match="sample 1"):
         bma_predict(model, [perturbed(model, 1), bad], loader())
+    assert_state_equal(model.state_dict(), original)
+
+
+def test_a_sample_of_another_model_is_a_named_mismatch():
+    model = BNNet()
+    original = copy.deepcopy(model.state_dict())
+    other = BNNet(num_classes=4).state_dict()
+    with pytest.raises(ParameterMismatchError, match=r"sample 1: .*head.weight \(expected \(3, 6\), found \(4, 6\)\)"):
+        bma_predict(model, [perturbed(model, 0), other], loader())
     assert_state_equal(model.state_dict(), original)

@@ -56,8 +56,15 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path):
     path = save_weights(nn.Linear(2, 3), tmp_path / "w.safetensors", {})
     state, meta = read_weights(path)
     assert meta["format"] == "ptyl-weights" and set(state) == {"weight", "bias"}
-    with pytest.raises(ParameterMismatchError, match="w.safetensors.*shape mismatch"):
+    with pytest.raises(ParameterMismatchError, match=r"w.safetensors: weights cannot be loaded into Linear: 2 tensor"
+                                                     r"\(s\) of another shape: weight \(expected \(4, 2\), found \(3, 2\)\), bias"):
         load_state_checked(nn.Linear(2, 4), state, path)
+    model = nn.Linear(2, 3)
+    before = model.weight.detach().clone()
+    with pytest.raises(ParameterMismatchError, match=r"missing 1: bias; 1 the model does not have: extra"):
+        load_state_checked(model, {"weight": state["weight"], "extra": state["bias"]}, path)
+    assert torch.equal(model.weight, before)  # left unchanged
+    assert torch.equal(load_state_checked(model, state, path).weight, state["weight"])
 
 
 def _flip_last_data_byte(path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ptyl.cli import main
-from ptyl.errors import PriorFileError
+from ptyl.errors import ParameterMismatchError, PriorFileError
 from ptyl.io import (
     PriorCard, from_pretrained, load_posterior, prior_file, push_to_hub, save_pretrained,
 )
@@ -50,6 +50,23 @@ def test_round_trip_with_weights_card_and_readme(tmp_path, learned):
     assert readme.startswith("---\nlibrary_name: ptyl") and "license: mit" in readme
     assert "| mnist | 10 | lowrank | 0.855 | 0.459 | 2 |" in readme
     assert "| scale | 1e+04 |" in readme and "Learned prior: smallcnn on kmnist" in readme
+
+
+def test_load_weights_into_checks_the_model(tmp_path, learned):
+    """The weights of a shared prior go into the architecture it names; another width is a named error."""
+    from ptyl.models import SmallCNN
+
+    posterior, model = learned
+    shared = from_pretrained(save_pretrained(tmp_path / "share", posterior, weights=model))
+    fresh = SmallCNN(width=4, num_classes=model.head.out_features)
+    assert shared.load_weights_into(fresh) is fresh
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ParameterMismatchError, match=r"prior.pretrained.safetensors: .*features.conv1.weight "
+                                                     r"\(expected \(8, 1, 3, 3\), found \(4, 1, 3, 3\)\)"):
+        shared.load_weights_into(SmallCNN(width=8, num_classes=model.head.out_features))
+    with pytest.raises(PriorFileError, match="without weights"):
+        from_pretrained(save_pretrained(tmp_path / "bare", posterior)).load_weights_into(fresh)
+    assert "shared.load_weights_into(model)" in (tmp_path / "share" / "README.md").read_text()
 
 
 def test_defaults_say_they_are_not_tuned(tmp_path, learned):

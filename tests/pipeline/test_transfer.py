@@ -52,7 +52,8 @@ def test_weights_roundtrip_and_mismatch(tmp_path):
         torch.testing.assert_close(a, b, msg=n)
     save_weights(model, tmp_path / "bad.safetensors", {"model": "smallcnn", "model_kwargs": {"width": 8},
                                                        "num_classes": 5})
-    with pytest.raises(ParameterMismatchError, match="do not fit"):
+    with pytest.raises(ParameterMismatchError, match=r"bad.safetensors.*cannot be loaded into SmallCNN.*"
+                                                     r"features.conv1.weight \(expected \(8, 1, 3, 3\), found \(4, 1, 3, 3\)\)"):
         load_weights(tmp_path / "bad.safetensors")
 
 

@@ -230,3 +230,13 @@ def test_kept_samples_whose_loss_is_nonfinite_are_an_error():
     config = TrainConfig(epochs=3, progress=False)
     with pytest.raises(DivergenceError, match=r"sample 2 of 3.*step 6"):
         fit(net(), blobs(), None, config, strategy=KeepsABadOne(config), batch_size=32)
+
+
+def test_a_checkpoint_of_another_model_names_its_tensors(tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    fit(net(), blobs(), epochs=1, checkpoint=checkpoint, progress=False)
+    wider = nn.Sequential()
+    wider.add_module("body", nn.Linear(3, 16))
+    wider.add_module("head", nn.Linear(16, 2))
+    with pytest.raises(CheckpointError, match=r"run.pt.*body.weight \(expected \(16, 3\), found \(8, 3\)\)"):
+        fit(wider, blobs(), epochs=1, checkpoint=checkpoint, resume=True, progress=False)

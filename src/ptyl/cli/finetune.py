@@ -185,7 +185,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from ptyl.io import atomic_files, prior_file, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
-    from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
+    from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, pretrained_weights_path, train_config
     from ptyl.priors import PriorKind
     from ptyl.training import fit
     from ptyl.tuning import AUTO, default_grid, tune
@@ -214,7 +214,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     task, size = _task(args, prior_meta.get("image_size"), head)
     train, test = task.train_set(size, args.seed), task.test_set(args.seed)
     meta, state, module = _source(args, scratch, int(train[0][0].shape[0]))
-    model_fn = pretrained_model_fn(meta, state, task, module=module)
+    model_fn = pretrained_model_fn(meta, state, task, module=module,
+                                   source=pretrained_weights_path(args.prior) if args.prior else "the model")
     spec = _prior_spec(args, task.head)
     config = train_config(args.inference, len(train), steps=args.steps, batch_size=args.batch_size,
                           num_samples=args.num_samples, temperature=args.temperature, lr=args.lr,
@@ -288,6 +289,7 @@ def _values(selected: dict[str, Any]) -> str:
 def run_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    from ptyl.errors import ParameterMismatchError
     from ptyl.inference import bma_predict, predict_probs
     from ptyl.io import load_samples
     from ptyl.metrics import save_json
@@ -320,7 +322,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if data == meta.get("data") and size:
             bn_loader = DataLoader(task.train_set(int(size), seed), batch_size=int(meta.get("batch_size", 32)),
                                    shuffle=False)
-        probs = bma_predict(model, load_samples(samples), loader, bn_loader=bn_loader, progress=progress(args))
+        try:
+            probs = bma_predict(model, load_samples(samples), loader, bn_loader=bn_loader, progress=progress(args))
+        except ParameterMismatchError as err:  # the samples of another model: name their file
+            raise ParameterMismatchError(f"{samples}: {err}") from err
     else:
         probs = predict_probs(model, loader, progress=progress(args))
     metrics = {k: float(v) for k, v in task.evaluate(probs, task.targets(test)).items()}

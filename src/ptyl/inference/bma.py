@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import RandomSampler
 
-from ptyl.errors import DataError, InvalidValueError, PtylError
+from ptyl.errors import DataError, InvalidValueError
 from ptyl.inference.samples import SampleBank, cpu_copy
+from ptyl.io.weights import load_state_checked
 
 __all__ = ["bma_predict", "collect_targets", "predict_probs", "to_device"]
 
@@ -184,10 +185,7 @@ def bma_predict(
         if device != original_device:
             model.to(device)
         for sample in tqdm(samples, desc="BMA samples", disable=not progress, leave=False):
-            try:
-                model.load_state_dict(sample, strict=True)
-            except RuntimeError as error:
-                raise PtylError(f"sample {count} does not match the model: {error}") from error
+            load_state_checked(model, sample, f"sample {count}", what="the posterior sample")
             if use_bn_update:
                 assert bn_loader is not None
                 _recompute_batchnorm(model, bn_loader, device, get_input)

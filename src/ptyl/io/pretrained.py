@@ -38,7 +38,7 @@ from torch import nn
 from ptyl.errors import ConfigError, PriorFileError
 from ptyl.io.atomic import atomic_files, atomic_write_text
 from ptyl.io.prior_file import load_posterior, save_posterior
-from ptyl.io.weights import save_weights
+from ptyl.io.weights import load_state_checked, read_weights, save_weights
 from ptyl.posterior.gaussian import SourcePosterior
 
 __all__ = ["CARD_FILE", "PRIOR_FILE", "README_FILE", "WEIGHTS_FILE", "PretrainedPrior", "PriorCard",
@@ -129,6 +129,7 @@ class PriorCard:
                       *[f"| {k} | {_cell(v)} |" for k, v in self.recommended.items()], ""]
         lines += ["```python", "from ptyl.io import from_pretrained", "from ptyl.priors import make_prior", "",
                   'shared = from_pretrained("<this folder or repo>")',
+                  "shared.load_weights_into(model)  # the pretrained weights, if the folder has them",
                   "prior = make_prior(model, shared.card.recommended.get(\"kind\", \"lowrank\"), "
                   "posterior=shared.posterior, **shared.prior_kwargs())", "```", ""]
         if self.benchmarks:
@@ -170,6 +171,26 @@ class PretrainedPrior:
         """The pretrained weights next to the prior (``None`` when the directory has none)."""
         path = self.directory / WEIGHTS_FILE
         return path if path.is_file() else None
+
+    def load_weights_into(self, model: nn.Module) -> nn.Module:
+        """Load the pretrained weights next to the prior into ``model``, every key and shape checked first.
+
+        Args:
+            model: the architecture the prior was learned on (``card.architecture``).
+
+        Returns:
+            ``model``.
+
+        Raises:
+            PriorFileError: the directory has no weights file.
+            ParameterMismatchError: the weights belong to another model (names the file, the tensors and their
+                shapes, expected vs found).
+        """
+        path = self.weights_path
+        if path is None:
+            raise PriorFileError(f"{self.directory}: no {WEIGHTS_FILE} (this prior was shared without weights)")
+        state, _ = read_weights(path)
+        return load_state_checked(model, state, path)
 
     def prior_kwargs(self) -> dict[str, Any]:
         """The card's recommended ``scale`` / ``eps`` / ``rank`` / ``head`` for :func:`ptyl.priors.make_prior`.

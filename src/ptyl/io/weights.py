@@ -32,7 +32,7 @@ from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, te
 from ptyl.io.schema import MapOf, Object, String
 
 __all__ = ["HEADER_KEY", "WEIGHTS_FORMAT", "load_state_checked", "read_weights", "read_weights_metadata",
-           "save_weights"]
+           "save_weights", "state_mismatch"]
 
 WEIGHTS_FORMAT = "ptyl-weights"
 HEADER_KEY = "ptyl_weights"  # the JSON header key of every model-state file (weights and sample banks)
@@ -127,27 +127,57 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     return read_state_file(path, WEIGHTS_FORMAT, "weights", map_location)
 
 
-def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> nn.Module:
-    """Load a state dict into a model after checking every key and shape.
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (strictly, as :meth:`nn.Module.load_state_dict`), or ``None``.
+
+    Args:
+        model: the model.
+        state: a state dict.
+
+    Returns:
+        One line naming the tensors whose shapes differ (expected by the model vs found in ``state``), the missing
+        and the unexpected keys (the first few of each, with how many more); ``None`` when ``state`` fits.
+    """
+    own = model.state_dict()
+    wrong = [f"{k} (expected {_shape(own[k])}, found {_shape(state[k])})" for k in own
+             if k in state and _shape(own[k]) != _shape(state[k])]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = [f"{len(wrong)} tensor(s) of another shape: {_listed(wrong)}" if wrong else "",
+             f"missing {len(missing)}: {_listed(missing)}" if missing else "",
+             f"{len(unexpected)} the model does not have: {_listed(unexpected)}" if unexpected else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path,
+                       what: str = "weights") -> nn.Module:
+    """Load a state dict into a model after checking every key and shape: the one way ptyl loads weights into a
+    model (the command line, the pipeline, :meth:`ptyl.io.PretrainedPrior.load_weights_into`, checkpoints, samples).
 
     Args:
         model: the model.
         state: its new state (e.g. from :func:`read_weights`).
         path: the file it came from (named in errors).
+        what: what ``state`` is, for the message ("weights", "the model state", "sample 3"...).
 
     Returns:
         ``model``.
 
     Raises:
-        ParameterMismatchError: missing keys or other shapes, naming ``path`` and the first offending keys.
+        ParameterMismatchError: naming ``path``, the tensors whose shapes differ (expected vs found) and the missing
+            or unexpected keys; the model is left unchanged.
     """
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or wrong:
-        detail = "; ".join(part for part in (f"missing {missing[:4]}" if missing else "",
-                                             f"shape mismatch {wrong[:3]}" if wrong else "") if part)
-        raise ParameterMismatchError(f"{path}: weights do not fit {type(model).__name__}: {detail}")
-    model.load_state_dict({k: state[k] for k in own})
+    problem = state_mismatch(model, state)
+    if problem is not None:
+        raise ParameterMismatchError(f"{path}: {what} cannot be loaded into {type(model).__name__}: {problem}")
+    model.load_state_dict(dict(state))
     return model

@@ -47,6 +47,9 @@ def pretrained_weights_path(prior_path: str | Path) -> Path:
 def load_pretrained(prior_path: str | Path, num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The pretrained model that goes with a prior file (the SWA mean with recomputed BatchNorm statistics).
 
+    The model is the architecture the *prior's* metadata describes (what downstream training builds), so weights
+    that belong to another model -- another width, say -- fail here, naming their file.
+
     Args:
         prior_path: the prior file.
         num_classes: give the model a fresh head of this many outputs.
@@ -54,13 +57,19 @@ def load_pretrained(prior_path: str | Path, num_classes: int | None = None) -> t
     Returns:
         ``(model, prior metadata)``. Falls back to the prior's mean (BatchNorm statistics at their defaults) with a
         warning when the weights file is missing.
+
+    Raises:
+        ParameterMismatchError: the weights file does not fit the prior's architecture (names the file, the tensors
+            and their shapes).
     """
     from ptyl.models import replace_head
 
     meta = read_metadata(prior_path)
     weights = pretrained_weights_path(prior_path)
     if weights.is_file():
-        model, _ = load_weights(weights)
+        state, weights_meta = read_weights(weights)
+        model = build_from_metadata({**weights_meta, **meta})  # the prior's architecture wins
+        load_state_checked(model, state, weights, what=f"the pretrained weights of prior {Path(prior_path).name}")
     else:
         warnings.warn(f"{weights} not found: starting from the prior mean (BatchNorm statistics not recomputed)")
         model = build_from_metadata(meta)

@@ -10,6 +10,7 @@ evaluate pipeline -- the data, the head, the metrics, the model adapter -- behin
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ptyl.data.subsets import hold_out
 from ptyl.errors import ConfigError, PriorFileError
+from ptyl.io.weights import load_state_checked
 
 __all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "Task", "TextTask", "build_from_metadata", "get_task"]
 
@@ -370,7 +372,8 @@ def build_from_metadata(meta: Mapping[str, Any], num_classes: int | None = None)
 
 
 def pretrained_model_fn(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, task: Task,
-                        module: nn.Module | None = None) -> Callable[[], nn.Module]:
+                        module: nn.Module | None = None,
+                        source: str | os.PathLike = "the pretrained state") -> Callable[[], nn.Module]:
     """A factory of fresh downstream models (call it after seeding: the new head is random).
 
     Args:
@@ -378,6 +381,8 @@ def pretrained_model_fn(meta: Mapping[str, Any], state: Mapping[str, torch.Tenso
         state: the pretrained state dict; ``None`` (and no ``module``): a random initialisation (``scratch``).
         task: adapts the source model (a fresh head or decoder).
         module: copy this source model instead of rebuilding it from ``meta``.
+        source: where ``state`` came from (a file), named when it does not fit the model (a
+            :class:`~ptyl.errors.ParameterMismatchError`).
 
     Returns:
         ``model_fn() -> nn.Module``.
@@ -388,8 +393,6 @@ def pretrained_model_fn(meta: Mapping[str, Any], state: Mapping[str, torch.Tenso
             return task.adapt(copy.deepcopy(module))
         if state is None:
             return task.scratch(meta)
-        model = build_classifier(meta)
-        model.load_state_dict(state)
-        return task.adapt(model)
+        return task.adapt(load_state_checked(build_classifier(meta), state, source))
 
     return make

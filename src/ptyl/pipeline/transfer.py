@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from ptyl.errors import ConfigError, DivergenceError
 from ptyl.io.prior_file import load_posterior, read_metadata
 from ptyl.metrics.results import save_json
-from ptyl.pipeline.artifacts import load_pretrained
+from ptyl.pipeline.artifacts import load_pretrained, pretrained_weights_path
 from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_config
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
@@ -268,6 +268,7 @@ def run_transfer(
         posterior = load_posterior(prior_path)
     task = task or ClassificationTask(target, image_size=meta.get("image_size"), max_test=max_test, val_pool=val_pool)
     state = copy.deepcopy(pretrained.state_dict()) if meta else None
+    source = pretrained_weights_path(prior_path) if prior_path is not None else "the pretrained model"
     jobs = []
     for seed in seeds:
         for n in n_per_class:
@@ -290,7 +291,7 @@ def run_transfer(
         bar.set_postfix_str(f"n={n} seed={seed} {plan.name}")
         start = time.perf_counter()
         model_fn = pretrained_model_fn(meta, state if plan.pretrained else None, task,
-                                       module=pretrained if plan.pretrained and not meta else None)
+                                       module=pretrained if plan.pretrained and not meta else None, source=source)
         record = {
             "method": plan.name, "prior": str(plan.prior), "inference": str(plan.inference),
             "pretrained": plan.pretrained, task.size_key: n, "seed": seed, "num_train": len(train),

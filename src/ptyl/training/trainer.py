@@ -8,7 +8,7 @@ Every strategy minimises (or samples) the same objective (Shwartz-Ziv et al. 202
 with N the number of training examples. The hot loop never waits for the device: losses go into a device buffer
 and are checked for NaN/Inf every ``config.check_every`` steps and at every epoch end, when the parameters are
 checked too; after the last step one forward checks the objective of the model returned, and of every sample kept
-(:mod:`ptyl.training.final_check`: a step's loss is computed before its update, so no window sees the last one). A
+(:mod:`ptyl.training.divergence`: a step's loss is computed before its update, so no window sees the last one). A
 failure raises :class:`~ptyl.errors.DivergenceError` naming the step. The budget is ``epochs`` or
 ``max_steps``; MAP may stop earlier under the convergence rule (:class:`~ptyl.training.callbacks.ConvergenceStop`),
 and with SGD the prior's separable part is a closed-form proximal step (:class:`ptyl.priors.ProximalPrior`), so no
@@ -36,13 +36,14 @@ from ptyl import distributed as ddp
 from ptyl.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from ptyl.inference.bma import to_device
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
+from ptyl.io.weights import load_state_checked
 from ptyl.priors.base import Prior
 from ptyl.priors.separable import ProximalPrior
 from ptyl.sharding import local_tensor
 from ptyl.training.callbacks import Callback, ConvergenceStop
 from ptyl.training.config import TrainConfig
 from ptyl.training.environment import current_environment
-from ptyl.training.final_check import check_final_objective
+from ptyl.training.divergence import check_final_objective, divergence_hint
 from ptyl.training.objective import Objective, PriorTerm, supervised_objective
 from ptyl.training.precision import MixedPrecision
 from ptyl.training.registry import Inference
@@ -168,7 +169,7 @@ class Trainer:
         self.stop_epoch: int | None = None  # the run ends after this many epochs (the rule was met; annealing)
         self.history: list[dict[str, float]] = []
         self._zero = torch.zeros((), device=self.device)
-        self._last_batch: Any = None
+        self._last_batch: Any = None  # the final check's batch
 
     def set_prior(self, prior: Prior | None) -> None:
         """Train under ``prior`` from the next step on (e.g. a prior whose hyper-parameters were just updated:
@@ -219,7 +220,7 @@ class Trainer:
             callback.on_fit_end(self)
         samples = self.strategy.finalize(self)
         self._check_parameters("at the end of training")
-        check_final_objective(self, self._final_batch(), samples)
+        check_final_objective(self, samples)
         converged = None
         if self.stop_rule is not None:
             converged = self.stop_reason is not None or self.stop_rule.met(self.history, self.steps_per_epoch)
@@ -248,7 +249,7 @@ class Trainer:
         self.env.set_epoch(self.loader, self.epoch)
         window = _LossWindow(min(self.config.check_every, max(self.steps_per_epoch, 1)), self.device)
         for batch in self.loader:
-            self._last_batch = batch  # the final check's batch (a reference: no copy)
+            self._last_batch = batch  # a reference: no copy
             data_loss, prior_term = self._train_step(batch)
             full = window.add(data_loss, prior_term, self.step)
             self.strategy.on_step(self)
@@ -256,8 +257,8 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if full:
-                window.flush(self.env, self._divergence_hint)
-        window.flush(self.env, self._divergence_hint)
+                window.flush(self.env, self._hint)
+        window.flush(self.env, self._hint)
         if window.steps == 0:
             raise DataError(f"the data loader yielded no batches in epoch {self.epoch + 1}")
         self._check_parameters(f"after epoch {self.epoch + 1} (step {self.step})")
@@ -308,37 +309,8 @@ class Trainer:
             raise ConfigError(f"prior_step 'proximal' is not available here: {why}")
         return None
 
-    def _divergence_hint(self) -> str:
-        """What to change after a divergence: under a prior whose stiffest direction makes the gradient step
-        overshoot (``lr * max diag(Sigma^-1) / N > 2``), eps or a weaker prior, not only the learning rate."""
-        if self.prior is None:
-            return "lower the learning rate"
-        advice = ("lower the learning rate, or, under a strong learned prior, add eps (e.g. eps=1e-4, `--eps 1e-4`: "
-                  "it caps the prior's precisions at 1/eps) or weaken it (a larger scale)")
-        if self.proximal is None and self.strategy.proximal:
-            advice += "; or take the prior's diagonal as a proximal step (prior_step='proximal', SGD: stable for any prior)"
-        try:
-            top = float(self.prior.precision_diagonal().max())  # the issue-12 prior interface
-        except (AttributeError, NotImplementedError, RuntimeError):
-            return advice
-        step = self.config.lr * top / self.num_data
-        if step <= 2:
-            return advice
-        proximal = "; or use prior_step='proximal' (SGD), stable for any prior" if self.strategy.proximal else ""
-        return (f"the prior's stiffest direction (precision {top:.3g}) makes lr * precision / N = {step:.3g} > 2, so "
-                f"every gradient step overshoots: add eps (e.g. eps=1e-4, `--eps 1e-4`), weaken the prior (a larger "
-                f"scale), or lower the learning rate below {2 * self.num_data / top:.3g}{proximal}")
-
-    def _final_batch(self) -> Any:
-        """The last batch trained on; after a resume with nothing left to train, the loader's first (its shuffling
-        stream restored, so a checkpoint written later is unchanged)."""
-        if self._last_batch is not None:
-            return self._last_batch
-        state = self.loader_generator.get_state()
-        try:
-            return next(iter(self.loader))
-        finally:
-            self.loader_generator.set_state(state)
+    def _hint(self) -> str:
+        return divergence_hint(self)
 
     def _check_parameters(self, when: str) -> None:
         params = [local_tensor(p.detach()) for p in self.model.parameters()]  # this rank's shard under FSDP2
@@ -346,7 +318,7 @@ class Trainer:
         if not self.env.min(int(finite)):  # every rank raises together
             bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(local_tensor(p)).all()]
             raise DivergenceError(f"non-finite parameters {when}: {bad[:4] or 'on another rank'}; "
-                                  f"{self._divergence_hint()}")
+                                  f"{self._hint()}")
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -399,7 +371,7 @@ class Trainer:
             raise ConfigError(f"checkpoint {self.checkpoint} was made with other settings ({changed}); "
                               "remove it or pass the same settings to resume")
         try:
-            self.model.load_state_dict(state["model"])
+            load_state_checked(self.model, state["model"], self.checkpoint, what="the model state")
             self.strategy.load_state_dict(state["strategy"])
             for callback, saved in zip([c for c in self.callbacks if c.stateful], state["callbacks"], strict=True):
                 callback.load_state_dict(saved)

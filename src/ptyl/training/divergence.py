@@ -1,4 +1,6 @@
-"""The final check of a run (issue 25): the model it returns, and every sample it keeps, has a finite objective.
+"""Divergence: what to change after one (:func:`divergence_hint`, named by every
+:class:`~ptyl.errors.DivergenceError` of the loop) and the final check of a run (issue 25): the model it returns,
+and every sample it keeps, has a finite objective.
 
 The loss window checks the loss of every step, and a step's loss is computed on the parameters *before* its update,
 so the model after the last update is seen by no step: its weights can be finite while its logits overflow. One
@@ -29,7 +31,55 @@ from ptyl.sharding import local_tensor
 if TYPE_CHECKING:
     from ptyl.training.trainer import Trainer
 
-__all__ = ["check_final_objective"]
+__all__ = ["check_final_objective", "divergence_hint"]
+
+
+def divergence_hint(trainer: Trainer) -> str:
+    """What to change after a divergence: under a prior whose stiffest direction makes the gradient step overshoot
+    (``lr * max diag(Sigma^-1) / N > 2``), eps or a weaker prior, not only the learning rate.
+
+    Args:
+        trainer: the running :class:`~ptyl.training.Trainer` (its prior, strategy, learning rate and N).
+
+    Returns:
+        The advice, one sentence.
+    """
+    if trainer.prior is None:
+        return "lower the learning rate"
+    advice = ("lower the learning rate, or, under a strong learned prior, add eps (e.g. eps=1e-4, `--eps 1e-4`: "
+              "it caps the prior's precisions at 1/eps) or weaken it (a larger scale)")
+    if trainer.proximal is None and trainer.strategy.proximal:
+        advice += "; or take the prior's diagonal as a proximal step (prior_step='proximal', SGD: stable for any prior)"
+    try:
+        top = float(trainer.prior.precision_diagonal().max())  # the issue-12 prior interface
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return advice
+    step = trainer.config.lr * top / trainer.num_data
+    if step <= 2:
+        return advice
+    proximal = "; or use prior_step='proximal' (SGD), stable for any prior" if trainer.strategy.proximal else ""
+    return (f"the prior's stiffest direction (precision {top:.3g}) makes lr * precision / N = {step:.3g} > 2, so "
+            f"every gradient step overshoots: add eps (e.g. eps=1e-4, `--eps 1e-4`), weaken the prior (a larger "
+            f"scale), or lower the learning rate below {2 * trainer.num_data / top:.3g}{proximal}")
+
+
+def final_batch(trainer: Trainer) -> Any:
+    """The last batch trained on; after a resume with nothing left to train, the loader's first (its shuffling
+    stream restored, so nothing downstream changes).
+
+    Args:
+        trainer: the finished :class:`~ptyl.training.Trainer`.
+
+    Returns:
+        A batch as the loader yields it.
+    """
+    if trainer._last_batch is not None:
+        return trainer._last_batch
+    state = trainer.loader_generator.get_state()
+    try:
+        return next(iter(trainer.loader))
+    finally:
+        trainer.loader_generator.set_state(state)
 
 
 @contextlib.contextmanager
@@ -77,27 +127,27 @@ def _check_samples(trainer: Trainer, bank: SampleBank, batch: Any, when: str) ->
                 ok = _finite(trainer, _objective(trainer, batch))
             if not ok:
                 raise DivergenceError(f"kept sample {index} of {len(bank)} has a non-finite loss or weights ({when}): "
-                                      f"{trainer._divergence_hint()}")
+                                      f"{divergence_hint(trainer)}")
     finally:
         if trained is not None:
             model.load_state_dict(trained)
 
 
-def check_final_objective(trainer: Trainer, batch: Any, samples: SampleBank | None) -> None:
-    """Raise :class:`DivergenceError` if the trained model's objective on ``batch``, or a kept sample's, is not finite.
+def check_final_objective(trainer: Trainer, samples: SampleBank | None) -> None:
+    """Raise :class:`DivergenceError` if the trained model's objective on a training batch (:func:`final_batch`), or
+    a kept sample's, is not finite.
 
     Args:
         trainer: the finished :class:`~ptyl.training.Trainer` (its model, objective, prior term and step count).
-        batch: a training batch as the loader yields it (moved to the device here).
         samples: what the strategy kept (``None``: one model).
 
     Raises:
         DivergenceError: naming step ``trainer.step`` (the model after the last update) or the sample.
     """
-    batch = to_device(batch, trainer.device)
+    batch = to_device(final_batch(trainer), trainer.device)
     with _untouched(trainer):
         if not _finite(trainer, _objective(trainer, batch)):
             raise DivergenceError(f"non-finite loss at step {trainer.step} (the trained model, after the last "
-                                  f"update; one forward on a training batch): {trainer._divergence_hint()}")
+                                  f"update; one forward on a training batch): {divergence_hint(trainer)}")
         if samples is not None and len(samples):
             _check_samples(trainer, samples, batch, f"checked after the last update, step {trainer.step}")
