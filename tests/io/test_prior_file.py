@@ -157,14 +157,16 @@ def test_reference_importer_round_trip(tmp_path):
     torch.save(var, prefix + "_variance.pt")
     torch.save(cov, prefix + "_covmat.pt")
     torch.save(backbone.state_dict(), prefix + "_model.pt")
-    post = import_reference(prefix)
-    assert post.names == names and post.rank == K
+    post = import_reference(prefix, covmat="deviations")  # tests/io/test_reference.py: the readings
+    assert post.names == names and post.rank == K and post.metadata["covmat"] == "deviations"
     flat = lambda d: torch.cat([d[n].reshape(-1) for n in names])  # noqa: E731
     assert torch.equal(flat(post.mean), mean) and torch.equal(flat(post.variance), var)
     assert torch.equal(torch.cat([post.deviations[n].reshape(K, -1) for n in names], 1), cov)
     # and it survives our own format
     back = load_posterior(save_posterior(post, tmp_path / "imported.safetensors"))
     assert torch.equal(flat(back.mean), mean)
+    scaled = import_reference(prefix)  # the default: rows divided by sqrt(K - 1), multiplied back here
+    torch.testing.assert_close(torch.cat([scaled.deviations[n].reshape(K, -1) for n in names], 1), cov * 3**0.5)
     assert import_reference(prefix, name_prefix="features.").names == ["features." + n for n in names]
     torch.save(torch.randn(P + 1), prefix + "_mean.pt")
     with pytest.raises(PriorFileError, match="sizes disagree"):
