@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench readme venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/ptyl demo --out demo-output
+
+# the README's demo tables: run the full and the quick demo, embed the summary (tests/cli/test_demo.py checks it)
+readme: $(STAMP)
+	$(PY) scripts/readme_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -180,21 +180,6 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "| n/class | method | accuracy | nll | ece | selected | std ratio | train NLL |" in out
-    assert "SMOKE TEST" in out and "None" not in out
-    assert "mnist5k -> mnist" in out and "kmnist -> mnist (control" in out and "minus the validation-selected" in out
-    for name in ("prior_mnist5k.safetensors", "prior_kmnist.safetensors", "results.json", "data_efficiency.png",
-                 "summary.md"):
-        assert (tmp_path / name).is_file()
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank"}
-    assert {r["pair"] for r in results} == {"mnist5k->mnist", "kmnist->mnist"}
-    assert all(r["validation_mode"] == "pool" and "final_loss" in r and "std_ratio" in r for r in results)
-
-
 def test_installed_script_reports_errors_in_one_line(tmp_path):
     script = Path(sys.executable).with_name("ptyl")
     assert script.is_file(), "the ptyl console script is not installed (pip install -e .)"

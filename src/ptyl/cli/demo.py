@@ -37,6 +37,7 @@ QUICK = dict(FULL, sources=["mnist5k", "kmnist"], width=4, pretrain_epochs=1, sw
              grids={PriorKind.STANDARD: [10.0, 100.0], PriorKind.L2SP: [1e-4, 1e-3], PriorKind.LOWRANK: [10.0, 100.0],
                     PriorKind.DIAG: [10.0, 100.0]})
 BASELINES = (PriorKind.STANDARD, PriorKind.L2SP)
+SUMMARY_FILE = "summary.md"  # the deterministic part of the output (scripts/readme_demo.py puts it in the README)
 ROLES = {"mnist5k": "same domain: the prior should help", "kmnist": "control: a different script, expect a tie"}
 
 
@@ -59,6 +60,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ptyl.io.atomic import atomic_write_text
     from ptyl.metrics import save_json
     from ptyl.pipeline import parse_method, plot_data_efficiency
 
@@ -95,25 +97,27 @@ def run(args: argparse.Namespace) -> int:
                                      "source_time_s": source_times, "results": results})
     plot = plot_data_efficiency([{**r, "method": f"{r['pair']}: {r['method']}"} for r in results],
                                 out / "data_efficiency.png")
-    header = (f"ptyl demo{' --quick' if args.quick else ''}: priors learned on {' and '.join(s['sources'])}, "
-              f"transferred to {s['target']} ({s['model']}, width {s['width']})")
-    if args.quick:
-        header += ("\nSMOKE TEST: every stage runs on a miniature (a handful of images, a width-4 network, a few "
-                   "steps); the numbers below mean nothing. Run 'ptyl demo' for the real comparison.")
-    protocol = (f"each method: its prior-strength grid, extended past edge optima; selected by validation NLL on "
-                f"{s['val_pool']} held-out images; SGD lr {s['lr']}, {s['steps']} steps (cosine), gradient clipping "
-                f"{s['grad_clip']}; test on {s['target']}'s test split")
-    body = "\n\n".join(tables)
-    (out / "summary.md").write_text(f"# {header}\n\n{protocol}\n\n{body}\n\nwall time: {wall:.0f}s\n", encoding="utf-8")
-    print(header)
-    print(protocol)
-    print()
-    print(body)
-    print()
-    print(f"wrote {out / 'results.json'}, {plot}, {out / 'summary.md'}")
-    print(f"wall time: {wall:.0f}s (sources {sum(source_times.values()):.0f}s)")
+    summary = _summary(args.quick, s, tables)
+    atomic_write_text(out / SUMMARY_FILE, summary)
+    print(summary)
+    print(f"wrote {out / 'results.json'}, {plot}, {out / SUMMARY_FILE}")
+    print(f"wall time: {wall:.0f}s (sources {sum(source_times.values()):.0f}s; per fit: results.json)")
     sys.stdout.flush()
     return 0
+
+
+def _summary(quick: bool, s: dict, tables: list[str]) -> str:
+    """What the README shows (``scripts/readme_demo.py`` embeds it): the setting, the protocol and each pair's table
+    and paired difference. Every character is deterministic (no wall times), so a test can compare it."""
+    header = (f"ptyl demo{' --quick' if quick else ''}: priors learned on {' and '.join(s['sources'])}, "
+              f"transferred to {s['target']} ({s['model']}, width {s['width']})")
+    if quick:
+        header += ("\nSMOKE TEST: every stage runs on a miniature (a handful of images, a width-4 network, a few "
+                   "steps); the numbers below mean nothing. Run 'ptyl demo' for the real comparison.")
+    protocol = (f"Each method: its prior-strength grid, extended past edge optima; selected by validation NLL on "
+                f"{s['val_pool']} held-out images; SGD lr {s['lr']}, {s['steps']} steps (cosine), gradient clipping "
+                f"{s['grad_clip']}; test on {s['target']}'s test split.")
+    return "\n\n".join([header, protocol, *tables]) + "\n"
 
 
 def _one_thread() -> None:
@@ -165,8 +169,8 @@ def _pair_table(source: str, s, records: list[dict]) -> str:
     validation NLL), seed by seed."""
     from ptyl.pipeline import summarize
 
-    lines = [f"## {source} -> {s['target']} ({ROLES.get(source, 'source')})", "",
-             summarize(records, metrics=("accuracy", "nll", "ece"))]
+    lines = [f"**{source} -> {s['target']}** ({ROLES.get(source, 'source')})", "",
+             summarize(records, metrics=("accuracy", "nll", "ece"), wall_time=False)]
     for n in s["n_per_class"]:
         deltas = []
         learned, baselines = Method.of(PriorKind.LOWRANK).name, (Method.of(k).name for k in BASELINES)

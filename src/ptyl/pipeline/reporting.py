@@ -123,7 +123,7 @@ def _fmt_fit(runs: list[dict[str, Any]]) -> str:
 
 
 def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accuracy", "nll", "ece", "brier"),
-              size_key: str = "n_per_class", size_label: str = "n/class") -> str:
+              size_key: str = "n_per_class", size_label: str = "n/class", wall_time: bool = True) -> str:
     """A markdown table of :func:`ptyl.pipeline.run_transfer` results.
 
     One row per (training-set size, method) in run order: ``mean ± std`` over seeds of each metric, the selected
@@ -136,15 +136,18 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
         results: the run records.
         metrics: columns.
         size_key, size_label: the record key of the training-set size and its column header.
+        wall_time: add the mean wall time column (``False``: every cell is deterministic, e.g. ``ptyl demo``'s
+            ``summary.md``, which the README embeds and a test compares).
 
     Returns:
         The table's text, then a line naming the seeds.
     """
-    header = [size_label, "method", *metrics, "selected", "std ratio", "train NLL", "time (s)"]
+    header = [size_label, "method", *metrics, "selected", "std ratio", "train NLL"] + (["time (s)"] if wall_time else [])
     groups = group_results(results, ("method", size_key))
     order = {key: i for i, key in enumerate(groups)}  # run order within one size
     rows = [[str(n), method, *(fmt_mean_std([r[m] for r in runs]) for m in metrics), _fmt_selected(runs),
-             _fmt_strength(runs), _fmt_fit(runs), f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"]
+             _fmt_strength(runs), _fmt_fit(runs),
+             *([f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"] if wall_time else [])]
             for (method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0]]))]
     seeds = sorted({r["seed"] for r in results})
     return markdown_table(header, rows) + f"\n\n{len(seeds)} seed(s) {seeds}; mean ± std over seeds where there are " \

@@ -104,8 +104,9 @@ def _untouched(trainer: Trainer) -> Iterator[None]:
 
 def _objective(trainer: Trainer, batch: Any) -> torch.Tensor:
     """Data term + prior term of the model's current weights on ``batch`` (a 0-dim tensor on the device)."""
-    data = trainer.objective(trainer.model, batch).detach().double()
-    return data + trainer.prior_term(trainer.model).detach().double()
+    dtype = torch.float32 if trainer.device.type == "mps" else torch.float64  # MPS has no float64
+    data = trainer.objective(trainer.model, batch).detach().to(dtype)
+    return data + trainer.prior_term(trainer.model).detach().to(dtype)
 
 
 def _finite(trainer: Trainer, value: torch.Tensor) -> bool:
