@@ -183,7 +183,7 @@ def _prior_spec(args: argparse.Namespace, head: str):
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from ptyl.io import atomic_files, prior_file, read_metadata, save_samples, save_weights
+    from ptyl.io import atomic_files, prior_file_path, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
     from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
     from ptyl.priors import PriorKind
@@ -194,7 +194,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
     if args.prior:
-        args.prior = str(prior_file(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
+        args.prior = str(prior_file_path(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
     if args.prior and not Path(args.prior).is_file():
         raise FileNotFoundError(f"prior file not found: {args.prior}")
     if not args.prior and not scratch:

@@ -33,7 +33,7 @@ from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.sharding import module_class_name
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.training.objective import Objective
 from ptyl.validation import check_choice

@@ -47,7 +47,7 @@ from ptyl.params import named_parameters
 from ptyl.priors.factory import make_prior
 from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.tuning.deelbo import DEELBOStrategy
 from ptyl.tuning.marglik import MarginalLikelihood

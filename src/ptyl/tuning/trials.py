@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from ptyl.errors import ConfigError, DivergenceError
 from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.result import FitResult
 from ptyl.tuning.splits import k_folds, stacked_targets, validation_split
 from ptyl.validation import check_int
