@@ -33,6 +33,7 @@ from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.learned import learned_prior
 from ptyl.priors.lowrank import LowRankGaussianPrior
 from ptyl.priors.registry import PriorKind, PriorOptions
+from ptyl.sharding import ShardLayout
 
 OTHER_BLOCK = "<other>"
 
@@ -72,6 +73,18 @@ class BlockLowRankPrior(CompositePrior):
         if name not in self.blocks:
             raise KeyError(f"no block {name!r}; blocks are {list(self.blocks)}")
         return self.parts[_key(name)]
+
+    def local_rows(self, layout: ShardLayout) -> BlockLowRankPrior:
+        """Each block over this rank's rows (see :meth:`ptyl.priors.Prior.local_rows`).
+
+        Args:
+            layout: the rows of every parameter.
+
+        Returns:
+            The block prior over the rows.
+        """
+        return BlockLowRankPrior({name: self.block(name).local_rows(layout.restrict(list(self.block(name).names)))
+                                  for name in self.blocks})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocks={len(self.blocks)}"
