@@ -134,8 +134,6 @@ def test_bad_input_is_named():
         tune(model_fn, data, "standard", {"wd": [1.0]}, config=CONFIG, progress=False)
     with pytest.raises(ConfigError, match="weight_decay"):
         tune(model_fn, data, "standard", {"weight_decay": [1e-4]}, config=CONFIG, progress=False)
-    with pytest.raises(ConfigError, match="needs a prior variance"):
-        tune(model_fn, data, "standard", {"lr": [0.1]}, config=CONFIG, progress=False)
     with pytest.raises(ConfigError, match="posterior"):
         tune(model_fn, data, "lowrank", {"scale": [1.0]}, config=CONFIG, progress=False)
     with pytest.raises(ConfigError, match="seed"):

@@ -29,8 +29,17 @@ def _baselines() -> list[str]:
     return [str(k) for k in PriorKind if k is not PriorKind.LOWRANK] + [str(Start.SCRATCH)]
 
 
+def _defaults(option: str) -> str:
+    """``lowrank 100, diag 100, ...``: the registry default of ``option`` for every kind that uses it."""
+    from ptyl.priors import PriorKind
+
+    return ", ".join(f"{kind} {kind.recipe.defaults[option]:g}" for kind in PriorKind
+                     if kind.recipe.needs_posterior == (option != "variance") and kind.recipe.axis is not None)
+
+
 def add_parsers(subparsers) -> None:
     from ptyl.pipeline import ClassificationTask, SegmentationTask
+    from ptyl.priors.registry import HEAD_VARIANCE
     from ptyl.training.precision import PRECISIONS
     from ptyl.training import Inference
     from ptyl.tuning import AUTO, STRATEGIES
@@ -55,13 +64,15 @@ def add_parsers(subparsers) -> None:
                         "or start from a random initialisation under the standard prior (scratch)")
     p.add_argument("--width", type=positive_int, help="model width (scratch only; else the prior's)")
     p.add_argument("--scale", type=positive_float,
-                   help="prior scale lambda of a learned prior [the prior kind's default, 100]")
+                   help=f"prior scale lambda of a learned prior [the prior kind's default: {_defaults('scale')}]")
     p.add_argument("--eps", type=nonnegative_float,
-                   help="isotropic jitter eps of a learned prior, N(mu, lam Sigma + eps I) [the kind's default, 1e-3]")
-    p.add_argument("--rank", type=int, help="use the first k <= K deviation columns (default: all)")
+                   help="isotropic jitter eps of a learned prior, N(mu, lam Sigma + eps I) [the kind's default: "
+                        f"{_defaults('eps')}]")
+    p.add_argument("--rank", type=int, help="use the first k <= K deviation columns [all]")
     p.add_argument("--variance", type=positive_float,
-                   help="prior variance of standard / l2sp / scratch [the prior kind's default: 10, 1e-3, 10]")
-    p.add_argument("--head-variance", type=positive_float, default=1.0, help="prior variance of the new head [1]")
+                   help=f"prior variance of an isotropic prior [the prior kind's default: {_defaults('variance')}]")
+    p.add_argument("--head-variance", type=positive_float, default=HEAD_VARIANCE,
+                   help=f"prior variance of the new head [{HEAD_VARIANCE:g}]")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (SGD, cosine to 0) [0.1]")
     p.add_argument("--grad-clip", type=positive_float, default=5.0, help="gradient-norm clipping [5]")
     p.add_argument("--epochs", type=positive_int, help="epochs (default: from --steps)")
@@ -171,13 +182,10 @@ def _prior_spec(args: argparse.Namespace, head: str):
     from ptyl.tuning import PriorSpec
 
     kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or PriorKind.LOWRANK)
-    recipe = kind.recipe
-    posterior = load_posterior(args.prior) if recipe.needs_posterior else None
-    chosen = {"scale": args.scale, "variance": args.variance}
-    if recipe.axis is not None and chosen.get(recipe.axis) is None:
-        chosen[recipe.axis] = recipe.default
-    return PriorSpec(kind=kind, posterior=posterior, scale=chosen["scale"] or 1.0, eps=args.eps, rank=args.rank,
-                     variance=chosen["variance"], head=head, head_variance=args.head_variance)
+    posterior = load_posterior(args.prior) if kind.recipe.needs_posterior else None
+    # a flag left out is None: PriorSpec / make_prior take the kind's registry default
+    return PriorSpec(kind=kind, posterior=posterior, scale=args.scale, eps=args.eps, rank=args.rank,
+                     variance=args.variance, head=head, head_variance=args.head_variance)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -252,9 +260,9 @@ def run_finetune(args: argparse.Namespace) -> int:
                          "baseline": args.baseline, "batch_size": args.batch_size, task.size_key: size})
     if "segmentation" in weights_meta:
         weights_meta["segmentation"]["n_train"] = size
-    eps = spec.eps if spec.eps is not None else spec.kind.recipe.eps
-    hyper = {"scale": spec.scale, "eps": eps, "rank": spec.rank, "variance": spec.variance,
-             "head_variance": spec.head_variance, "lr": config.lr, **selected}
+    used = spec.resolved()
+    hyper = {"scale": used.scale, "eps": used.eps, "rank": used.rank, "variance": used.variance,
+             "head_variance": used.head_variance, "lr": config.lr, **selected}
     report = {"task": args.task, "data": args.data, "prior_file": args.prior, "prior": str(spec.kind),
               "baseline": args.baseline, "method": config.inference,
               "n_per_class": size if isinstance(task, ClassificationTask) else None,

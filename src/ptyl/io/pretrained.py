@@ -193,7 +193,8 @@ def _card_from_metadata(posterior: SourcePosterior, card: PriorCard | dict[str, 
     card = card if isinstance(card, PriorCard) else PriorCard.from_dict(dict(card or {}), "card")
     if not card.recommended:
         kind = PriorKind.LOWRANK
-        card.recommended = {"kind": str(kind), kind.recipe.axis: kind.recipe.default, "eps": 0.0,
+        defaults = kind.recipe.defaults
+        card.recommended = {"kind": str(kind), kind.recipe.axis: defaults[kind.recipe.axis], "eps": defaults["eps"],
                             "note": "ptyl's defaults, not tuned for this prior"}
     meta = posterior.metadata
     excluded = meta.get("excluded") or []

@@ -96,7 +96,8 @@ class PriorRecipe:
         learnable: the backbone hyper-parameters the automatic strategies may learn by gradient (the head's
             ``head_variance`` is learnable for every kind). Empty: only grid tuning applies to the kind.
         family: ``"module:function"`` building the kind's differentiable prior family for the automatic strategies
-            (:func:`ptyl.autotune.build_family`), signature ``(backbone, posterior, options, learn, dtype) -> family``
+            (:func:`ptyl.autotune.build_family`), signature ``(recipe, backbone, posterior, options, learn, dtype) ->
+            family``
             (a :class:`~ptyl.autotune.families.LeafFamily` or ``CompositeFamily`` whose ``to_prior()`` is the
             builder's prior at the same values); :data:`SCALED_FAMILY` for a kind linear in its axis. Required when
             ``learnable`` is not empty: a kind without one is refused by the automatic strategies.
@@ -190,7 +191,7 @@ class PriorRecipe:
         """
         if self.family is None:
             raise ConfigError(f"prior kind with builder {self.builder!r} has no differentiable family")
-        return _resolve(self.family)(backbone, posterior, options, learn, dtype)
+        return _resolve(self.family)(self, backbone, posterior, options, learn, dtype)
 
 
 def _resolve(spec: str) -> Callable:
@@ -225,10 +226,10 @@ class PriorKind(str, Enum):
     BLOCK = "block", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.block:build_block",
                                  (-3.0, 10.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:block_family")
     L2SP = "l2sp", PriorRecipe(False, "variance", (-5.0, -1.0), 1e-3, "ptyl.priors.isotropic_builders:build_l2sp",
-                               (-9.0, 3.0), learnable=("variance",), family="ptyl.autotune.build:isotropic_family")
+                               (-9.0, 3.0), learnable=("variance",), family="ptyl.autotune.build:l2sp_family")
     STANDARD = "standard", PriorRecipe(False, "variance", (-1.0, 3.0), 10.0,
                                        "ptyl.priors.isotropic_builders:build_standard", (-5.0, 5.0),
-                                       learnable=("variance",), family="ptyl.autotune.build:isotropic_family")
+                                       learnable=("variance",), family="ptyl.autotune.build:standard_family")
     NONE = "none", PriorRecipe(False, None, None, None, "ptyl.priors.isotropic_builders:build_none")
 
     @classmethod

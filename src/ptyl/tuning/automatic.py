@@ -135,9 +135,9 @@ def _family(model: nn.Module, spec, auto: AutoConfig):
     learn = auto.learn if auto.learn is not None else (
         (recipe.axis,) + (("head_variance",) if spec.head_variance is not None else ()))
     initial = {recipe.axis: recipe.default, **(auto.initial or {})}
-    values = {"scale": initial.get("scale", spec.scale), "variance": initial.get("variance", spec.variance or 1.0),
-              "eps": initial.get("eps", spec.eps if spec.eps is not None else recipe.eps),
-              "head_variance": initial.get("head_variance", spec.head_variance)}
+    values = {"scale": spec.scale, "variance": spec.variance, "eps": spec.eps,  # None: the registry's defaults
+              "head_variance": spec.head_variance}
+    values.update({k: v for k, v in initial.items() if k in values})
     return build_family(model, spec.kind, posterior=spec.posterior, rank=spec.rank, blocks=spec.blocks,
                         head=spec.head, unregularized=spec.unregularized, learn=tuple(learn), **values)
 

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 
 from ptyl.errors import ConfigError, DivergenceError, InvalidValueError
 from ptyl.priors.factory import make_prior
-from ptyl.priors.registry import PriorKind
+from ptyl.priors.registry import HEAD_VARIANCE, PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.result import FitResult
 from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, edge_warnings, is_number
@@ -81,25 +81,33 @@ class PriorSpec:
     """The prior a tuned method trains under (the fixed part; grid axes override the fields named in ``PRIOR_KEYS``).
 
     Attributes:
-        kind: a :class:`~ptyl.priors.PriorKind` (learned kinds need ``posterior``; ``l2sp`` / ``standard`` need
-            ``variance``, here or as a grid axis).
+        kind: a :class:`~ptyl.priors.PriorKind` (learned kinds need ``posterior``).
         posterior, scale, eps, rank, variance, blocks, head, head_variance, unregularized: as in
-            :func:`ptyl.priors.make_prior`.
+            :func:`ptyl.priors.make_prior`; ``None``: the kind's registry default (:attr:`PriorRecipe.defaults`).
     """
 
     kind: str = PriorKind.STANDARD
     posterior: Any = None  # SourcePosterior
-    scale: float = 1.0
+    scale: float | None = None
     eps: float | None = None
     rank: int | None = None
     variance: float | None = None
     blocks: str | Sequence[str] = "auto"
     head: str | Sequence[str] | None = "head"
-    head_variance: float | None = 1.0
+    head_variance: float | None = HEAD_VARIANCE
     unregularized: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.kind = PriorKind.parse(self.kind)
+
+    def resolved(self) -> PriorSpec:
+        """This spec with every value left out (``None``) replaced by the kind's registry default.
+
+        Returns:
+            A new :class:`PriorSpec` (the prior it builds is the same).
+        """
+        options = self.kind.recipe.options(scale=self.scale, eps=self.eps, rank=self.rank, variance=self.variance)
+        return replace(self, scale=options.scale, eps=options.eps, rank=options.rank, variance=options.variance)
 
     def build_prior(self, model: nn.Module, **values: Any):
         """The prior of this spec for a model.
@@ -186,9 +194,6 @@ def check_grid(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainCo
             raise ConfigError(f"grid axis {key!r} repeats a value: {values}")
         out[key] = [float(v) if isinstance(v, torch.Tensor) else v for v in values]
     recipe = spec.kind.recipe
-    if recipe.axis is not None and getattr(spec, recipe.axis) is None and recipe.axis not in out:
-        raise ConfigError(f"prior kind {str(spec.kind)!r} needs a prior {recipe.axis}: set PriorSpec.{recipe.axis} "
-                          f"or a {recipe.axis!r} axis")
     if recipe.needs_posterior and spec.posterior is None:
         raise ConfigError(f"prior kind {str(spec.kind)!r} needs PriorSpec.posterior (the learned source posterior)")
     for key in ("scale", "variance", "head_variance"):
