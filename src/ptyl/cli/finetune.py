@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ptyl.cli._common import (
-    UsageError, add_common, add_data_model_options, info, model_kwargs, nonnegative_float, positive_float, positive_int,
-    progress, require,
+    UsageError, add_common, add_data_model_options, add_task_options, info, model_kwargs, nonnegative_float,
+    positive_float, positive_int, progress, require, task_options,
 )
 from ptyl.errors import PtylError
 
@@ -38,7 +38,7 @@ def _defaults(option: str) -> str:
 
 
 def add_parsers(subparsers) -> None:
-    from ptyl.pipeline import ClassificationTask, SegmentationTask
+    from ptyl.pipeline import TASKS
     from ptyl.priors.registry import HEAD_VARIANCE
     from ptyl.training.precision import PRECISIONS
     from ptyl.training import Inference
@@ -53,8 +53,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--prior", help="prior file from 'ptyl learn-prior' or a shared prior directory "
                                    "(ptyl.io.save_pretrained); without it: --model's own weights under the l2sp "
                                    "baseline, or --baseline scratch")
-    add_data_model_options(p, data_default="mnist", model_default=None, data_help="target data")
-    p.add_argument("--n-per-class", type=positive_int, default=10, help="training examples per class [10]")
+    targets = ", ".join(f"{t.default_target} ({name})" for name, t in TASKS.items() if t.default_target)
+    add_data_model_options(p, data_default=None, model_default=None,
+                           data_help=f"target data (default per task: {targets})")
+    p.add_argument("--n-per-class", type=positive_int, default=10,
+                   help="training examples per class (classification, text) [10]")
     p.add_argument("--inference", "--method", dest="inference", default=str(Inference.MAP),
                    choices=[str(i) for i in Inference],
                    help="inference: MAP, SGLD + BMA, cyclical SGLD + BMA, downstream SWAG + BMA [map]")
@@ -91,14 +94,11 @@ def add_parsers(subparsers) -> None:
                         f"'auto' = {AUTO!r}")
     p.add_argument("--budget", type=positive_int, default=4, help="grid values for --tune grid, before extensions [4]")
     p.add_argument("--val-pool", type=int, default=500,
-                   help="classification --tune grid: validation images held out of the target's train split [500]")
-    p.add_argument("--task", default=ClassificationTask.name, choices=(ClassificationTask.name, SegmentationTask.name),
-                   help="classification (few-shot) or digit-canvas segmentation [classification]")
-    p.add_argument("--n-train", type=positive_int, default=64, help="segmentation: training canvases [64]")
-    p.add_argument("--n-test", type=positive_int, default=64, help="segmentation: test canvases [64]")
-    p.add_argument("--canvas-size", type=positive_int, default=56, help="segmentation: canvas side [56]")
+                   help="classification / text --tune grid: validation examples held out of the target's training "
+                        "data [500]")
     p.add_argument("--seed", type=int, default=0, help="seed (few-shot subset, head init, training) [0]")
     p.add_argument("--out", help="output directory (results.json, reliability.png, model.safetensors)")
+    add_task_options(p, "finetune")
     add_common(p)
     p.set_defaults(func=run_finetune)
 
@@ -118,7 +118,8 @@ def add_parsers(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- finetune
-def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[dict[str, Any], Any, Any]:
+def _source(args: argparse.Namespace, scratch: bool, task_kwargs: dict[str, Any],
+            default_model: str | None) -> tuple[dict[str, Any], Any, Any]:
     """(model metadata, pretrained state dict or None, a source model to copy or None): the prior's pretrained
     weights; without a prior the model ``--model`` builds (a factory brings its own weights) or a random start."""
     from ptyl.io import read_metadata
@@ -126,8 +127,8 @@ def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[
     from ptyl.pipeline import load_pretrained
 
     if not args.prior:
-        kwargs = {"in_channels": in_channels, **model_kwargs(args)}
-        meta = {"model": args.model or "smallcnn", "model_kwargs": kwargs, "head": args.head or "head"}
+        kwargs = {**task_kwargs, **model_kwargs(args)}
+        meta = {"model": args.model or default_model, "model_kwargs": kwargs, "head": args.head or "head"}
         return meta, None, (None if scratch else build_model(meta["model"], **kwargs))
     meta = read_metadata(args.prior)
     arch = meta.get("model") or meta.get("architecture")
@@ -142,23 +143,16 @@ def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[
     return meta, load_pretrained(args.prior)[0].state_dict(), None
 
 
-def _task(args: argparse.Namespace, image_size: int | None, head: str):
-    from ptyl.errors import DataError
-    from ptyl.pipeline import ClassificationTask, SegmentationTask
+def _task(args: argparse.Namespace, prior_meta: dict[str, Any], head: str):
+    """(the task of ``--task`` built from its flags, the training-set size)."""
+    from ptyl.pipeline import get_task
 
-    if args.task == SegmentationTask.name:
-        return SegmentationTask(args.data, n_test=args.n_test, canvas_size=args.canvas_size), args.n_train
-    pool = args.val_pool if args.tune else 0
-    try:
-        task = ClassificationTask(args.data, image_size=image_size, head=head, val_pool=pool)
-        task.train_set(args.n_per_class, args.seed)  # the pool must leave n per class to train on
-    except DataError:
-        if not pool:
-            raise
-        info(args, f"{args.data} cannot spare a {pool}-image validation pool next to {args.n_per_class} per class: "
-                   "tuning by 5-fold cross-validation instead")
-        task = ClassificationTask(args.data, image_size=image_size, head=head)
-    return task, args.n_per_class
+    task_class = get_task(args.task)
+    args.data = args.data or task_class.default_target
+    if prior_meta.get("task") not in (None, args.task) and task_class.has_source_stage():
+        raise UsageError(f"prior {args.prior} was learned for the {prior_meta['task']} task, not {args.task}: pass "
+                         f"--task {prior_meta['task']} or a prior learned with 'ptyl learn-prior --task {args.task}'")
+    return task_class.from_args(args, prior_meta=prior_meta, head=head, log=lambda message: info(args, message))
 
 
 def _warn_exact_posterior(args: argparse.Namespace, per_class: int | None) -> None:
@@ -193,7 +187,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from ptyl.io import atomic_files, prior_file_path, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
-    from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
+    from ptyl.pipeline import Start, get_task, pretrained_model_fn, train_config
     from ptyl.priors import PriorKind
     from ptyl.training import fit
     from ptyl.tuning import AUTO, default_grid, tune
@@ -219,9 +213,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prior_meta = read_metadata(args.prior) if args.prior else {}
     head = args.head or prior_meta.get("head") or "head"
-    task, size = _task(args, prior_meta.get("image_size"), head)
+    task_options(args)  # another task's flag given is an error
+    task, size = _task(args, prior_meta, head)
     train, test = task.train_set(size, args.seed), task.test_set(args.seed)
-    meta, state, module = _source(args, scratch, int(train[0][0].shape[0]))
+    meta, state, module = _source(args, scratch, task.model_kwargs(train[0]), get_task(args.task).default_model)
     model_fn = pretrained_model_fn(meta, state, task, module=module)
     spec = _prior_spec(args, task.head)
     config = train_config(args.inference, len(train), steps=args.steps, batch_size=args.batch_size,
@@ -230,7 +225,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.epochs:
         config.epochs, config.max_steps = args.epochs, None
     config.precision = args.precision
-    _warn_exact_posterior(args, size if isinstance(task, ClassificationTask) else None)
+    per_class = size if task.size_key == "n_per_class" else None
+    _warn_exact_posterior(args, per_class)
     selected: dict[str, Any] = {}
     tuning = None
     info(args, f"fine-tuning on {len(train)} {args.data} training examples: prior {spec.kind}, inference "
@@ -265,7 +261,7 @@ def run_finetune(args: argparse.Namespace) -> int:
              "head_variance": used.head_variance, "lr": config.lr, **selected}
     report = {"task": args.task, "data": args.data, "prior_file": args.prior, "prior": str(spec.kind),
               "baseline": args.baseline, "method": config.inference,
-              "n_per_class": size if isinstance(task, ClassificationTask) else None,
+              "n_per_class": per_class,
               "num_train": len(train), "num_test": len(test), "seed": args.seed, "metrics": metrics,
               "hyperparameters": hyper, "tuning": tuning, "config": asdict(config), "history": result.history,
               "wall_time_s": time.perf_counter() - start}
@@ -308,16 +304,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if data is None:
         raise UsageError("the weights file does not say which data set it was trained on: pass --data")
     task_class = get_task(meta.get("task", ClassificationTask.name))
-    if task_class is ClassificationTask:
-        task = ClassificationTask.from_metadata(meta, data=data, eval_split=args.split)
-        if task.num_classes != meta.get("num_classes", task.num_classes):
-            raise UsageError(f"{args.weights} predicts {meta['num_classes']} classes but {data!r} has "
-                             f"{task.num_classes}")
-    elif args.split != "test":
-        raise UsageError(f"--split {args.split} is for classification weights; {task_class.name} weights are "
-                         "evaluated on their test set")
-    else:
-        task = task_class.from_metadata(meta, data=data)
+    if args.split not in task_class.splits:
+        raise UsageError(f"--split {args.split}: {task_class.name} weights are evaluated on "
+                         f"{' / '.join(task_class.splits)}")
+    task = task_class.from_metadata(meta, data=data, eval_split=args.split)
+    classes = getattr(task, "num_classes", None)
+    if task_class.size_key == "n_per_class" and classes != meta.get("num_classes", classes):
+        raise UsageError(f"{args.weights} predicts {meta['num_classes']} classes but {data!r} has {classes}")
     seed = int(meta.get("seed", 0))
     test = task.test_set(seed)
     loader = DataLoader(test, batch_size=256, shuffle=False)
