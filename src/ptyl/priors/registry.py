@@ -12,8 +12,8 @@ command line's choices and defaults. A value left out anywhere (``scale=None``, 
 
 >>> PriorKind.parse("lowrank").recipe.axis
 'scale'
->>> [str(kind) for kind in PriorKind if not kind.recipe.needs_posterior]
-['l2sp', 'standard', 'none']
+>>> ", ".join(str(kind) for kind in PriorKind if not kind.recipe.needs_posterior)
+'l2sp, standard, none'
 >>> PriorKind.parse("lowrank").recipe.learnable
 ('scale', 'eps')
 >>> PriorKind.parse("lowrank").recipe.defaults

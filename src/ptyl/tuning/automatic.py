@@ -89,10 +89,11 @@ class AutoConfig:
             training step; marglik: per hyper step of an update).
         kappa, init_std, std_lr, hyper_every, hyper_solver, num_samples, bma_samples: DE-ELBO
             (:class:`DEELBOStrategy`).
-        curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best, curvature_batch_size,
-            curvature_examples: marglik (:class:`MarginalLikelihood`); ``updates`` spreads that many evidence
-            updates over the run (an update every ``max(1, epochs // updates)`` epochs, and one after the last);
-            ``curvature_examples`` caps the examples each curvature pass reads (a random subset, scaled up to N).
+        curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best: marglik
+            (:class:`MarginalLikelihood`); ``updates`` spreads that many evidence updates over the run (an update
+            every ``max(1, epochs // updates)`` epochs, and one after the last).
+        curvature_batch_size, curvature_examples: marglik's curvature passes: their batch size, and a cap on the
+            examples each pass reads (a random subset, scaled up to N).
     """
 
     learn: Sequence[str] | None = None
