@@ -166,10 +166,10 @@ def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], com
 
     Top-level keys are ``command``'s options; a mapping value is a section and must be named after a command
     (``sections``: command name -> its parser, e.g. :func:`ptyl.cli.subcommand_parsers`; ``command``'s own parser
-    is always one of them). The ``command`` section is merged over the top-level keys; the other sections are checked against their own commands
-    and otherwise ignored, so one file can configure several commands. Unknown keys or sections, values of the wrong
-    type (a boolean is not a number), null and non-finite numbers raise a one-line :class:`ConfigError` naming the key
-    and listing the valid ones.
+    is always one of them). The ``command`` section is merged over the top-level keys; the other sections are
+    checked against their own commands and otherwise ignored, so one file can configure several commands. Unknown
+    keys or sections, values of the wrong type (a boolean is not a number), null and non-finite numbers raise a
+    one-line :class:`ConfigError` naming the key and listing the valid ones.
     """
     sections = {_norm(name): p for name, p in (sections or {}).items()}
     if command is not None:

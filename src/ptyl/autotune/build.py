@@ -70,8 +70,8 @@ def _check_learn(kind: PriorKind, learn: Sequence[str], eps: float, head_varianc
         raise ConfigError(f"unknown hyper-parameter(s) {sorted(unknown)} to learn; choose from {HYPERS}")
     usable = set(kind.recipe.learnable) | ({"head_variance"} if head_variance is not None else set())
     if not learn & usable:
-        raise ConfigError(f"prior kind {str(kind)!r} has no usable scale among learn={sorted(learn)}: learnable here are "
-                          f"{sorted(usable)}")
+        raise ConfigError(f"prior kind {str(kind)!r} has no usable scale among learn={sorted(learn)}: learnable "
+                          f"here are {sorted(usable)}")
     if "eps" in learn and kind.recipe.needs_posterior and eps <= 0:
         raise ConfigError("eps is learned in log space: give it a positive initial value (e.g. eps=1e-8)")
     return learn & usable
@@ -235,8 +235,8 @@ def _check_learn(kind: PriorKind, learn: Sequence[str], eps: float, head_varianc
         raise ConfigError(f"unknown hyper-parameter(s) {sorted(unknown)} to learn; choose from {HYPERS}")
     usable = set(kind.recipe.learnable) | ({"head_variance"} if head_variance is not None else set())
     if not learn & usable:
-        raise ConfigError(f"prior kind {str(kind)!r} has no usable scale among learn={sorted(learn)}: learnable here are "
-                          f"{sorted(usable)}")
+        raise ConfigError(f"prior kind {str(kind)!r} has no usable scale among learn={sorted(learn)}: learnable "
+                          f"here are {sorted(usable)}")
     if "eps" in learn and kind.recipe.needs_posterior and eps <= 0:
         raise ConfigError("eps is learned in log space: give it a positive initial value (e.g. eps=1e-8)")
     return learn & usable

@@ -241,7 +241,8 @@ class Prior(nn.Module):
         return value, like, grads
 
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} implements neither the flat kernel (penalty_partials) nor _log_prob")
+        raise NotImplementedError(f"{type(self).__name__} implements neither the flat kernel (penalty_partials) nor "
+                                  "_log_prob")
 
     # --- the extension protocol: the flat kernel ---------------------------------------------------------------
     def penalty_partials(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):

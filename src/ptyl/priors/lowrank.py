@@ -197,7 +197,7 @@ class LowRankGaussianPrior(Prior):
         return out
 
     def log_det_partials(self, h: torch.Tensor) -> torch.Tensor:
-        """``[sum log(h + 1/d), U^T diag(h / (1 + d h)) U (k x k)]`` over these rows (see :meth:`Prior.log_det_partials`).
+        """``[sum log(h + 1/d), U^T diag(h / (1 + d h)) U (k x k)]`` over these rows (:meth:`Prior.log_det_partials`).
 
         Args:
             h: the curvature diagonal of these rows, float64.
