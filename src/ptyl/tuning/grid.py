@@ -430,8 +430,8 @@ class _Search:
                          "status": dict(status)})
             if not moves or round_ > self.max_rounds:
                 break
-            for axis, value in moves.items():
-                finite = sorted({*[v for v in axes[axis] if v != OFF], value})
+            for axis, new in moves.items():
+                finite = sorted({*[v for v in axes[axis] if v != OFF], *new})
                 axes[axis] = finite + ([OFF] if OFF in axes[axis] else [])
             self._run_new(kind, runner, axes, table, round_)
         best_row = select_best(table, self.key, self.sign)

@@ -10,8 +10,8 @@ hard log10 bounds of its :class:`~ptyl.priors.PriorKind` recipe) one value ``dec
 the best value is on an edge of the finite values, and the new trials (the new value crossed with every value of the
 other axes) run:
 
-* the **weak edge** (the largest finite value, or the off limit being best): extended until the trial at the edge is
-  *off* by the N-aware diagnostic (:func:`ptyl.autotune.prior_share`: the prior adds < 1% to every layer's curvature;
+* the **weak edge** (the largest finite value, or the off limit being best): extended, in steps that double beyond
+  the original grid (1, 2, 4... decades), until the trial at the edge is *off* by the N-aware diagnostic (:func:`ptyl.autotune.prior_share`: the prior adds < 1% to every layer's curvature;
   the curve has joined the off limit) or the hard bound is reached. A curve that is worse at 1e4 but better at the
   off limit is followed all the way (no flatness rule here: a flat stretch at a strong prior says nothing about the
   off limit). Without the diagnostic (no likelihood), the flatness rule below applies at this edge too;
@@ -19,7 +19,9 @@ other axes) run:
   (an extension made the edge value, and it beats its inner neighbour, the other axes held at their best values, by
   less than ``flat_rtol`` = 0.5 % of the metric: the prior is saturated, frozen at its mean), or the hard bound.
 
-This repeats until no axis moves or ``max_rounds`` extensions were made. The path (grid and best of every round) is
+Once an axis' best value is settled, a gap wider than ``decades`` next to it (left by the doubling steps) is halved,
+round after round, so the selection is resolved to ``decades`` like the original grid. This repeats until no axis
+moves or ``max_rounds`` rounds were made. The path (grid and best of every round) is
 kept, and every axis ends in one status:
 
 ``interior``      the best value has a tried neighbour on both sides;
@@ -32,7 +34,7 @@ kept, and every axis ends in one status:
 >>> axes = {"scale": [1.0, 10.0], "lr": [0.1]}
 >>> table = [{"scale": 1.0, "lr": 0.1, "val_nll": 0.2}, {"scale": 10.0, "lr": 0.1, "val_nll": 0.3}]
 >>> next_values(axes, table[0], {"scale": (-3.0, 10.0)}, table, "val_nll")
-({'scale': 0.1}, {'scale': 'edge'})
+({'scale': [0.1]}, {'scale': 'edge'})
 >>> next_values(axes, table[0], {"scale": (0.0, 10.0)}, table, "val_nll")
 ({}, {'scale': 'lower bound'})
 """
@@ -110,7 +112,7 @@ def _is_flat(table: Sequence[dict[str, Any]], best: Mapping[str, Any], axes: Seq
 def next_values(axes: Mapping[str, Sequence[Any]], best: Mapping[str, Any],
                 extend: Mapping[str, tuple[float, float]], table: Sequence[dict[str, Any]] = (), key: str = "val_nll",
                 decades: float = 1.0, flat_rtol: float = FLAT_RTOL, initial: Mapping[str, Sequence[Any]] | None = None
-                ) -> tuple[dict[str, float], dict[str, str]]:
+                ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """The values one extension round adds.
 
     Args:
@@ -119,13 +121,15 @@ def next_values(axes: Mapping[str, Sequence[Any]], best: Mapping[str, Any],
         extend: hard log10 bounds of the axes that may be extended.
         table: the trials so far (for the diagnostic at the weak edge and the flatness test).
         key: the selection metric's column.
-        decades: how far beyond the edge the new value lies (log10 units).
+        decades: how far beyond the edge the new value lies (log10 units); the weak edge's steps double with every
+            extension beyond the original grid (1, 2, 4... decades: the off limit can be many decades away), and
+            once the best value is settled, the gaps next to it that are wider than ``decades`` are halved.
         flat_rtol: the flatness tolerance (0: never flat).
         initial: the grid before any extension: an edge of it is always extended at least once (flatness is judged
             only beyond the original grid).
 
     Returns:
-        ``({axis: new value}, {axis: status now})`` for the extended axes; a new value is never past its bound
+        ``({axis: [new values]}, {axis: status now})`` for the extended axes; a new value is never past its bound
         (the last step is shortened to land on it).
     """
     moves, status = {}, {}
@@ -147,11 +151,36 @@ def next_values(axes: Mapping[str, Sequence[Any]], best: Mapping[str, Any],
                 state = "flat"
         status[axis] = state
         if state != "edge" or edge_value <= 0:
+            gaps = _refinements(values, chosen, decades)
+            if gaps:
+                moves[axis] = gaps
             continue
         edge = math.log10(edge_value)
-        target = max(lo, edge - decades) if edge_value == min(values) and not weak else min(hi, edge + decades)
-        moves[axis] = float(f"{10.0 ** target:.6g}")
+        if weak:
+            start = [v for v in (initial or {}).get(axis, values) if is_number(v) and math.isfinite(v)] or values
+            beyond = sum(v > max(start) for v in values)
+            target = min(hi, edge + decades * 2 ** beyond)
+        else:
+            target = max(lo, edge - decades) if edge_value == min(values) else min(hi, edge + decades)
+        moves[axis] = [float(f"{10.0 ** target:.6g}")]
     return moves, status
+
+
+def _refinements(values: Sequence[float], chosen: Any, decades: float) -> list[float]:
+    """Log-midpoints (whole multiples of ``decades``) of the gaps wider than ``decades`` next to the chosen value."""
+    if not is_number(chosen) or not math.isfinite(chosen) or chosen <= 0:
+        return []
+    ordered = sorted(v for v in values if v > 0)
+    i = ordered.index(chosen)
+    out = []
+    for neighbour in ordered[max(i - 1, 0):i] + ordered[i + 1:i + 2]:
+        a, b = math.log10(chosen), math.log10(neighbour)
+        if abs(a - b) > decades + _TOL:
+            middle = (a + b) / 2
+            middle = a + decades * round((middle - a) / decades) if decades > 0 else middle
+            if abs(middle - a) > _TOL and abs(middle - b) > _TOL:
+                out.append(float(f"{10.0 ** middle:.6g}"))
+    return out
 
 
 def _weak_edge_state(table, best, names, axis, values, hi, key, flat_rtol, initial) -> tuple[str, float]:
