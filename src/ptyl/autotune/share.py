@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ptyl.autotune.curvature import compute_curvature
-from ptyl.autotune.data import checked_batches
+from ptyl.autotune.data import checked_batches, model_outputs
 from ptyl.autotune.likelihoods import Likelihood, get_likelihood
 from ptyl.priors.base import CompositePrior, Prior
 from ptyl.validation import check_int, check_positive_number
@@ -156,10 +156,10 @@ def _fisher_for(model: nn.Module, loader: DataLoader) -> str:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = model_outputs(model, x)
     finally:
         model.train(was_training)
-    return "exact" if getattr(out, "dim", lambda: 2)() == 2 else "mc"
+    return "exact" if out.dim() == 2 else "mc"
 
 
 def _ratio(p: float, g: float) -> float:

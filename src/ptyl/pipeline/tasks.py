@@ -29,7 +29,8 @@ class Task:
     Class attributes: ``name`` (recorded in weights files), ``head`` (module name of the new head), ``size_key`` /
     ``size_label`` (how results name the training-set size), ``metrics`` (what :meth:`evaluate` returns, the first
     three are logged), ``objective`` / ``collate_fn`` (training loss and batching; ``None``: cross-entropy, default
-    batching).
+    batching), ``likelihood`` (the data term's likelihood, for the N-aware strength diagnostic
+    :func:`ptyl.autotune.prior_share`: ``"categorical"`` covers classes and per-pixel classes).
     """
 
     name: ClassVar[str]
@@ -39,6 +40,7 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "nll", "ece", "brier")
     objective: Callable | None = None
     collate_fn: Callable | None = None
+    likelihood: ClassVar[str] = "categorical"
 
     def train_set(self, n: int, seed: int) -> Dataset:
         """A training set.

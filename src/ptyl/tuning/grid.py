@@ -63,7 +63,7 @@ from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.result import FitResult
 from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, edge_warnings, is_number
-from ptyl.tuning.search import FLAT_RTOL, axis_status, next_values, select_best
+from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, axis_status, next_values, select_best
 from ptyl.tuning.splits import SPLITS
 from ptyl.tuning.trials import BACKBONE_KEYS, OFF, PRIOR_KEYS, TrialRunner, is_off_limit, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
@@ -236,7 +236,7 @@ def tune(
     off_limit: bool = True,
     decades: float = 1.0,
     flat_rtol: float = FLAT_RTOL,
-    max_rounds: int = 10,
+    max_rounds: int = MAX_ROUNDS,
     val_fraction: float = 0.2,
     seed: int = 0,
     config: TrainConfig | None = None,
