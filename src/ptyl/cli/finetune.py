@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,15 @@ def _baselines() -> list[str]:
     from ptyl.priors import PriorKind
 
     return [str(k) for k in PriorKind if k is not PriorKind.LOWRANK] + [str(Start.SCRATCH)]
+
+
+def _default_kinds(learned: bool) -> list[str]:
+    """The kinds ``--tune`` compares by default: the learned ones with a prior file, and the baselines (the off limit,
+    plain fine-tuning, is a point of every kind's search)."""
+    from ptyl.priors import PriorKind
+
+    return [str(k) for k in PriorKind if k.recipe.axis is not None and (learned or not k.recipe.needs_posterior)
+            and k is not PriorKind.BLOCK]
 
 
 def add_parsers(subparsers) -> None:
@@ -75,9 +84,13 @@ def add_parsers(subparsers) -> None:
                    help="fp32, or mixed precision bf16 / fp16 (the prior term stays in full precision) [fp32]")
     p.add_argument("--tune", nargs="?", const=GRID, choices=(*STRATEGIES, "auto"),
                    help="choose the prior strength: 'grid' (alone: --tune) by validation NLL on a held-out pool "
-                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum; "
-                        "'de-elbo' / 'marglik' learn it in one training run on all examples (no validation data); "
-                        f"'auto' = {AUTO!r}")
+                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum "
+                        "to its exact off limit (plain fine-tuning); without --baseline it also chooses the prior "
+                        "kind among --kinds on the same pool. 'de-elbo' / 'marglik' learn the strength in one "
+                        f"training run on all examples (no validation data); 'auto' = {AUTO!r}")
+    p.add_argument("--kinds", nargs="+", metavar="KIND",
+                   help="--tune grid without --baseline: the prior kinds compared on the pool [with --prior: "
+                        f"{' '.join(_default_kinds(True))}; without: {' '.join(_default_kinds(False))}]")
     p.add_argument("--budget", type=positive_int, default=4, help="grid values for --tune grid, before extensions [4]")
     p.add_argument("--val-pool", type=int, default=500,
                    help="classification --tune grid: validation images held out of the target's train split [500]")
@@ -170,7 +183,8 @@ def _prior_spec(args: argparse.Namespace, head: str):
     from ptyl.priors import PriorKind
     from ptyl.tuning import PriorSpec
 
-    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or PriorKind.LOWRANK)
+    default = PriorKind.LOWRANK if args.prior else PriorKind.L2SP
+    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or default)
     recipe = kind.recipe
     posterior = load_posterior(args.prior) if recipe.needs_posterior else None
     chosen = {"scale": args.scale, "variance": args.variance}
@@ -193,6 +207,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
+    choose_kind = args.tune in (GRID, "grid") and args.baseline is None  # --tune grid picks the kind on the pool
+    if args.kinds and not choose_kind:
+        raise UsageError("--kinds chooses the prior kind with --tune grid; use it without --baseline")
     if args.prior:
         args.prior = str(prior_file(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
     if args.prior and not Path(args.prior).is_file():
@@ -201,7 +218,10 @@ def run_finetune(args: argparse.Namespace) -> int:
         if args.model is None:
             raise UsageError("'ptyl finetune' needs --prior (a file from 'ptyl learn-prior'), or --model (its own "
                              "weights under a baseline prior), or --baseline scratch")
-        if args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
+        if choose_kind:
+            info(args, f"no --prior: comparing {', '.join(args.kinds or _default_kinds(False))} around "
+                       f"{args.model}'s own weights")
+        elif args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
             if args.baseline is not None:
                 raise UsageError(f"--baseline {args.baseline} is a learned prior: it needs --prior")
             args.baseline = str(PriorKind.L2SP)
@@ -230,11 +250,22 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.tune:
         strategy = AUTO if args.tune == "auto" else args.tune
         if strategy == GRID:
-            grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
             pool = task.validation_set()
-            tuned = tune(model_fn, train, spec, grid, seed=args.seed, config=config, progress=progress(args),
-                         val_set=pool, folds=None if pool is not None else 5, objective=task.objective,
-                         collate_fn=task.collate_fn)
+            options = dict(seed=args.seed, config=config, progress=progress(args), val_set=pool,
+                           folds=None if pool is not None else 5, objective=task.objective,
+                           collate_fn=task.collate_fn, likelihood=task.likelihood)
+            if choose_kind:
+                kinds = [PriorKind.parse(k, "prior kind in --kinds") for k in args.kinds or
+                         _default_kinds(bool(args.prior))]
+                spec = _kinds_spec(args, spec, kinds)
+                grids = {str(k): default_grid(k, args.budget, lrs=(args.lr,)) for k in kinds
+                         if k.recipe.axis is not None}
+                tuned = tune(model_fn, train, spec, grids, kinds=kinds, **options)
+                _report_kinds(args, tuned)
+                spec = replace(spec, kind=tuned.kind)
+            else:
+                grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
+                tuned = tune(model_fn, train, spec, grid, **options)
         else:
             tuned = tune(model_fn, train, spec, strategy=strategy, seed=args.seed, config=config,
                          progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
@@ -274,11 +305,37 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kinds_spec(args: argparse.Namespace, spec, kinds):
+    """The shared fields of a kind selection: the posterior is loaded when a learned kind is compared."""
+    from ptyl.io import load_posterior
+
+    learned = [str(k) for k in kinds if k.recipe.needs_posterior]
+    if learned and not args.prior:
+        raise UsageError(f"--kinds {' '.join(learned)}: learned priors need --prior (a file from 'ptyl learn-prior'); "
+                         f"without one compare {' '.join(_default_kinds(False))}")
+    posterior = spec.posterior if spec.posterior is not None or not learned else load_posterior(args.prior)
+    return replace(spec, posterior=posterior)
+
+
+def _report_kinds(args: argparse.Namespace, tuned) -> None:
+    """One line per compared kind (validation NLL, its choice, the N-aware share), then the winner."""
+    for kind, part in tuned.kinds.items():
+        row = part.selected
+        share = row.get("prior_share")
+        info(args, f"  {kind:<9s} val NLL {row.get('val_nll', math.nan):.4f} at {_values(part.best)}"
+                   + (f", prior share {share:.2g}{' (off)' if row.get('prior_off') else ''}" if share is not None
+                      else ""))
+    won = "none: plain fine-tuning (the prior off)" if tuned.kind == "none" else tuned.kind
+    info(args, f"selected on the validation pool: {won}")
+
+
 def _values(selected: dict[str, Any]) -> str:
     """``scale=1.2e+03, head_variance=0.4`` (per-block scales in braces)."""
     def show(v: Any) -> str:
         if isinstance(v, dict):
             return "{" + ", ".join(f"{k}: {show(x)}" for k, x in v.items()) + "}"
+        if v == math.inf:
+            return "off"
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     return ", ".join(f"{k}={show(v)}" for k, v in selected.items())
