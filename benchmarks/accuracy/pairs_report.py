@@ -98,8 +98,9 @@ def _fit(records: list[dict[str, Any]]) -> str:
     return text.replace("undertrained", "**UNDERTRAINED**")
 
 
-def method_table(records: list[dict[str, Any]]) -> str:
-    """One row per method (records of one pair and one n)."""
+def method_table(records: list[dict[str, Any]], score: str = "accuracy") -> str:
+    """One row per method (records of one pair and one n); ``score``: the second metric column (segmentation:
+    ``miou``)."""
     known = (*BASELINES, *LEARNED, SELECTED)
     order = [m for m in known if any(r["method"] == m for r in records)]
     order += [m for m in dict.fromkeys(r["method"] for r in records) if m not in known]
@@ -111,7 +112,7 @@ def method_table(records: list[dict[str, Any]]) -> str:
         chosen = ", ".join(_choice(r) for r in ok)
         ratios = [r["std_ratio"] for r in ok if r.get("std_ratio") is not None]
         rows.append([
-            LABELS.get(method, method), _ms([r["nll"] for r in ok]), _ms([r["accuracy"] for r in ok]),
+            LABELS.get(method, method), _ms([r["nll"] for r in ok]), _ms([r[score] for r in ok]),
             _ms([r["ece"] for r in ok]), _ms([r["test_selected"]["nll"] for r in ok if r.get("test_selected")]),
             (f"{axis} = {chosen}" if method != SELECTED else chosen) if axis else "—", _share(ok),
             f"{statistics.median(ratios):.3g}" if ratios else "—",
@@ -119,7 +120,8 @@ def method_table(records: list[dict[str, Any]]) -> str:
             f"{statistics.fmean(r['trials'] for r in ok):.1f}" if ok else "—",
             f"{len(ok)}" + (f" (+{len(runs) - len(ok)} failed)" if len(runs) > len(ok) else ""),
         ])
-    header = ["method", "test NLL (val-selected)", "test acc", "test ECE", "test NLL (test-selected, upper bound)",
+    header = ["method", "test NLL (val-selected)", f"test {'acc' if score == 'accuracy' else score}", "test ECE",
+              "test NLL (test-selected, upper bound)",
               "selected per seed", "prior share (median, N-aware)", "std ratio (median)", "search status",
               "train NLL", "fit", "trials", "seeds"]
     return markdown_table(header, rows)
@@ -138,8 +140,8 @@ def best_baseline_by_validation(records: list[dict[str, Any]]) -> dict[int, dict
     return out
 
 
-def paired(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """Paired differences (method minus reference, per seed) with 95% t-intervals."""
+def paired(records: list[dict[str, Any]], score: str = "accuracy") -> tuple[str, list[dict[str, Any]]]:
+    """Paired differences (method minus reference, per seed) with 95% t-intervals, in NLL and ``score``."""
     rows, data = [], []
     refs = {**{b: _by_seed(records, b) for b in BASELINES}, "best baseline (val)": best_baseline_by_validation(records)}
     for method in [m for m in (SELECTED, *LEARNED) if any(r["method"] == m for r in records)]:
@@ -149,14 +151,15 @@ def paired(records: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             if not seeds:
                 continue
             d_nll = [mine[s]["nll"] - ref[s]["nll"] for s in seeds]
-            d_acc = [mine[s]["accuracy"] - ref[s]["accuracy"] for s in seeds]
+            d_acc = [mine[s][score] - ref[s][score] for s in seeds]
             nll, acc = t_interval(d_nll), t_interval(d_acc)
             verdict = _verdict(nll)
             data.append({"method": method, "reference": ref_name, "seeds": seeds, "delta_nll": d_nll,
                          "delta_accuracy": d_acc, "nll_interval": nll, "accuracy_interval": acc, "verdict": verdict})
             rows.append([LABELS.get(method, method), ref_name if ref_name not in LABELS else LABELS[ref_name],
                          _ci(nll), _ci(acc), verdict, len(seeds)])
-    header = ["method", "minus", "Δ test NLL, mean [95% CI]", "Δ test acc, mean [95% CI]", "verdict (NLL)", "seeds"]
+    header = ["method", "minus", "Δ test NLL, mean [95% CI]",
+              f"Δ test {'acc' if score == 'accuracy' else score}, mean [95% CI]", "verdict (NLL)", "seeds"]
     return markdown_table(header, rows), data
 
 
@@ -180,7 +183,8 @@ def _verdict(interval: tuple[float, float, float]) -> str:
 
 def summary_rows(records: list[dict[str, Any]], cfg: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """One row per cell: the kinds chosen, selected minus tuned standard fine-tuning (the guarantee), learned low-rank
-    minus the best baseline."""
+    minus the best baseline. ``cfg["pairs"]``: cell names -> ``{"n": [labels]}``; records carry ``pair`` and
+    ``n``."""
     rows, data = [], []
     for pair in cfg["pairs"]:
         for n in cfg["pairs"][pair]["n"]:
