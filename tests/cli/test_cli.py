@@ -66,6 +66,7 @@ def test_finetune_each_baseline_and_evaluate(tiny_prior, tmp_path, baseline, cap
     report = json.loads((out / "results.json").read_text())
     assert report["prior"] == {None: "lowrank", "scratch": "standard"}.get(baseline, baseline)
     assert report["num_train"] == 20 and 0 <= report["metrics"]["accuracy"] <= 1
+    assert 0 <= report["strength"]["prior_share"] <= 1 and isinstance(report["strength"]["prior_off"], bool)
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     if baseline in (None, "scratch"):  # evaluate reproduces the test metrics from the saved weights

@@ -197,10 +197,11 @@ def _prior_spec(args: argparse.Namespace, head: str):
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
+    from ptyl.autotune import prior_share
     from ptyl.io import atomic_files, prior_file, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
     from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
-    from ptyl.priors import PriorKind
+    from ptyl.priors import PriorKind, prior_strength
     from ptyl.training import fit
     from ptyl.tuning import AUTO, default_grid, tune
     from ptyl.tuning.result import GRID
@@ -271,10 +272,20 @@ def run_finetune(args: argparse.Namespace) -> int:
                          progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
         result, selected, tuning = tuned.final, tuned.best, tuned.to_dict()
         info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {_values(selected)}")
+        row = tuned.selected
+        strength = {k: row.get(k) for k in ("prior_share", "prior_share_blocks", "prior_off", "std_ratio")}
     else:
         torch.manual_seed(args.seed)
         model = model_fn()
-        result = fit(model, train, spec.build_prior(model), config, num_data=len(train), head=task.head)
+        prior = spec.build_prior(model)
+        ratio = prior_strength(prior, model).std_ratio  # against the start, as in tuning rows
+        result = fit(model, train, prior, config, num_data=len(train), head=task.head)
+        share = prior_share(prior, result.model, train, likelihood=task.likelihood, collate_fn=task.collate_fn)
+        strength = {"prior_share": share.share, "prior_share_blocks": share.blocks, "prior_off": share.off,
+                    "std_ratio": ratio}
+    if strength.get("prior_share") is not None:
+        info(args, f"prior share of the curvature (N-aware): {strength['prior_share']:.3g}"
+                   f"{' -- the prior is off' if strength['prior_off'] else ''}")
     probs = result.predict(test)
     targets = task.targets(test)
     metrics = task.evaluate(probs, targets)
@@ -290,7 +301,8 @@ def run_finetune(args: argparse.Namespace) -> int:
               "baseline": args.baseline, "method": config.inference,
               "n_per_class": size if isinstance(task, ClassificationTask) else None,
               "num_train": len(train), "num_test": len(test), "seed": args.seed, "metrics": metrics,
-              "hyperparameters": hyper, "tuning": tuning, "config": asdict(config), "history": result.history,
+              "hyperparameters": hyper, "strength": strength, "tuning": tuning, "config": asdict(config),
+              "history": result.history,
               "wall_time_s": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_files():  # every output file appears, or none does
