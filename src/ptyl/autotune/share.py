@@ -99,7 +99,7 @@ def prior_share(
     part: str | None = "backbone",
     num_data: int | None = None,
     likelihood: str | Likelihood = "categorical",
-    max_examples: int = 1024,
+    max_examples: int = 512,
     batch_size: int = 128,
     collate_fn: Callable | None = None,
     threshold: float = OFF_SHARE,
