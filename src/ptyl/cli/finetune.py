@@ -18,6 +18,7 @@ from ptyl.cli._common import (
     UsageError, add_common, add_data_model_options, info, model_kwargs, nonnegative_float, positive_float, positive_int,
     progress, require,
 )
+from ptyl.cli._tuning import default_kinds, kinds_spec, report_kinds, show_values
 from ptyl.errors import PtylError
 
 
@@ -27,15 +28,6 @@ def _baselines() -> list[str]:
     from ptyl.priors import PriorKind
 
     return [str(k) for k in PriorKind if k is not PriorKind.LOWRANK] + [str(Start.SCRATCH)]
-
-
-def _default_kinds(learned: bool) -> list[str]:
-    """The kinds ``--tune`` compares by default: the learned ones with a prior file, and the baselines (the off limit,
-    plain fine-tuning, is a point of every kind's search)."""
-    from ptyl.priors import PriorKind
-
-    return [str(k) for k in PriorKind if k.recipe.axis is not None and (learned or not k.recipe.needs_posterior)
-            and k is not PriorKind.BLOCK]
 
 
 def add_parsers(subparsers) -> None:
@@ -90,7 +82,7 @@ def add_parsers(subparsers) -> None:
                         f"training run on all examples (no validation data); 'auto' = {AUTO!r}")
     p.add_argument("--kinds", nargs="+", metavar="KIND",
                    help="--tune grid without --baseline: the prior kinds compared on the pool [with --prior: "
-                        f"{' '.join(_default_kinds(True))}; without: {' '.join(_default_kinds(False))}]")
+                        f"{' '.join(default_kinds(True))}; without: {' '.join(default_kinds(False))}]")
     p.add_argument("--budget", type=positive_int, default=4, help="grid values for --tune grid, before extensions [4]")
     p.add_argument("--val-pool", type=int, default=500,
                    help="classification --tune grid: validation images held out of the target's train split [500]")
@@ -220,7 +212,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             raise UsageError("'ptyl finetune' needs --prior (a file from 'ptyl learn-prior'), or --model (its own "
                              "weights under a baseline prior), or --baseline scratch")
         if choose_kind:
-            info(args, f"no --prior: comparing {', '.join(args.kinds or _default_kinds(False))} around "
+            info(args, f"no --prior: comparing {', '.join(args.kinds or default_kinds(False))} around "
                        f"{args.model}'s own weights")
         elif args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
             if args.baseline is not None:
@@ -257,12 +249,12 @@ def run_finetune(args: argparse.Namespace) -> int:
                            collate_fn=task.collate_fn, likelihood=task.likelihood)
             if choose_kind:
                 kinds = [PriorKind.parse(k, "prior kind in --kinds") for k in args.kinds or
-                         _default_kinds(bool(args.prior))]
-                spec = _kinds_spec(args, spec, kinds)
+                         default_kinds(bool(args.prior))]
+                spec = kinds_spec(args, spec, kinds)
                 grids = {str(k): default_grid(k, args.budget, lrs=(args.lr,)) for k in kinds
                          if k.recipe.axis is not None}
                 tuned = tune(model_fn, train, spec, grids, kinds=kinds, **options)
-                _report_kinds(args, tuned)
+                report_kinds(args, tuned)
                 spec = replace(spec, kind=tuned.kind)
             else:
                 grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
@@ -271,7 +263,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             tuned = tune(model_fn, train, spec, strategy=strategy, seed=args.seed, config=config,
                          progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
         result, selected, tuning = tuned.final, tuned.best, tuned.to_dict()
-        info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {_values(selected)}")
+        info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {show_values(selected)}")
         row = tuned.selected
         strength = {k: row.get(k) for k in ("prior_share", "prior_share_blocks", "prior_off", "std_ratio")}
     else:
@@ -315,42 +307,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
     info(args, f"wrote {out / 'results.json'}, {out / 'reliability.png'}, {out / 'model.safetensors'}")
     return 0
-
-
-def _kinds_spec(args: argparse.Namespace, spec, kinds):
-    """The shared fields of a kind selection: the posterior is loaded when a learned kind is compared."""
-    from ptyl.io import load_posterior
-
-    learned = [str(k) for k in kinds if k.recipe.needs_posterior]
-    if learned and not args.prior:
-        raise UsageError(f"--kinds {' '.join(learned)}: learned priors need --prior (a file from 'ptyl learn-prior'); "
-                         f"without one compare {' '.join(_default_kinds(False))}")
-    posterior = spec.posterior if spec.posterior is not None or not learned else load_posterior(args.prior)
-    return replace(spec, posterior=posterior)
-
-
-def _report_kinds(args: argparse.Namespace, tuned) -> None:
-    """One line per compared kind (validation NLL, its choice, the N-aware share), then the winner."""
-    for kind, part in tuned.kinds.items():
-        row = part.selected
-        share = row.get("prior_share")
-        info(args, f"  {kind:<9s} val NLL {row.get('val_nll', math.nan):.4f} at {_values(part.best)}"
-                   + (f", prior share {share:.2g}{' (off)' if row.get('prior_off') else ''}" if share is not None
-                      else ""))
-    won = "none: plain fine-tuning (the prior off)" if tuned.kind == "none" else tuned.kind
-    info(args, f"selected on the validation pool: {won}")
-
-
-def _values(selected: dict[str, Any]) -> str:
-    """``scale=1.2e+03, head_variance=0.4`` (per-block scales in braces)."""
-    def show(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}: {show(x)}" for k, x in v.items()) + "}"
-        if v == math.inf:
-            return "off"
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{k}={show(v)}" for k, v in selected.items())
 
 
 # ----------------------------------------------------------------------------------------------- evaluate

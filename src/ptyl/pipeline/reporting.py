@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ptyl.priors.registry import PriorKind
+
 __all__ = ["fmt_mean_std", "group_results", "markdown_table", "mean_std", "mean_std_fields",
            "plot_data_efficiency", "summarize"]
 
@@ -100,7 +102,8 @@ def _fmt_selected(runs: list[dict[str, Any]]) -> str:
             continue
         items = ", ".join(f"{k}={_fmt_value(v)}" for k, v in r["selected"].items() if k != "lr" or len(r["selected"]) == 1)
         if r.get("selected_kind"):
-            items = "none (prior off)" if r["selected_kind"] == "none" else f"{r['selected_kind']}: {items}"
+            kind = r["selected_kind"]
+            items = f"{kind} (prior off)" if kind == PriorKind.NONE else f"{kind}: {items}"
         status = [v for k, v in (r.get("edge_status") or {}).items() if v not in ("interior", "flat", "off limit")]
         parts.append(items + (f" ({', '.join(status)})" if status else "")
                      + (" (edge)" if r.get("edge_warnings") and not status else ""))

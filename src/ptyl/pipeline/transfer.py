@@ -25,7 +25,6 @@ the same training budget (:func:`automatic_run`), and their records carry the po
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
@@ -42,6 +41,7 @@ from ptyl.io.prior_file import load_posterior, read_metadata
 from ptyl.metrics.results import save_json
 from ptyl.pipeline.artifacts import load_pretrained
 from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_config
+from ptyl.pipeline.records import grid_record, validation_options
 from ptyl.training.registry import Inference
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
@@ -112,10 +112,10 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
     record: dict[str, Any] = {"tuning": tuning}
     try:
         tuned = tune(model_fn, train, spec, grid, seed=seed, config=config, max_rounds=max_rounds, cache=cache,
-                     **_validation_options(task, pool, test, folds, repeats))
+                     **validation_options(task, pool, test, folds, repeats))
     except DivergenceError as err:  # every trial diverged: record it and go on
         return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
-    return {**record, **_grid_record(task, train, tuned, config, model_fn, seed=seed)}
+    return {**record, **grid_record(task, train, tuned, config, model_fn, seed=seed)}
 
 
 def transfer_select(task: Task, train: Dataset, methods: Sequence[Method], spec: PriorSpec,
@@ -143,7 +143,7 @@ def transfer_select(task: Task, train: Dataset, methods: Sequence[Method], spec:
     test, pool = task.test_set(seed), task.validation_set()
     try:
         tuned = tune(model_fn, train, spec, {k: grids[k] for k in kinds}, kinds=kinds, seed=seed, config=config,
-                     max_rounds=max_rounds, cache=cache, **_validation_options(task, pool, test, folds, repeats))
+                     max_rounds=max_rounds, cache=cache, **validation_options(task, pool, test, folds, repeats))
     except DivergenceError as err:
         return [{"method": SELECTED, "tuning": GRID, **{k: math.nan for k in task.metrics}, "error": str(err)}]
     records = []
@@ -154,9 +154,9 @@ def transfer_select(task: Task, train: Dataset, methods: Sequence[Method], spec:
                                                    None, objective=task.objective, collate_fn=task.collate_fn,
                                                    likelihood=task.likelihood).fit_once(train, part.best)[0])
         records.append({"method": method.name, "tuning": GRID,
-                        **_grid_record(task, train, part, config, model_fn, seed=seed)})
+                        **grid_record(task, train, part, config, model_fn, seed=seed)})
     scores = {k: r.selected.get(f"val_{tuned.metric}") for k, r in tuned.kinds.items()}
-    records.append({"method": SELECTED, "tuning": GRID, **_grid_record(task, train, tuned, config, model_fn, seed=seed),
+    records.append({"method": SELECTED, "tuning": GRID, **grid_record(task, train, tuned, config, model_fn, seed=seed),
                     "selected_kind": tuned.kind, "kind_scores": scores,
                     "trials": _distinct_trials(tuned)})
     return records
@@ -170,49 +170,6 @@ def _distinct_trials(tuned) -> int:
 
 def _at_off(row: dict[str, Any]) -> bool:
     return any(row.get(k) == math.inf for k in ("scale", "variance"))
-
-
-def _validation_options(task: Task, pool: Dataset | None, test: Dataset, folds: int | None,
-                        repeats: int) -> dict[str, Any]:
-    """The validation keywords of :func:`ptyl.tuning.tune` for a task: its pool (every trial scored on the test set
-    too, no refit), else k-fold CV and a refit."""
-    evaluate = task.evaluate
-    return dict(val_set=pool, folds=None if pool is not None else folds, repeats=repeats,
-                test_set=test if pool is not None else None, progress=False, objective=task.objective,
-                collate_fn=task.collate_fn, likelihood=task.likelihood,
-                evaluate=lambda probs, targets: evaluate(probs, targets), refit=pool is None)
-
-
-def _grid_record(task: Task, train: Dataset, tuned, config: TrainConfig, model_fn, *, seed: int) -> dict[str, Any]:
-    """Test metrics, fit statistics, the selection and its diagnostics of one grid search."""
-    row = tuned.selected
-    record: dict[str, Any] = {}
-    if tuned.validation == "pool":
-        metrics = {k: row[f"test_{k}"] for k in task.metrics}
-        fit_stats = {k: row.get(k) for k in ("final_loss", "epoch_loss", "fit_status", "steps", "stop_reason")}
-        upper = tuned.test_selected
-        record["test_selected"] = {**{k: upper[f"test_{k}"] for k in task.metrics},
-                                   **{k: upper[k] for k in tuned.grid}}
-    else:
-        final = tuned.final
-        test = task.test_set(seed)
-        metrics = task.evaluate(final.predict(test), task.targets(test))
-        final_loss = float(task.evaluate(final.predict(train), task.targets(train))["nll"])
-        fit_stats = {"final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
-                     "stop_reason": final.stop_reason,
-                     "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS,
-                                              final.samples is not None)}
-    record.update({k: float(v) for k, v in metrics.items()})
-    record.update(fit_stats)
-    record.update({
-        "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
-        "val_" + tuned.metric: row[f"val_{tuned.metric}"], "std_ratio": row.get("std_ratio"),
-        "prior_share": row.get("prior_share"), "prior_share_blocks": row.get("prior_share_blocks"),
-        "prior_off": row.get("prior_off"), "off_limit": bool(row.get("off_limit")),
-        "edge_status": tuned.edge_status, "edge_warnings": tuned.edge_warnings,
-        "path": tuned.path, "trials": len(tuned.table), "validation": tuned.table,
-    })
-    return record
 
 
 def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConfig, model_fn: Callable[[], nn.Module],

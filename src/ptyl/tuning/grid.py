@@ -45,10 +45,8 @@ for every method.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -57,15 +55,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ptyl.errors import ConfigError, DivergenceError, InvalidValueError
+from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
-from ptyl.training.result import FitResult
-from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, edge_warnings, is_number
-from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, axis_status, next_values, select_best
+from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, is_number
+from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, METRICS
+from ptyl.tuning.searches import GridSearch, winner
 from ptyl.tuning.splits import SPLITS
-from ptyl.tuning.trials import BACKBONE_KEYS, OFF, PRIOR_KEYS, TrialRunner, is_off_limit, make_validation
+from ptyl.tuning.trials import OFF, PRIOR_KEYS, TrialRunner, is_off_limit, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
 
 if TYPE_CHECKING:
@@ -73,7 +71,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_LRS", "PriorSpec", "default_grid", "tune"]
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
-METRICS = {"nll": "min", "ece": "min", "brier": "min", "accuracy": "max"}
 DEFAULT_LRS = (0.003, 0.01, 0.03)
 
 
@@ -320,19 +317,19 @@ def tune(
     check_choice(split, SPLITS, "split")
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
-    searches = _searches(spec, grid, kinds, base, extend, off_limit)  # every user error surfaces here
+    searches = _searches(spec, grid, kinds, base, extend, off_limit)  # every user error surfaces here  # every user error surfaces here
     start = time.perf_counter()
     validation = make_validation(train_set, val_set=val_set, folds=folds, repeats=repeats, val_fraction=val_fraction,
                                  seed=seed, split=split, test_set=test_set)
-    search = _Search(model_fn, validation, base, metric=metric, decades=decades, flat_rtol=flat_rtol,
+    search = GridSearch(model_fn, validation, base, metric=metric, decades=decades, flat_rtol=flat_rtol,
                      max_rounds=max_rounds, objective=objective, likelihood=likelihood, collate_fn=collate_fn,
                      evaluate=evaluate, cache=cache, tag_kind=kinds is not None, progress=progress)
     results = {str(kind_spec.kind): search.run(kind_spec, axes, bounds) for kind_spec, axes, bounds in searches}
     search.close()
-    winner = _winner(results, search.key, search.sign)
-    chosen = results[winner]
-    final = search.fits.get(winner) if search.best_kind == winner else None
-    kind = str(PriorKind.NONE) if is_off_limit(chosen.best) else winner
+    best_kind = winner(results, search.key, search.sign)
+    chosen = results[best_kind]
+    final = search.fits.get(best_kind) if search.best_kind == best_kind else None
+    kind = str(PriorKind.NONE) if is_off_limit(chosen.best) else best_kind
     if (validation.refit or final is None) and refit:
         final, _ = TrialRunner(model_fn, chosen.spec, base, validation, objective=objective, collate_fn=collate_fn,
                                evaluate=evaluate, likelihood=likelihood).fit_once(train_set, chosen.best,
@@ -342,7 +339,7 @@ def tune(
 
 
 def _searches(spec: PriorSpec, grid: Mapping[str, Any] | None, kinds: Sequence[str | PriorKind] | None,
-              base: TrainConfig, extend, off_limit: bool) -> list[tuple[PriorSpec, dict[str, list], dict]]:
+           base: TrainConfig, extend, off_limit: bool) -> list[tuple[PriorSpec, dict[str, list], dict]]:
     """``(spec, checked axes, extension bounds)`` per kind to search, checked before anything is trained."""
     if kinds is None:
         wanted, grids = [spec.kind], {str(spec.kind): grid}
@@ -373,125 +370,6 @@ def _searches(spec: PriorSpec, grid: Mapping[str, Any] | None, kinds: Sequence[s
             axes[axis] = [*axes[axis], OFF]
         out.append((kind_spec, axes, bounds))
     return out
-
-
-def _winner(results: Mapping[str, TuneResult], key: str, sign: float) -> str:
-    """The kind whose selected trial scores best (the first one listed on a tie)."""
-    scored = [(k, r.selected.get(key)) for k, r in results.items()]
-    finite = [(k, v) for k, v in scored if is_number(v) and math.isfinite(v)]
-    if not finite:
-        first = next(iter(results.values()))
-        raise DivergenceError(f"every one of the {sum(len(r.table) for r in results.values())} trials diverged; "
-                              f"lower the learning rates (first error: {first.table[0].get('error')})")
-    return min(finite, key=lambda kv: sign * kv[1])[0]
-
-
-class _Search:
-    """The grid searches of one :func:`tune` call: trials, extension rounds, and the trials kinds share (the off
-    limit runs once per setting of the training axes and head variance)."""
-
-    def __init__(self, model_fn, validation, base: TrainConfig, *, metric: str, decades: float, flat_rtol: float,
-                 max_rounds: int, objective, likelihood, collate_fn, evaluate, cache, tag_kind: bool,
-                 progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.model_fn, self.validation, self.base = model_fn, validation, base
-        self.metric, self.decades, self.flat_rtol, self.max_rounds = metric, decades, flat_rtol, max_rounds
-        self.options = dict(objective=objective, collate_fn=collate_fn, evaluate=evaluate, likelihood=likelihood)
-        self.cache, self.tag_kind = cache, tag_kind
-        self.key, self.sign = f"val_{metric}", 1.0 if METRICS[metric] == "min" else -1.0
-        self.shared: dict[str, tuple[dict, FitResult | None]] = {}  # off-limit trials by their setting
-        self.fits: dict[str, FitResult] = {}  # the best fit so far (one model kept: they can be large)
-        self.best_kind: str | None = None
-        self.best_score = math.inf
-        self.bar = tqdm(desc="tune", disable=not progress)
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def run(self, spec: PriorSpec, axes: dict[str, list[Any]], bounds: dict[str, tuple[float, float]]) -> TuneResult:
-        """The search of one kind (see :mod:`ptyl.tuning.search`)."""
-        kind = str(spec.kind)
-        self.bar.set_description(f"tune[{kind}]")
-        runner = TrialRunner(self.model_fn, spec, self.base, self.validation, **self.options)
-        initial = {k: list(v) for k, v in axes.items()}
-        table: list[dict[str, Any]] = []
-        path: list[dict[str, Any]] = []
-        self._run_new(kind, runner, axes, table, 0)
-        status: dict[str, str] = {}
-        for round_ in range(1, self.max_rounds + 2):
-            best_row = select_best(table, self.key, self.sign)
-            if best_row is None:
-                break
-            moves, status = next_values(axes, best_row, bounds, table, self.key, self.decades, self.flat_rtol,
-                                        initial)
-            path.append({"round": round_ - 1, "grid": {k: list(v) for k, v in axes.items()},
-                         "best": {k: best_row[k] for k in axes}, self.key: best_row[self.key],
-                         "status": dict(status)})
-            if not moves or round_ > self.max_rounds:
-                break
-            for axis, new in moves.items():
-                finite = sorted({*[v for v in axes[axis] if v != OFF], *new})
-                axes[axis] = finite + ([OFF] if OFF in axes[axis] else [])
-            self._run_new(kind, runner, axes, table, round_)
-        best_row = select_best(table, self.key, self.sign)
-        if best_row is None:
-            return TuneResult({k: v[0] for k, v in axes.items()}, table, [], None, self.metric, axes,
-                              self.validation.sizes, path=path, edge_status={}, validation=self.validation.mode,
-                              spec=spec)
-        best = {k: best_row[k] for k in axes}
-        final_status = {k: status.get(k) or axis_status(axes[k], best[k], bounds.get(k)) for k in axes}
-        edges = edge_warnings({k: v for k, v in axes.items() if final_status[k] == "edge"}, best)
-        for message in edges:
-            warnings.warn(f"{kind}: {message}", stacklevel=4)
-        return TuneResult(best, table, edges, None, self.metric, axes, self.validation.sizes, path=path,
-                          edge_status=final_status, validation=self.validation.mode, spec=spec)
-
-    def _run_new(self, kind: str, runner: TrialRunner, axes: dict[str, list[Any]], table: list[dict[str, Any]],
-                 round_: int) -> None:
-        done = {tuple(r[k] for k in axes) for r in table}
-        for combo in itertools.product(*axes.values()):
-            if combo in done:
-                continue
-            values = dict(zip(axes, combo, strict=True))
-            if is_off_limit(values):
-                row, result = self._off_limit(runner, values)
-            else:
-                row, result = self._trial(runner, values, {"kind": kind, **values} if self.tag_kind else values)
-            self._keep_best(kind, row, result)
-            table.append({**row, **values, "round": round_})
-            done.add(combo)
-
-    def _trial(self, runner: TrialRunner, values: dict[str, Any], stored_as: dict[str, Any]):
-        """A trial's row (from the cache, where ``stored_as`` names it, or run) and its fit (``None`` if cached)."""
-        row = self.cache.get(stored_as) if self.cache is not None else None
-        result = None
-        if row is None:
-            row, result = runner(values)
-            if self.cache is not None:
-                self.cache.put(stored_as, row)
-        self.bar.update(1)
-        return row, result
-
-    def _off_limit(self, runner: TrialRunner, values: dict[str, Any]):
-        """The off-limit trial of these training values and head variance: run once, shared by every kind."""
-        setting = {k: v for k, v in values.items() if k not in BACKBONE_KEYS}
-        name = json.dumps(setting, sort_keys=True, default=str)
-        if name not in self.shared:
-            off = {**setting, **{k: v for k, v in values.items() if v == OFF}}
-            self.shared[name] = self._trial(runner, off, {"kind": str(PriorKind.NONE), **setting} if self.tag_kind
-                                            else off)
-        row, result = self.shared[name]
-        return {k: v for k, v in row.items() if k not in BACKBONE_KEYS}, result
-
-    def _keep_best(self, kind: str, row: dict[str, Any], result: FitResult | None) -> None:
-        """Hold only the fit of the best trial so far, over every kind (models can be large)."""
-        score = row.get(self.key)
-        if result is None or not is_number(score) or not math.isfinite(score):
-            return
-        if self.sign * score < self.best_score:
-            self.best_score, self.best_kind = self.sign * score, kind
-            self.fits = {kind: result}
 
 
 def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainConfig,

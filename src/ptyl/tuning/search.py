@@ -47,11 +47,12 @@ from typing import Any
 
 from ptyl.tuning.result import is_number
 
-__all__ = ["FLAT_RTOL", "MAX_ROUNDS", "STRENGTH_AXES", "axis_status", "next_values", "select_best"]
+__all__ = ["FLAT_RTOL", "MAX_ROUNDS", "METRICS", "STRENGTH_AXES", "axis_status", "next_values", "select_best"]
 
 _TOL = 1e-6  # log10 units: values are stored with 6 significant digits
 FLAT_RTOL = 0.005
 MAX_ROUNDS = 10  # extension and refinement rounds of one search (the default of tune and the runners)
+METRICS = {"nll": "min", "ece": "min", "brier": "min", "accuracy": "max"}  # selection criteria and their sense
 STRENGTH_AXES = ("scale", "variance")  # larger is weaker; the off limit is at +inf
 
 
