@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from ptyl.cli._common import (
     UsageError, add_common, add_data_model_options, add_task_options, info, model_kwargs, nonnegative_float,
     positive_float, positive_int, progress, require, task_options,
 )
+from ptyl.cli._tuning import default_kinds, kinds_spec, report_kinds, show_values
 from ptyl.errors import PtylError
 
 
@@ -89,9 +90,13 @@ def add_parsers(subparsers) -> None:
                    help="fp32, or mixed precision bf16 / fp16 (the prior term stays in full precision) [fp32]")
     p.add_argument("--tune", nargs="?", const=GRID, choices=(*STRATEGIES, "auto"),
                    help="choose the prior strength: 'grid' (alone: --tune) by validation NLL on a held-out pool "
-                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum; "
-                        "'de-elbo' / 'marglik' learn it in one training run on all examples (no validation data); "
-                        f"'auto' = {AUTO!r}")
+                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum "
+                        "to its exact off limit (plain fine-tuning); without --baseline it also chooses the prior "
+                        "kind among --kinds on the same pool. 'de-elbo' / 'marglik' learn the strength in one "
+                        f"training run on all examples (no validation data); 'auto' = {AUTO!r}")
+    p.add_argument("--kinds", nargs="+", metavar="KIND",
+                   help="--tune grid without --baseline: the prior kinds compared on the pool [with --prior: "
+                        f"{' '.join(default_kinds(True))}; without: {' '.join(default_kinds(False))}]")
     p.add_argument("--budget", type=positive_int, default=4, help="grid values for --tune grid, before extensions [4]")
     p.add_argument("--val-pool", type=int, default=500,
                    help="classification / text --tune grid: validation examples held out of the target's training "
@@ -175,7 +180,8 @@ def _prior_spec(args: argparse.Namespace, head: str):
     from ptyl.priors import PriorKind
     from ptyl.tuning import PriorSpec
 
-    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or PriorKind.LOWRANK)
+    default = PriorKind.LOWRANK if args.prior else PriorKind.L2SP
+    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or default)
     posterior = load_posterior(args.prior) if kind.recipe.needs_posterior else None
     # a flag left out is None: PriorSpec / make_prior take the kind's registry default
     return PriorSpec(kind=kind, posterior=posterior, scale=args.scale, eps=args.eps, rank=args.rank,
@@ -185,16 +191,20 @@ def _prior_spec(args: argparse.Namespace, head: str):
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
+    from ptyl.autotune import prior_share
     from ptyl.io import atomic_files, prior_file_path, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
     from ptyl.pipeline import Start, get_task, pretrained_model_fn, train_config
-    from ptyl.priors import PriorKind
+    from ptyl.priors import PriorKind, prior_strength
     from ptyl.training import fit
     from ptyl.tuning import AUTO, default_grid, tune
     from ptyl.tuning.result import GRID
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
+    choose_kind = args.tune in (GRID, "grid") and args.baseline is None  # --tune grid picks the kind on the pool
+    if args.kinds and not choose_kind:
+        raise UsageError("--kinds chooses the prior kind with --tune grid; use it without --baseline")
     if args.prior:
         args.prior = str(prior_file_path(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
     if args.prior and not Path(args.prior).is_file():
@@ -203,7 +213,10 @@ def run_finetune(args: argparse.Namespace) -> int:
         if args.model is None:
             raise UsageError("'ptyl finetune' needs --prior (a file from 'ptyl learn-prior'), or --model (its own "
                              "weights under a baseline prior), or --baseline scratch")
-        if args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
+        if choose_kind:
+            info(args, f"no --prior: comparing {', '.join(args.kinds or default_kinds(False))} around "
+                       f"{args.model}'s own weights")
+        elif args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
             if args.baseline is not None:
                 raise UsageError(f"--baseline {args.baseline} is a learned prior: it needs --prior")
             args.baseline = str(PriorKind.L2SP)
@@ -234,20 +247,41 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.tune:
         strategy = AUTO if args.tune == "auto" else args.tune
         if strategy == GRID:
-            grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
             pool = task.validation_set()
-            tuned = tune(model_fn, train, spec, grid, seed=args.seed, config=config, progress=progress(args),
-                         val_set=pool, folds=None if pool is not None else 5, objective=task.objective,
-                         collate_fn=task.collate_fn)
+            options = dict(seed=args.seed, config=config, progress=progress(args), val_set=pool,
+                           folds=None if pool is not None else 5, objective=task.objective,
+                           collate_fn=task.collate_fn, likelihood=task.likelihood)
+            if choose_kind:
+                kinds = [PriorKind.parse(k, "prior kind in --kinds") for k in args.kinds or
+                         default_kinds(bool(args.prior))]
+                spec = kinds_spec(args, spec, kinds)
+                grids = {str(k): default_grid(k, args.budget, lrs=(args.lr,)) for k in kinds
+                         if k.recipe.axis is not None}
+                tuned = tune(model_fn, train, spec, grids, kinds=kinds, **options)
+                report_kinds(args, tuned)
+                spec = replace(spec, kind=tuned.kind)
+            else:
+                grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
+                tuned = tune(model_fn, train, spec, grid, **options)
         else:
             tuned = tune(model_fn, train, spec, strategy=strategy, seed=args.seed, config=config,
                          progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
         result, selected, tuning = tuned.final, tuned.best, tuned.to_dict()
-        info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {_values(selected)}")
+        info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {show_values(selected)}")
+        row = tuned.selected
+        strength = {k: row.get(k) for k in ("prior_share", "prior_share_blocks", "prior_off", "std_ratio")}
     else:
         torch.manual_seed(args.seed)
         model = model_fn()
-        result = fit(model, train, spec.build_prior(model), config, num_data=len(train), head=task.head)
+        prior = spec.build_prior(model)
+        ratio = prior_strength(prior, model).std_ratio  # against the start, as in tuning rows
+        result = fit(model, train, prior, config, num_data=len(train), head=task.head)
+        share = prior_share(prior, result.model, train, likelihood=task.likelihood, collate_fn=task.collate_fn)
+        strength = {"prior_share": share.share, "prior_share_blocks": share.blocks, "prior_off": share.off,
+                    "std_ratio": ratio}
+    if strength.get("prior_share") is not None:
+        info(args, f"prior share of the curvature (N-aware): {strength['prior_share']:.3g}"
+                   f"{' -- the prior is off' if strength['prior_off'] else ''}")
     probs = result.predict(test)
     targets = task.targets(test)
     metrics = task.evaluate(probs, targets)
@@ -263,7 +297,8 @@ def run_finetune(args: argparse.Namespace) -> int:
               "baseline": args.baseline, "method": config.inference,
               "n_per_class": per_class,
               "num_train": len(train), "num_test": len(test), "seed": args.seed, "metrics": metrics,
-              "hyperparameters": hyper, "tuning": tuning, "config": asdict(config), "history": result.history,
+              "hyperparameters": hyper, "strength": strength, "tuning": tuning, "config": asdict(config),
+              "history": result.history,
               "wall_time_s": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_files():  # every output file appears, or none does
@@ -276,16 +311,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
     info(args, f"wrote {out / 'results.json'}, {out / 'reliability.png'}, {out / 'model.safetensors'}")
     return 0
-
-
-def _values(selected: dict[str, Any]) -> str:
-    """``scale=1.2e+03, head_variance=0.4`` (per-block scales in braces)."""
-    def show(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}: {show(x)}" for k, x in v.items()) + "}"
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{k}={show(v)}" for k, v in selected.items())
 
 
 # ----------------------------------------------------------------------------------------------- evaluate

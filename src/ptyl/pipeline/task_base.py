@@ -60,6 +60,7 @@ class Task:
     default_model: ClassVar[str | None] = None  # 'ptyl learn-prior --model' when not given
     objective: Callable | None = None
     collate_fn: Callable | None = None
+    likelihood: ClassVar[str] = "categorical"  # the data term, for the N-aware diagnostic (per-pixel classes too)
 
     # --- the command line ---------------------------------------------------------------------------------------
     @classmethod

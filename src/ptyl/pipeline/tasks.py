@@ -29,6 +29,8 @@ from ptyl.pipeline.task_base import SourceSetup, Task, build_classifier
 from ptyl.pipeline.text_task import TextTask
 from ptyl.validation import positive_int
 
+POOL_CANVAS_SEED = 12_345  # the validation canvases are drawn once
+
 __all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "SourceSetup", "Task", "TextTask", "build_from_metadata",
            "get_task"]
 
@@ -151,13 +153,16 @@ class SegmentationTask(Task):
     """Per-pixel segmentation of digit canvases (:class:`ptyl.data.DigitCanvasSegmentation`) with a
     :class:`~ptyl.models.SegmentationNet` whose encoder is the pretrained classifier's trunk and whose ``decoder`` is
     new. Training canvases come from the data set's train split (``n`` canvases per seed), test canvases from its
-    test split (seed ``test_seed``, default ``seed + 1``).
+    test split (seed ``test_seed``, default ``seed + 1``). With ``val_pool`` canvases, a validation pool is drawn once
+    from ``val_digits`` digits held out of the train split (class-balanced), which no training canvas uses.
 
     Args:
         data: the digit data set.
         n_test: test canvases.
         decoder_channels: decoder width.
         test_seed: fixed seed of the test canvases (``None``: ``seed + 1`` of the training draw).
+        val_pool: validation canvases (0: none; tuning then splits the training canvases).
+        val_digits: digits held out for the validation canvases.
         canvas: forwarded to :class:`DigitCanvasSegmentation` (``canvas_size``, ``digits_per_canvas``, ...).
     """
 
@@ -189,14 +194,26 @@ class SegmentationTask(Task):
         return {"in_channels": int(example[0].shape[0])}
 
     def __init__(self, data: str = "mnist", *, n_test: int = 64, decoder_channels: int = 32,
-                 test_seed: int | None = None, **canvas: Any) -> None:
+                 test_seed: int | None = None, val_pool: int = 0, val_digits: int = 1000, **canvas: Any) -> None:
         from ptyl.data import load_dataset
 
         self.data, self.n_test, self.decoder_channels, self.test_seed = data, n_test, decoder_channels, test_seed
-        self.pools = load_dataset(data, "train"), load_dataset(data, "test")
-        self.canvas = {"num_digit_classes": int(self.pools[0].num_classes), **canvas}
+        train_digits = load_dataset(data, "train")
+        self.canvas = {"num_digit_classes": int(train_digits.num_classes), **canvas}
+        rest, held = hold_out(train_digits, val_digits if val_pool else 0)
+        self.pools = rest, load_dataset(data, "test")
+        self.val_pool = int(val_pool)
+        self.val = self._canvases(held, self.val_pool, POOL_CANVAS_SEED) if held is not None else None
         self.num_classes = int(self.canvas["num_digit_classes"]) + 1  # + background
         self._tests: dict[int, Dataset] = {}
+
+    def validation_set(self) -> Dataset | None:
+        """See :meth:`Task.validation_set`.
+
+        Returns:
+            The validation canvases (``None`` with ``val_pool=0``).
+        """
+        return self.val
 
     def _canvases(self, pool, n: int, seed: int) -> Dataset:
         from ptyl.data import DigitCanvasSegmentation
@@ -232,7 +249,8 @@ class SegmentationTask(Task):
     def metadata(self) -> dict[str, Any]:
         return {"task": self.name, "data": self.data,
                 "segmentation": {"num_classes": self.num_classes, "decoder_channels": self.decoder_channels,
-                                 "n_test": self.n_test, "test_seed": self.test_seed, **self.canvas}}
+                                 "n_test": self.n_test, "test_seed": self.test_seed, **self.canvas,
+                                 **({"val_pool": self.val_pool} if self.val_pool else {})}}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None, eval_split: str = "test") -> Task:

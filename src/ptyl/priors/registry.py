@@ -217,18 +217,20 @@ class PriorKind(str, Enum):
     # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder[, hard_log10_bounds, eps,
     #                              learnable, family, rank])
     # Learned kinds: lambda in 10^[0, 4] with eps = 1e-3 holds the weights at the scale they have (median prior
-    # std / median |mu| ~ 0.6-3 on the benchmarks' CNNs); lambda >= ~1e6 switches the prior off. Hard bounds: below
-    # 10^-3 the prior is N(mu, eps I) whatever lambda is; above 10^10 it is off on any network we ship.
+    # std / median |mu| ~ 0.6-3 on the benchmarks' CNNs). Hard bounds: below 10^-3 the prior is N(mu, eps I) whatever
+    # lambda is; the upper ones (10^12 for lambda, 10^8 for a variance) lie beyond where the N-aware diagnostic calls
+    # the priors off at 10 examples per class on the benchmarks (lambda ~1e9, v ~1e4-1e6). Past them every search
+    # has its exact off limit (no backbone prior) as a point anyway.
     LOWRANK = "lowrank", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.learned:build_lowrank",
-                                     (-3.0, 10.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:lowrank_family")
+                                     (-3.0, 12.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:lowrank_family")
     DIAG = "diag", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.learned:build_diagonal",
-                               (-3.0, 10.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:diagonal_family")
+                               (-3.0, 12.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:diagonal_family")
     BLOCK = "block", PriorRecipe(True, "scale", (0.0, 4.0), 100.0, "ptyl.priors.block:build_block",
-                                 (-3.0, 10.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:block_family")
+                                 (-3.0, 12.0), 1e-3, ("scale", "eps"), "ptyl.autotune.build:block_family")
     L2SP = "l2sp", PriorRecipe(False, "variance", (-5.0, -1.0), 1e-3, "ptyl.priors.isotropic_builders:build_l2sp",
-                               (-9.0, 3.0), learnable=("variance",), family="ptyl.autotune.build:l2sp_family")
+                               (-9.0, 8.0), learnable=("variance",), family="ptyl.autotune.build:l2sp_family")
     STANDARD = "standard", PriorRecipe(False, "variance", (-1.0, 3.0), 10.0,
-                                       "ptyl.priors.isotropic_builders:build_standard", (-5.0, 5.0),
+                                       "ptyl.priors.isotropic_builders:build_standard", (-5.0, 8.0),
                                        learnable=("variance",), family="ptyl.autotune.build:standard_family")
     NONE = "none", PriorRecipe(False, None, None, None, "ptyl.priors.isotropic_builders:build_none")
 

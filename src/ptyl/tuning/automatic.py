@@ -19,8 +19,8 @@ registry declares what each kind may learn (``recipe.learnable``).
 
 The result is a :class:`~ptyl.tuning.TuneResult` like the grid's: ``best`` holds the selected values as keyword
 arguments of :func:`ptyl.priors.make_prior`, ``table`` the per-epoch path (loss, hyper-parameters, objective; the
-last row also the effective-strength diagnostic of the selected prior against the starting weights, ``std_ratio`` /
-``prior_off``, as every grid trial has it), ``final`` the trained model (DE-ELBO: the variational mean),
+last row also the strength diagnostics of the selected prior, as every grid trial has them: the N-aware curvature
+share at the trained model, ``prior_share`` / ``prior_off``, and the std ratio against the starting weights), ``final`` the trained model (DE-ELBO: the variational mean),
 ``search_cost_s`` the run's seconds. A config whose
 inference samples (``lowrank-sgld``) is refit with it at the selected values.
 
@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from ptyl.autotune.build import build_family
 from ptyl.autotune.likelihoods import Categorical, Likelihood, get_likelihood
+from ptyl.autotune.share import prior_share
 from ptyl.errors import ConfigError
 from ptyl.params import named_parameters
 from ptyl.priors.factory import make_prior
@@ -218,8 +219,10 @@ def tune_automatic(
     selected = family.prior_kwargs()
     search_cost = time.perf_counter() - start
     table = [dict(record) for record in result.history]
-    strength = prior_strength(family.to_prior(), start_weights)  # as the grid's trials: against the start
-    table[-1].update({"std_ratio": strength.std_ratio, "prior_off": strength.off})
+    chosen = family.to_prior()
+    share = prior_share(chosen, result.model, train_set, likelihood=likelihood, collate_fn=collate_fn)
+    table[-1].update({"std_ratio": prior_strength(chosen, start_weights).std_ratio,  # as the grid's: vs the start
+                      "prior_share": share.share, "prior_share_blocks": share.blocks, "prior_off": share.off})
     final = result
     if refit and Inference.parse(config.inference) is not Inference.MAP:
         torch.manual_seed(config.seed)
