@@ -148,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in s.ns:
             group = [r for r in rows if r["pair"] == cell and r["n"] == str(n)]
             sections += [f"### {cell}, n = {n} per class", "", method_table(group), "", paired(group)[0], ""]
+    test = "the MNIST test split" if s.test_size is None else f"{s.test_size} MNIST test images"
     md = "\n".join([
         "# SimCLR source prior vs supervised source prior vs tuned baselines (KMNIST -> MNIST)",
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min).  ",
         machine_line(info) + ".  ",
         f"Seeds {list(s.seeds)} (each a different few-shot subsample of the MNIST train split); a {s.val_pool}-image "
-        f"validation pool; test: {'the MNIST test split' if s.test_size is None else f'{s.test_size} MNIST test images'}"
-        f". SmallCNN(width={s.width}). Mean ± std over seeds. Protocol: the module docstring of "
+        f"validation pool; test: {test}. SmallCNN(width={s.width}). Mean ± std over seeds. Protocol: the module docstring of "
         "`benchmarks/accuracy/simclr.py` and the protocol paragraph of `pairs.md` (the off limit, the N-aware prior "
         "share, the search statuses).",
         "",

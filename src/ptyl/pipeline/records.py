@@ -44,7 +44,8 @@ def grid_record(task: Task, train: Dataset, tuned, config: TrainConfig, model_fn
         final_loss = float(task.evaluate(final.predict(train), task.targets(train))["nll"])
         fit_stats = {"final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
                      "stop_reason": final.stop_reason,
-                     "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS,
+                     "fit_status": fit_status(final_loss, bool(row.get("prior_off")),
+                                              config.stop_loss or CONVERGED_LOSS,
                                               final.samples is not None)}
     record.update({k: float(v) for k, v in metrics.items()})
     record.update(fit_stats)

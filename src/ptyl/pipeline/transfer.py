@@ -139,7 +139,8 @@ def transfer_select(task: Task, train: Dataset, methods: Sequence[Method], spec:
     """
     kinds = [str(m.prior) for m in methods]
     if any(m.inference is not Inference.MAP or not m.pretrained for m in methods):
-        raise ConfigError(f"kind selection compares MAP methods from the pretrained start, got {[m.name for m in methods]}")
+        raise ConfigError("kind selection compares MAP methods from the pretrained start, got "
+                          f"{[m.name for m in methods]}")
     test, pool = task.test_set(seed), task.validation_set()
     try:
         tuned = tune(model_fn, train, spec, {k: grids[k] for k in kinds}, kinds=kinds, seed=seed, config=config,

@@ -322,13 +322,13 @@ def tune(
     check_choice(split, SPLITS, "split")
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
-    searches = _searches(spec, grid, kinds, base, extend, off_limit)  # every user error surfaces here  # every user error surfaces here
+    searches = _searches(spec, grid, kinds, base, extend, off_limit)  # every user error surfaces here
     start = time.perf_counter()
     validation = make_validation(train_set, val_set=val_set, folds=folds, repeats=repeats, val_fraction=val_fraction,
                                  seed=seed, split=split, test_set=test_set)
     search = GridSearch(model_fn, validation, base, metric=metric, decades=decades, flat_rtol=flat_rtol,
-                     max_rounds=max_rounds, objective=objective, likelihood=likelihood, collate_fn=collate_fn,
-                     evaluate=evaluate, cache=cache, tag_kind=kinds is not None, progress=progress)
+                        max_rounds=max_rounds, objective=objective, likelihood=likelihood, collate_fn=collate_fn,
+                        evaluate=evaluate, cache=cache, tag_kind=kinds is not None, progress=progress)
     results = {str(kind_spec.kind): search.run(kind_spec, axes, bounds) for kind_spec, axes, bounds in searches}
     search.close()
     best_kind = winner(results, search.key, search.sign)
@@ -344,7 +344,7 @@ def tune(
 
 
 def _searches(spec: PriorSpec, grid: Mapping[str, Any] | None, kinds: Sequence[str | PriorKind] | None,
-           base: TrainConfig, extend, off_limit: bool) -> list[tuple[PriorSpec, dict[str, list], dict]]:
+              base: TrainConfig, extend, off_limit: bool) -> list[tuple[PriorSpec, dict[str, list], dict]]:
     """``(spec, checked axes, extension bounds)`` per kind to search, checked before anything is trained."""
     if kinds is None:
         wanted, grids = [spec.kind], {str(spec.kind): grid}
@@ -389,4 +389,3 @@ def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: Tra
     if several:
         raise ConfigError(f"strategy {strategy!r} runs once: give one value for {several}, or use strategy 'grid'")
     return {k: v[0] for k, v in axes.items()}
-

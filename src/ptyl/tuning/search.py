@@ -11,7 +11,8 @@ the best value is on an edge of the finite values, and the new trials (the new v
 other axes) run:
 
 * the **weak edge** (the largest finite value, or the off limit being best): extended, in steps that double beyond
-  the original grid (1, 2, 4... decades), until the trial at the edge is *off* by the N-aware diagnostic (:func:`ptyl.autotune.prior_share`: the prior adds < 1% to every layer's curvature;
+  the original grid (1, 2, 4... decades), until the trial at the edge is *off* by the N-aware diagnostic
+  (:func:`ptyl.autotune.prior_share`: the prior adds < 1% to every layer's curvature;
   the curve has joined the off limit) or the hard bound is reached. A curve that is worse at 1e4 but better at the
   off limit is followed all the way (no flatness rule here: a flat stretch at a strong prior says nothing about the
   off limit). Without the diagnostic (no likelihood), the flatness rule below applies at this edge too;

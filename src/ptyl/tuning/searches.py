@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GridSearch", "winner"]
 
+
 def winner(results: Mapping[str, TuneResult], key: str, sign: float) -> str:
     """The kind whose selected trial scores best (the first one listed on a tie)."""
     scored = [(k, r.selected.get(key)) for k, r in results.items()]
