@@ -30,16 +30,17 @@ def test_demo_quick_runs_every_stage_and_prints_the_committed_summary(tmp_path, 
     """Two worker processes (the default), as a user runs it: the same summary as the committed one, to the byte."""
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| n/class | method | accuracy | nll | ece | selected | std ratio | train NLL |" in out
+    assert "| n/class | method | accuracy | nll | ece | selected | prior share | std ratio | train NLL |" in out
+    assert "the method chosen on the validation pool" in out
     assert "SMOKE TEST" in out and "None" not in out
     assert "mnist5k -> mnist" in out and "kmnist -> mnist** (control" in out and "minus the validation-selected" in out
     for name in ("prior_mnist5k.safetensors", "prior_kmnist.safetensors", "results.json", "data_efficiency.png",
                  "summary.md"):
         assert (tmp_path / name).is_file()
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank"}
+    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank", "selected"}
     assert {r["pair"] for r in results} == {"mnist5k->mnist", "kmnist->mnist"}
-    assert all(r["validation_mode"] == "pool" and "final_loss" in r and "std_ratio" in r for r in results)
+    assert all(r["validation_mode"] == "pool" and "final_loss" in r and "prior_share" in r for r in results)
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert summary in out and "wall time" not in summary and "time (s)" not in summary
     committed = SCRIPT.QUICK_SUMMARY.read_text(encoding="utf-8")
