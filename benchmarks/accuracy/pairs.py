@@ -83,9 +83,13 @@ EXTRA = {"mnist5k->mnist": ("diag", "lowrank-sgld", "lowrank-sgld@T1"), "mnist5k
          "kmnist->mnist": ("diag",)}
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
-# settings of the automatic strategies (ptyl.tuning.AutoConfig fields; the rest are its defaults): DE-ELBO also keeps
-# 10 draws of q, so its records hold the Bayesian model average next to the variational mean's predictions
+# settings of the automatic strategies (fields of each one's settings class, TuningStrategy.parse(name).settings; the
+# rest are its defaults): DE-ELBO also keeps 10 draws of q, so its records hold the Bayesian model average next to the
+# variational mean's predictions
 AUTO_SETTINGS = {"de-elbo": {"bma_samples": 10}, "marglik": {}}
+# de-elbo and marglik were keyed on the one settings class they shared (issue 11): their keys keep the other's fields
+# at its defaults (and marglik's no hyper_solver), so their stored records stay current
+LEGACY_SHARED = {"de-elbo": "marglik", "marglik": "de-elbo"}
 FULL = {
     "image_source": dict(model="smallcnn", width=16, pretrain_epochs=5, swag_epochs=3, rank=20, lr=0.05),
     "text_source": dict(pretrain_epochs=1, swag_epochs=2, rank=10, lr=0.05),
@@ -172,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"default: {' '.join(CORE)} (+ at n=10: diag, lowrank-sgld, lowrank-sgld@T1, see EXTRA)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="subsample seeds (default 0..4)")
-    p.add_argument("--tuning", default="grid", help="tuning strategy (ptyl.pipeline.TUNING_STRATEGIES)")
+    p.add_argument("--tuning", default="grid", help="tuning strategy (a ptyl.tuning.TuningStrategy name)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 torch thread each)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for pairs.{md,json} and the stores")
     p.add_argument("--cache", default=None, help="folder of cached source priors (default runs/pairs)")
@@ -184,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     from ptyl.errors import ConfigError
-    from ptyl.pipeline import TUNING_STRATEGIES
+    from ptyl.tuning import TuningStrategy
 
     cfg = copy.deepcopy(QUICK if args.quick else FULL)
     pairs = QUICK_PAIRS if args.quick else PAIRS
@@ -192,8 +196,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [p for p in names if p not in pairs]
     if unknown:
         raise ConfigError(f"unknown pair(s) {unknown}; choose from {list(pairs)}")
-    if args.tuning not in TUNING_STRATEGIES:
-        raise ConfigError(f"unknown tuning strategy {args.tuning!r}; choose from {TUNING_STRATEGIES}")
+    TuningStrategy.parse(args.tuning)  # an unknown name: ConfigError listing the strategies
     cfg.update(pairs={p: pairs[p] for p in names}, tuning=args.tuning, quick=args.quick,
                cache=str(Path(args.cache) if args.cache else (Path(args.out) / "quick_cache" if args.quick
                                                               else ROOT / "runs" / "pairs")))
@@ -235,18 +238,24 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
         return key
+    from ptyl.tuning import TuningStrategy
+
     fields = auto_config(job["tuning"]).to_dict()
-    if job["tuning"] != "de-elbo":  # a DE-ELBO setting (added after the marglik rows): not part of marglik's key
-        fields.pop("hyper_solver", None)
+    if job["tuning"] in LEGACY_SHARED:
+        fields = {**TuningStrategy.parse(LEGACY_SHARED[job["tuning"]]).settings().to_dict(), **fields}
+        if job["tuning"] != "de-elbo":  # a DE-ELBO setting (added after the marglik rows): not part of marglik's key
+            fields.pop("hyper_solver", None)
     settings = json.dumps(fields, sort_keys=True)
     return f"{key}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
 def auto_config(tuning: str):
-    """The :class:`ptyl.tuning.AutoConfig` of an automatic strategy (``None`` for the grid)."""
-    from ptyl.tuning import AutoConfig
+    """The settings of an automatic strategy (its settings class with :data:`AUTO_SETTINGS`; ``None`` for the
+    grid)."""
+    from ptyl.tuning import TuningStrategy
 
-    return AutoConfig(**AUTO_SETTINGS[tuning]) if tuning in AUTO_SETTINGS else None
+    strategy = TuningStrategy.parse(tuning)
+    return strategy.settings(**AUTO_SETTINGS.get(tuning, {})) if strategy.automatic else None
 
 
 # ------------------------------------------------------------------------------------------------------------ sources

@@ -33,8 +33,7 @@ def add_parsers(subparsers) -> None:
     from ptyl.pipeline import ClassificationTask, SegmentationTask
     from ptyl.training.precision import PRECISIONS
     from ptyl.training import Inference
-    from ptyl.tuning import AUTO, STRATEGIES
-    from ptyl.tuning.result import GRID
+    from ptyl.tuning import AUTO, TuningStrategy
 
     p = subparsers.add_parser(
         "finetune", help="fine-tune on a target data set under the learned prior (or a baseline)",
@@ -73,11 +72,16 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--num-samples", type=positive_int, default=10, help="posterior samples for BMA [10]")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32, or mixed precision bf16 / fp16 (the prior term stays in full precision) [fp32]")
-    p.add_argument("--tune", nargs="?", const=GRID, choices=(*STRATEGIES, "auto"),
-                   help="choose the prior strength: 'grid' (alone: --tune) by validation NLL on a held-out pool "
-                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum; "
-                        "'de-elbo' / 'marglik' learn it in one training run on all examples (no validation data); "
-                        f"'auto' = {AUTO!r}")
+    automatic = [s for s in TuningStrategy if s.automatic]
+    with_pool = [str(s) for s in automatic if s.tuner.uses_validation]
+    p.add_argument("--tune", nargs="?", const=str(TuningStrategy.GRID),
+                   choices=(*(str(s) for s in TuningStrategy), "auto"),
+                   help=f"choose the prior strength: '{TuningStrategy.GRID}' (alone: --tune) by validation NLL on a "
+                        "held-out pool (--val-pool; 5-fold cross-validation when it is 0), extending the grid past "
+                        "an edge optimum; "
+                        f"{' / '.join(repr(str(s)) for s in automatic)} learn it in one training run on all "
+                        f"examples ({' / '.join(map(repr, with_pool))}: from the validation pool's NLL, never "
+                        f"trained on; the others: no validation data); 'auto' = {AUTO.value!r}")
     p.add_argument("--budget", type=positive_int, default=4, help="grid values for --tune grid, before extensions [4]")
     p.add_argument("--val-pool", type=int, default=500,
                    help="classification --tune grid: validation images held out of the target's train split [500]")
@@ -188,8 +192,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
     from ptyl.priors import PriorKind
     from ptyl.training import fit
-    from ptyl.tuning import AUTO, default_grid, tune
-    from ptyl.tuning.result import GRID
+    from ptyl.tuning import AUTO, TuningStrategy, default_grid, tune
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
@@ -228,16 +231,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     info(args, f"fine-tuning on {len(train)} {args.data} training examples: prior {spec.kind}, inference "
                f"{config.inference}, {config.epochs} epochs")
     if args.tune:
-        strategy = AUTO if args.tune == "auto" else args.tune
-        if strategy == GRID:
+        strategy = AUTO if args.tune == "auto" else TuningStrategy.parse(args.tune)
+        pool = task.validation_set()
+        if not strategy.automatic:
             grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
-            pool = task.validation_set()
             tuned = tune(model_fn, train, spec, grid, seed=args.seed, config=config, progress=progress(args),
                          val_set=pool, folds=None if pool is not None else 5, objective=task.objective,
                          collate_fn=task.collate_fn)
         else:
+            if strategy.tuner.uses_validation and pool is None:
+                raise UsageError(f"--tune {strategy} learns from a validation pool: give --val-pool > 0")
             tuned = tune(model_fn, train, spec, strategy=strategy, seed=args.seed, config=config,
-                         progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
+                         progress=progress(args), objective=task.objective, collate_fn=task.collate_fn,
+                         val_set=pool if strategy.tuner.uses_validation else None)
         result, selected, tuning = tuned.final, tuned.best, tuned.to_dict()
         info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {_values(selected)}")
     else:

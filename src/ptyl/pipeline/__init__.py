@@ -25,12 +25,11 @@ from ptyl.pipeline.tasks import (
     get_task,
     pretrained_model_fn,
 )
-from ptyl.pipeline.transfer import TUNING_STRATEGIES, method_grid, run_transfer, transfer_run
+from ptyl.pipeline.transfer import method_grid, run_transfer, transfer_run
 
 __all__ = [
     "DEFAULT_METHODS",
     "TASKS",
-    "TUNING_STRATEGIES",
     "ClassificationTask",
     "Method",
     "SegmentationTask",

@@ -14,9 +14,10 @@ Every record carries the final training loss of the chosen fit and whether it co
 rule of :func:`train_config`), the effective strength of the chosen prior (``std_ratio``, ``prior_off``), the search
 path and the status of every tuned axis (``interior`` / at a documented hard bound / ``edge``).
 
-The tuning strategy is a dimension of the runner (``tuning``; :data:`TUNING_STRATEGIES`): ``"grid"`` is the
-validation grid above; ``"de-elbo"`` and ``"marglik"`` learn the prior's strength in one run on the n examples with
-the same training budget (:func:`automatic_run`), and their records carry the pool score for reference only.
+The tuning strategy is a dimension of the runner (``tuning``: a :class:`~ptyl.tuning.registry.TuningStrategy`):
+``"grid"`` is the validation grid above; the automatic strategies learn the prior's strength in one run on the n
+examples with the same training budget (:func:`automatic_run`). Those that learn from a validation pool
+(``hypergradient``) get the task's pool; for the others the records carry the pool score for reference only.
 
 >>> results = run_transfer("runs/prior.safetensors", "mnist", n_per_class=[10, 100])   # doctest: +SKIP
 >>> print(summarize(results))                                                        # doctest: +SKIP
@@ -28,7 +29,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,12 @@ from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_c
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.training.config import TrainConfig
-from ptyl.tuning.automatic import AutoConfig
+from ptyl.tuning.automatic import AutomaticSettings
 from ptyl.tuning.grid import PriorSpec, check_grid, default_grid, tune
-from ptyl.tuning.result import GRID, STRATEGIES
+from ptyl.tuning.registry import TuningStrategy
 from ptyl.tuning.trials import CONVERGED_LOSS, fit_status
-from ptyl.validation import check_choice
 
-__all__ = ["TUNING_STRATEGIES", "automatic_run", "method_grid", "run_transfer", "transfer_run"]
-
-TUNING_STRATEGIES = STRATEGIES
+__all__ = ["automatic_run", "method_grid", "run_transfer", "transfer_run"]
 
 
 def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict | None = None,
@@ -77,8 +75,8 @@ def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict |
 
 def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, grid: dict[str, list[Any]],
                  config: TrainConfig, model_fn: Callable[[], nn.Module], *, seed: int, folds: int | None = None,
-                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = 6,
-                 auto: AutoConfig | None = None) -> dict[str, Any]:
+                 repeats: int = 1, tuning: str = TuningStrategy.GRID, cache: Any = None, max_rounds: int = 6,
+                 auto: AutomaticSettings | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Tune one method on one training set and score it on the task's test set.
 
     Args:
@@ -88,11 +86,12 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         model_fn: fresh starting models.
         seed: seeds the fits (and picks folds / splits).
         folds, repeats: cross-validation when the task has no pool (``None``: one 80/20 split).
-        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`): ``"grid"``, or an automatic strategy
-            (:func:`automatic_run`; ``grid``, ``folds``, ``cache`` and ``max_rounds`` are then unused).
+        tuning: the tuning strategy (a :class:`~ptyl.tuning.registry.TuningStrategy` name): ``"grid"``, or an
+            automatic strategy (:func:`automatic_run`; ``grid``, ``folds``, ``cache`` and ``max_rounds`` are then
+            unused).
         cache: stores finished trials (see :func:`ptyl.tuning.tune`).
         max_rounds: most edge-extension rounds.
-        auto: settings of the automatic strategies.
+        auto: the automatic strategy's settings (its settings class or a mapping of its fields).
 
     Returns:
         The metrics and diagnostics of the record (see the module docstring); ``error`` when every trial diverged.
@@ -100,8 +99,7 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
     Raises:
         ConfigError: an unknown tuning strategy.
     """
-    check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
-    if tuning != GRID:
+    if TuningStrategy.parse(tuning).automatic:
         return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto)
     test, pool = task.test_set(seed), task.validation_set()
     evaluate = task.evaluate
@@ -141,36 +139,45 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
 
 
 def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConfig, model_fn: Callable[[], nn.Module],
-                  *, seed: int, tuning: str, auto: AutoConfig | None = None) -> dict[str, Any]:
+                  *, seed: int, tuning: str, auto: AutomaticSettings | Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """One run of an automatic strategy on one training set (same budget as one grid trial), scored on the task's
-    test set; the validation pool, never used to choose anything here, is scored too for reference
-    (``pool_<metric>``). With DE-ELBO draws of q (``auto.bma_samples``) the record also holds their Bayesian model
-    average (``bma``); the headline metrics are the variational mean's.
+    test set. A strategy that learns from a validation pool (``tuner.uses_validation``) gets the task's pool (its
+    final score is ``val_nll``); for the others the pool is never used to choose anything and is scored for
+    reference (``pool_<metric>``). With DE-ELBO draws of q (``auto.bma_samples``) the record also holds their
+    Bayesian model average (``bma``); the headline metrics are the variational mean's.
 
     Args:
         task, train, spec, config, model_fn, seed: as in :func:`transfer_run`.
-        tuning: ``"de-elbo"`` or ``"marglik"``.
-        auto: their settings.
+        tuning: an automatic :class:`~ptyl.tuning.registry.TuningStrategy` name.
+        auto: its settings.
 
     Returns:
         The record: test metrics, ``selected`` (make_prior keyword arguments), ``std_ratio`` / ``prior_off``, the
-        final training NLL and fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch).
+        final training NLL and fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch), ``updates``
+        (the strategy's own path, e.g. h per hyper step).
     """
     record: dict[str, Any] = {"tuning": tuning}
+    pool = task.validation_set()
+    uses_pool = TuningStrategy.parse(tuning).tuner.uses_validation
+    if uses_pool and pool is None:
+        raise ConfigError(f"tuning strategy {tuning!r} learns from a validation pool and the task has none")
     try:
         tuned = tune(model_fn, train, spec, strategy=tuning, auto=auto, seed=seed, config=config, progress=False,
-                     objective=task.objective, collate_fn=task.collate_fn)
+                     objective=task.objective, collate_fn=task.collate_fn, val_set=pool if uses_pool else None)
     except DivergenceError as err:  # the run diverged: record it and go on
         return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
     final, row = tuned.final, tuned.selected
     single = replace(final, samples=None)  # the variational mean / the MAP model
-    test, pool = task.test_set(seed), task.validation_set()
+    test = task.test_set(seed)
     record.update({k: float(v) for k, v in task.evaluate(single.predict(test), task.targets(test)).items()})
     if final.samples is not None:
         record["bma"] = {k: float(v) for k, v in task.evaluate(final.predict(test), task.targets(test)).items()}
     if pool is not None:
         scores = task.evaluate(single.predict(pool), task.targets(pool))
         record.update({f"pool_{k}": float(v) for k, v in scores.items()})
+        if uses_pool:  # the pool chose: its score is the selection's validation score, as the grid's val_nll
+            record["val_nll"] = record["pool_nll"]
     final_loss = float(task.evaluate(single.predict(train), task.targets(train))["nll"])
     record.update({
         "final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
@@ -178,7 +185,7 @@ def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConf
         "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS),
         "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
         "std_ratio": row.get("std_ratio"), "prior_off": row.get("prior_off"), "objective": tuned.objective,
-        "search_cost_s": tuned.search_cost_s, "trials": 1, "path": tuned.table,
+        "search_cost_s": tuned.search_cost_s, "trials": 1, "path": tuned.table, "updates": tuned.path,
     })
     return record
 
@@ -209,8 +216,8 @@ def run_transfer(
     folds: int | None = 5,
     repeats: int = 1,
     max_test: int | None = None,
-    tuning: str = "grid",
-    auto: AutoConfig | None = None,
+    tuning: str = TuningStrategy.GRID,
+    auto: AutomaticSettings | Mapping[str, Any] | None = None,
     max_rounds: int = 6,
     train_overrides: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
@@ -240,7 +247,8 @@ def run_transfer(
         val_pool: validation pool of the default task (0: none).
         folds, repeats: cross-validation when the task has no pool (``folds=None``: one 80/20 split).
         max_test: evaluate on the first ``max_test`` test examples of a class-balanced order (default task only).
-        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`); ``auto``: settings of the automatic ones.
+        tuning: the tuning strategy (a :class:`~ptyl.tuning.registry.TuningStrategy` name); ``auto``: an
+            automatic strategy's settings.
         max_rounds: most edge-extension rounds per search.
         train_overrides: other :class:`~ptyl.training.TrainConfig` fields for every fit (e.g. ``{"grad_clip": 5}``).
         out_dir: if given, ``results.json`` is rewritten there after every finished run.
@@ -258,7 +266,7 @@ def run_transfer(
     plans = [parse_method(m) for m in methods]
     if not plans:
         raise ConfigError("no methods to run")
-    check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
+    TuningStrategy.parse(tuning)
     meta = read_metadata(prior_path) if prior_path is not None else {}
     if pretrained is None:
         if prior_path is None:

@@ -50,7 +50,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,14 +61,13 @@ from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.result import FitResult
-from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, edge_warnings, is_number
+from ptyl.tuning.automatic import AutomaticSettings, tune_automatic
+from ptyl.tuning.registry import TuningStrategy
+from ptyl.tuning.result import TuneResult, edge_warnings, is_number
 from ptyl.tuning.search import FLAT_RTOL, axis_status, next_values, select_best
 from ptyl.tuning.splits import SPLITS
 from ptyl.tuning.trials import PRIOR_KEYS, TrialRunner, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
-
-if TYPE_CHECKING:
-    from ptyl.tuning.automatic import AutoConfig
 
 __all__ = ["DEFAULT_LRS", "PriorSpec", "default_grid", "tune"]
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
@@ -224,8 +223,8 @@ def tune(
     prior_spec: PriorSpec | str | Mapping[str, Any],
     grid: Mapping[str, Sequence[Any]] | None = None,
     *,
-    strategy: str = GRID,
-    auto: AutoConfig | None = None,
+    strategy: str | TuningStrategy = TuningStrategy.GRID,
+    auto: AutomaticSettings | Mapping[str, Any] | None = None,
     val_set: Dataset | None = None,
     folds: int | None = None,
     repeats: int = 1,
@@ -247,8 +246,7 @@ def tune(
     cache: Any = None,
 ) -> TuneResult:
     """Choose the prior's hyper-parameters: grid search with edge extension on validation data (see the module
-    docstring), or one run of an automatic strategy that learns them without validation data
-    (:mod:`ptyl.tuning.automatic`).
+    docstring), or one run of an automatic strategy that learns them (:mod:`ptyl.tuning.automatic`).
 
     Args:
         model_fn: returns a fresh pretrained / initialised model on every call (called after
@@ -257,9 +255,11 @@ def tune(
         prior_spec: a :class:`PriorSpec`, a kind name (``"standard"``...), or a dict of PriorSpec fields.
         grid: axis name -> values (see the module docstring); default :func:`default_grid` of the kind. Automatic
             strategies take no prior axis and one value per training axis (``{"lr": [0.03]}``).
-        strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"`` (:data:`~ptyl.tuning.STRATEGIES`).
-        auto: settings of the automatic strategies (:class:`~ptyl.tuning.AutoConfig`); the grid's validation
-            options (``val_set``, ``folds``, ``test_set``, ``extend``, ``metric``, ``cache``...) do not apply to them.
+        strategy: a :class:`~ptyl.tuning.registry.TuningStrategy` (or its name): ``"grid"``, or an automatic one.
+        auto: the automatic strategy's settings (``TuningStrategy.parse(strategy).settings``, e.g.
+            :class:`~ptyl.tuning.MarglikSettings`, or a mapping of its fields); the grid's validation options
+            (``folds``, ``test_set``, ``extend``, ``metric``, ``cache``...) do not apply to them, and ``val_set``
+            only to those that learn from a pool (``tuner.uses_validation``: ``hypergradient``).
         val_set: a validation pool of examples never trained on: every trial trains on all of ``train_set`` and is
             scored on the pool; no refit (``final`` is the selected trial's model).
         folds, repeats: repeated stratified k-fold cross-validation instead (then refit on all n).
@@ -293,14 +293,12 @@ def tune(
     from tqdm.auto import tqdm
 
     spec = _as_spec(prior_spec)
-    check_choice(strategy, STRATEGIES, "tuning strategy")
-    if strategy != GRID:
-        from ptyl.tuning.automatic import tune_automatic
-
-        fixed = _single_values(grid or {}, spec, config or TrainConfig(), strategy)
+    strategy = TuningStrategy.parse(strategy)
+    if strategy.automatic:
+        fixed = _single_values(grid or {}, spec, config or TrainConfig(), strategy.value)
         return tune_automatic(model_fn, train_set, spec, strategy, config=replace(config or TrainConfig(), **fixed),
-                              auto=auto, seed=seed, progress=progress, refit=refit, objective=objective,
-                              collate_fn=collate_fn)
+                              auto=auto, val_set=val_set, seed=seed, progress=progress, refit=refit,
+                              objective=objective, collate_fn=collate_fn)
     check_choice(metric, tuple(METRICS), "metric")
     check_choice(split, SPLITS, "split")
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
@@ -374,7 +372,7 @@ def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: Tra
     learned = [k for k in grid if k in PRIOR_KEYS]
     if learned:
         raise ConfigError(f"strategy {strategy!r} learns the prior's values: drop the grid axes {learned} (set the "
-                          "starting values with AutoConfig.initial)")
+                          "starting values with the settings' initial)")
     axes = check_grid(grid, replace(spec, kind=PriorKind.NONE), base)  # the training axes, checked as the grid's
     several = [k for k, v in axes.items() if len(v) > 1]
     if several:
