@@ -17,7 +17,8 @@ from tests.helpers import TinyNet, random_posterior
 
 AUTOMATIC = [str(s) for s in TuningStrategy if s.automatic]
 CONFIG = TrainConfig(epochs=3, batch_size=16, lr=0.05, progress=False)
-FAST = {"de-elbo": {"hyper_every": 2}, "marglik": {}, "hypergradient": {"every": 2, "warmup": 0.0}}
+FAST = {"de-elbo": {"hyper_every": 2}, "marglik": {}, "hypergradient": {"segments": 2, "refit": False},
+        "continuation": {"refit": False, "patience": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,13 @@ def test_every_kind_is_learned_and_reported_like_the_grid(kind, strategy, data, 
     assert result.strategy == strategy and set(result.best) >= {axis, "head_variance"}
     recipe = PriorSpec(kind).kind.recipe
     start = tuner(tuner.Settings()).start_values(PriorSpec(kind))[axis]
-    assert start == (recipe.default if not tuner.uses_validation else 10.0 ** recipe.log10_range[1])
+    expected = {"hypergradient": 10.0 ** recipe.log10_range[1], "continuation": 10.0 ** recipe.bounds[1]}
+    assert start == expected.get(strategy, recipe.default)  # the pool strategies start from a broad prior
     learned = result.best[axis] if kind != "block" else next(iter(result.best[axis].values()))
     assert learned != pytest.approx(start) and learned > 0
-    assert [r["epoch"] for r in result.table] == [1, 2, 3] and result.search_cost_s > 0
+    epochs = [r["epoch"] for r in result.table]  # the pool strategies: every segment's epochs, numbered on
+    assert epochs == (list(range(1, len(epochs) + 1)) if tuner.uses_validation else [1, 2, 3])
+    assert result.search_cost_s > 0
     assert result.metric in result.table[-1] and math.isfinite(result.objective)
     assert result.split == {"train": 48, "val": len(pool) if tuner.uses_validation else 0, "total": 48}
     assert result.validation == ("pool" if tuner.uses_validation else "none")

@@ -321,9 +321,10 @@ def tune_automatic(
                  objective=objective, num_data=len(train_set), head=spec.head, collate_fn=collate_fn,
                  checkpoint=checkpoint, resume=resume)
     selected, final = tuner.finish(run, result)
-    table = [dict(record) for record in result.history]
-    table[-1].update(selection_diagnostic(run))
     score = tuner.objective_value(run, final)
+    table = [dict(record) for record in final.history]
+    table[-1].update(selection_diagnostic(run))
+    table[-1].setdefault(tuner.metric, score)  # the selected model's objective, where the history lacks it
     search_cost = time.perf_counter() - start
     if refit and Inference.parse(config.inference) is not Inference.MAP:
         torch.manual_seed(config.seed)

@@ -12,9 +12,9 @@ strength in one training run, with its own settings (a subclass of
 >>> TuningStrategy.parse("marglik").settings.__name__
 'MarglikSettings'
 >>> [str(s) for s in TuningStrategy if s.automatic]
-['de-elbo', 'marglik', 'hypergradient']
+['de-elbo', 'marglik', 'hypergradient', 'continuation']
 >>> [str(s) for s in TuningStrategy if s.automatic and s.tuner.uses_validation]
-['hypergradient']
+['hypergradient', 'continuation']
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class TuningStrategy(str, Enum):
     DEELBO = "de-elbo", "ptyl.tuning.deelbo:DEELBOTuner"
     MARGLIK = "marglik", "ptyl.tuning.marglik:MarglikTuner"
     HYPERGRADIENT = "hypergradient", "ptyl.tuning.hypergradient:HypergradientTuner"
+    CONTINUATION = "continuation", "ptyl.tuning.continuation:ContinuationTuner"
 
     @property
     def automatic(self) -> bool:
