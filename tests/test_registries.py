@@ -32,8 +32,9 @@ OTHER_MEANINGS = {
     ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",
     ("tuning/hypergradient.py", "diag"): "the 'diag' curvature structure",
     ("data/segmentation.py", "grid"): "placement='grid' of the digit canvases",
-    ("tuning/grid.py", "grid"): "the search path's 'grid' entry: the axes searched",
+    ("tuning/searches.py", "grid"): "the search path's 'grid' entry: the axes searched",
     ("tuning/result.py", "grid"): "TuneResult.to_dict's 'grid' entry: the axes searched",
+    ("autotune/share.py", "diag"): "the 'diag' curvature method",
     ("autotune/likelihoods.py", "none"): "torch reduction='none'",
 }
 

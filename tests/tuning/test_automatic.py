@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ptyl.errors import ConfigError, DataError, DivergenceError, InvalidValueError
-from ptyl.priors import make_prior
 from ptyl.training import TrainConfig
 from ptyl.tuning import DEELBOSettings, MarglikSettings, PriorSpec, TuningStrategy, tune
+from ptyl.tuning.selection import selected_prior
+from ptyl.tuning.trials import OFF
 from tests.helpers import TinyNet, random_posterior
 
 AUTOMATIC = [str(s) for s in TuningStrategy if s.automatic]
@@ -60,17 +61,28 @@ def test_every_kind_is_learned_and_reported_like_the_grid(kind, strategy, data, 
     assert result.strategy == strategy and set(result.best) >= {axis, "head_variance"}
     recipe = PriorSpec(kind).kind.recipe
     start = tuner(tuner.Settings()).start_values(PriorSpec(kind))[axis]
-    expected = {"hypergradient": 10.0 ** recipe.log10_range[1], "continuation": 10.0 ** recipe.bounds[1]}
-    assert start == expected.get(strategy, recipe.default)  # the pool strategies start from a broad prior
-    learned = result.best[axis] if kind != "block" else next(iter(result.best[axis].values()))
-    assert learned != pytest.approx(start) and learned > 0
+    broad = {"hypergradient": recipe.log10_range[1], "continuation": min(recipe.log10_range[1] + 4, recipe.bounds[1])}
+    assert start == (10.0 ** broad[strategy] if strategy in broad else recipe.default)  # the pool ones: broad
+    learned = result.best[axis]
+    if tuner.uses_validation:  # their path begins at the off limit (no backbone prior) and stays in the bounds
+        assert result.path[0][axis] == OFF and result.path[0]["val_nll"] > 0
+        selected = [e for e in result.path if e.get("selected")]
+        assert len(selected) == 1 and selected[0][axis] == learned  # the selection is the best point of the path
+        assert selected[0]["val_nll"] == min(e["val_nll"] for e in result.path if "val_nll" in e)
+        for entry in result.path:
+            for value in (entry[axis].values() if isinstance(entry.get(axis), dict) else [entry.get(axis, OFF)]):
+                assert value == OFF or 10.0 ** recipe.bounds[0] <= value <= 10.0 ** recipe.bounds[1]
+        assert result.table[-1]["off_limit"] == (learned == OFF)
+    else:
+        learned = learned if kind != "block" else next(iter(learned.values()))
+        assert learned != pytest.approx(start) and learned > 0
     epochs = [r["epoch"] for r in result.table]  # the pool strategies: every segment's epochs, numbered on
     assert epochs == (list(range(1, len(epochs) + 1)) if tuner.uses_validation else [1, 2, 3])
     assert result.search_cost_s > 0
     assert result.metric in result.table[-1] and math.isfinite(result.objective)
     assert result.split == {"train": 48, "val": len(pool) if tuner.uses_validation else 0, "total": 48}
     assert result.validation == ("pool" if tuner.uses_validation else "none")
-    prior = make_prior(TinyNet(), kind, posterior=spec(kind, posterior).posterior, **result.best)  # the refit path
+    prior = selected_prior(spec(kind, posterior), TinyNet(), result.best)  # the refit path
     with torch.no_grad():
         assert math.isfinite(float(prior.log_prob(result.final.model)))
     report = json.loads(result.to_json())

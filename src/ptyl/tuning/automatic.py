@@ -24,11 +24,15 @@ what each kind may learn (``recipe.learnable``). Strategies with ``uses_validati
 (``tune(..., val_set=pool)``, never trained on); the others refuse one.
 
 The result is a :class:`~ptyl.tuning.TuneResult` like the grid's: ``best`` holds the selected values as keyword
-arguments of :func:`ptyl.priors.make_prior`, ``table`` the per-epoch path (loss, hyper-parameters, the strategy's
-objective; the last row also the selection's diagnostic, :func:`selection_diagnostic`), ``path`` the strategy's own
-record of its updates (the hypergradient: h per hyper step), ``final`` the trained model, ``search_cost_s`` the
-seconds spent choosing. A config whose inference samples (``lowrank-sgld``) is refit with it at the selected values.
-What ``--tune auto`` means: :data:`ptyl.tuning.registry.AUTO`.
+arguments of :func:`ptyl.priors.make_prior` (the strength axis ``inf`` where a pool strategy selected the off limit,
+plain fine-tuning with no backbone prior), ``table`` the per-epoch path (loss, hyper-parameters, the strategy's
+objective; the last row also the strength diagnostics of the selected prior, as every grid trial has them
+(:func:`selection_diagnostic`): the N-aware curvature share at the trained model on the training set,
+``prior_share`` / ``prior_off``, and the std ratio against the starting weights), ``path`` the strategy's own record
+of its updates (the hypergradient: h per hyper step; the continuation: one entry per point), ``final`` the trained
+model (DE-ELBO: the variational mean), ``search_cost_s`` the seconds spent choosing. A config whose inference samples
+(``lowrank-sgld``) is refit with it at the selected values. What ``--tune auto`` means:
+:data:`ptyl.tuning.registry.AUTO`.
 """
 
 from __future__ import annotations
@@ -48,16 +52,17 @@ from ptyl.autotune.families import Family
 from ptyl.autotune.likelihoods import Categorical, Likelihood, get_likelihood
 from ptyl.errors import ConfigError
 from ptyl.params import named_parameters
-from ptyl.priors.factory import make_prior
-from ptyl.priors.strength import prior_strength
+from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.training.result import FitResult
 from ptyl.tuning.registry import AUTO, TuningStrategy
 from ptyl.tuning.result import TuneResult
+from ptyl.tuning.selection import selected_prior, selection_diagnostic
+from ptyl.tuning.trials import BACKBONE_KEYS, OFF, PRIOR_KEYS
 
-__all__ = ["AutomaticRun", "AutomaticSettings", "AutomaticTuner", "selection_diagnostic", "tune_automatic"]
+__all__ = ["AutomaticRun", "AutomaticSettings", "AutomaticTuner", "tune_automatic"]
 
 
 @dataclass
@@ -96,7 +101,9 @@ class AutomaticRun:
         config: the run's :class:`~ptyl.training.TrainConfig` (MAP); ``likelihood``: the model of the data.
         objective, collate_fn: the training objective (``None``: cross-entropy) and how examples become batches.
         path: the tuner's record of its updates (``TuneResult.path``).
-        extra_cost_s: seconds the tuner spent after the run (e.g. confirmation trials), counted in the cost.
+        lrs: the learning rates the tuner may choose among (a tuner with ``tunes_lr``; else ``(config.lr,)``).
+        off: the model trains (and, at the end, was selected) at the off limit: no backbone prior term, the
+            family's head prior only (:meth:`prior`).
     """
 
     model_fn: Callable[[], nn.Module]
@@ -111,7 +118,24 @@ class AutomaticRun:
     objective: Callable | None
     collate_fn: Callable | None
     path: list[dict[str, Any]] = field(default_factory=list)
-    extra_cost_s: float = 0.0
+    lrs: tuple[float, ...] = ()
+    off: bool = False
+
+    def prior(self, model: nn.Module | None = None):
+        """The prior the run trains under now: the family's, or at the off limit (``off``) the spec's head prior
+        alone (kind ``none``, the family's head variance), built for ``model`` (default ``self.model``)."""
+        if not self.off:
+            return self.family.to_prior()
+        head_variance = self.family.prior_kwargs().get("head_variance", self.spec.head_variance)
+        return replace(self.spec, kind=PriorKind.NONE).build_prior(model or self.model, head_variance=head_variance)
+
+    def selected(self) -> dict[str, Any]:
+        """The selected values as :func:`ptyl.priors.make_prior` keyword arguments: the family's, or at the off
+        limit the strength axis at ``inf`` (:data:`~ptyl.tuning.trials.OFF`) and the head variance."""
+        values = self.family.prior_kwargs()
+        if not self.off:
+            return values
+        return {self.spec.kind.recipe.axis: OFF, **{k: v for k, v in values.items() if k not in BACKBONE_KEYS}}
 
 
 class AutomaticTuner:
@@ -123,11 +147,14 @@ class AutomaticTuner:
         metric: the history column holding the strategy's own objective (``TuneResult.metric``).
         uses_validation: learns from a validation pool (``tune(..., val_set=...)``, required); otherwise a pool is
             refused (the strategy learns from the training data alone).
+        tunes_lr: chooses the learning rate too, among several (``tune(..., {"lr": [...]})``: ``run.lrs``); the
+            others run at one.
     """
 
     Settings: type[AutomaticSettings] = AutomaticSettings
     metric = "objective"
     uses_validation = False
+    tunes_lr = False
 
     def __init__(self, settings: AutomaticSettings) -> None:
         self.settings = settings
@@ -199,8 +226,8 @@ class AutomaticTuner:
         return next((float(r[self.metric]) for r in reversed(result.history) if self.metric in r), math.nan)
 
     def finish(self, run: AutomaticRun, result: FitResult) -> tuple[dict[str, Any], FitResult]:
-        """After the run. A tuner may change both outputs here (e.g. confirmation trials), adding their seconds to
-        ``run.extra_cost_s`` and its record to ``run.path``.
+        """After the run. A tuner may change both outputs here (e.g. confirmation trials, counted in the search cost),
+        adding its record to ``run.path``.
 
         Args:
             run: the :class:`AutomaticRun`.
@@ -209,7 +236,7 @@ class AutomaticTuner:
         Returns:
             ``(selected values as make_prior keyword arguments, the selected model's FitResult)``.
         """
-        return run.family.prior_kwargs(), result
+        return run.selected(), result
 
 
 def resolve_settings(strategy: TuningStrategy, auto: AutomaticSettings | Mapping[str, Any] | None
@@ -240,19 +267,11 @@ def build_run_family(model: nn.Module, spec, tuner: AutomaticTuner) -> Family:
     if recipe.needs_posterior and spec.posterior is None:
         raise ConfigError(f"prior kind {str(spec.kind)!r} needs PriorSpec.posterior (the learned source posterior)")
     initial = {**tuner.start_values(spec), **(tuner.settings.initial or {})}
-    values = {"scale": initial.get("scale", spec.scale), "variance": initial.get("variance", spec.variance or 1.0),
-              "eps": initial.get("eps", spec.eps if spec.eps is not None else recipe.eps),
-              "head_variance": initial.get("head_variance", spec.head_variance)}
+    values = {"scale": spec.scale, "variance": spec.variance, "eps": spec.eps,  # None: the registry's defaults
+              "head_variance": spec.head_variance}
+    values.update({k: v for k, v in initial.items() if k in values})
     return build_family(model, spec.kind, posterior=spec.posterior, rank=spec.rank, blocks=spec.blocks,
                         head=spec.head, unregularized=spec.unregularized, learn=tuner.learned(spec), **values)
-
-
-def selection_diagnostic(run: AutomaticRun) -> dict[str, Any]:
-    """The effective-strength diagnostic of the selected prior, as every grid trial has it: ``std_ratio`` /
-    ``prior_off`` of :func:`ptyl.priors.prior_strength` against the starting weights. The one place an automatic
-    result's diagnostic is computed (the N-aware curvature share of issue 21 replaces it here)."""
-    strength = prior_strength(run.family.to_prior(), run.start_weights)
-    return {"std_ratio": strength.std_ratio, "prior_off": strength.off}
 
 
 def tune_automatic(
@@ -271,6 +290,7 @@ def tune_automatic(
     collate_fn: Callable | None = None,
     checkpoint: str | None = None,
     resume: bool = False,
+    lrs: Sequence[float] | None = None,
 ) -> TuneResult:
     """Learn the prior's strength in one training run (see the module docstring).
 
@@ -288,6 +308,7 @@ def tune_automatic(
             automatic run itself is MAP / DE-ELBO); otherwise the run's model is final either way.
         objective, collate_fn: the training objective (default: the likelihood's) and how examples become batches.
         checkpoint, resume: a checkpoint file written after every epoch, and resuming from it.
+        lrs: learning rates to choose among (a tuner with ``tunes_lr`` only; ``None``: ``config.lr``).
 
     Returns:
         A :class:`~ptyl.tuning.TuneResult` with ``strategy``, ``best`` (make_prior keyword arguments), ``table``
@@ -305,6 +326,10 @@ def tune_automatic(
         raise ConfigError(f"tune_automatic runs the automatic strategies, not {entry.value!r}: use tune()")
     tuner = entry.tuner(resolve_settings(entry, auto))
     tuner.check_data(train_set, val_set, entry.value)
+    if lrs is not None and len(lrs) > 1 and not tuner.tunes_lr:
+        raise ConfigError(f"strategy {entry.value!r} runs once: give one value for ['lr'], or use a strategy that "
+                          f"chooses it too ({[str(s) for s in TuningStrategy if s.automatic and s.tuner.tunes_lr]}) "
+                          "or strategy 'grid'")
     likelihood = get_likelihood(tuner.settings.likelihood, tuner.settings.noise_variance)
     if objective is None and not isinstance(likelihood, Categorical):
         objective = likelihood  # the default objective is the cross-entropy, the categorical likelihood
@@ -316,24 +341,24 @@ def tune_automatic(
     start_weights = {n: p.detach().to("cpu", copy=True) for n, p in named_parameters(model).items()}
     run = AutomaticRun(model_fn, train_set, val_set, spec, model, start_weights, family,
                        replace(config, inference=Inference.MAP), likelihood, objective, collate_fn)
+    run.lrs = tuple(lrs) if lrs else (run.config.lr,)
     prior, strategy_object, callbacks = tuner.parts(run)
     result = fit(model, train_set, prior, run.config, strategy=strategy_object, callbacks=callbacks,
                  objective=objective, num_data=len(train_set), head=spec.head, collate_fn=collate_fn,
                  checkpoint=checkpoint, resume=resume)
     selected, final = tuner.finish(run, result)
     score = tuner.objective_value(run, final)
+    search_cost = time.perf_counter() - start  # everything up to the selection: the run, finish()'s trials
     table = [dict(record) for record in final.history]
-    table[-1].update(selection_diagnostic(run))
+    table[-1].update(selection_diagnostic(run, final.model))
     table[-1].setdefault(tuner.metric, score)  # the selected model's objective, where the history lacks it
-    search_cost = time.perf_counter() - start
     if refit and Inference.parse(config.inference) is not Inference.MAP:
         torch.manual_seed(config.seed)
         model = model_fn()
-        prior = make_prior(model, spec.kind, posterior=spec.posterior, rank=spec.rank, blocks=spec.blocks,
-                           head=spec.head, unregularized=spec.unregularized,
-                           **{"eps": spec.eps, "head_variance": spec.head_variance, **selected})
-        final = fit(model, train_set, prior, config, objective=objective, num_data=len(train_set), head=spec.head,
-                    collate_fn=collate_fn)
+        values = {k: v for k, v in selected.items() if k in PRIOR_KEYS}
+        train = replace(config, **{k: v for k, v in selected.items() if k not in PRIOR_KEYS})
+        final = fit(model, train_set, selected_prior(spec, model, values), train, objective=objective,
+                    num_data=len(train_set), head=spec.head, collate_fn=collate_fn)
     pool = len(val_set) if val_set is not None else 0
     sizes = {"train": len(train_set), "val": pool, "total": len(train_set)}
     return TuneResult(selected, table, [], final, tuner.metric, {}, sizes, path=run.path,

@@ -14,13 +14,16 @@ and log v_h of the head. Every step stays inside the kind's hard bounds (``recip
 limit). The pool only ever gives h a gradient and picks among trained models: no parameter is trained on it.
 Two schedules (``mode``):
 
-``restarts`` (default)  a warm-started continuation driven by the hypergradient. The run starts from a broad prior
-    (``start_log10``: default the weak end of the kind's default range, ``recipe.log10_range[1]``) and trains
-    ``first_fraction`` of the budget (a grid trial's steps); then ``segments`` times: the hypergradient at the
-    trained weights (annealed: the implicit function theorem's optimum), one Rprop step on log h (the first of
-    ``hyper_step`` decades; x1.2 while its sign holds, halved when it flips: Riedmiller & Braun 1993), and
-    ``segment_fraction`` of the budget continuing from the previous weights under the new prior, with its own
-    cosine schedule. Every trained point is scored on the pool; the best is the result (its weights and values).
+``restarts`` (default)  a warm-started continuation driven by the hypergradient. With ``off_first`` the run first
+    trains ``first_fraction`` of the budget (a grid trial's steps) at the off limit -- no backbone prior term, the
+    grid's off-limit trial -- and scores it on the pool; it then continues from those weights under a broad prior
+    (``start_log10``: default the weak end of the kind's default range, ``recipe.log10_range[1]``) for
+    ``segment_fraction`` of the budget (without ``off_first``: it trains ``first_fraction`` there from the start).
+    Then ``segments`` times: the hypergradient at the trained weights (annealed: the implicit function theorem's
+    optimum), one Rprop step on log h (the first of ``hyper_step`` decades; x1.2 while its sign holds, halved when
+    it flips: Riedmiller & Braun 1993), and ``segment_fraction`` of the budget continuing from the previous weights
+    under the new prior, with its own cosine schedule. Every trained point is scored on the pool; the best -- the
+    off limit included -- is the result (its weights and values; ``inf`` for the off limit).
 ``online``  one training run of the budget; after ``warmup`` of it and every ``every`` steps until ``freeze``, an
     Adam step (``hyper_lr``, cosine-decayed) on the hypergradient at the current, not yet converged, weights
     (:class:`ValidationHypergradient`).
@@ -44,39 +47,26 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ptyl.autotune.curvature import compute_curvature
-from ptyl.autotune.families import Family
-from ptyl.autotune.hypergradient import (
-    SOLVERS,
-    CurvatureOperator,
-    HessianOperator,
-    SolveInfo,
-    hypergradient,
-    solve_direction,
-    validation_gradient,
-)
-from ptyl.autotune.likelihoods import Likelihood
-from ptyl.errors import ConfigError, DivergenceError
-from ptyl.training.callbacks import Callback
+from ptyl.autotune.hypergradient import SOLVERS
+from ptyl.errors import ConfigError
 from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, AutomaticTuner
-from ptyl.tuning.deelbo import LOG_LIMIT, single_process
-from ptyl.tuning.pool import check_pool, pool_loss, random_subset
+from ptyl.tuning.deelbo import LOG_LIMIT
+from ptyl.tuning.hypergradient_step import PoolHypergradient, ValidationHypergradient
+from ptyl.tuning.pool import check_pool, pool_loss
 from ptyl.tuning.segments import (
     LOG10,
+    BestPoint,
     budget,
     continue_training,
     merged_history,
     refit_selected,
-    snapshot,
     strength_bounds,
 )
 from ptyl.validation import check_choice, check_fraction, check_int, check_nonnegative_number, check_positive_number
 
 if TYPE_CHECKING:
     from ptyl.training.result import FitResult
-    from ptyl.training.trainer import Trainer
 
 __all__ = ["CURVATURES", "MODES", "HypergradientSettings", "HypergradientTuner", "PoolHypergradient",
            "ValidationHypergradient"]
@@ -92,7 +82,9 @@ class HypergradientSettings(AutomaticSettings):
 
     Attributes:
         mode: ``"restarts"`` or ``"online"``.
-        start_log10: log10 of the strength axis at the start (``None``: the weak end of the kind's default range).
+        off_first: restarts: the first point is the off limit (no backbone prior), scored like the others.
+        start_log10: log10 of the strength axis at the first finite point (``None``: the weak end of the kind's
+            default range).
         first_fraction, segments, segment_fraction, segment_lr, hyper_step: restarts: the first segment's share of
             the budget, the number of hyper steps, each later segment's share and peak learning rate (a multiple of
             ``config.lr``), the first Rprop step (log10 units).
@@ -110,6 +102,7 @@ class HypergradientSettings(AutomaticSettings):
     """
 
     mode: str = "restarts"
+    off_first: bool = True
     start_log10: float | None = None
     first_fraction: float = 0.4
     segments: int = 3
@@ -132,7 +125,7 @@ class HypergradientSettings(AutomaticSettings):
     confirm: bool = False
     confirm_fraction: float = 0.2
     confirm_factor: float = 10.0
-    refit: bool = True
+    refit: bool = False
 
     def check(self) -> None:
         """Every setting, checked before training (:class:`~ptyl.errors.ConfigError` naming it)."""
@@ -161,135 +154,6 @@ class HypergradientSettings(AutomaticSettings):
         check_int(self.batch_size, "batch_size", minimum=1)
         if not self.confirm_factor > 1.0:
             raise ConfigError(f"confirm_factor must be > 1, got {self.confirm_factor!r}")
-
-
-class PoolHypergradient:
-    """The hypergradient of the module docstring at a model's current weights (shared by both schedules)."""
-
-    def __init__(self, family: Family, pool: Dataset, likelihood: Likelihood, settings: HypergradientSettings, *,
-                 loss=None, bounds: dict[int, tuple[float, float]] | None = None, collate_fn=None) -> None:
-        if not list(family.parameters()):
-            raise ConfigError("the prior family has no learnable hyper-parameter (see build_family(learn=...))")
-        self.family, self.pool, self.likelihood, self.settings = family, pool, likelihood, settings
-        self.loss = loss or likelihood
-        self.bounds, self.collate_fn = bounds or {}, collate_fn
-
-    def _loader(self, data: Dataset) -> DataLoader:
-        return DataLoader(data, batch_size=self.settings.batch_size, shuffle=False, collate_fn=self.collate_fn)
-
-    def _operator(self, model, train: Dataset, num_data: int, seed: int):
-        s, names = self.settings, list(self.family.names)
-        train = random_subset(train, s.curvature_examples, seed)
-        if s.curvature == "hessian":
-            return HessianOperator(model, self._loader(train), self.loss, names)
-        curvature = compute_curvature(model, self._loader(train), self.likelihood, names, method=s.curvature,
-                                      fisher=s.fisher, mc_samples=s.mc_samples, seed=seed)
-        if len(train) != num_data:
-            curvature = curvature.scaled(num_data / len(train), num_data)
-        return CurvatureOperator(curvature, names, self.family.shapes)
-
-    def __call__(self, model, train: Dataset, num_data: int, *, step: int, seed: int, step_size: float
-                 ) -> tuple[list[torch.Tensor], float, SolveInfo]:
-        """(dL_val/dh per hyper-parameter, the pool's mean loss, the solve's info) at ``model``'s weights.
-
-        Raises:
-            DivergenceError: a non-finite pool loss, pool gradient or hypergradient (naming ``step``).
-        """
-        s = self.settings
-        pool = random_subset(self.pool, s.val_examples, seed)
-        grad, val_nll, _ = validation_gradient(model, self._loader(pool), self.loss, self.family.names)
-        if not (math.isfinite(val_nll) and bool(torch.isfinite(grad).all())):
-            self._diverged(step, val_nll, "the pool's loss or its gradient")
-        operator = None if s.solver == "one-step" else self._operator(model, train, num_data, seed)
-        direction, info = solve_direction(operator, self.family, grad, solver=s.solver, steps=s.solver_steps,
-                                          damping=s.damping, step_size=step_size)
-        grads = hypergradient(self.family, model, direction)
-        if not all(math.isfinite(float(g)) for g in grads):
-            self._diverged(step, val_nll, f"the hypergradient {[float(g) for g in grads]}")
-        return grads, val_nll, info
-
-    def _diverged(self, step: int, val_nll: float, what: str) -> None:
-        raise DivergenceError(f"the validation hypergradient is non-finite at step {step}: {what} (pool NLL "
-                              f"{val_nll:.4g}, hyper-parameters {self.family.hyper_values()}); the weights diverged "
-                              "(lower lr) or the pool gives a non-finite loss")
-
-    def apply(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
-        """One ``optimizer`` step of the family's log hyper-parameters on ``grads``, then back inside the bounds."""
-        optimizer.zero_grad(set_to_none=True)
-        hypers = list(self.family.parameters())
-        for p, g in zip(hypers, grads):
-            p.grad = g.detach().to(p)
-        optimizer.step()
-        with torch.no_grad():
-            for p in hypers:
-                p.clamp_(*self.bounds.get(id(p), (-LOG_LIMIT, LOG_LIMIT)))
-
-    def entry(self, step: int, val_nll: float, grads: list[torch.Tensor], info: SolveInfo) -> dict[str, Any]:
-        """The path entry of a hyper step taken at ``step`` (the values before it)."""
-        return {"step": step, "val_nll": val_nll, **self.family.hyper_values(), "grad_h": [float(g) for g in grads],
-                "solver_iterations": info.iterations, "solver_residual": info.residual}
-
-
-class ValidationHypergradient(Callback):
-    """The ``online`` schedule: learn ``family``'s hyper-parameters from a validation pool's NLL while one MAP run
-    trains (see the module docstring). The trainer's prior is replaced by the family's at the start and after every
-    hyper step; the state (values, Adam, its schedule, the path) is checkpointed.
-
-    Args:
-        hyper: the :class:`PoolHypergradient` (family, pool, likelihood, settings, bounds).
-    """
-
-    stateful = True
-
-    def __init__(self, hyper: PoolHypergradient) -> None:
-        self.hyper, self.settings = hyper, hyper.settings
-        self.optimizer = torch.optim.Adam(hyper.family.parameters(), lr=self.settings.hyper_lr)
-        self.schedule: torch.optim.lr_scheduler.LRScheduler | None = None
-        self._saved_schedule: dict | None = None
-        self.path: list[dict[str, Any]] = []
-        self.last_val_nll: float | None = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        single_process(trainer, "the validation hypergradient")
-        self.hyper.family.to(trainer.device)
-        trainer.set_prior(self.hyper.family.to_prior())
-        total = trainer.total_steps
-        self.first = max(1, math.ceil(self.settings.warmup * total))
-        self.last = max(self.first, math.floor(self.settings.freeze * total))
-        updates = (self.last - self.first) // self.settings.every + 1  # the hyper lr decays to 0 over them
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=updates)
-        if self._saved_schedule is not None:  # resumed from a checkpoint
-            self.schedule.load_state_dict(self._saved_schedule)
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        step = trainer.step  # steps taken
-        if not (self.first <= step <= self.last and (step - self.first) % self.settings.every == 0):
-            return
-        config = trainer.config
-        grads, val_nll, info = self.hyper(trainer.model, trainer.loader.dataset, trainer.num_data, step=step,
-                                          seed=config.seed * 1_000_003 + step,
-                                          step_size=config.lr / (1.0 - config.momentum) / trainer.num_data)
-        self.path.append(self.hyper.entry(step, val_nll, grads, info))
-        self.hyper.apply(self.optimizer, grads)
-        self.schedule.step()
-        trainer.set_prior(self.hyper.family.to_prior())
-        self.last_val_nll = val_nll
-
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
-        record.update(self.hyper.family.hyper_values())
-        if self.last_val_nll is not None:
-            record["val_nll"] = self.last_val_nll
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"family": self.hyper.family.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "path": self.path, "last_val_nll": self.last_val_nll,
-                "schedule": self.schedule.state_dict() if self.schedule is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.hyper.family.load_state_dict(state["family"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.path, self.last_val_nll = list(state["path"]), state["last_val_nll"]
-        self._saved_schedule = state["schedule"]
 
 
 class HypergradientTuner(AutomaticTuner):
@@ -329,8 +193,9 @@ class HypergradientTuner(AutomaticTuner):
         if self.settings.mode == "online":
             self.callback = ValidationHypergradient(self.hyper)
             return run.family.to_prior(), None, [self.callback]
+        run.off = self.settings.off_first
         run.config = replace(run.config, max_steps=max(1, round(self.settings.first_fraction * self.budget)))
-        return run.family.to_prior(), None, []
+        return run.prior(), None, []
 
     def objective_value(self, run: AutomaticRun, result: FitResult) -> float:
         return pool_loss(result.model, run.val_set, self._loss(run), self.settings.batch_size, run.collate_fn)
@@ -344,18 +209,29 @@ class HypergradientTuner(AutomaticTuner):
             result = self._confirm(run, result)
         if self.settings.refit:
             result = refit_selected(run, result, self.full_config, self._loss(run), self.settings.batch_size)
-        return run.family.prior_kwargs(), result
+        return run.selected(), result
 
     def _continue(self, run: AutomaticRun, model, fraction: float, seed: int) -> FitResult:
         return continue_training(run, model, round(fraction * self.budget), seed=seed,
                                  lr_factor=self.settings.segment_lr)
 
     def _restarts(self, run: AutomaticRun, result: FitResult) -> FitResult:
-        """The ``restarts`` schedule after its first segment: hyper step, continue, score; keep the best point."""
+        """The ``restarts`` schedule after its first segment: (the off limit's score and the broad prior's
+        segment,) then hyper step, continue, score; the best point is restored."""
         s, model, n = self.settings, result.model, len(run.train_set)
         optimizer = torch.optim.Rprop(run.family.parameters(), lr=s.hyper_step * LOG10, etas=(0.5, 1.2),
                                       step_sizes=(1e-3 * LOG10, 2.0 * LOG10))
-        results, values, steps, best = [result], [run.family.hyper_values()], result.steps, None
+        results, values, steps, best = [result], [run.selected()], result.steps, BestPoint()
+        if run.off:  # the off limit: scored, then the path goes on from its weights under the broad prior
+            start = time.perf_counter()
+            score = pool_loss(model, run.val_set, self.hyper.loss, s.batch_size, run.collate_fn)
+            best.offer(-1, score, model, run)
+            run.path.append({"segment": -1, "step": steps, "val_nll": score, **run.selected(),
+                             "seconds": time.perf_counter() - start})
+            run.off = False
+            results.append(self._continue(run, model, s.segment_fraction, run.config.seed * 1_000_003 - 1))
+            values.append(run.selected())
+            steps += results[-1].steps
         for k in range(s.segments + 1):
             start = time.perf_counter()
             seed = run.config.seed * 1_000_003 + k
@@ -365,24 +241,25 @@ class HypergradientTuner(AutomaticTuner):
                 entry = self.hyper.entry(steps, val_nll, grads, info)
             else:  # the last point: scored only
                 val_nll = pool_loss(model, run.val_set, self.hyper.loss, s.batch_size, run.collate_fn)
-                entry = {"step": steps, "val_nll": val_nll, **run.family.hyper_values()}
-            if best is None or val_nll < best["val_nll"]:
-                best = {"val_nll": val_nll, "segment": k, **snapshot(model, run.family)}
+                entry = {"step": steps, "val_nll": val_nll, **run.selected()}
+            best.offer(k, val_nll, model, run)
             if k < s.segments:
                 self.hyper.apply(optimizer, grads)
                 results.append(self._continue(run, model, s.segment_fraction, seed))
-                values.append(run.family.hyper_values())
+                values.append(run.selected())
                 steps += results[-1].steps
             run.path.append({"segment": k, **entry, "seconds": time.perf_counter() - start})
+        best.restore(model, run)
         for entry in run.path:
-            entry["selected"] = entry.get("segment") == best["segment"]
-        model.load_state_dict(best["model"])
-        run.family.load_state_dict(best["family"])
+            entry["selected"] = entry.get("segment") == best.index
         return replace(results[-1], model=model, history=merged_history(results, values), steps=steps)
 
     def _confirm(self, run: AutomaticRun, result: FitResult) -> FitResult:
         """Three short continuations around the selected strength, scored on the pool; the best is kept."""
         s, loss = self.settings, self._loss(run)
+        if run.off:  # no strength around the off limit to confirm
+            run.path.append({"confirm": True, "skipped": "the off limit was selected"})
+            return result
         selected = copy.deepcopy(run.family.state_dict())
         best, tried = None, set()
         for offset in (-math.log(s.confirm_factor), 0.0, math.log(s.confirm_factor)):
@@ -400,7 +277,7 @@ class HypergradientTuner(AutomaticTuner):
             fitted = self._continue(run, copy.deepcopy(result.model), s.confirm_fraction, run.config.seed)
             score = pool_loss(fitted.model, run.val_set, loss, s.batch_size, run.collate_fn)
             run.path.append({"confirm": True, "offset_log10": offset / LOG10, "val_nll": score,
-                             **run.family.hyper_values(), "steps": fitted.steps,
+                             **run.selected(), "steps": fitted.steps,
                              "seconds": time.perf_counter() - start})
             if best is None or score < best[0]:
                 best = (score, copy.deepcopy(run.family.state_dict()), fitted)

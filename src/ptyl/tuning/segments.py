@@ -1,6 +1,7 @@
 """Warm-started training segments of the automatic strategies that learn from a validation pool: continue a model
-for a share of the run's budget under the family's current prior, set the strength axis, keep the best point, and
-merge the segments' histories into one."""
+for a share of the run's budget under the run's current prior (the family's, or none at the off limit), set the
+strength axis, keep the best point scored on the pool (:class:`BestPoint`), merge the segments' histories into one,
+and refit at the selection."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ptyl.autotune.families import CompositeFamily, Family
-from ptyl.training.fit import fit
+from ptyl.errors import DivergenceError
+from ptyl.training.fitting import fit
 from ptyl.tuning.pool import pool_loss
+from ptyl.tuning.selection import selected_prior
 
 if TYPE_CHECKING:
     from ptyl.training.result import FitResult
     from ptyl.tuning.automatic import AutomaticRun
 
-__all__ = ["budget", "continue_training", "merged_history", "refit_selected", "set_strength", "snapshot",
-           "strength_bounds",
-           "strength_parameters"]
+__all__ = ["BestPoint", "budget", "continue_training", "merged_history", "refit_selected", "set_strength",
+           "snapshot", "strength_bounds", "strength_parameters"]
 
 LOG10 = math.log(10.0)
 
@@ -33,24 +35,63 @@ def budget(config, examples: int) -> int:
     return config.max_steps or config.epochs * math.ceil(examples / min(config.batch_size, examples))
 
 
-def continue_training(run: AutomaticRun, model, steps: int, *, seed: int, lr_factor: float = 1.0) -> FitResult:
-    """Train ``model`` (in place) for ``steps`` more steps under ``run.family``'s current prior, with a fresh
-    optimizer and schedule peaking at ``lr_factor * lr``.
+def continue_training(run: AutomaticRun, model, steps: int, *, seed: int, lr_factor: float = 1.0,
+                      lr: float | None = None) -> FitResult:
+    """Train ``model`` (in place) for ``steps`` more steps under the run's current prior (:meth:`AutomaticRun.prior`:
+    the family's, or the head prior alone at the off limit), with a fresh optimizer and schedule peaking at
+    ``lr_factor * lr``.
 
     Args:
         run: the automatic run (its data, config, objective).
         model: the model to continue.
         steps: the optimizer steps (rounded up to whole epochs by the trainer).
         seed: the segment's seed (batch order).
-        lr_factor: the peak learning rate as a multiple of the run's.
+        lr_factor: the peak learning rate as a multiple of ``lr``.
+        lr: the path's learning rate (default the run's).
 
     Returns:
         The segment's :class:`~ptyl.training.FitResult`.
     """
     config = replace(run.config, max_steps=max(1, int(steps)), seed=int(seed), progress=False,
-                     lr=run.config.lr * lr_factor)
-    return fit(model, run.train_set, run.family.to_prior(), config, objective=run.objective,
+                     lr=(run.config.lr if lr is None else lr) * lr_factor)
+    return fit(model, run.train_set, run.prior(model), config, objective=run.objective,
                num_data=len(run.train_set), head=run.spec.head, collate_fn=run.collate_fn)
+
+
+class BestPoint:
+    """The best point of a path scored on the pool (the lowest finite score): its weights, the family's values and
+    whether it was the off limit, to go back to at the end."""
+
+    def __init__(self) -> None:
+        self.score, self.index, self.state = math.inf, None, None
+
+    def offer(self, index: int, score: float, model, run: AutomaticRun, **extra: Any) -> bool:
+        """Keep point ``index`` if its ``score`` beats the best so far.
+
+        Returns:
+            Whether it was kept.
+        """
+        if not (math.isfinite(score) and score < self.score):
+            return False
+        self.score, self.index = score, index
+        self.state = {**snapshot(model, run.family), "off": run.off, **extra}
+        return True
+
+    def restore(self, model, run: AutomaticRun) -> dict[str, Any]:
+        """Load the best point into ``model`` and ``run`` (family values, ``off``).
+
+        Returns:
+            The extra fields given to :meth:`offer`.
+
+        Raises:
+            DivergenceError: no point had a finite score.
+        """
+        if self.state is None:
+            raise DivergenceError("every point of the path gave a non-finite pool loss (or diverged); lower lr")
+        model.load_state_dict(self.state["model"])
+        run.family.load_state_dict(self.state["family"])
+        run.off = self.state["off"]
+        return {k: v for k, v in self.state.items() if k not in ("model", "family", "off")}
 
 
 def strength_parameters(family: Family, axis: str | None) -> list[torch.nn.Parameter]:
@@ -80,7 +121,7 @@ def merged_history(results: list[FitResult], values: list[dict[str, float]]) -> 
     """The segments' histories as one: epochs numbered on, each record with its segment and the values it trained
     under."""
     out, epoch = [], 0
-    for k, (result, hyper) in enumerate(zip(results, values)):
+    for k, (result, hyper) in enumerate(zip(results, values, strict=True)):
         for record in result.history:
             epoch += 1
             out.append({**record, "epoch": epoch, "segment": k, **hyper})
@@ -95,15 +136,18 @@ def strength_bounds(family: Family, spec, limit: float) -> dict[int, tuple[float
     return {id(p): ((lo, hi) if id(p) in strength else (-limit, limit)) for p in family.parameters()}
 
 
-def refit_selected(run: AutomaticRun, path_result: FitResult, config, loss, batch_size: int) -> FitResult:
-    """A fresh model (``run.model_fn()`` after ``torch.manual_seed(seed)``, as a grid trial) trained at the family's
-    selected values with the full ``config``; its pool score and seconds go into ``run.path``.
+def refit_selected(run: AutomaticRun, path_result: FitResult, config, loss, batch_size: int, *,
+                   lr: float | None = None) -> FitResult:
+    """A fresh model (``run.model_fn()`` after ``torch.manual_seed(seed)``, as a grid trial) trained at the selected
+    values (:meth:`AutomaticRun.selected`; the off limit without a backbone prior) with the full ``config``; its pool
+    score and seconds go into ``run.path``.
 
     Args:
-        run: the automatic run (``run.family`` holds the selected values).
+        run: the automatic run (``run.family`` and ``run.off`` hold the selection).
         path_result: the selection run's result (its history is kept in front of the refit's).
         config: the full training config (a grid trial's budget).
         loss, batch_size: how the pool is scored.
+        lr: the selected learning rate (default ``config.lr``).
 
     Returns:
         The refit's :class:`~ptyl.training.FitResult` (history: the selection's, then the refit's, marked).
@@ -111,11 +155,13 @@ def refit_selected(run: AutomaticRun, path_result: FitResult, config, loss, batc
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     model = run.model_fn()
-    prior = run.spec.build_prior(model, **run.family.prior_kwargs())
-    fitted = fit(model, run.train_set, prior, replace(config, progress=False), objective=run.objective,
-                 num_data=len(run.train_set), head=run.spec.head, collate_fn=run.collate_fn)
+    prior = selected_prior(run.spec, model, run.selected())
+    config = replace(config, progress=False, lr=config.lr if lr is None else lr)
+    fitted = fit(model, run.train_set, prior, config, objective=run.objective, num_data=len(run.train_set),
+                 head=run.spec.head, collate_fn=run.collate_fn)
     run.path.append({"refit": True, "val_nll": pool_loss(model, run.val_set, loss, batch_size, run.collate_fn),
-                     **run.family.hyper_values(), "steps": fitted.steps, "seconds": time.perf_counter() - start})
+                     **run.selected(), "lr": config.lr, "steps": fitted.steps,
+                     "seconds": time.perf_counter() - start})
     history = path_result.history + [{**r, "epoch": len(path_result.history) + r["epoch"], "refit": True}
                                      for r in fitted.history]
     return replace(fitted, history=history, steps=path_result.steps + fitted.steps)
