@@ -205,7 +205,8 @@ class ContinuationTuner(AutomaticTuner):
             if math.isfinite(score) and (best is None or score < best[3]):
                 best = (result.model, result, lr, score)
         if best is None:
-            raise DivergenceError(f"the first point of the continuation path diverged at every lr {list(run.lrs)}")
+            raise DivergenceError(f"the first point of the continuation path ({self.points[0]:g} in log10) diverged "
+                                  f"or gave a non-finite pool loss at every lr {list(run.lrs)}; lower lr")
         return best
 
     def _walk(self, run: AutomaticRun, best: BestPoint):
