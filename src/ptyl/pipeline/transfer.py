@@ -93,8 +93,8 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         seed: seeds the fits (and picks folds / splits).
         folds, repeats: cross-validation when the task has no pool (``None``: one 80/20 split).
         tuning: the tuning strategy (a :class:`~ptyl.tuning.registry.TuningStrategy` name): ``"grid"``, or an
-            automatic strategy (:func:`automatic_run`; ``grid``, ``folds``, ``cache`` and ``max_rounds`` are then
-            unused).
+            automatic strategy (:func:`automatic_run`; ``folds``, ``cache`` and ``max_rounds`` are then unused, and
+            of ``grid`` only several ``lr`` values, for a strategy that chooses the learning rate too).
         cache: stores finished trials (see :func:`ptyl.tuning.tune`).
         max_rounds: most edge-extension rounds.
         auto: the automatic strategy's settings (its settings class or a mapping of its fields).
@@ -106,7 +106,8 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         ConfigError: an unknown tuning strategy.
     """
     if TuningStrategy.parse(tuning).automatic:
-        return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto)
+        lrs = list(grid.get("lr", ())) if len(grid.get("lr", ())) > 1 else None
+        return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto, lrs=lrs)
     test, pool = task.test_set(seed), task.validation_set()
     record: dict[str, Any] = {"tuning": tuning}
     try:
@@ -172,8 +173,8 @@ def _at_off(row: dict[str, Any]) -> bool:
 
 
 def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConfig, model_fn: Callable[[], nn.Module],
-                  *, seed: int, tuning: str, auto: AutomaticSettings | Mapping[str, Any] | None = None
-                  ) -> dict[str, Any]:
+                  *, seed: int, tuning: str, auto: AutomaticSettings | Mapping[str, Any] | None = None,
+                  lrs: Sequence[float] | None = None) -> dict[str, Any]:
     """One run of an automatic strategy on one training set (same budget as one grid trial), scored on the task's
     test set. A strategy that learns from a validation pool (``tuner.uses_validation``) gets the task's pool (its
     final score is ``val_nll``); for the others the pool is never used to choose anything and is scored for
@@ -184,11 +185,13 @@ def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConf
         task, train, spec, config, model_fn, seed: as in :func:`transfer_run`.
         tuning: an automatic :class:`~ptyl.tuning.registry.TuningStrategy` name.
         auto: its settings.
+        lrs: learning rates to choose among (a strategy that ``tunes_lr``); ``None``: ``config.lr``.
 
     Returns:
-        The record: test metrics, ``selected`` (make_prior keyword arguments), ``std_ratio`` / ``prior_off``, the
-        final training NLL and fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch), ``updates``
-        (the strategy's own path, e.g. h per hyper step).
+        The record: test metrics, ``selected`` (make_prior keyword arguments; the strength axis ``inf`` at the off
+        limit), the N-aware diagnostic ``prior_share`` / ``prior_off`` and the std ratio, the final training NLL and
+        fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch), ``updates`` (the strategy's own path:
+        h per hyper step, the continuation's points).
     """
     record: dict[str, Any] = {"tuning": tuning}
     pool = task.validation_set()
@@ -196,8 +199,9 @@ def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConf
     if uses_pool and pool is None:
         raise ConfigError(f"tuning strategy {tuning!r} learns from a validation pool and the task has none")
     try:
-        tuned = tune(model_fn, train, spec, strategy=tuning, auto=auto, seed=seed, config=config, progress=False,
-                     objective=task.objective, collate_fn=task.collate_fn, val_set=pool if uses_pool else None)
+        tuned = tune(model_fn, train, spec, {"lr": list(lrs)} if lrs else None, strategy=tuning, auto=auto, seed=seed,
+                     config=config, progress=False, objective=task.objective, collate_fn=task.collate_fn,
+                     val_set=pool if uses_pool else None)
     except DivergenceError as err:  # the run diverged: record it and go on
         return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
     final, row = tuned.final, tuned.selected
@@ -217,8 +221,10 @@ def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConf
         "stop_reason": final.stop_reason,
         "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS),
         "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
-        "std_ratio": row.get("std_ratio"), "prior_off": row.get("prior_off"), "objective": tuned.objective,
-        "search_cost_s": tuned.search_cost_s, "trials": 1, "path": tuned.table, "updates": tuned.path,
+        "std_ratio": row.get("std_ratio"), "prior_share": row.get("prior_share"),
+        "prior_share_blocks": row.get("prior_share_blocks"), "prior_off": row.get("prior_off"),
+        "off_limit": bool(row.get("off_limit")), "objective": tuned.objective, "search_cost_s": tuned.search_cost_s,
+        "trials": 1, "lrs": list(lrs) if lrs else None, "path": tuned.table, "updates": tuned.path,
     })
     return record
 
