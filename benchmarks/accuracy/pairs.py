@@ -194,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"default: '{SELECT}' (the kinds {' '.join(KINDS)} tuned together, the kind chosen on the "
                         "pool), + EXTRA; other methods are tuned on their own")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="subsample seeds (default 0..4)")
+    p.add_argument("--n", nargs="+", default=None, dest="sizes",
+                   help="only these training-set sizes of each pair (labels: 10 100 full); keys are unchanged")
     p.add_argument("--tuning", default="grid", help="tuning strategy (a ptyl.tuning.TuningStrategy name)")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="automatic --tuning that chooses the learning rate too (continuation): the values to choose "
@@ -228,6 +230,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.seeds is not None:
         cfg["seeds"] = list(args.seeds)
     cfg["methods"] = args.methods
+    cfg["sizes"] = list(args.sizes) if args.sizes else None
     cfg["lrs"] = list(args.lrs) if args.lrs else None
     return cfg
 
@@ -238,7 +241,7 @@ def plan_jobs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
     jobs = []
     for pair, spec in cfg["pairs"].items():
-        for n in spec["n"]:
+        for n in [n for n in spec["n"] if not cfg.get("sizes") or n in cfg["sizes"]]:
             methods = cfg["methods"] or [SELECT, *(EXTRA.get(pair, ()) if n == "10" else ())]
             for method in methods:
                 if method != SELECT:

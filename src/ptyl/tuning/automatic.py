@@ -10,9 +10,14 @@ strategy           what the run does                                            
                    on the data-emphasized ELBO (:mod:`ptyl.tuning.deelbo`)         https://arxiv.org/abs/2410.19675
 ``marglik``        MAP training; every few epochs log lam / log v take Adam steps  Immer et al. 2021,
                    on the Laplace evidence (:mod:`ptyl.tuning.marglik`)            https://arxiv.org/abs/2104.04975
-``hypergradient``  MAP training; every m steps log lam / log v take a step on the  Lorraine et al. 2020,
-                   implicit hypergradient of the validation pool's NLL             https://arxiv.org/abs/1911.02590
-                   (:mod:`ptyl.tuning.hypergradient`)
+``hypergradient``  from the off limit, warm-started MAP segments; between them     Lorraine et al. 2020,
+                   log lam / log v take an Rprop step on the implicit              https://arxiv.org/abs/1911.02590
+                   hypergradient of the validation pool's NLL; the best point on
+                   the pool is kept (:mod:`ptyl.tuning.hypergradient`)
+``continuation``   from the off limit, weak to strong: each strength continues     issue 22 (a warm-started
+                   from the previous one's weights for a share of the budget; the  continuation path)
+                   best point on the pool is kept; may choose lr too
+                   (:mod:`ptyl.tuning.continuation`)
 =================  ==============================================================  ===================================
 
 All run through :class:`~ptyl.training.Trainer` with the caller's :class:`~ptyl.training.TrainConfig` -- the same
