@@ -37,7 +37,7 @@ from ptyl.inference import predict_probs  # noqa: E402
 from ptyl.metrics import evaluate_probs, save_json  # noqa: E402
 from ptyl.pipeline import ClassificationTask, learn_source_prior, load_pretrained, pretrained_model_fn  # noqa: E402
 from ptyl.training import TrainConfig, fit  # noqa: E402
-from ptyl.tuning import AutoConfig, PriorSpec, tune  # noqa: E402
+from ptyl.tuning import PriorSpec, TuningStrategy, tune  # noqa: E402
 
 CONFIGS = {
     "grid": None,
@@ -106,7 +106,7 @@ def run_row(name, model_fn, train, val, spec, config, initial) -> dict:
                 "curve": {str(s): float(m["nll"]) for s, m, _ in trials}}
     strategy, options = CONFIGS[name]
     bma = {"bma_samples": 10} if strategy == "de-elbo" else {}
-    auto = AutoConfig(initial={"scale": initial}, **options, **bma)
+    auto = TuningStrategy.parse(strategy).settings(initial={"scale": initial}, **options, **bma)
     tuned = tune(model_fn, train, spec, strategy=strategy, auto=auto, seed=config.seed, config=config, progress=False)
     wall = time.perf_counter() - start
     metrics = evaluate_probs(predict_probs(tuned.final.model, DataLoader(val, batch_size=256)), val.targets)

@@ -13,9 +13,11 @@ from ptyl.cli.finetune import _prior_spec
 from ptyl.io import load_posterior, load_prior, save_posterior
 from ptyl.priors import PriorKind, learned_prior, make_prior
 from ptyl.priors.registry import HEAD_VARIANCE
-from ptyl.tuning import AutoConfig, PriorSpec
-from ptyl.tuning.automatic import _family
+from ptyl.tuning import PriorSpec, TuningStrategy
+from ptyl.tuning.automatic import build_run_family
 from tests.helpers import TinyNet, random_posterior
+
+MARGLIK = TuningStrategy.MARGLIK.tuner(TuningStrategy.MARGLIK.settings())  # starts at the registry's defaults
 
 LEARNED = [k for k in PriorKind if k.recipe.needs_posterior]
 ISOTROPIC = [k for k in PriorKind if not k.recipe.needs_posterior and k.recipe.axis is not None]
@@ -67,7 +69,7 @@ def test_every_entry_point_builds_the_same_learned_prior(setup, kind, flags, val
         "build_family": build_family(model, kind, posterior=posterior, **values).to_prior(),
     }
     if not values:  # the automatic strategies start at the registry's defaults
-        whole["automatic"] = _family(model, PriorSpec(kind, posterior=posterior), AutoConfig()).to_prior()
+        whole["automatic"] = build_run_family(model, PriorSpec(kind, posterior=posterior), MARGLIK).to_prior()
     theta = _point(model)
     _same(whole, theta)
     backbone = {"make_prior": whole["make_prior"].parts["backbone"], "load_prior": load_prior(path, model, kind=kind,
@@ -86,7 +88,7 @@ def test_every_entry_point_builds_the_same_isotropic_prior(setup, kind):
         "PriorSpec": PriorSpec(kind).build_prior(model),
         "cli": _cli_spec(path, kind, []).build_prior(model),
         "build_family": build_family(model, kind).to_prior(),
-        "automatic": _family(model, PriorSpec(kind), AutoConfig()).to_prior(),
+        "automatic": build_run_family(model, PriorSpec(kind), MARGLIK).to_prior(),
     }
     _same(priors, _point(model))
     assert priors["make_prior"].parts["backbone"].variance == default

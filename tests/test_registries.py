@@ -1,6 +1,6 @@
-"""Each prior kind and each inference strategy is spelled out in exactly one place (its registry), and adding one is
-one new file plus one registry line -- checked by applying the worked example of docs/architecture.md to a copy of
-the package."""
+"""Each prior kind, inference strategy and tuning strategy is spelled out in exactly one place (its registry), and
+adding one is one new file plus one registry line -- checked by applying the worked example of docs/architecture.md
+to a copy of the package."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import torch
 from ptyl.pipeline.methods import Start
 from ptyl.priors import PriorKind
 from ptyl.training import Inference
+from ptyl.tuning import TuningStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "ptyl"
-REGISTRIES = {SRC / "priors" / "registry.py", SRC / "training" / "registry.py"}
+REGISTRIES = {SRC / "priors" / "registry.py", SRC / "training" / "registry.py", SRC / "tuning" / "registry.py"}
 # the same word meaning something else: (file, word) -> why it is not a prior kind / inference name
 OTHER_MEANINGS = {
     ("metrics/segmentation.py", "none"): "torchmetrics average='none'",
@@ -29,16 +30,23 @@ OTHER_MEANINGS = {
     ("autotune/curvature.py", "diag"): "the 'diag' curvature structure",
     ("autotune/kfac.py", "diag"): "the 'diag' curvature structure",
     ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",
+    ("tuning/hypergradient.py", "diag"): "the 'diag' curvature structure",
+    ("data/segmentation.py", "grid"): "placement='grid' of the digit canvases",
+    ("tuning/searches.py", "grid"): "the search path's 'grid' entry: the axes searched",
+    ("tuning/result.py", "grid"): "TuneResult.to_dict's 'grid' entry: the axes searched",
     ("autotune/share.py", "diag"): "the 'diag' curvature method",
     ("autotune/likelihoods.py", "none"): "torch reduction='none'",
 }
 
 
 def _not_names(tree: ast.AST) -> set[int]:
-    """Strings that cannot name a prior kind: docstrings, and attribute names (``register_buffer("diag", ...)``,
+    """Strings that cannot name a prior kind: docstrings, ``__all__`` entries, and attribute names
+    (``register_buffer("diag", ...)``,
     ``getattr(obj, "mean")``)."""
     ids = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            ids.update(id(c) for c in ast.walk(node.value) if isinstance(c, ast.Constant))  # exported names
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
@@ -54,7 +62,8 @@ def _not_names(tree: ast.AST) -> set[int]:
 
 
 def test_each_name_is_spelled_in_one_place():
-    names = {str(k) for k in PriorKind} | {str(i) for i in Inference} | {str(Start.SCRATCH)}
+    names = {str(k) for k in PriorKind} | {str(i) for i in Inference} | {str(Start.SCRATCH)} | {
+        str(s) for s in TuningStrategy}
     found = []
     for path in sorted(SRC.rglob("*.py")):
         if path in REGISTRIES:
@@ -70,7 +79,8 @@ def test_each_name_is_spelled_in_one_place():
                     if (relative, word) not in OTHER_MEANINGS and not (relative == "pipeline/methods.py"
                                                                         and word == str(Start.SCRATCH)):
                         found.append(f"{relative}:{node.lineno}: {node.value!r}")
-    assert found == [], "spell these through the registries (PriorKind / Inference / Start) instead:\n" + "\n".join(found)
+    assert found == [], ("spell these through the registries (PriorKind / Inference / Start / TuningStrategy) "
+                         "instead:\n" + "\n".join(found))
 
 
 def _doc_blocks() -> dict[str, str]:
@@ -86,12 +96,12 @@ def _doc_blocks() -> dict[str, str]:
     return blocks
 
 
-def test_worked_example_adds_a_prior_kind_and_a_sampler(tmp_path):
+def test_worked_example_adds_a_prior_kind_a_sampler_and_a_tuning_strategy(tmp_path):
     blocks = _doc_blocks()
     files = {k.split(":", 1)[1]: v for k, v in blocks.items() if k.startswith("file:")}
     lines = {k.split(":", 1)[1]: v for k, v in blocks.items() if k.startswith("registry line:")}
     checks = [v for k, v in blocks.items() if k.startswith("check:")]
-    assert len(files) == 2 and len(lines) == 2 and checks, sorted(blocks)
+    assert len(files) == 3 and len(lines) == 3 and checks, sorted(blocks)
     copy = tmp_path / "src" / "ptyl"
     shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__", "embedded"))
     os.symlink(SRC / "data" / "embedded", copy / "data" / "embedded")

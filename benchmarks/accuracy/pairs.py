@@ -48,15 +48,20 @@ Protocol (every pair):
 Outputs (``--out``, default ``benchmarks/results``): ``pairs_trials.jsonl`` (every trial, appended atomically: an
 interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished (pair, n, seed, method)),
 ``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
-dimension of every key (``--tuning``): ``grid`` (above; ``pairs.md``), or an automatic strategy, ``de-elbo`` /
-``marglik`` (issue 11; these run one method each, ``--methods lowrank``): one run on the n examples with the same step budget, scored on the same test set (the pool
-scored for reference only), its records appended to ``pairs_autotune_runs.jsonl`` (each job first times one grid
-trial in its own process, for a side-by-side wall-time ratio); ``autotune.md`` /
-``autotune.json`` put them next to the grid's records of the same cells (``pairs_runs.jsonl``, or ``--grid-runs``;
-``autotune_report.py``)::
+dimension of every key (``--tuning``): ``grid`` (above; ``pairs.md``), or an automatic strategy (one method each,
+``--methods lowrank`` / ``--methods l2sp``): ``de-elbo`` / ``marglik`` (issue 11: one run on the n examples with the
+same step budget, the pool scored for reference only) or the pool strategies ``continuation`` / ``hypergradient``
+(issue 22: they choose the strength on the same pool as the grid, never training on it; ``--lrs`` lets a strategy
+that chooses the learning rate too pick among several). Scored on the same test set, their records are appended
+to ``pairs_autotune_runs.jsonl``; each job first times one grid trial in its own process (the trial's time is the
+timed search's seconds over its trials: the default strength and the off limit), for a side-by-side wall-time ratio
+against the grid's trial count of that kind on that cell; ``autotune.md`` / ``autotune.json`` put them next to the
+grid's records of the same cells (``pairs_runs.jsonl``, or ``--grid-runs``; ``autotune_report.py``)::
 
     nice -n 5 python benchmarks/accuracy/pairs.py --tuning de-elbo --methods lowrank
     nice -n 5 python benchmarks/accuracy/pairs.py --tuning marglik --methods lowrank
+    nice -n 5 python benchmarks/accuracy/pairs.py --tuning continuation --methods lowrank l2sp
+    nice -n 5 python benchmarks/accuracy/pairs.py --tuning continuation --methods lowrank l2sp --lrs 0.03 0.1 0.3
 """
 
 from __future__ import annotations
@@ -95,9 +100,13 @@ KINDS = ("standard", "l2sp", "lowrank", "diag")
 EXTRA: dict[str, tuple[str, ...]] = {}
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
-# settings of the automatic strategies (ptyl.tuning.AutoConfig fields; the rest are its defaults): DE-ELBO also keeps
-# 10 draws of q, so its records hold the Bayesian model average next to the variational mean's predictions
-AUTO_SETTINGS = {"de-elbo": {"bma_samples": 10}, "marglik": {}}
+# settings of the automatic strategies (fields of each one's settings class, TuningStrategy.parse(name).settings; the
+# rest are its defaults): DE-ELBO also keeps 10 draws of q, so its records hold the Bayesian model average next to the
+# variational mean's predictions
+AUTO_SETTINGS = {"de-elbo": {"bma_samples": 10}, "marglik": {}, "continuation": {}, "hypergradient": {}}
+# de-elbo and marglik were keyed on the one settings class they shared (issue 11): their keys keep the other's fields
+# at its defaults (and marglik's no hyper_solver), so their stored records stay current
+LEGACY_SHARED = {"de-elbo": "marglik", "marglik": "de-elbo"}
 FULL = {
     "image_source": dict(model="smallcnn", width=16, pretrain_epochs=5, swag_epochs=3, rank=20, lr=0.05),
     "text_source": dict(pretrain_epochs=1, swag_epochs=2, rank=10, lr=0.05),
@@ -185,7 +194,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"default: '{SELECT}' (the kinds {' '.join(KINDS)} tuned together, the kind chosen on the "
                         "pool), + EXTRA; other methods are tuned on their own")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="subsample seeds (default 0..4)")
-    p.add_argument("--tuning", default="grid", help="tuning strategy (ptyl.pipeline.TUNING_STRATEGIES)")
+    p.add_argument("--n", nargs="+", default=None, dest="sizes",
+                   help="only these training-set sizes of each pair (labels: 10 100 full); keys are unchanged")
+    p.add_argument("--tuning", default="grid", help="tuning strategy (a ptyl.tuning.TuningStrategy name)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="automatic --tuning that chooses the learning rate too (continuation): the values to choose "
+                        "among (default: the benchmark's one lr)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 torch thread each)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for pairs.{md,json} and the stores")
     p.add_argument("--cache", default=None, help="folder of cached source priors (default runs/pairs)")
@@ -197,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     from ptyl.errors import ConfigError
-    from ptyl.pipeline import TUNING_STRATEGIES
+    from ptyl.tuning import TuningStrategy
 
     cfg = copy.deepcopy(QUICK if args.quick else FULL)
     pairs = QUICK_PAIRS if args.quick else PAIRS
@@ -205,14 +219,19 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [p for p in names if p not in pairs]
     if unknown:
         raise ConfigError(f"unknown pair(s) {unknown}; choose from {list(pairs)}")
-    if args.tuning not in TUNING_STRATEGIES:
-        raise ConfigError(f"unknown tuning strategy {args.tuning!r}; choose from {TUNING_STRATEGIES}")
+    strategy = TuningStrategy.parse(args.tuning)  # an unknown name: ConfigError listing the strategies
+    if args.lrs is not None and not (strategy.automatic and strategy.tuner.tunes_lr):
+        raise ConfigError(f"--lrs is for an automatic --tuning that chooses the learning rate too "
+                          f"({[str(s) for s in TuningStrategy if s.automatic and s.tuner.tunes_lr]}), not "
+                          f"{args.tuning!r}")
     cfg.update(pairs={p: pairs[p] for p in names}, tuning=args.tuning, quick=args.quick,
                cache=str(Path(args.cache) if args.cache else (Path(args.out) / "quick_cache" if args.quick
                                                               else ROOT / "runs" / "pairs")))
     if args.seeds is not None:
         cfg["seeds"] = list(args.seeds)
     cfg["methods"] = args.methods
+    cfg["sizes"] = list(args.sizes) if args.sizes else None
+    cfg["lrs"] = list(args.lrs) if args.lrs else None
     return cfg
 
 
@@ -222,13 +241,14 @@ def plan_jobs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
     jobs = []
     for pair, spec in cfg["pairs"].items():
-        for n in spec["n"]:
+        for n in [n for n in spec["n"] if not cfg.get("sizes") or n in cfg["sizes"]]:
             methods = cfg["methods"] or [SELECT, *(EXTRA.get(pair, ()) if n == "10" else ())]
             for method in methods:
                 if method != SELECT:
                     parse_method(method.split("@")[0])
                 for seed in cfg["seeds"]:
-                    jobs.append({"pair": pair, "n": n, "seed": seed, "method": method, "tuning": cfg["tuning"]})
+                    jobs.append({"pair": pair, "n": n, "seed": seed, "method": method, "tuning": cfg["tuning"],
+                                 **({"lrs": cfg["lrs"]} if cfg.get("lrs") else {})})
     order = {p: i for i, p in enumerate(cfg["pairs"])}
     sizes = {"10": 0, "100": 1, "full": 2}
     return sorted(jobs, key=lambda j: (sizes.get(j["n"], 0), order[j["pair"]], j["seed"]))
@@ -249,18 +269,26 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
         return key
+    from ptyl.tuning import TuningStrategy
+
     fields = auto_config(job["tuning"]).to_dict()
-    if job["tuning"] != "de-elbo":  # a DE-ELBO setting (added after the marglik rows): not part of marglik's key
-        fields.pop("hyper_solver", None)
+    if job["tuning"] in LEGACY_SHARED:
+        fields = {**TuningStrategy.parse(LEGACY_SHARED[job["tuning"]]).settings().to_dict(), **fields}
+        if job["tuning"] != "de-elbo":  # a DE-ELBO setting (added after the marglik rows): not part of marglik's key
+            fields.pop("hyper_solver", None)
+    if job.get("lrs"):  # a search over learning rates too: other records
+        fields = {**fields, "lrs": list(job["lrs"])}
     settings = json.dumps(fields, sort_keys=True)
     return f"{key}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
 def auto_config(tuning: str):
-    """The :class:`ptyl.tuning.AutoConfig` of an automatic strategy (``None`` for the grid)."""
-    from ptyl.tuning import AutoConfig
+    """The settings of an automatic strategy (its settings class with :data:`AUTO_SETTINGS`; ``None`` for the
+    grid)."""
+    from ptyl.tuning import TuningStrategy
 
-    return AutoConfig(**AUTO_SETTINGS[tuning]) if tuning in AUTO_SETTINGS else None
+    strategy = TuningStrategy.parse(tuning)
+    return strategy.settings(**AUTO_SETTINGS.get(tuning, {})) if strategy.automatic else None
 
 
 # ------------------------------------------------------------------------------------------------------------ sources
@@ -364,7 +392,9 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
     config = train_config(plans[0].inference, len(train), steps=cfg["steps"][spec["kind"]][job["n"]],
                           batch_size=cfg["batch_size"], num_samples=cfg["num_samples"], temperature=temperature,
                           lr=cfg["lr"], grad_clip=cfg["grad_clip"])
-    grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": [cfg["lr"]]} for p in plans}
+    lrs = job.get("lrs")
+    grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": lrs or [cfg["lr"]]}
+             for p in plans}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}
@@ -375,9 +405,11 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
     # an automatic job first times one grid trial in this process: the wall-time ratio side by side
     if job["tuning"] != "grid" and cfg.get("time_trial", True):
         trial_start = time.perf_counter()
-        transfer_run(task, train, plan, prior_spec, {axis: [plan.prior.recipe.default], "lr": [cfg["lr"]]}, config,
-                     model_fn, seed=job["seed"], max_rounds=0)
-        timing = {"trial_wall_s": time.perf_counter() - trial_start}
+        timed = transfer_run(task, train, plan, prior_spec, {axis: [plan.prior.recipe.default], "lr": [cfg["lr"]]},
+                             config, model_fn, seed=job["seed"], max_rounds=0)
+        # the grid now always adds the off limit: two trials of the same budget; one trial's time is their mean
+        timing = {"trial_wall_s": (time.perf_counter() - trial_start) / max(1, timed.get("trials") or 1),
+                  "timed_trials": timed.get("trials")}
         start = time.perf_counter()
     trials = JsonlStore(Path(out) / f"{cfg['stem']}_trials.jsonl")
     known = {_value_key(r["values"]): r["row"] for r in trials.rows()
@@ -440,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         priors = prepare_sources(cfg, log)
         done = {json.dumps({**{k: r[k] for k in ("pair", "n", "seed", "tuning", "key")},
-                            "method": r.get("job_method", r["method"])}, sort_keys=True)
+                            "method": r.get("job_method", r["method"]), **({"lrs": r["lrs"]} if r.get("lrs") else {})},
+                           sort_keys=True)
                 for r in JsonlStore(runs_store(cfg, out, cfg["tuning"])).rows()}
         todo = [j for j in jobs if json.dumps({**j, "key": job_key(cfg, j)}, sort_keys=True) not in done]
         log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done (resuming), {len(todo)} to run on "

@@ -121,3 +121,28 @@ def test_automatic_strategies_append_their_rows_next_to_the_grid(quick_run, caps
     capsys.readouterr()
     assert main(["--quick", "--tuning", "marglik", "--methods", "lowrank", "--out", str(out)]) == 0
     assert "0 to run" in capsys.readouterr().out
+
+
+def test_pool_strategies_choose_on_the_grids_pool_with_their_cost(quick_run):
+    """--tuning continuation (and with --lrs, the learning rate too): the same pool as the grid, the path from the
+    off limit, the N-aware diagnostic, one grid trial timed beside it; the report compares with the lambda x lr
+    grid when lr was chosen."""
+    out, _ = quick_run
+    main = _module().main
+    assert main(["--quick", "--tuning", "continuation", "--methods", "lowrank", "l2sp", "--out", str(out)]) == 0
+    assert main(["--quick", "--tuning", "continuation", "--methods", "l2sp", "--lrs", "0.05", "0.1", "0.2",
+                 "--out", str(out)]) == 0
+    auto = [json.loads(line) for line in (out / "pairs_quick_autotune_runs.jsonl").read_text().splitlines()]
+    mine = [r for r in auto if r["tuning"] == "continuation"]
+    assert sorted((r["method"], len(r.get("lrs") or []), r["seed"]) for r in mine) == [
+        ("l2sp", 0, 0), ("l2sp", 0, 1), ("l2sp", 3, 0), ("l2sp", 3, 1), ("lowrank", 0, 0), ("lowrank", 0, 1)]
+    for r in mine:
+        assert r["validation_mode"] == "pool" and r["split"]["val"] == 100 and r["val_nll"] == r["pool_nll"]
+        axis = "scale" if r["method"] == "lowrank" else "variance"
+        assert r["updates"][0][axis] == float("inf") and "prior_share" in r and r["trial_wall_s"] > 0
+        assert (r["selected"].get("lr") in (0.05, 0.1, 0.2)) == bool(r.get("lrs"))
+    data = json.loads((out / "pairs_quick_autotune.json").read_text())
+    targets = {v["strategy"]: v["target_ratio"] for c in data["cells"] for v in c["verdicts"]}
+    assert targets["continuation"] == 0.5 and targets["continuation (lr x3)"] == 0.25
+    with pytest.raises(ConfigError, match="--lrs is for an automatic --tuning"):
+        main(["--quick", "--tuning", "marglik", "--lrs", "0.1", "0.2", "--out", str(out)])

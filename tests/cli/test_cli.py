@@ -1,6 +1,7 @@
 """End-to-end tests of the ``ptyl`` command line on tiny settings (real entry point, real files)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -145,6 +146,19 @@ def test_finetune_tune_learns_the_strength_in_one_run(tiny_prior, tmp_path, stra
     assert tuning["strategy"] == (AUTO if strategy == "auto" else strategy) and tuning["search_cost_s"] > 0
     assert report["hyperparameters"]["scale"] == tuning["best"]["scale"] != 1e4  # learned from the default
     assert [row["epoch"] for row in tuning["table"]] == [h["epoch"] for h in report["history"]]
+
+
+@pytest.mark.parametrize("strategy", ["continuation", "hypergradient"])
+def test_finetune_tune_from_the_validation_pool(tiny_prior, tmp_path, strategy, capsys):
+    out = tmp_path / strategy
+    args = ["finetune", "--prior", str(tiny_prior), *FAST, "--val-pool", "20", "--tune", strategy]
+    assert main([*args, "--out", str(out)]) == 0
+    tuning = json.loads((out / "results.json").read_text())["tuning"]
+    assert tuning["strategy"] == strategy and tuning["validation"] == "pool" and tuning["split"]["val"] == 20
+    assert tuning["path"][0]["scale"] == math.inf  # the path begins at the off limit
+    assert "prior_share" in tuning["table"][-1] and tuning["search_cost_s"] > 0
+    assert main([*args[:-4], "--val-pool", "0", "--tune", strategy, "--out", str(tmp_path / "none")]) == 2
+    assert "learns from a validation pool: give --val-pool > 0" in _error_line(capsys)
 
 
 def test_finetune_tune_none_has_nothing_to_learn(tiny_prior, tmp_path, capsys):

@@ -294,6 +294,9 @@ class _UnitCovariance:
     def log_det(self) -> float:
         return 0.0
 
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        return r
+
 
 class CompositeFamily(nn.Module):
     """Independent families over disjoint parameter groups (e.g. backbone + head): log-densities add.

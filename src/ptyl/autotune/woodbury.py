@@ -11,6 +11,8 @@ differentiable in ``d`` and ``U`` (and through them in the prior's hyper-paramet
 
 :class:`ScaledWoodbury` is Sigma = c Sigma_0 with Sigma_0 factorised once (no gradient) and a differentiable scalar c:
 every quantity is then O(P k) (O(P) for the trace, with diag(Sigma_0^-1) cached) — the learned prior with eps = 0.
+``solve(r)`` (Sigma^-1 r, differentiable like the rest) serves the validation hypergradient
+(:mod:`ptyl.autotune.hypergradient`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ class Woodbury:
         if self.whitened is None:
             return quad
         return quad - self._solve((self.whitened @ z).unsqueeze(1)).pow(2).sum()
+
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        """Sigma^-1 r = (z - W^T C^-1 W z) / sqrt(d), z = r / sqrt(d) (differentiable in d and U)."""
+        root = self.diag.sqrt()
+        z = r / root
+        if self.whitened is None:
+            return z / root
+        t = torch.cholesky_solve((self.whitened @ z).unsqueeze(1), self.chol).squeeze(1)
+        return (z - self.whitened.T @ t) / root
 
     def log_det(self) -> torch.Tensor:
         """log det Sigma."""
@@ -99,6 +110,17 @@ class FactorWoodbury:
         z = (self.factor @ weighted).unsqueeze(1)
         return (r * weighted).sum() - self.scale * torch.cholesky_solve(z, self.chol).mul(z).sum()
 
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        """Sigma^-1 r = r / d - c diag(1/d) V^T C^-1 V (r / d)."""
+        weighted = r * self.inverse
+        t = torch.cholesky_solve((self.factor @ weighted).unsqueeze(1), self.chol).squeeze(1)
+        return weighted - self.scale * self.inverse * (self.factor.T @ t)
+
+    def precision_diagonal(self) -> torch.Tensor:
+        """diag(Sigma^-1) = 1/d - c sum_k (L^-1 V diag(1/d))_k^2."""
+        whitened = torch.linalg.solve_triangular(self.chol, self.factor * self.inverse, upper=False)
+        return self.inverse - self.scale * whitened.pow(2).sum(0)
+
     def log_det(self) -> torch.Tensor:
         """log det Sigma."""
         return self.diag.log().sum() + 2.0 * self.chol.diagonal().log().sum()
@@ -123,6 +145,14 @@ class ScaledWoodbury:
 
     def trace_with_diag(self, s2: torch.Tensor) -> torch.Tensor:
         return (s2 * self.base_precision).sum() / self.scale
+
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        """Sigma^-1 r = Sigma_0^-1 r / scale."""
+        return self.base.solve(r) / self.scale
+
+    def precision_diagonal(self) -> torch.Tensor:
+        """diag(Sigma^-1) = diag(Sigma_0^-1) / scale."""
+        return self.base_precision / self.scale
 
 
 __all__ = ["FactorWoodbury", "ScaledWoodbury", "Woodbury"]

@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from ptyl.cli._common import (
-    UsageError, add_common, add_data_model_options, add_task_options, info, model_kwargs, nonnegative_float,
-    positive_float, positive_int, progress, require, task_options,
+    UsageError,
+    add_common,
+    add_data_model_options,
+    add_task_options,
+    info,
+    model_kwargs,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    progress,
+    require,
+    task_options,
 )
 from ptyl.cli._tuning import default_kinds, kinds_spec, report_kinds, show_values
 from ptyl.errors import PtylError
@@ -41,10 +51,9 @@ def _defaults(option: str) -> str:
 def add_parsers(subparsers) -> None:
     from ptyl.pipeline import TASKS
     from ptyl.priors.registry import HEAD_VARIANCE
-    from ptyl.training.precision import PRECISIONS
     from ptyl.training import Inference
-    from ptyl.tuning import AUTO, STRATEGIES
-    from ptyl.tuning.result import GRID
+    from ptyl.training.precision import PRECISIONS
+    from ptyl.tuning import AUTO, TuningStrategy
 
     p = subparsers.add_parser(
         "finetune", help="fine-tune on a target data set under the learned prior (or a baseline)",
@@ -88,12 +97,17 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--num-samples", type=positive_int, default=10, help="posterior samples for BMA [10]")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32, or mixed precision bf16 / fp16 (the prior term stays in full precision) [fp32]")
-    p.add_argument("--tune", nargs="?", const=GRID, choices=(*STRATEGIES, "auto"),
-                   help="choose the prior strength: 'grid' (alone: --tune) by validation NLL on a held-out pool "
-                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum "
-                        "to its exact off limit (plain fine-tuning); without --baseline it also chooses the prior "
-                        "kind among --kinds on the same pool. 'de-elbo' / 'marglik' learn the strength in one "
-                        f"training run on all examples (no validation data); 'auto' = {AUTO!r}")
+    automatic = [s for s in TuningStrategy if s.automatic]
+    with_pool = [str(s) for s in automatic if s.tuner.uses_validation]
+    p.add_argument("--tune", nargs="?", const=str(TuningStrategy.GRID),
+                   choices=(*(str(s) for s in TuningStrategy), "auto"),
+                   help=f"choose the prior strength: '{TuningStrategy.GRID}' (alone: --tune) by validation NLL on a "
+                        "held-out pool (--val-pool; 5-fold cross-validation when it is 0), extending the grid past "
+                        "an edge optimum to its exact off limit (plain fine-tuning); without --baseline it also "
+                        "chooses the prior kind among --kinds on the same pool. "
+                        f"{' / '.join(repr(str(s)) for s in automatic)} learn the strength of one kind in one "
+                        f"training run on all examples ({' / '.join(map(repr, with_pool))}: from the validation "
+                        f"pool's NLL, never trained on; the others: no validation data); 'auto' = {AUTO.value!r}")
     p.add_argument("--kinds", nargs="+", metavar="KIND",
                    help="--tune grid without --baseline: the prior kinds compared on the pool [with --prior: "
                         f"{' '.join(default_kinds(True))}; without: {' '.join(default_kinds(False))}]")
@@ -197,12 +211,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ptyl.pipeline import Start, get_task, pretrained_model_fn, pretrained_weights_path, train_config
     from ptyl.priors import PriorKind, prior_strength
     from ptyl.training import fit
-    from ptyl.tuning import AUTO, default_grid, tune
-    from ptyl.tuning.result import GRID
+    from ptyl.tuning import AUTO, TuningStrategy, default_grid, tune
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
-    choose_kind = args.tune in (GRID, "grid") and args.baseline is None  # --tune grid picks the kind on the pool
+    choose_kind = args.tune == TuningStrategy.GRID and args.baseline is None  # --tune grid picks the kind on the pool
     if args.kinds and not choose_kind:
         raise UsageError("--kinds chooses the prior kind with --tune grid; use it without --baseline")
     if args.prior:
@@ -246,9 +259,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     info(args, f"fine-tuning on {len(train)} {args.data} training examples: prior {spec.kind}, inference "
                f"{config.inference}, {config.epochs} epochs")
     if args.tune:
-        strategy = AUTO if args.tune == "auto" else args.tune
-        if strategy == GRID:
-            pool = task.validation_set()
+        strategy = AUTO if args.tune == "auto" else TuningStrategy.parse(args.tune)
+        pool = task.validation_set()
+        if not strategy.automatic:
             options = dict(seed=args.seed, config=config, progress=progress(args), val_set=pool,
                            folds=None if pool is not None else 5, objective=task.objective,
                            collate_fn=task.collate_fn, likelihood=task.likelihood)
@@ -265,8 +278,11 @@ def run_finetune(args: argparse.Namespace) -> int:
                 grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
                 tuned = tune(model_fn, train, spec, grid, **options)
         else:
+            if strategy.tuner.uses_validation and pool is None:
+                raise UsageError(f"--tune {strategy} learns from a validation pool: give --val-pool > 0")
             tuned = tune(model_fn, train, spec, strategy=strategy, seed=args.seed, config=config,
-                         progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
+                         progress=progress(args), objective=task.objective, collate_fn=task.collate_fn,
+                         val_set=pool if strategy.tuner.uses_validation else None)
         result, selected, tuning = tuned.final, tuned.best, tuned.to_dict()
         info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {show_values(selected)}")
         row = tuned.selected

@@ -25,13 +25,12 @@ from ptyl.pipeline.tasks import (
     get_task,
     pretrained_model_fn,
 )
-from ptyl.pipeline.transfer import SELECTED, TUNING_STRATEGIES, method_grid, run_transfer, transfer_run, transfer_select
+from ptyl.pipeline.transfer import SELECTED, method_grid, run_transfer, transfer_run, transfer_select
 
 __all__ = [
     "DEFAULT_METHODS",
     "SELECTED",
     "TASKS",
-    "TUNING_STRATEGIES",
     "ClassificationTask",
     "Method",
     "SegmentationTask",

@@ -14,9 +14,10 @@ Every record carries the final training loss of the chosen fit and whether it co
 rule of :func:`train_config`), the effective strength of the chosen prior (``std_ratio``, ``prior_off``), the search
 path and the status of every tuned axis (``interior`` / at a documented hard bound / ``edge``).
 
-The tuning strategy is a dimension of the runner (``tuning``; :data:`TUNING_STRATEGIES`): ``"grid"`` is the
-validation grid above; ``"de-elbo"`` and ``"marglik"`` learn the prior's strength in one run on the n examples with
-the same training budget (:func:`automatic_run`), and their records carry the pool score for reference only.
+The tuning strategy is a dimension of the runner (``tuning``: a :class:`~ptyl.tuning.registry.TuningStrategy`):
+``"grid"`` is the validation grid above; the automatic strategies learn the prior's strength in one run on the n
+examples with the same training budget (:func:`automatic_run`). Those that learn from a validation pool
+(``hypergradient``) get the task's pool; for the others the records carry the pool score for reference only.
 
 >>> results = run_transfer("runs/prior.safetensors", "mnist", n_per_class=[10, 100])   # doctest: +SKIP
 >>> print(summarize(results))                                                        # doctest: +SKIP
@@ -28,7 +29,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,22 +43,20 @@ from ptyl.metrics.results import save_json
 from ptyl.pipeline.artifacts import load_pretrained, pretrained_weights_path
 from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_config
 from ptyl.pipeline.records import grid_record, validation_options
-from ptyl.training.registry import Inference
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.training.config import TrainConfig
-from ptyl.tuning.automatic import AutoConfig
+from ptyl.training.registry import Inference
+from ptyl.tuning.automatic import AutomaticSettings
 from ptyl.tuning.grid import PriorSpec, check_grid, default_grid, tune
-from ptyl.tuning.result import GRID, STRATEGIES
+from ptyl.tuning.registry import TuningStrategy
 from ptyl.tuning.search import MAX_ROUNDS
 from ptyl.tuning.trials import CONVERGED_LOSS, TrialRunner, fit_status
-from ptyl.validation import check_choice
 
-__all__ = ["SELECTED", "TUNING_STRATEGIES", "automatic_run", "method_grid", "run_transfer", "transfer_run",
-           "transfer_select"]
+__all__ = ["SELECTED", "automatic_run", "method_grid", "run_transfer", "transfer_run", "transfer_select"]
 
-TUNING_STRATEGIES = STRATEGIES
 SELECTED = "selected"  # the method name of a kind selection's record
+GRID = TuningStrategy.GRID.value
 
 
 def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict | None = None,
@@ -82,8 +81,8 @@ def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict |
 
 def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, grid: dict[str, list[Any]],
                  config: TrainConfig, model_fn: Callable[[], nn.Module], *, seed: int, folds: int | None = None,
-                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = MAX_ROUNDS,
-                 auto: AutoConfig | None = None) -> dict[str, Any]:
+                 repeats: int = 1, tuning: str = GRID, cache: Any = None, max_rounds: int = MAX_ROUNDS,
+                 auto: AutomaticSettings | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Tune one method on one training set and score it on the task's test set.
 
     Args:
@@ -93,11 +92,12 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         model_fn: fresh starting models.
         seed: seeds the fits (and picks folds / splits).
         folds, repeats: cross-validation when the task has no pool (``None``: one 80/20 split).
-        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`): ``"grid"``, or an automatic strategy
-            (:func:`automatic_run`; ``grid``, ``folds``, ``cache`` and ``max_rounds`` are then unused).
+        tuning: the tuning strategy (a :class:`~ptyl.tuning.registry.TuningStrategy` name): ``"grid"``, or an
+            automatic strategy (:func:`automatic_run`; ``folds``, ``cache`` and ``max_rounds`` are then unused, and
+            of ``grid`` only several ``lr`` values, for a strategy that chooses the learning rate too).
         cache: stores finished trials (see :func:`ptyl.tuning.tune`).
         max_rounds: most edge-extension rounds.
-        auto: settings of the automatic strategies.
+        auto: the automatic strategy's settings (its settings class or a mapping of its fields).
 
     Returns:
         The metrics and diagnostics of the record (see the module docstring); ``error`` when every trial diverged.
@@ -105,9 +105,9 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
     Raises:
         ConfigError: an unknown tuning strategy.
     """
-    check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
-    if tuning != GRID:
-        return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto)
+    if TuningStrategy.parse(tuning).automatic:
+        lrs = list(grid.get("lr", ())) if len(grid.get("lr", ())) > 1 else None
+        return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto, lrs=lrs)
     test, pool = task.test_set(seed), task.validation_set()
     record: dict[str, Any] = {"tuning": tuning}
     try:
@@ -158,8 +158,7 @@ def transfer_select(task: Task, train: Dataset, methods: Sequence[Method], spec:
                         **grid_record(task, train, part, config, model_fn, seed=seed)})
     scores = {k: r.selected.get(f"val_{tuned.metric}") for k, r in tuned.kinds.items()}
     records.append({"method": SELECTED, "tuning": GRID, **grid_record(task, train, tuned, config, model_fn, seed=seed),
-                    "selected_kind": tuned.kind, "kind_scores": scores,
-                    "trials": _distinct_trials(tuned)})
+                    "selected_kind": tuned.kind, "kind_scores": scores, "trials": _distinct_trials(tuned)})
     return records
 
 
@@ -174,44 +173,58 @@ def _at_off(row: dict[str, Any]) -> bool:
 
 
 def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConfig, model_fn: Callable[[], nn.Module],
-                  *, seed: int, tuning: str, auto: AutoConfig | None = None) -> dict[str, Any]:
+                  *, seed: int, tuning: str, auto: AutomaticSettings | Mapping[str, Any] | None = None,
+                  lrs: Sequence[float] | None = None) -> dict[str, Any]:
     """One run of an automatic strategy on one training set (same budget as one grid trial), scored on the task's
-    test set; the validation pool, never used to choose anything here, is scored too for reference
-    (``pool_<metric>``). With DE-ELBO draws of q (``auto.bma_samples``) the record also holds their Bayesian model
-    average (``bma``); the headline metrics are the variational mean's.
+    test set. A strategy that learns from a validation pool (``tuner.uses_validation``) gets the task's pool (its
+    final score is ``val_nll``); for the others the pool is never used to choose anything and is scored for
+    reference (``pool_<metric>``). With DE-ELBO draws of q (``auto.bma_samples``) the record also holds their
+    Bayesian model average (``bma``); the headline metrics are the variational mean's.
 
     Args:
         task, train, spec, config, model_fn, seed: as in :func:`transfer_run`.
-        tuning: ``"de-elbo"`` or ``"marglik"``.
-        auto: their settings.
+        tuning: an automatic :class:`~ptyl.tuning.registry.TuningStrategy` name.
+        auto: its settings.
+        lrs: learning rates to choose among (a strategy that ``tunes_lr``); ``None``: ``config.lr``.
 
     Returns:
-        The record: test metrics, ``selected`` (make_prior keyword arguments), ``std_ratio`` / ``prior_off``, the
-        final training NLL and fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch).
+        The record: test metrics, ``selected`` (make_prior keyword arguments; the strength axis ``inf`` at the off
+        limit), the N-aware diagnostic ``prior_share`` / ``prior_off`` and the std ratio, the final training NLL and
+        fit status, ``search_cost_s``, ``path`` (hyper-parameters per epoch), ``updates`` (the strategy's own path:
+        h per hyper step, the continuation's points).
     """
     record: dict[str, Any] = {"tuning": tuning}
+    pool = task.validation_set()
+    uses_pool = TuningStrategy.parse(tuning).tuner.uses_validation
+    if uses_pool and pool is None:
+        raise ConfigError(f"tuning strategy {tuning!r} learns from a validation pool and the task has none")
     try:
-        tuned = tune(model_fn, train, spec, strategy=tuning, auto=auto, seed=seed, config=config, progress=False,
-                     objective=task.objective, collate_fn=task.collate_fn)
+        tuned = tune(model_fn, train, spec, {"lr": list(lrs)} if lrs else None, strategy=tuning, auto=auto, seed=seed,
+                     config=config, progress=False, objective=task.objective, collate_fn=task.collate_fn,
+                     val_set=pool if uses_pool else None)
     except DivergenceError as err:  # the run diverged: record it and go on
         return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
     final, row = tuned.final, tuned.selected
     single = replace(final, samples=None)  # the variational mean / the MAP model
-    test, pool = task.test_set(seed), task.validation_set()
+    test = task.test_set(seed)
     record.update({k: float(v) for k, v in task.evaluate(single.predict(test), task.targets(test)).items()})
     if final.samples is not None:
         record["bma"] = {k: float(v) for k, v in task.evaluate(final.predict(test), task.targets(test)).items()}
     if pool is not None:
         scores = task.evaluate(single.predict(pool), task.targets(pool))
         record.update({f"pool_{k}": float(v) for k, v in scores.items()})
+        if uses_pool:  # the pool chose: its score is the selection's validation score, as the grid's val_nll
+            record["val_nll"] = record["pool_nll"]
     final_loss = float(task.evaluate(single.predict(train), task.targets(train))["nll"])
     record.update({
         "final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
         "stop_reason": final.stop_reason,
         "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS),
         "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
-        "std_ratio": row.get("std_ratio"), "prior_off": row.get("prior_off"), "objective": tuned.objective,
-        "search_cost_s": tuned.search_cost_s, "trials": 1, "path": tuned.table,
+        "std_ratio": row.get("std_ratio"), "prior_share": row.get("prior_share"),
+        "prior_share_blocks": row.get("prior_share_blocks"), "prior_off": row.get("prior_off"),
+        "off_limit": bool(row.get("off_limit")), "objective": tuned.objective, "search_cost_s": tuned.search_cost_s,
+        "trials": 1, "lrs": list(lrs) if lrs else None, "path": tuned.table, "updates": tuned.path,
     })
     return record
 
@@ -242,8 +255,8 @@ def run_transfer(
     folds: int | None = 5,
     repeats: int = 1,
     max_test: int | None = None,
-    tuning: str = "grid",
-    auto: AutoConfig | None = None,
+    tuning: str = GRID,
+    auto: AutomaticSettings | Mapping[str, Any] | None = None,
     max_rounds: int = MAX_ROUNDS,
     select: bool = True,
     train_overrides: dict[str, Any] | None = None,
@@ -274,7 +287,8 @@ def run_transfer(
         val_pool: validation pool of the default task (0: none).
         folds, repeats: cross-validation when the task has no pool (``folds=None``: one 80/20 split).
         max_test: evaluate on the first ``max_test`` test examples of a class-balanced order (default task only).
-        tuning: the tuning strategy (:data:`TUNING_STRATEGIES`); ``auto``: settings of the automatic ones.
+        tuning: the tuning strategy (a :class:`~ptyl.tuning.registry.TuningStrategy` name); ``auto``: an
+            automatic strategy's settings.
         max_rounds: most extension rounds per search.
         select: with the grid, tune the MAP methods from the pretrained start together and choose the prior kind on
             the validation data (:func:`transfer_select`): their records, and one more, ``method = "selected"``.
@@ -294,7 +308,7 @@ def run_transfer(
     plans = [parse_method(m) for m in methods]
     if not plans:
         raise ConfigError("no methods to run")
-    check_choice(tuning, TUNING_STRATEGIES, "tuning strategy")
+    TuningStrategy.parse(tuning)
     meta = read_metadata(prior_path) if prior_path is not None else {}
     if pretrained is None:
         if prior_path is None:
@@ -322,7 +336,8 @@ def run_transfer(
                 check_grid(grid, spec, config)  # every user error surfaces now, before the first fit
                 job = (int(seed), int(n), train, [plan], config, spec, {str(plan.prior): grid})
                 selectable = plan.inference is Inference.MAP and plan.pretrained and plan.prior.recipe.axis
-                (group if select and tuning == GRID and selectable else singles).append(job)
+                grid_kinds = select and not TuningStrategy.parse(tuning).automatic and selectable
+                (group if grid_kinds else singles).append(job)
             if len(group) > 1:  # one search over the kinds, their off limit shared
                 _, _, _, _, config, spec, _ = group[0]
                 group = [(int(seed), int(n), train, [job[3][0] for job in group], config,

@@ -49,7 +49,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,15 +59,14 @@ from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import HEAD_VARIANCE, PriorKind
 from ptyl.training.config import TrainConfig
-from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, is_number
+from ptyl.tuning.automatic import AutomaticSettings, tune_automatic
+from ptyl.tuning.registry import TuningStrategy
+from ptyl.tuning.result import TuneResult, is_number
 from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, METRICS
 from ptyl.tuning.searches import GridSearch, winner
 from ptyl.tuning.splits import SPLITS
 from ptyl.tuning.trials import OFF, PRIOR_KEYS, TrialRunner, is_off_limit, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
-
-if TYPE_CHECKING:
-    from ptyl.tuning.automatic import AutoConfig
 
 __all__ = ["DEFAULT_LRS", "PriorSpec", "default_grid", "tune"]
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
@@ -228,8 +227,8 @@ def tune(
     grid: Mapping[str, Any] | None = None,
     *,
     kinds: Sequence[str | PriorKind] | None = None,
-    strategy: str = GRID,
-    auto: AutoConfig | None = None,
+    strategy: str | TuningStrategy = TuningStrategy.GRID,
+    auto: AutomaticSettings | Mapping[str, Any] | None = None,
     val_set: Dataset | None = None,
     folds: int | None = None,
     repeats: int = 1,
@@ -254,7 +253,7 @@ def tune(
 ) -> TuneResult:
     """Choose the prior's hyper-parameters -- and, with ``kinds``, the prior kind -- by grid search with edge
     extension on validation data (see the module docstring), or one run of an automatic strategy that learns them
-    without validation data (:mod:`ptyl.tuning.automatic`).
+    (:mod:`ptyl.tuning.automatic`).
 
     Args:
         model_fn: returns a fresh pretrained / initialised model on every call (called after
@@ -267,10 +266,12 @@ def tune(
             prior axis and one value per training axis (``{"lr": [0.03]}``).
         kinds: compare these prior kinds (:class:`~ptyl.priors.PriorKind` names), each tuned the same way, on the
             validation data and return the best; their shared trials (the off limit) run once. ``"none"`` is the
-            off limit itself. ``None``: tune ``prior_spec``'s kind only.
-        strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"`` (:data:`~ptyl.tuning.STRATEGIES`).
-        auto: settings of the automatic strategies (:class:`~ptyl.tuning.AutoConfig`); the grid's validation
-            options (``val_set``, ``folds``, ``test_set``, ``extend``, ``metric``, ``cache``...) do not apply to them.
+            off limit itself. ``None``: tune ``prior_spec``'s kind only. Grid only.
+        strategy: a :class:`~ptyl.tuning.registry.TuningStrategy` (or its name): ``"grid"``, or an automatic one.
+        auto: the automatic strategy's settings (``TuningStrategy.parse(strategy).settings``, e.g.
+            :class:`~ptyl.tuning.MarglikSettings`, or a mapping of its fields); the grid's validation options
+            (``folds``, ``test_set``, ``extend``, ``metric``, ``cache``...) do not apply to them, and ``val_set``
+            only to those that learn from a pool (``tuner.uses_validation``: ``hypergradient``, ``continuation``).
         val_set: a validation pool of examples never trained on: every trial trains on all of ``train_set`` and is
             scored on the pool; no refit (``final`` is the selected trial's model).
         folds, repeats: repeated stratified k-fold cross-validation instead (then refit on all n).
@@ -308,16 +309,15 @@ def tune(
         DivergenceError: every trial (automatic: the run) diverged.
     """
     spec = _as_spec(prior_spec)
-    check_choice(strategy, STRATEGIES, "tuning strategy")
-    if strategy != GRID:
-        from ptyl.tuning.automatic import tune_automatic
-
+    strategy = TuningStrategy.parse(strategy)
+    if strategy.automatic:
         if kinds is not None:
-            raise ConfigError(f"strategy {strategy!r} tunes one prior kind: pass kinds=None")
-        fixed = _single_values(grid or {}, spec, config or TrainConfig(), strategy)
+            raise ConfigError(f"strategy {strategy.value!r} tunes one prior kind: pass kinds=None (the grid compares "
+                              "kinds)")
+        fixed, lrs = _single_values(grid or {}, spec, config or TrainConfig(), strategy)
         return tune_automatic(model_fn, train_set, spec, strategy, config=replace(config or TrainConfig(), **fixed),
-                              auto=auto, seed=seed, progress=progress, refit=refit, objective=objective,
-                              collate_fn=collate_fn)
+                              auto=auto, val_set=val_set, seed=seed, progress=progress, refit=refit,
+                              objective=objective, collate_fn=collate_fn, lrs=lrs)
     check_choice(metric, tuple(METRICS), "metric")
     check_choice(split, SPLITS, "split")
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
@@ -378,14 +378,18 @@ def _searches(spec: PriorSpec, grid: Mapping[str, Any] | None, kinds: Sequence[s
 
 
 def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainConfig,
-                   strategy: str) -> dict[str, Any]:
-    """The training settings an automatic strategy takes from a grid: one value per axis, no prior axis."""
+                   strategy: TuningStrategy) -> tuple[dict[str, Any], list[float] | None]:
+    """The training settings an automatic strategy takes from a grid: one value per axis, no prior axis; a tuner
+    that ``tunes_lr`` takes several learning rates (returned apart: ``(fixed values, lrs or None)``)."""
     learned = [k for k in grid if k in PRIOR_KEYS]
     if learned:
-        raise ConfigError(f"strategy {strategy!r} learns the prior's values: drop the grid axes {learned} (set the "
-                          "starting values with AutoConfig.initial)")
+        raise ConfigError(f"strategy {strategy.value!r} learns the prior's values: drop the grid axes {learned} (set "
+                          "the starting values with the settings' initial)")
     axes = check_grid(grid, replace(spec, kind=PriorKind.NONE), base)  # the training axes, checked as the grid's
+    lrs = axes.pop("lr") if strategy.tuner.tunes_lr and len(axes.get("lr", ())) > 1 else None
     several = [k for k, v in axes.items() if len(v) > 1]
     if several:
-        raise ConfigError(f"strategy {strategy!r} runs once: give one value for {several}, or use strategy 'grid'")
-    return {k: v[0] for k, v in axes.items()}
+        choosers = [str(s) for s in TuningStrategy if s.automatic and s.tuner.tunes_lr]
+        raise ConfigError(f"strategy {strategy.value!r} runs once: give one value for {several} (the strategies that "
+                          f"choose lr too: {choosers}), or use strategy 'grid'")
+    return {k: v[0] for k, v in axes.items()}, lrs

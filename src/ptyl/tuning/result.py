@@ -13,11 +13,9 @@ from typing import Any
 
 from ptyl.errors import ConfigError
 from ptyl.training.result import FitResult
+from ptyl.tuning.registry import TuningStrategy
 
-__all__ = ["DEELBO", "GRID", "MARGLIK", "STRATEGIES", "TuneResult", "edge_warnings", "is_number"]
-
-GRID, DEELBO, MARGLIK = "grid", "de-elbo", "marglik"
-STRATEGIES = (GRID, DEELBO, MARGLIK)  # how tune() chooses: a validation grid, or one of the automatic strategies
+__all__ = ["TuneResult", "edge_warnings", "is_number"]
 
 
 def is_number(value: Any) -> bool:
@@ -53,22 +51,25 @@ class TuneResult:
             per block).
         table: one row per trial: the axis values, ``val_nll``, ``val_accuracy``, ``val_ece``, ``val_brier``
             (``inf``/``nan`` and an ``error`` message if training diverged); automatic strategies: one row per
-            epoch (loss, the hyper-parameters, ``log_evidence`` / ``deelbo``).
+            epoch (loss, the hyper-parameters, the strategy's objective: ``log_evidence``, ``deelbo``, ``val_nll``).
         edge_warnings: one message per numeric axis whose best value lies at an edge of its grid.
         final: the model of the chosen values trained on all n examples: the selected trial itself with a
             validation pool, else the refit (``None`` with ``refit=False``); automatic: the trained model.
-        metric: the selection criterion (automatic: ``log_evidence`` or ``deelbo``).
+        metric: the selection criterion (automatic: the strategy's objective, e.g. ``log_evidence``).
         grid: the axes searched (extensions included).
         split: sizes of the fit / validation parts and of the whole set.
         path: one entry per round of the search: the grid, the best values, the best validation score and the
-            status of every extended axis.
+            status of every extended axis; automatic strategies: their own record of their updates (the
+            hypergradient: one entry per hyper step).
         edge_status: per axis: ``interior``, ``lower bound`` / ``upper bound`` (at the documented hard bound) or
             ``edge`` (left on an edge: a warning).
-        validation: ``"pool"``, ``"cv"`` or ``"split"`` (automatic strategies: ``"none"``).
-        strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"``.
-        search_cost_s: seconds spent choosing (grid: every trial, not the refit; automatic: the one run).
-        objective: automatic: the final DE-ELBO estimate or the selected log evidence.
-        settings: automatic: the :class:`~ptyl.tuning.AutoConfig` used.
+        validation: ``"pool"``, ``"cv"`` or ``"split"`` (automatic strategies: ``"pool"`` if they learn from one,
+            else ``"none"``).
+        strategy: the :class:`~ptyl.tuning.registry.TuningStrategy` name.
+        search_cost_s: seconds spent choosing (grid: every trial, not the refit; automatic: the run and any
+            confirmation trials).
+        objective: automatic: the strategy's objective at the end (e.g. the selected log evidence).
+        settings: automatic: the strategy's settings (its :class:`~ptyl.tuning.automatic.AutomaticSettings`).
         spec: the :class:`~ptyl.tuning.PriorSpec` searched (its kind; not in :meth:`to_dict`).
         kind: with ``tune(..., kinds=...)``: the selected kind, ``"none"`` when the off limit (plain fine-tuning)
             won; else ``None``.
@@ -85,7 +86,7 @@ class TuneResult:
     path: list[dict[str, Any]] = field(default_factory=list)
     edge_status: dict[str, str] = field(default_factory=dict)
     validation: str = "split"
-    strategy: str = GRID
+    strategy: str = TuningStrategy.GRID.value
     search_cost_s: float = math.nan
     objective: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -97,7 +98,7 @@ class TuneResult:
     def selected(self) -> dict[str, Any]:
         """The table row of the chosen values (validation and, with a pool and a test set, test metrics); automatic
         strategies: the last epoch's row."""
-        if self.strategy != GRID:
+        if self.automatic:
             return self.table[-1]
         return next(r for r in self.table if all(r.get(k) == v for k, v in self.best.items()))
 
@@ -112,6 +113,11 @@ class TuneResult:
             return None
         sign = -1.0 if self.metric == "accuracy" else 1.0
         return select_best(self.table, key, sign)
+
+    @property
+    def automatic(self) -> bool:
+        """Whether an automatic strategy chose (one run; ``table`` is its per-epoch path), not the grid."""
+        return TuningStrategy.parse(self.strategy).automatic
 
     @property
     def at_edge(self) -> bool:
@@ -133,7 +139,7 @@ class TuneResult:
                "split": self.split, "validation": self.validation, "table": self.table, "path": self.path,
                "edge_status": self.edge_status, "edge_warnings": self.edge_warnings,
                "search_cost_s": self.search_cost_s, "final": final}
-        if self.strategy != GRID:
+        if self.automatic:
             out.update({"objective": self.objective, "settings": self.settings})
         if self.kinds:
             out["kind"] = self.kind
@@ -184,7 +190,7 @@ class TuneResult:
 
         from ptyl.io.atomic import atomic_write
 
-        if self.strategy != GRID:
+        if self.automatic:
             return atomic_write(path, lambda tmp: self._path_figure().savefig(tmp, format="png", dpi=120))
         x = x or next((k for k in ("scale", "variance") if k in self.grid), None) or next(
             (k for k, v in self.grid.items() if all(is_number(a) for a in v)), None)
