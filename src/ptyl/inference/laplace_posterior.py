@@ -22,8 +22,10 @@ and with ``Y = B^-1 W^T`` (P x k, k solves with B) and ``M = I_k - W Y`` (positi
 Blocks of ``B``: a diagonal block ``h + tau a``; a dense block (the last layer) by Cholesky; a K-FAC block
 ``H_l ~= Bf (x) Af`` over the layer's ``[out, in']`` matrix plus ``tau diag(a_l)``, which is Kronecker-invertible only
 when ``a_l`` is a product ``rho_o kappa_i``: the block's separable precision is replaced by its Kronecker fit
-(least squares in log space, :func:`ptyl.autotune.kron.kronecker_shape`; exact for the isotropic head and L2-SP
-priors; the worst log-ratio of the fit is kept in ``info["kron_fit_max_log_error"]``), the low-rank part stays exact.
+(the shape by least squares in log space, :func:`ptyl.autotune.kron.kronecker_shape`, scaled so that it is nowhere
+below ``a_l``: then ``B >= W^T W`` still holds and the approximate ``A`` is never wider than the exact one in any
+direction; exact for the isotropic head and L2-SP priors; the worst log-ratio of the fit is kept in
+``info["kron_fit_max_log_error"]``), the low-rank part stays exact. ``curvature="diag"`` keeps the prior exact.
 With ``R = diag(rho)``, ``K = diag(kappa)`` and the eigendecompositions ``R^-1/2 Bf R^-1/2 = Q_B diag(l) Q_B^T``,
 ``K^-1/2 Af K^-1/2 = Q_A diag(m) Q_A^T``:
 
@@ -283,7 +285,8 @@ def _kron_block(block: KronBlock, index: torch.Tensor, prior_diag: torch.Tensor)
     matrix_index = block.gather({n: pieces[n].double() for n in block.names}).long()  # [out, in']
     a = prior_diag[matrix_index]
     r, c = kronecker_shape(a)
-    scale = a.log().mean().exp()
+    fit = r[:, None] * c[None, :]
+    scale = (a / fit).max()  # the fit from above: fit >= a keeps A >= the exact posterior precision (and B >= W^T W)
     rho, kappa = scale * r, c
     error = float((a.log() - (rho[:, None] * kappa[None, :]).log()).abs().max())
     ir, ik = rho.rsqrt(), kappa.rsqrt()
