@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test docs bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on this machine; a bare `torch` requirement would pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	# every optional integration (their tests skip without them); naming torch again keeps pip from replacing it
-	$(PY) -m pip install -q -e '.[test,hf,lightning,peft]' torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,hf,lightning,peft,docs]' torch==2.13.0
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,8 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the documentation site from the docstrings (mkdocs.yml); warnings are errors; nothing is published
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-output site

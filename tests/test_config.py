@@ -5,19 +5,18 @@ import argparse
 
 import pytest
 
-from ptyl.cli import build_parser, main
+from ptyl.cli import build_parser, main, subcommand_parsers
 from ptyl.config import config_defaults, load_config
 from ptyl.errors import ConfigError
 
 
 def _sub(command):
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices[command]
+    return subcommand_parsers(build_parser())[command]
 
 
 def _defaults(config, command="finetune"):
-    return config_defaults(_sub(command), config, command, source="cfg.yaml")
+    sections = subcommand_parsers(build_parser())
+    return config_defaults(sections[command], config, command, source="cfg.yaml", sections=sections)
 
 
 # (config, words the one-line error must contain)

@@ -29,6 +29,7 @@ OTHER_MEANINGS = {
     ("autotune/curvature.py", "diag"): "the 'diag' curvature structure",
     ("autotune/kfac.py", "diag"): "the 'diag' curvature structure",
     ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",
+    ("autotune/share.py", "diag"): "the 'diag' curvature method",
     ("autotune/likelihoods.py", "none"): "torch reduction='none'",
     ("inference/laplace.py", "diag"): "the 'diag' curvature structure",
     ("inference/laplace.py", "laplace"): "the function ptyl.inference.laplace in __all__",

@@ -1,7 +1,7 @@
-"""Four transfer pairs, one command: where can a learned prior matter, and does it -- under a protocol that can show
-the opposite (issue 10).
+"""Five transfer pairs, one command: where can a learned prior matter, does it -- and does choosing it ever make a
+model worse than tuned fine-tuning -- under a protocol that can show the opposite (issues 10, 21).
 
-Full run (the committed ``benchmarks/results/pairs.*``; resumable, ~3-4 CPU hours)::
+Full run (the committed ``benchmarks/results/pairs.*``; resumable, ~6-8 CPU hours)::
 
     nice -n 5 python benchmarks/accuracy/pairs.py --jobs 2
 
@@ -14,13 +14,15 @@ Pairs (each source prior learned once and cached in ``runs/pairs/``):
   target the embedded MNIST t10k (disjoint images).
 * ``mnist5k->digits`` shifted: the same prior, target sklearn's 8x8 digits resized to 28 px (blurry, thick strokes).
 * ``kmnist->mnist``   the control, where a tie is expected: a prior learned on Japanese hiragana.
+* ``kmnist04->kmnist59`` same domain, new classes: a prior learned on KMNIST classes 0-4, transferred to classes 5-9
+  (relabelled 0-4; ``ptyl.data.load_dataset("kmnist:5-9")``).
 * ``movies->amazon``  MiniLM (all-MiniLM-L6-v2): VADER movie-review snippets -> Amazon-review snippets (binary
   sentiment); the prior covers the encoder's last transformer layer (the frozen first five layers are cached).
 
-Protocol (every method, every pair):
+Protocol (every pair):
 
-* Training sets: n in {10, 100, full} per class (digits: {10, 100}, its "full" is 109 per class); a seed is a
-  subsample (``few_shot_subset``; at ``full`` the seeds share the set and differ in head init and batch order).
+* Training sets: n in {10, 100, full} per class (digits and the KMNIST class split: {10, 100}); a seed is a subsample
+  (``few_shot_subset``; at ``full`` the seeds share the set and differ in head init and batch order).
 * Validation: a pool of target training data never trained on -- 500 images (digits: 300, all it can spare),
   500 sentences -- drawn once. Each trial trains once on the n examples and is scored on the pool (selection) and on
   the test set, so the test-selected upper bound comes for free (labelled as such).
@@ -28,19 +30,26 @@ Protocol (every method, every pair):
   chosen by doubling it until test NLL stopped changing (``benchmarks/accuracy/README.md``). The prior's separable part
   is a proximal step (any strength is stable). Every result records the final training NLL (data term, evaluation
   mode) and a fit status: ``fit`` (<= 0.05), ``prior-limited`` (above it under an active prior) or ``undertrained``
-  (above it with the prior effectively off) -- flagged in the tables.
-* Tuning: a 3-value grid (one decade apart) of the prior-strength axis per method (lambda, or the variance of N(0 or theta0, v I)), the
-  same edge-extension rule for all (``ptyl.tuning.tune``: extend by a decade while the best value is on an edge, until
-  it is interior, the curve is flat beyond the edge, or the kind's hard bound). Every selection carries the
-  effective-strength diagnostic (median prior std / median |theta0|; "prior effectively off" at >= 10).
-* Comparison: paired per seed (same subsample, same pool, same test set): learned low-rank minus each tuned baseline
-  and minus the baseline chosen per seed by validation NLL; 95% t-interval over the seeds (n - 1 degrees of freedom).
+  (above it with the prior off) -- flagged in the tables.
+* Tuning (``ptyl.pipeline.transfer_select`` -> ``ptyl.tuning.tune(..., kinds=...)``): the kinds standard
+  (N(0, v I)), L2-SP (N(theta0, v I)), learned low-rank and learned diagonal (N(mu, lam Sigma + eps I)) are tuned in
+  one search per training set, each from a 3-value grid of its strength axis one decade apart, extended by the
+  library's rule (``ptyl.tuning.search``: the weak edge is followed, in doubling steps, until the N-aware diagnostic
+  calls the prior off; the strong edge until interior, flat or the hard bound; wide gaps next to the best halved).
+  Every axis ends at its exact **off limit** -- plain fine-tuning from the same start, no backbone prior, one trial per
+  training set shared by every kind -- so no selection can be worse on the pool than switching the prior off. The
+  kind is chosen on the same pool (``selected``). Every selection carries the N-aware strength diagnostic (the
+  prior's largest share of one layer's curvature, off below 1%) and the std ratio (median prior std / median
+  |theta0|, descriptive).
+* Comparison: paired per seed (same subsample, pool and test set): the selection minus tuned standard fine-tuning
+  (the guarantee: mean <= +0.005 and the 95% interval not above 0), learned low-rank minus each tuned baseline and
+  minus the baseline chosen per seed by validation NLL; 95% t-interval over the seeds (n - 1 degrees of freedom).
 
 Outputs (``--out``, default ``benchmarks/results``): ``pairs_trials.jsonl`` (every trial, appended atomically: an
 interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished (pair, n, seed, method)),
 ``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
 dimension of every key (``--tuning``): ``grid`` (above; ``pairs.md``), or an automatic strategy, ``de-elbo`` /
-``marglik`` (issue 11): one run on the n examples with the same step budget, scored on the same test set (the pool
+``marglik`` (issue 11; these run one method each, ``--methods lowrank``): one run on the n examples with the same step budget, scored on the same test set (the pool
 scored for reference only), its records appended to ``pairs_autotune_runs.jsonl`` (each job first times one grid
 trial in its own process, for a side-by-side wall-time ratio); ``autotune.md`` /
 ``autotune.json`` put them next to the grid's records of the same cells (``pairs_runs.jsonl``, or ``--grid-runs``;
@@ -60,6 +69,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +83,16 @@ PAIRS = {
     "mnist5k->mnist": dict(kind="image", source="mnist5k", target="mnist", val_pool=500, n=["10", "100", "full"]),
     "mnist5k->digits": dict(kind="image", source="mnist5k", target="digits", val_pool=300, n=["10", "100"]),
     "kmnist->mnist": dict(kind="image", source="kmnist", target="mnist", val_pool=500, n=["10", "100", "full"]),
+    "kmnist04->kmnist59": dict(kind="image", source="kmnist:0-4", target="kmnist:5-9", val_pool=500, n=["10", "100"]),
     "movies->amazon": dict(kind="text", source="vader-movies", target="vader-amazon", val_pool=500,
                            n=["10", "100", "full"]),
 }
-CORE = ("standard", "l2sp", "lowrank")
-# n = 10 only: the learned diagonal prior on every image pair; SGLD (cold T, and T = 1: the exact-posterior ablation)
-# on the headline pair
-EXTRA = {"mnist5k->mnist": ("diag", "lowrank-sgld", "lowrank-sgld@T1"), "mnist5k->digits": ("diag",),
-         "kmnist->mnist": ("diag",)}
+SELECT = "selected"
+# the MAP kinds tuned together on every cell (one search, the off limit shared) and the kind chosen on the pool: their
+# records and the selection's ("selected")
+KINDS = ("standard", "l2sp", "lowrank", "diag")
+# methods tuned on their own on some cells, e.g. samplers: {pair: (method, ...)} at n = 10 (none by default)
+EXTRA: dict[str, tuple[str, ...]] = {}
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
 # settings of the automatic strategies (ptyl.tuning.AutoConfig fields; the rest are its defaults): DE-ELBO also keeps
@@ -91,14 +103,14 @@ FULL = {
     "text_source": dict(pretrain_epochs=1, swag_epochs=2, rank=10, lr=0.05),
     "steps": {"image": {"10": 500, "100": 1000, "full": 1500}, "text": {"10": 60, "100": 120, "full": 200}},
     "lr": 0.1, "grad_clip": 5.0, "batch_size": 32, "temperature": 0.01, "num_samples": 10,
-    "seeds": [0, 1, 2, 3, 4], "grids": GRIDS, "max_rounds": 6, "max_test": None,
+    "seeds": [0, 1, 2, 3, 4], "grids": GRIDS, "max_rounds": 10, "max_test": None, "protocol": 2,
 }
 QUICK = {
     "image_source": dict(model="smallcnn", width=4, pretrain_epochs=1, swag_epochs=1, rank=3, lr=0.05,
                          n_per_class=20),
     "steps": {"image": {"2": 8}}, "lr": 0.1, "grad_clip": 5.0, "batch_size": 16, "temperature": 0.01,
     "num_samples": 2, "seeds": [0, 1], "grids": {k: v[:2] for k, v in GRIDS.items()}, "max_rounds": 4,
-    "max_test": 100,
+    "max_test": 100, "protocol": 2,
 }
 QUICK_PAIRS = {"mnist5k->mnist": dict(kind="image", source="mnist5k", target="mnist", val_pool=100, n=["2"])}
 
@@ -170,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny prior, one small pair, 2 seeds (smoke test)")
     p.add_argument("--pairs", nargs="+", default=None, help=f"subset of {list(PAIRS)}")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"default: {' '.join(CORE)} (+ at n=10: diag, lowrank-sgld, lowrank-sgld@T1, see EXTRA)")
+                   help=f"default: '{SELECT}' (the kinds {' '.join(KINDS)} tuned together, the kind chosen on the "
+                        "pool), + EXTRA; other methods are tuned on their own")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="subsample seeds (default 0..4)")
     p.add_argument("--tuning", default="grid", help="tuning strategy (ptyl.pipeline.TUNING_STRATEGIES)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 torch thread each)")
@@ -210,9 +223,10 @@ def plan_jobs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     jobs = []
     for pair, spec in cfg["pairs"].items():
         for n in spec["n"]:
-            methods = cfg["methods"] or [*CORE, *(EXTRA.get(pair, ()) if n == "10" else ())]
+            methods = cfg["methods"] or [SELECT, *(EXTRA.get(pair, ()) if n == "10" else ())]
             for method in methods:
-                parse_method(method.split("@")[0])
+                if method != SELECT:
+                    parse_method(method.split("@")[0])
                 for seed in cfg["seeds"]:
                     jobs.append({"pair": pair, "n": n, "seed": seed, "method": method, "tuning": cfg["tuning"]})
     order = {p: i for i, p in enumerate(cfg["pairs"])}
@@ -225,7 +239,7 @@ def settings_key(cfg: dict[str, Any], pair: str) -> str:
     spec = cfg["pairs"][pair]
     kind = spec["kind"]
     relevant = {k: cfg[k] for k in ("lr", "grad_clip", "batch_size", "temperature", "num_samples", "grids",
-                                     "max_rounds", "max_test")}
+                                     "max_rounds", "max_test", "protocol")}
     relevant.update(pair=spec, steps=cfg["steps"].get(kind), source=cfg.get(f"{kind}_source"))
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -333,9 +347,10 @@ def resolve_n(task, label: str) -> int:
     return min(class_counts(task.pool).values()) if label == "full" else int(label)
 
 
-def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> dict[str, Any]:
-    """Tune one method on one training set (trials cached in the store) and append its record."""
-    from ptyl.pipeline import parse_method, pretrained_model_fn, train_config, transfer_run
+def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> list[dict[str, Any]]:
+    """Tune one method -- or, for ``selected``, every kind of :data:`KINDS` in one search -- on one training set
+    (trials cached in the store) and append its records."""
+    from ptyl.pipeline import parse_method, pretrained_model_fn, train_config, transfer_run, transfer_select
     from ptyl.tuning import PriorSpec
 
     start = time.perf_counter()
@@ -344,18 +359,19 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     n = resolve_n(task, job["n"])
     train = task.train_set(n, job["seed"])
     name, _, variant = job["method"].partition("@")
-    plan = parse_method(name)
+    plans = [parse_method(k) for k in KINDS] if name == SELECT else [parse_method(name)]
     temperature = 1.0 if variant == "T1" else cfg["temperature"]
-    config = train_config(plan.inference, len(train), steps=cfg["steps"][spec["kind"]][job["n"]],
+    config = train_config(plans[0].inference, len(train), steps=cfg["steps"][spec["kind"]][job["n"]],
                           batch_size=cfg["batch_size"], num_samples=cfg["num_samples"], temperature=temperature,
                           lr=cfg["lr"], grad_clip=cfg["grad_clip"])
-    prior_spec = PriorSpec(kind=plan.prior, posterior=ctx["posterior"] if plan.needs_posterior else None,
-                           head=task.head)
-    axis = plan.prior.recipe.axis
-    grid = {axis: list(cfg["grids"][str(plan.prior)]), "lr": [cfg["lr"]]}
+    grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": [cfg["lr"]]} for p in plans}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}
+    plan = plans[0]
+    prior_spec = PriorSpec(kind=plan.prior, posterior=ctx["posterior"] if plan.needs_posterior else None,
+                           head=task.head)
+    axis = plan.prior.recipe.axis
     # an automatic job first times one grid trial in this process: the wall-time ratio side by side
     if job["tuning"] != "grid" and cfg.get("time_trial", True):
         trial_start = time.perf_counter()
@@ -366,15 +382,25 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> d
     trials = JsonlStore(Path(out) / f"{cfg['stem']}_trials.jsonl")
     known = {_value_key(r["values"]): r["row"] for r in trials.rows()
              if all(r.get(k) == v for k, v in key.items())}
-    record = transfer_run(task, train, plan, prior_spec, grid, config, model_fn, seed=job["seed"],
-                          tuning=job["tuning"], cache=TrialCache(trials, key, known), max_rounds=cfg["max_rounds"],
-                          auto=auto_config(job["tuning"]))
-    record.update({**key, "n_per_class": n, "num_train": len(train), "max_steps": config.max_steps,
-                   "command": cfg.get("command"),
-                   "temperature": temperature if plan.inference.strategy.uses_temperature else None,
-                   "wall_time_s": time.perf_counter() - start, **timing})
-    JsonlStore(runs_store(cfg, out, job["tuning"])).append(record)
-    return record
+    cache = TrialCache(trials, key, known)
+    if name == SELECT:
+        outcomes = transfer_select(task, train, plans, replace(prior_spec, posterior=ctx["posterior"]), grids,
+                                   config, model_fn, seed=job["seed"], cache=cache, max_rounds=cfg["max_rounds"])
+    else:
+        outcomes = [{"method": job["method"], **transfer_run(
+            task, train, plan, prior_spec, grids[str(plan.prior)], config, model_fn, seed=job["seed"],
+            tuning=job["tuning"], cache=cache, max_rounds=cfg["max_rounds"], auto=auto_config(job["tuning"]))}]
+    wall = time.perf_counter() - start
+    records = []
+    for outcome in outcomes:
+        method = outcome["method"] if name == SELECT else job["method"]
+        record = {**outcome, **key, "method": method, "job_method": job["method"], "n_per_class": n,
+                  "num_train": len(train), "max_steps": config.max_steps, "command": cfg.get("command"),
+                  "temperature": temperature if plan.inference.strategy.uses_temperature else None,
+                  "wall_time_s": wall, **timing}
+        JsonlStore(runs_store(cfg, out, job["tuning"])).append(record)
+        records.append(record)
+    return records
 
 
 def runs_store(cfg: dict[str, Any], out: str | Path, tuning: str) -> Path:
@@ -387,7 +413,7 @@ def _worker_init() -> None:
     set_threads(1)
 
 
-def _worker(args: tuple) -> dict[str, Any]:
+def _worker(args: tuple) -> list[dict[str, Any]]:
     cfg, job, prior, out = args
     return run_job(cfg, job, prior, out)
 
@@ -413,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(1)
         out.mkdir(parents=True, exist_ok=True)
         priors = prepare_sources(cfg, log)
-        done = {json.dumps({k: r[k] for k in ("pair", "n", "seed", "method", "tuning", "key")}, sort_keys=True)
+        done = {json.dumps({**{k: r[k] for k in ("pair", "n", "seed", "tuning", "key")},
+                            "method": r.get("job_method", r["method"])}, sort_keys=True)
                 for r in JsonlStore(runs_store(cfg, out, cfg["tuning"])).rows()}
         todo = [j for j in jobs if json.dumps({**j, "key": job_key(cfg, j)}, sort_keys=True) not in done]
         log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done (resuming), {len(todo)} to run on "
@@ -422,11 +449,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if args.jobs > 1:
             with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_worker_init) as pool:
-                for i, record in enumerate(pool.imap_unordered(_worker, tasks), 1):
-                    log(_line(record, i, len(tasks), start))
+                for i, records in enumerate(pool.imap_unordered(_worker, tasks), 1):
+                    for record in records:
+                        log(_line(record, i, len(tasks), start))
         else:
             for i, task in enumerate(tasks, 1):
-                log(_line(_worker(task), i, len(tasks), start))
+                for record in _worker(task):
+                    log(_line(record, i, len(tasks), start))
     grid_runs = Path(args.grid_runs) if args.grid_runs else runs_store(cfg, out, "grid")
     stored = [r for r in JsonlStore(grid_runs).rows()
               if r["pair"] in cfg["pairs"] and r.get("key") == job_key(cfg, r)]
@@ -443,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for r in stored if r.get("tuning", "grid") == "grid"]
     markdown, data = report(records, cfg, command, machine_line(info))
     data.update(machine=info, command=command, quick=args.quick,
-                complete=len({(r["pair"], r["n"], r["seed"], r["method"]) for r in records}) >= len(jobs))
+                complete=len({(r["pair"], r["n"], r["seed"], r.get("job_method", r["method"])) for r in records})
+                >= len(jobs))
     write_results(out, cfg["stem"], markdown, data)
     print(markdown)
     return 0
@@ -452,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
 def _line(record: dict[str, Any], i: int, total: int, start: float) -> str:
     sel = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                     (record.get("selected") or {}).items() if k != "lr")
+    if record.get("selected_kind"):
+        sel = f"{record['selected_kind']}: {sel}"
+    share = record.get("prior_share")
+    sel += f"; share {share:.2g}{' off' if record.get('prior_off') else ''}" if share is not None else ""
     status = record.get("fit_status")
     return (f"[{i}/{total}] {record['pair']:<16s} n={record['n']:<4s} seed={record['seed']} {record['method']:<16s} "
             f"nll={record.get('nll', float('nan')):.4f} acc={record.get('accuracy', float('nan')):.4f} [{sel}] "

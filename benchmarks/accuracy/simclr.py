@@ -1,7 +1,8 @@
-"""Self-supervised (SimCLR) source prior vs supervised source prior vs standard fine-tuning, KMNIST -> MNIST.
+"""Self-supervised (SimCLR) source prior vs supervised source prior vs tuned baselines, KMNIST -> MNIST, under issue
+21's protocol: a validation pool, every strength axis ending at its off limit, the kind chosen on the pool.
 
-    python benchmarks/accuracy/simclr.py            # full: n = 10, 100 per class, 3 seeds (~10 min on 2 CPU cores)
-    python benchmarks/accuracy/simclr.py --quick    # smoke test, under a minute
+    python benchmarks/accuracy/simclr.py            # full: n = 10, 100 per class, 5 seeds (~2 h on 2 CPU cores)
+    python benchmarks/accuracy/simclr.py --quick    # smoke test, about a minute
 
 Source stage (once, on the 8,000-image KMNIST train split, SmallCNN of width 16):
 
@@ -10,28 +11,20 @@ Source stage (once, on the 8,000-image KMNIST train split, SmallCNN of width 16)
 * SimCLR: the same trunk inside ``SimCLRModel`` trained with NT-Xent on two augmented views per image, labels ignored,
   then SWAG over ``features.*`` (the projection head is left out).
 
-Downstream (MNIST, n images per class drawn by ``few_shot_subset(seed)``, so every seed is a different subsample;
-evaluated on the 2,000-image MNIST test split). Every model starts from its source's SWAG mean with a new
-random head under N(0, 1); the methods differ in the backbone prior (and the source):
-
-=============================  =====================================================================
-standard FT (supervised init)  N(0, v I) on the backbone (weight decay), starting at the supervised weights
-supervised learned prior       low-rank SWAG prior N(mu, lam Sigma) from the supervised source
-standard FT (SimCLR init)      N(0, v I), starting at the SimCLR weights
-SimCLR learned prior           low-rank SWAG prior N(mu, lam Sigma) from the SimCLR source
-=============================  =====================================================================
-
-Tuning: :func:`ptyl.pipeline.run_transfer` (``ptyl.tuning.tune``) with the same budget for every method:
-``--budget`` values of the method's main axis (lambda for learned priors, v for standard fine-tuning), each spanning
-4 decades, at one shared learning rate;
-selection by validation NLL on a class-balanced 80/20 split of the n training images, then a refit on all n.
-Reported: test accuracy, NLL and ECE, mean +- std over seeds.
+Downstream (MNIST, n images per class drawn by ``few_shot_subset(seed)``, so every seed is a different subsample; a
+500-image validation pool held out of the MNIST train split; the MNIST test split). For each source, every model
+starts from its SWAG mean with a new random head under N(0, 1) and the kinds standard (N(0, v I)), L2-SP
+(N(theta_source, v I)) and the learned low-rank prior (N(mu, lam Sigma + eps I)) are tuned together
+(:func:`ptyl.pipeline.run_transfer` with kind selection: one search per training set, the off limit -- plain
+fine-tuning -- shared, the kind chosen on the pool: "selected"). SGD (Nesterov, lr 0.1, cosine, clipping 5), 500 /
+1,000 steps at n = 10 / 100 as in ``pairs.py``. Reported: test NLL, accuracy, ECE (mean ± std over 5 seeds) and
+paired 95% t-intervals: per source, selected minus tuned standard fine-tuning and the learned prior minus each
+baseline; across sources, SimCLR minus supervised (learned prior, and selection).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,25 +33,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (  # noqa: E402
-    add_common_args, fmt_mean_std, fmt_table, machine_info, machine_line, mean_std_fields, set_threads,
-    write_results,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ptyl.pipeline import learn_source_prior, run_transfer  # noqa: E402
-from ptyl.priors import PriorKind  # noqa: E402
+from common import add_common_args, machine_info, machine_line, set_threads, write_results  # noqa: E402
+from pairs_report import LABELS, _ci, _verdict, method_table, paired, summary_rows, t_interval  # noqa: E402
+
+from ptyl.pipeline import learn_source_prior, markdown_table, run_transfer  # noqa: E402
 
 NAME = "simclr"
-# (label, source, prior kind) in table order
 SUPERVISED, SIMCLR = "supervised", "simclr"  # the source objectives of ptyl.pipeline.learn_source_prior
-METHODS = (
-    ("standard FT (supervised init)", SUPERVISED, PriorKind.STANDARD),
-    ("supervised learned prior", SUPERVISED, PriorKind.LOWRANK),
-    ("standard FT (SimCLR init)", SIMCLR, PriorKind.STANDARD),
-    ("SimCLR learned prior", SIMCLR, PriorKind.LOWRANK),
-)
-# log10 range of each method's main axis (4 decades each; see the module docstring)
-RANGES = {PriorKind.LOWRANK: (4.0, 8.0), PriorKind.STANDARD: (-2.0, 2.0)}
+KINDS = ("standard", "l2sp", "lowrank")
+GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0]}
 
 
 @dataclass
@@ -73,11 +58,12 @@ class Settings:
     source_batch: int = 256
     rank: int = 10
     ns: tuple[int, ...] = (10, 100)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    steps: tuple[int, ...] = (100, 200)  # downstream SGD steps per n (on the 80 % split; the refit keeps the epochs)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    steps: tuple[int, ...] = (500, 1000)
     batch_size: int = 32
-    lr: float = 0.2
-    budget: int = 3
+    lr: float = 0.1
+    grad_clip: float = 5.0
+    val_pool: int = 500
     test_size: int | None = None  # None: the whole MNIST test split
 
 
@@ -85,8 +71,8 @@ def settings(quick: bool) -> Settings:
     if not quick:
         return Settings()
     return Settings(source_size=512, sup_pretrain_epochs=1, sup_swag_epochs=1, simclr_pretrain_epochs=1,
-                    simclr_swag_epochs=1, source_batch=128, rank=2, ns=(3,), seeds=(0,), steps=(6,),
-                    budget=2, test_size=200)
+                    simclr_swag_epochs=1, source_batch=128, rank=2, ns=(3,), seeds=(0, 1), steps=(6,),
+                    val_pool=100, test_size=200)
 
 
 # ------------------------------------------------------------------------------------------------- source stage
@@ -108,43 +94,37 @@ def learn_sources(s: Settings, out: Path, progress: bool) -> dict[str, dict[str,
 
 # ------------------------------------------------------------------------------------------------ downstream
 def run(s: Settings, out: Path, progress: bool) -> tuple[list[dict], dict]:
-    """Each (source, prior kind) through :func:`ptyl.pipeline.run_transfer` on few-shot MNIST."""
+    """Per source and n, the kinds tuned together through :func:`ptyl.pipeline.run_transfer` on few-shot MNIST."""
     sources = learn_sources(s, out, progress)
+    grids = {k: {("scale" if k == "lowrank" else "variance"): v, "lr": [s.lr]} for k, v in GRIDS.items()}
     rows = []
-    for n, steps in zip(s.ns, s.steps):
-        fit_size = n * 10 - 10 * max(1, round(0.2 * n))  # the 80 % of tune's class-balanced split
-        epochs = max(1, math.ceil(steps / math.ceil(fit_size / s.batch_size)))
-        for seed in s.seeds:
-            for label, source_kind, kind in METHODS:
-                records = run_transfer(sources[source_kind]["prior"], "mnist", n_per_class=[n], seeds=[seed],
-                                       methods=[str(kind)], budget=s.budget, lrs=(s.lr,), ranges=RANGES,
-                                       epochs=epochs, batch_size=s.batch_size, max_test=s.test_size, progress=False,
-                                       val_pool=0, folds=None)  # the committed protocol: one 80/20 split
-                record = records[0]
-                row = {"method": label, "source": source_kind, "prior": str(kind), "n_per_class": n, "seed": seed,
-                       "epochs": epochs, **{k: record[k] for k in ("accuracy", "nll", "ece", "brier")},
-                       "best": record["selected"], "tuning": record["validation"],
-                       "edge_warnings": record["edge_warnings"], "other_warnings": record["warnings"],
-                       "seconds": record["wall_time_s"]}
-                rows.append(row)
-                print(f"n={n:4d} seed={seed} {label:30s} acc={row['accuracy']:.3f} nll={row['nll']:.3f} "
-                      f"ece={row['ece']:.3f} best={row['best']} ({row['seconds']:.0f} s)", flush=True)
-    timing = {f"source_{k}_s": v["seconds"] for k, v in sources.items()}
-    return rows, timing
+    for source, info in sources.items():
+        for n, steps in zip(s.ns, s.steps, strict=True):
+            records = run_transfer(info["prior"], "mnist", n_per_class=[n], seeds=list(s.seeds), methods=list(KINDS),
+                                   grids=grids, steps=steps, batch_size=s.batch_size, max_test=s.test_size,
+                                   val_pool=s.val_pool, train_overrides={"grad_clip": s.grad_clip}, progress=False,
+                                   log=lambda line, source=source: print(f"[{source}]{line}", flush=True))
+            for record in records:
+                record.update(pair=f"{source} source", n=str(n), source_objective=source)
+                rows.append(record)
+    return rows, {f"source_{k}_s": v["seconds"] for k, v in sources.items()}
 
 
-def summarise(rows: list[dict], s: Settings) -> tuple[list[list[str]], list[dict]]:
-    table, summary = [], []
+def across_sources(rows: list[dict], s: Settings) -> str:
+    """SimCLR minus supervised, paired by seed (same subsample, pool and test set)."""
+    lines = []
     for n in s.ns:
-        for label, _, _ in METHODS:
-            cell = [r for r in rows if r["n_per_class"] == n and r["method"] == label]
-            stats = {k: [r[k] for r in cell] for k in ("accuracy", "nll", "ece")}
-            edges = sum(bool(r["edge_warnings"]) for r in cell)
-            table.append([str(n), label, *(fmt_mean_std(stats[k]) for k in ("accuracy", "nll", "ece")),
-                          f"{edges}/{len(cell)}"])
-            summary.append({"n_per_class": n, "method": label, "seeds": len(cell),
-                            **mean_std_fields(stats)})
-    return table, summary
+        for method in ("lowrank", "selected"):
+            by = {src: {r["seed"]: r for r in rows if r["n"] == str(n) and r["method"] == method
+                        and r["source_objective"] == src and "error" not in r} for src in (SUPERVISED, SIMCLR)}
+            seeds = sorted(set(by[SUPERVISED]) & set(by[SIMCLR]))
+            if not seeds:
+                continue
+            d = t_interval([by[SIMCLR][x]["nll"] - by[SUPERVISED][x]["nll"] for x in seeds])
+            a = t_interval([by[SIMCLR][x]["accuracy"] - by[SUPERVISED][x]["accuracy"] for x in seeds])
+            lines.append([str(n), LABELS.get(method, method), _ci(d), _ci(a), _verdict(d), len(seeds)])
+    return markdown_table(["n / class", "method", "Δ test NLL SimCLR − supervised [95% CI]",
+                           "Δ test acc [95% CI]", "verdict (NLL)", "seeds"], lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,36 +140,38 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, timing = run(s, out, args.progress)
     elapsed = time.perf_counter() - start
-    table, summary = summarise(rows, s)
     command = "python benchmarks/accuracy/simclr.py" + (" --quick" if args.quick else "")
+    cfg = {"pairs": {f"{src} source": {"n": [str(n) for n in s.ns]} for src in (SUPERVISED, SIMCLR)}}
+    summary, summary_data = summary_rows(rows, cfg)
+    sections = []
+    for cell in cfg["pairs"]:
+        for n in s.ns:
+            group = [r for r in rows if r["pair"] == cell and r["n"] == str(n)]
+            sections += [f"### {cell}, n = {n} per class", "", method_table(group), "", paired(group)[0], ""]
     md = "\n".join([
-        "# SimCLR source prior vs supervised source prior vs standard fine-tuning (KMNIST -> MNIST)",
+        "# SimCLR source prior vs supervised source prior vs tuned baselines (KMNIST -> MNIST)",
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min).  ",
         machine_line(info) + ".  ",
-        f"Seeds {list(s.seeds)} (each a different few-shot subsample of the MNIST train split); test: "
-        f"{'2,000' if s.test_size is None else s.test_size} MNIST test images. SmallCNN(width={s.width}). Mean ± std "
-        "over seeds.",
+        f"Seeds {list(s.seeds)} (each a different few-shot subsample of the MNIST train split); a {s.val_pool}-image "
+        f"validation pool; test: {'the MNIST test split' if s.test_size is None else f'{s.test_size} MNIST test images'}"
+        f". SmallCNN(width={s.width}). Mean ± std over seeds. Protocol: the module docstring of "
+        "`benchmarks/accuracy/simclr.py` and the protocol paragraph of `pairs.md` (the off limit, the N-aware prior "
+        "share, the search statuses).",
         "",
-        fmt_table(["n / class", "method", "accuracy", "NLL", "ECE", "best at grid edge"], table),
-        "",
+        "## Summary: the selection against tuned standard fine-tuning (per source)", "", summary, "",
+        "## SimCLR minus supervised source (paired by seed)", "", across_sources(rows, s), "",
+        *sections,
         f"Source: KMNIST train ({'8,000' if s.source_size is None else s.source_size} images); supervised "
         f"{s.sup_pretrain_epochs} + {s.sup_swag_epochs} SWAG epochs, SimCLR {s.simclr_pretrain_epochs} + "
-        f"{s.simclr_swag_epochs} SWAG epochs, lr {s.source_lr}, batch {s.source_batch}, rank {s.rank}, "
-        f"~{2 * s.rank} snapshots; supervised {timing['source_supervised_s']:.0f} s, SimCLR "
-        f"{timing['source_simclr_s']:.0f} s.",
-        f"Downstream: SGD (Nesterov, cosine), lr {s.lr}, batch {s.batch_size}, about {list(s.steps)} steps for "
-        f"n = {list(s.ns)}; head prior N(0, 1). Tuning: {s.budget} trials per method (lambda in "
-        f"10^{RANGES[PriorKind.LOWRANK]} for learned priors, v in 10^{RANGES[PriorKind.STANDARD]} for standard "
-        "fine-tuning), chosen "
-        "by validation NLL on a class-balanced 80/20 split, then refit on all n. 'best at grid edge' counts seeds "
-        "whose chosen value lies at an end of its grid. Per-seed values, chosen hyper-parameters and every "
-        "trial are in simclr.json.",
+        f"{s.simclr_swag_epochs} SWAG epochs, lr {s.source_lr}, batch {s.source_batch}, rank {s.rank}; "
+        f"supervised {timing['source_supervised_s']:.0f} s, SimCLR {timing['source_simclr_s']:.0f} s.",
+        f"Downstream: SGD (Nesterov, cosine), lr {s.lr}, clipping {s.grad_clip}, batch {s.batch_size}, "
+        f"{list(s.steps)} steps for n = {list(s.ns)}; head prior N(0, 1). Initial grids {GRIDS}, extended by the "
+        "library's rule. Every trial is in simclr.json.",
     ])
-    data = {"command": command, "machine": info, "elapsed_s": elapsed, "settings": asdict(s),
-            "methods": [dict(zip(("label", "source", "prior"), map(str, m))) for m in METHODS],
-            "ranges_log10": {str(k): v for k, v in RANGES.items()},
-            "summary": summary, "runs": rows, "timing": timing}
+    data = {"command": command, "machine": info, "elapsed_s": elapsed, "settings": asdict(s), "grids": GRIDS,
+            "summary": summary_data, "runs": rows, "timing": timing}
     md_path, _ = write_results(args.out, NAME, md, data)
     print(md)
     print(f"wrote {md_path}")

@@ -159,30 +159,19 @@ def _typed(parser: argparse.ArgumentParser, values: dict[str, Any], command: str
     return out
 
 
-def _ptyl_sections() -> dict[str, argparse.ArgumentParser]:
-    from ptyl.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}  # pragma: no cover
-
-
 def config_defaults(parser: argparse.ArgumentParser, config: dict[str, Any], command: str | None = None,
                     source: str = "config file",
                     sections: dict[str, argparse.ArgumentParser] | None = None) -> dict[str, Any]:
     """Map a config dict onto ``parser``'s options: ``{dest: typed value}``.
 
     Top-level keys are ``command``'s options; a mapping value is a section and must be named after a command
-    (``sections``: command name -> its parser; default, with ``command`` given, every ``ptyl`` subcommand). The
-    ``command`` section is merged over the top-level keys; the other sections are checked against their own commands
-    and otherwise ignored, so one file can configure several commands. Unknown keys or sections, values of the wrong
-    type (a boolean is not a number), null and non-finite numbers raise a one-line :class:`ConfigError` naming the key
-    and listing the valid ones.
+    (``sections``: command name -> its parser, e.g. :func:`ptyl.cli.subcommand_parsers`; ``command``'s own parser
+    is always one of them). The ``command`` section is merged over the top-level keys; the other sections are
+    checked against their own commands and otherwise ignored, so one file can configure several commands. Unknown
+    keys or sections, values of the wrong type (a boolean is not a number), null and non-finite numbers raise a
+    one-line :class:`ConfigError` naming the key and listing the valid ones.
     """
-    if sections is None:
-        sections = _ptyl_sections() if command is not None else {}
-    sections = {_norm(name): p for name, p in sections.items()}
+    sections = {_norm(name): p for name, p in (sections or {}).items()}
     if command is not None:
         sections.setdefault(_norm(command), parser)
     flat, own = {}, {}

@@ -13,6 +13,7 @@ ptyl.errors.InvalidValueError: epochs must be an integer >= 1, got 0
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 from collections.abc import Iterable
@@ -30,6 +31,10 @@ __all__ = [
     "check_nonnegative_number",
     "check_positive",
     "check_positive_number",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
 ]
 
 T = TypeVar("T")
@@ -94,4 +99,37 @@ def check_choice(value: T, choices: Iterable[Any], name: str) -> T:
     options = tuple(choices)
     if value not in options:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {tuple(str(c) for c in options)}")
+    return value
+
+
+# --- command-line value types (argparse ``type=``): the same checks as text ------------------------------------------
+def positive_int(text: str) -> int:
+    """An integer >= 1 (an ``argparse`` type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (an ``argparse`` type)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (an ``argparse`` type)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A number >= 0 (an ``argparse`` type)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value

@@ -29,7 +29,7 @@ def setup(kind):
     x, y = regression_data(N, P, NOISE, orthogonal=True)
     model = nn.Linear(P, 1, bias=False).double()
     nn.init.zeros_(model.weight)
-    family = build_family(model, kind, posterior=diag_posterior(), head=None, scale=1.0, variance=1.0)
+    family = build_family(model, kind, posterior=diag_posterior(), head=None, scale=1.0, eps=0.0, variance=1.0)
     leaf = family.leaves()[0]
     base = leaf.base_diag if kind == "diag" else torch.ones(P, dtype=F64)
     center = leaf.center() if leaf.center() is not None else torch.zeros(P, dtype=F64)

@@ -17,13 +17,13 @@ def net():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="none"), "no scale to learn"),
-    (dict(kind="grid"), "no scale to learn"),
+    (dict(kind="none"), "declares no differentiable family"),
+    (dict(kind="grid"), "unknown prior kind 'grid'"),
     (dict(kind="lowrank"), "needs the source posterior"),
     (dict(kind="lowrank", posterior="P", head_variance=None, learn=("variance",)), "no usable scale"),
     (dict(kind="standard", learn=()), "no usable scale"),
     (dict(kind="standard", learn=("lambda",)), "unknown hyper-parameter"),
-    (dict(kind="diag", posterior="P", learn=("scale", "eps")), "positive initial value"),
+    (dict(kind="diag", posterior="P", eps=0.0, learn=("scale", "eps")), "positive initial value"),
 ])
 def test_family_without_a_usable_scale(net, kwargs, match):
     if kwargs.get("posterior") == "P":

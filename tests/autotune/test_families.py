@@ -111,7 +111,8 @@ def test_hyper_gradients_match_dense_autograd(net, kind):
 @pytest.mark.parametrize("kind", ["lowrank", "diag"])
 def test_eps_zero_fast_path_matches_dense(net, kind):
     """eps = 0: Sigma = lam Sigma_0 with Sigma_0 factorised once; value, E_q and d/d log lam against dense."""
-    family = build_family(net, kind, posterior=random_posterior(net, skip="head"), scale=2.5, head_variance=None)
+    family = build_family(net, kind, posterior=random_posterior(net, skip="head"), scale=2.5, eps=0.0,
+                          head_variance=None)
     leaf = family.leaves()[0]
     assert leaf.scaled_only
     theta = perturbed(net)

@@ -41,16 +41,19 @@ def test_quick_run_writes_tables_stores_and_paired_intervals(quick_run):
     assert md.strip() in stdout and "## mnist5k->mnist" in md and "Δ test NLL, mean [95% CI]" in md
     assert data["complete"] and data["quick"] and data["command"].startswith("python benchmarks/accuracy/pairs.py")
     records = [json.loads(line) for line in (out / "pairs_quick_runs.jsonl").read_text().splitlines()]
+    kinds = ("standard", "l2sp", "lowrank", "diag")
     assert sorted((r["method"], r["seed"]) for r in records) == sorted(
-        (m, s) for m in ("standard", "l2sp", "lowrank") for s in (0, 1))
+        (m, s) for m in (*kinds, "selected") for s in (0, 1))  # one kind-selection job per seed
     for r in records:
         assert r["validation_mode"] == "pool" and r["tuning"] == "grid" and r["split"]["val"] == 100
-        assert {"final_loss", "fit_status", "std_ratio", "prior_off", "test_selected", "path"} <= set(r)
-        assert r["edge_status"][{"lowrank": "scale"}.get(r["method"], "variance")] != "edge"
+        assert {"final_loss", "fit_status", "std_ratio", "prior_share", "prior_off", "test_selected", "path"} <= set(r)
+        axis = next(iter(k for k in r["selected"] if k != "lr"))
+        assert r["edge_status"][axis] != "edge" and r["job_method"] == "selected"
     trials = (out / "pairs_quick_trials.jsonl").read_text().splitlines()
-    assert len(trials) == sum(r["trials"] for r in records)
+    assert len(trials) == sum(r["trials"] for r in records if r["method"] == "selected")  # the off limit once
     interval = data["tables"]["mnist5k->mnist n=2"][0]
-    assert interval["method"] == "lowrank" and len(interval["nll_interval"]) == 3
+    assert interval["method"] == "selected" and interval["reference"] == "standard" and len(interval["nll_interval"]) == 3
+    assert data["summary"][0]["pair"] == "mnist5k->mnist" and "guarantee_holds" in data["summary"][0]
 
 
 def test_rerun_resumes_job_by_job_and_trial_by_trial(quick_run, capsys):
@@ -67,9 +70,10 @@ def test_rerun_resumes_job_by_job_and_trial_by_trial(quick_run, capsys):
     with open(trials, "a") as fh:
         fh.write('{"pair": "mnist5k->mn')
     assert main(["--quick", "--out", str(out)]) == 0
-    assert f"{len(records)} to run" in capsys.readouterr().out
+    assert f"{len({(r['job_method'], r['seed']) for r in records})} to run" in capsys.readouterr().out
     assert len([line for line in trials.read_text().splitlines() if line.endswith("}")]) == trial_count
     again = {(r["method"], r["seed"]): r for r in map(json.loads, runs.read_text().splitlines())}
+    assert len(again) == len(records)
     store = _module().JsonlStore(trials)
     store.append({"probe": 1})  # the torn line is ended first: the new row stays readable
     assert store.rows()[-1] == {"probe": 1}

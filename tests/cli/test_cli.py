@@ -66,6 +66,7 @@ def test_finetune_each_baseline_and_evaluate(tiny_prior, tmp_path, baseline, cap
     report = json.loads((out / "results.json").read_text())
     assert report["prior"] == {None: "lowrank", "scratch": "standard"}.get(baseline, baseline)
     assert report["num_train"] == 20 and 0 <= report["metrics"]["accuracy"] <= 1
+    assert 0 <= report["strength"]["prior_share"] <= 1 and isinstance(report["strength"]["prior_off"], bool)
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     if baseline in (None, "scratch"):  # evaluate reproduces the test metrics from the saved weights
@@ -96,14 +97,41 @@ def test_finetune_sgld_saves_samples_and_evaluate_does_bma(tiny_prior, tmp_path,
     assert json.loads(capsys.readouterr().out)["samples"] is None
 
 
-@pytest.mark.filterwarnings("ignore:best scale")
-def test_finetune_tune_selects_from_the_grid(tiny_prior, tmp_path):
+@pytest.mark.filterwarnings("ignore:.*best")
+def test_finetune_tune_selects_the_kind_and_strength_on_the_pool(tiny_prior, tmp_path, capsys):
     out = tmp_path / "tuned"
-    assert main(["finetune", "--prior", str(tiny_prior), *FAST, "--tune", "--budget", "2", "--out", str(out)]) == 0
+    args = ["finetune", "--prior", str(tiny_prior), "--n-per-class", "2", "--steps", "3", "--eps", "0.01",
+            "--tune", "--budget", "2", "--out", str(out)]
+    assert main(args) == 0
     report = json.loads((out / "results.json").read_text())
-    assert sum(row["round"] == 0 for row in report["tuning"]["table"]) == 2  # + edge extensions, recorded
-    assert report["hyperparameters"]["scale"] in report["tuning"]["grid"]["scale"]
-    assert report["tuning"]["path"] and report["tuning"]["edge_status"]["scale"] != "edge"
+    tuning = report["tuning"]
+    assert list(tuning["kinds"]) == ["lowrank", "diag", "l2sp", "standard"]  # every kind compared on the pool
+    scores = {k: v["val_nll"] for k, v in tuning["kinds"].items()}
+    assert tuning["kind"] in (*scores, "none") and report["prior"] == tuning["kind"]
+    assert min(scores.values()) == pytest.approx(min(r["val_nll"] for r in tuning["table"]))
+    log = capsys.readouterr().err
+    assert "selected on the validation pool:" in log and all(k in log for k in scores)
+
+
+@pytest.mark.filterwarnings("ignore:.*best")
+def test_finetune_tune_one_kind_reaches_its_off_limit(tiny_prior, tmp_path):
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--prior", str(tiny_prior), *FAST, "--baseline", "l2sp", "--tune", "--budget", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert sum(row["round"] == 0 for row in report["tuning"]["table"]) == 3  # 2 values + the off limit
+    assert report["tuning"]["path"] and report["tuning"]["edge_status"]["variance"] != "edge"
+    assert "kinds" not in report["tuning"]
+
+
+def test_finetune_kinds_errors_name_the_choices(tiny_prior, tmp_path, capsys):
+    base = ["finetune", *FAST, "--tune", "--out", str(tmp_path)]
+    assert main([*base, "--prior", str(tiny_prior), "--kinds", "lowrnk"]) == 2
+    assert "unknown prior kind in --kinds 'lowrnk'" in _error_line(capsys)
+    assert main([*base, "--model", "smallcnn", "--kinds", "lowrank", "l2sp"]) == 2
+    assert "learned priors need --prior" in _error_line(capsys)
+    assert main([*base, "--prior", str(tiny_prior), "--baseline", "l2sp", "--kinds", "l2sp"]) == 2
+    assert "without --baseline" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("strategy", ["de-elbo", "auto"])
@@ -183,16 +211,17 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| n/class | method | accuracy | nll | ece | selected | std ratio | train NLL |" in out
+    assert "| n/class | method | accuracy | nll | ece | selected | prior share | std ratio | train NLL |" in out
+    assert "the method chosen on the validation pool" in out
     assert "SMOKE TEST" in out and "None" not in out
     assert "mnist5k -> mnist" in out and "kmnist -> mnist (control" in out and "minus the validation-selected" in out
     for name in ("prior_mnist5k.safetensors", "prior_kmnist.safetensors", "results.json", "data_efficiency.png",
                  "summary.md"):
         assert (tmp_path / name).is_file()
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank"}
+    assert {r["method"] for r in results} == {"standard", "l2sp", "lowrank", "selected"}
     assert {r["pair"] for r in results} == {"mnist5k->mnist", "kmnist->mnist"}
-    assert all(r["validation_mode"] == "pool" and "final_loss" in r and "std_ratio" in r for r in results)
+    assert all(r["validation_mode"] == "pool" and "final_loss" in r and "prior_share" in r for r in results)
 
 
 def test_installed_script_reports_errors_in_one_line(tmp_path):

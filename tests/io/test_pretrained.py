@@ -11,7 +11,7 @@ import torch
 from ptyl.cli import main
 from ptyl.errors import PriorFileError
 from ptyl.io import (
-    PriorCard, from_pretrained, load_posterior, prior_file, push_to_hub, save_pretrained,
+    PriorCard, from_pretrained, load_posterior, prior_file_path, push_to_hub, save_pretrained,
 )
 from ptyl.io import pretrained as pretrained_module
 from ptyl.pipeline import learn_source_prior, load_pretrained
@@ -61,7 +61,7 @@ def test_defaults_say_they_are_not_tuned(tmp_path, learned):
 def test_the_cli_takes_the_directory(tmp_path, learned):
     posterior, model = learned
     directory = save_pretrained(tmp_path / "share", posterior, weights=model)
-    assert prior_file(directory) == directory / "prior.safetensors"
+    assert prior_file_path(directory) == directory / "prior.safetensors"
     out = tmp_path / "run"
     assert main(["finetune", "--prior", str(directory), "--data", "mnist", "--n-per-class", "2", "--steps", "2",
                  "--quiet", "--out", str(out)]) == 0

@@ -175,8 +175,8 @@ def test_user_files(tmp_path):
     csv_path.write_text('text,label\n"good, really",pos\nbad,neg\nfine,pos\n', encoding="utf-8")
     assert load_text_dataset(csv_path) == (["good, really", "bad", "fine"], [1, 0, 1], ["neg", "pos"])
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"sentence": s, "y": y}) for s, y in [("a", 2), ("b", 0)]) + "\n")
-    assert load_text_dataset(jsonl, text_column="sentence", label_column="y") == (["a", "b"], [2, 0], ["0", "1", "2"])
+    jsonl.write_text("\n".join(json.dumps({"sentence": s, "y": y}) for s, y in [("a", 1), ("b", 0)]) + "\n")
+    assert load_text_dataset(jsonl, text_column="sentence", label_column="y") == (["a", "b"], [1, 0], ["0", "1"])
     with pytest.raises(DataError, match="no column 'text'"):
         load_text_dataset(jsonl)
     with pytest.raises(DataError, match="unknown text dataset"):

@@ -69,8 +69,8 @@ def test_resnet_names_and_depths():
 
 
 def test_build_model_errors():
-    assert available_models() == ["smallcnn", "resnet8", "resnet20", "resnet32", "mlp"]
-    with pytest.raises(ConfigError, match="available models: smallcnn, resnet8, resnet20, resnet32, mlp"):
+    assert available_models() == ["smallcnn", "resnet8", "resnet20", "resnet32", "mlp", "minilm"]
+    with pytest.raises(ConfigError, match="available models: smallcnn, resnet8, resnet20, resnet32, mlp, minilm"):
         build_model("vgg16")
     with pytest.raises(ConfigError, match="smallcnn"):
         build_model("smallcnn", depth=3)

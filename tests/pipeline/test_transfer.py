@@ -1,5 +1,6 @@
 """The pipeline end to end: source prior + pretrained weights, method parsing, the tuned comparison, reports."""
 
+import json
 import math
 
 import pytest
@@ -87,16 +88,33 @@ def test_run_transfer_records_every_method(tiny_prior, tmp_path):
     for r in results:
         assert r["num_train"] == 20 and r["num_test"] == 50 and r["n_per_class"] == 2
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["nll"]) and r["wall_time_s"] > 0
-        assert sum(t["round"] == 0 for t in r["validation"]) == 2  # the same grid for every method
+        assert sum(t["round"] == 0 for t in r["validation"]) == 3  # the same grid for every method, + the off limit
         assert r["validation_mode"] == "pool" and r["split"]["val"] == 500  # the default 500-image pool
         assert r["final_loss"] > 0 and r["std_ratio"] > 0 and isinstance(r["prior_off"], bool)
         assert set(r["test_selected"]) >= {"accuracy", "nll"} and r["test_selected"]["nll"] <= r["nll"] + 1e-12
         axis = "scale" if r["prior"] == "lowrank" else "variance"
         assert set(r["selected"]) == {axis, "lr"}
     assert not results[1]["pretrained"] and results[0]["pretrained"]
+    assert all(r["prior_share"] >= 0 for r in results)  # the N-aware diagnostic in every record
     # different seeds draw different few-shot subsets, so the runs differ
     assert results[0]["nll"] != results[2]["nll"]
     assert (tmp_path / "results.json").is_file()
+
+
+def test_run_transfer_selects_the_kind_on_the_pool(tiny_prior):
+    methods = ["standard", "l2sp", "lowrank"]
+    results = run_transfer(tiny_prior, "mnist", n_per_class=[2], seeds=[0], methods=methods, budget=2, steps=2,
+                           eps=1e-2, max_test=50, progress=False, max_rounds=1)
+    assert [r["method"] for r in results] == [*methods, "selected"]
+    selected = results[-1]
+    per_kind = {r["method"]: r["val_nll"] for r in results[:-1]}
+    assert selected["kind_scores"] == pytest.approx(per_kind)
+    assert selected["val_nll"] == pytest.approx(min(per_kind.values()))  # never worse on the pool than any kind
+    winner = min(per_kind, key=per_kind.get)
+    assert selected["selected_kind"] in (winner, "none")
+    off = [t for r in results[:-1] for t in r["validation"] if t.get("off_limit")]
+    assert len({json.dumps({k: t[k] for k in ("val_nll", "test_nll")}) for t in off}) == 1  # one shared trial
+    assert "selected" in summarize(results)
 
 
 def test_run_transfer_records_divergence_instead_of_crashing(tiny_prior):

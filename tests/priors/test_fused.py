@@ -250,7 +250,7 @@ def test_cpu_groups_give_the_single_group_result(kind, kw, monkeypatch):
     monkeypatch.setattr(flat, "GROUP_NUMEL", 10)
     grouped = _prior(kind, kw, model, post)
     swag_grouped = SWAGCollector(model, rank=2)
-    assert len(grouped.parts["backbone"]._cpu_groups) > 1 and len(single.parts["backbone"]._cpu_groups) == 1
+    assert len(grouped.parts["backbone"].cpu_groups) > 1 and len(single.parts["backbone"].cpu_groups) == 1
     values = []
     for prior in (single, grouped):
         model.zero_grad(set_to_none=True)

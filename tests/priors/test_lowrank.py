@@ -41,7 +41,7 @@ def test_lambda_scales_whole_covariance_not_lambda_squared():
     model = TinyNet().double()
     post = random_posterior(model, rank=3)
     lam = 4.0
-    p1, p4 = learned_prior(post, "lowrank", scale=1.0), learned_prior(post, "lowrank", scale=lam)
+    p1, p4 = learned_prior(post, "lowrank", scale=1.0, eps=0.0), learned_prior(post, "lowrank", scale=lam, eps=0.0)
     (_, d1, u1), (_, d4, u4) = p1.flat_parts(), p4.flat_parts()
     assert torch.allclose(u4, math.sqrt(lam) * u1)
     assert torch.allclose(d4, lam * d1)

@@ -53,18 +53,21 @@ def test_tune_picks_argmin_and_matches_an_independent_fit():
     data = blobs()
     grid = {"variance": [0.01, 0.1, 10.0], "lr": [0.05]}
     result = tune(model_fn, data, "standard", grid, config=CONFIG, seed=1, progress=False, refit=False, extend=False)
-    assert len(result.table) == 3 and result.split == {"train": 48, "val": 12, "total": 60}
+    assert len(result.table) == 4 and result.split == {"train": 48, "val": 12, "total": 60}
+    assert [r["variance"] for r in result.table] == [0.01, 0.1, 10.0, math.inf]  # the off limit is a point
     best_row = min(result.table, key=lambda r: r["val_nll"])
     assert result.best == {"variance": best_row["variance"], "lr": 0.05}
     assert all({"val_nll", "val_accuracy", "val_ece"} <= set(r) for r in result.table)
     # the protocol by hand: same split, fresh model, prior, fit on the 80 % with num_data = its size
     train, val = validation_split(data, 0.2, seed=1)
-    torch.manual_seed(1)
-    model = model_fn()
-    prior = PriorSpec("standard").build_prior(model, variance=best_row["variance"])
-    by_hand = fit(model, train, prior, CONFIG, num_data=len(train), seed=1)
-    val_nll = evaluate_probs(by_hand.predict(val), val.dataset.tensors[1][val.indices])["nll"]
-    assert val_nll == pytest.approx(best_row["val_nll"], rel=1e-6)
+    for row in (result.table[1], result.table[-1]):
+        torch.manual_seed(1)
+        model = model_fn()
+        off = row["variance"] == math.inf  # the off limit: no backbone prior, the same head prior
+        prior = PriorSpec("none" if off else "standard").build_prior(model, variance=None if off else row["variance"])
+        by_hand = fit(model, train, prior, CONFIG, num_data=len(train), seed=1)
+        val_nll = evaluate_probs(by_hand.predict(val), val.dataset.tensors[1][val.indices])["nll"]
+        assert val_nll == pytest.approx(row["val_nll"], rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:best .* grid")
@@ -83,7 +86,7 @@ def test_edge_warning_fires_when_every_variance_is_absurdly_tiny():
     grid = {"variance": [1e-3, 3e-3, 1e-2]}
     with pytest.warns(UserWarning, match="largest value"):
         result = tune(model_fn, blobs(), PriorSpec("standard", head_variance=1e-3), grid, config=CONFIG,
-                      progress=False, refit=False, extend=False)
+                      progress=False, refit=False, extend=False, off_limit=False)
     assert result.best["variance"] == 1e-2 and result.at_edge and result.edge_status["variance"] == "edge"
     assert "variance" in result.edge_warnings[0]
 
@@ -134,8 +137,6 @@ def test_bad_input_is_named():
         tune(model_fn, data, "standard", {"wd": [1.0]}, config=CONFIG, progress=False)
     with pytest.raises(ConfigError, match="weight_decay"):
         tune(model_fn, data, "standard", {"weight_decay": [1e-4]}, config=CONFIG, progress=False)
-    with pytest.raises(ConfigError, match="needs a prior variance"):
-        tune(model_fn, data, "standard", {"lr": [0.1]}, config=CONFIG, progress=False)
     with pytest.raises(ConfigError, match="posterior"):
         tune(model_fn, data, "lowrank", {"scale": [1.0]}, config=CONFIG, progress=False)
     with pytest.raises(ConfigError, match="seed"):
@@ -228,8 +229,9 @@ def test_user_errors_are_raised_before_the_first_fit(monkeypatch):
 def test_every_trial_diverging_is_a_divergence_error_not_a_config_error():
     from ptyl.errors import DivergenceError
 
-    with pytest.raises(DivergenceError, match="every one of the 2 trials diverged"):
-        # the gradient step (a proximal step pins an absurd-lr model to the prior mean instead of diverging)
+    with pytest.raises(DivergenceError, match="every one of the 3 trials diverged"):
+        # the gradient step (a proximal step pins an absurd-lr model to the prior mean instead of diverging); 2 values
+        # and the off limit
         tune(model_fn, blobs(), "standard", {"variance": [1.0, 10.0], "lr": [1e9]},
              config=replace_prior_step(CONFIG), progress=False, extend=False)
 

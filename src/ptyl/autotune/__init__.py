@@ -16,11 +16,13 @@ from ptyl.autotune.families import BlockFamily, CompositeFamily, IsotropicFamily
 from ptyl.autotune.likelihoods import Categorical, Gaussian, Likelihood, get_likelihood
 from ptyl.autotune.marglik import CURVATURES, evidence_part, update_hypers
 from ptyl.autotune.occam import LaplaceEvidence, laplace_log_evidence
+from ptyl.autotune.share import OFF_SHARE, PriorShare, prior_share
 from ptyl.autotune.variational import SampledModel, VariationalPosterior
 
 __all__ = [
     "CURVATURES",
     "HYPERS",
+    "OFF_SHARE",
     "KINDS",
     "BlockFamily",
     "Categorical",
@@ -35,6 +37,7 @@ __all__ = [
     "LeafFamily",
     "LearnedFamily",
     "Likelihood",
+    "PriorShare",
     "SampledModel",
     "VariationalPosterior",
     "build_family",
@@ -43,6 +46,7 @@ __all__ = [
     "evidence_part",
     "get_likelihood",
     "laplace_log_evidence",
+    "prior_share",
     "resolve_kappa",
     "update_hypers",
 ]

@@ -4,7 +4,7 @@ a :class:`~ptyl.errors.DataError` naming the batch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,6 +12,36 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ptyl.autotune.likelihoods import unpack
 from ptyl.errors import DataError
+
+
+def model_outputs(model: Any, x: Any, params: dict | None = None) -> torch.Tensor:
+    """The model's outputs on inputs ``x`` as the training objective calls it: ``model(x)``, or ``model(**x)`` for a
+    dict of tensors (a tokenizer's output) whose keys the forward takes as keywords (else ``model(x)``: a forward
+    taking the dict); a Hugging Face output's ``logits``. With ``params``, through
+    ``torch.func.functional_call`` (per-example gradients)."""
+    from torch.func import functional_call
+
+    args, kwargs = ((), dict(x)) if isinstance(x, Mapping) and _takes_keywords(model, x) else ((x,), {})
+    out = functional_call(model, params, args, kwargs) if params is not None else model(*args, **kwargs)
+    if torch.is_tensor(out):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if logits is None:
+        raise DataError(f"the model returned {type(out).__name__} without 'logits'")
+    return logits
+
+
+def _takes_keywords(model: Any, x: Mapping) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return set(x) <= names
 
 
 def num_examples(x: Any) -> int:

@@ -16,8 +16,8 @@ head                   v_h I, centred on 0                                      
 =====================  =====================================================================  ====================
 
 Every leaf family is ``N(mu, diag(d) + U^T U)`` with ``d = lam a + eps`` and ``U = sqrt(lam) V`` (``a``, ``V`` fixed);
-:class:`~ptyl.autotune.woodbury.Woodbury` evaluates it without a P x P matrix. Cost per call: with eps = 0 (ptyl's
-default) Sigma = lam Sigma_0 and Sigma_0 is factorised once, so a call is O(P k + k^3); with eps > 0 the capacitance
+:class:`~ptyl.autotune.woodbury.Woodbury` evaluates it without a P x P matrix. Cost per call: with eps = 0 (a fixed eps
+of 0) Sigma = lam Sigma_0 and Sigma_0 is factorised once, so a call is O(P k + k^3); with eps > 0 the capacitance
 depends on eps / lam and is rebuilt, O(P k^2) per call.
 ``E_q[log p]`` under a diagonal Gaussian q = N(m, diag s^2) is closed form:
 
@@ -164,10 +164,12 @@ class LearnedFamily(LeafFamily):
         scale, eps: initial lam > 0 and eps >= 0; ``learn_scale`` / ``learn_eps`` make them parameters
             (a learned eps must start > 0: it lives in log space). ``log_eps`` may be passed to share one eps.
         label: suffix of the hyper-parameter names in :meth:`hyper_values` (e.g. a block name).
+        scale_name: how :meth:`hyper_values` names lam (``"variance"`` for a kind whose axis is a variance).
     """
 
     def __init__(self, mean, base_diag, base_factor=None, *, scale=1.0, eps=0.0, learn_scale=True, learn_eps=False,
-                 log_eps: nn.Parameter | None = None, label: str = "", dtype=torch.float64):
+                 log_eps: nn.Parameter | None = None, label: str = "", scale_name: str = "scale",
+                 dtype=torch.float64):
         super().__init__({n: tuple(t.shape) for n, t in mean.items()}, dtype)
         flat = lambda d: torch.cat([d[n].detach().reshape(-1).to(dtype) for n in self.names])  # noqa: E731
         self.register_buffer("mean", flat(mean))
@@ -188,6 +190,7 @@ class LearnedFamily(LeafFamily):
             self.register_buffer("log_eps", None)
             self.fixed_eps = torch.tensor(check_hyper(eps, "eps", allow_zero=True), dtype=dtype)
         self.label = label
+        self.scale_name = scale_name
         self.scaled_only = self.log_eps is None and float(eps) == 0.0  # Sigma = lam Sigma_0: the O(P k) path
 
     @property
@@ -227,7 +230,7 @@ class LearnedFamily(LeafFamily):
 
     def hyper_values(self) -> dict[str, float]:
         suffix = f"[{self.label}]" if self.label else ""
-        return {f"scale{suffix}": float(self.scale().detach()), "eps": float(self.eps().detach())}
+        return {f"{self.scale_name}{suffix}": float(self.scale().detach()), "eps": float(self.eps().detach())}
 
     def to_prior(self) -> Prior:
         with torch.no_grad():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ptyl.autotune.curvature import DenseBlock, DiagBlock
-from ptyl.autotune.data import checked_batches, num_examples, rows
+from ptyl.autotune.data import checked_batches, model_outputs, num_examples, rows
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
 from ptyl.params import normalize_name
@@ -51,7 +51,7 @@ def ggn_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: 
                fisher: str, mc_samples: int, generator) -> tuple[list, float, int]:
     """One :class:`DiagBlock` (``structure="diag"``) or :class:`DenseBlock` (``"full"``) over ``names``; also the
     summed log-likelihood and the number of examples."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
     from torch.utils._pytree import tree_map
 
     wrt, fixed = _split_params(model, names)
@@ -59,7 +59,7 @@ def ggn_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: 
 
     def projected(params, x, v):
         one = tree_map(lambda t: t.unsqueeze(0) if torch.is_tensor(t) else t, x)  # a tensor or a dict of tensors
-        out = functional_call(model, {**fixed, **params}, (one,))
+        out = model_outputs(model, one, {**fixed, **params})
         return (likelihood.outputs(out).reshape(-1) * v.to(out.dtype)).sum()
 
     per_column = vmap(vmap(grad(projected), in_dims=(None, None, 0)), in_dims=(None, 0, 0))
@@ -69,7 +69,7 @@ def ggn_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: 
     log_lik, count = torch.zeros((), dtype=torch.float64), 0
     for x, y in checked_batches(data, device):
         with torch.no_grad():
-            out = model(x)
+            out = model_outputs(model, x)
         log_lik += likelihood.log_prob(out.double(), y).sum().cpu()
         size = num_examples(x)
         count += size

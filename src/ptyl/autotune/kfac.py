@@ -32,7 +32,7 @@ from torch import nn
 
 from ptyl.autotune.affine import affine_grads, supported_affine
 from ptyl.autotune.curvature import DiagBlock, KronBlock
-from ptyl.autotune.data import checked_batches, num_examples
+from ptyl.autotune.data import checked_batches, model_outputs, num_examples
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
 from ptyl.params import normalize_name
@@ -157,7 +157,7 @@ def layer_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names
         for x, y in checked_batches(data, device):
             recorder.clear()
             with torch.enable_grad():
-                out = model(x)
+                out = model_outputs(model, x)
             f = likelihood.outputs(out)
             log_lik += likelihood.log_prob(out.detach().double(), y).sum().cpu()
             count += num_examples(x)

@@ -50,24 +50,36 @@ class Likelihood:
 
 
 class Categorical(Likelihood):
-    """Softmax cross-entropy over ``[B, C]`` logits, integer class targets."""
+    """Softmax cross-entropy over ``[B, C]`` logits and integer class targets ``[B]``, or over ``[B, C, *S]`` logits
+    (segmentation: an independent categorical per position) and targets ``[B, *S]``, summed over the positions.
+
+    The exact GGN takes one pass per output column (``C`` for ``[B, C]``); for per-position outputs use the
+    Monte-Carlo Fisher (``fisher="mc"``): one sampled target per position gives an unbiased estimate in one pass.
+    """
 
     name = "categorical"
 
     def log_prob(self, out, y):
-        if out.dim() != 2:
-            raise ConfigError(f"the categorical likelihood needs [batch, classes] logits, got shape {tuple(out.shape)}")
-        return -F.cross_entropy(out, y.long(), reduction="none")
+        if out.dim() < 2:
+            raise ConfigError(f"the categorical likelihood needs [batch, classes, ...] logits, got shape "
+                              f"{tuple(out.shape)}")
+        return -F.cross_entropy(out, y.long(), reduction="none").reshape(out.shape[0], -1).sum(1)
 
     def hessian_sqrt(self, out):
+        if out.dim() != 2:
+            raise ConfigError(f"the exact GGN of per-position logits {tuple(out.shape)} takes one pass per class and "
+                              "position: use fisher='mc'")
         p = torch.softmax(out.detach().double(), dim=1)  # [B, C]
         eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
         return (eye.unsqueeze(0) - p.unsqueeze(2)) * p.sqrt().unsqueeze(1)  # [B, C(out), C(col)]
 
     def sample_gradient(self, out, generator):
         p = torch.softmax(out.detach().double(), dim=1)
-        y = torch.multinomial(p, 1, generator=generator).squeeze(1)
-        return p - F.one_hot(y, p.shape[1]).to(p.dtype)
+        classes = p.shape[1]
+        flat = p.movedim(1, -1).reshape(-1, classes)  # one categorical per example and position
+        y = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+        grad = (flat - F.one_hot(y, classes).to(p.dtype)).reshape(*p.movedim(1, -1).shape).movedim(-1, 1)
+        return grad.reshape(out.shape[0], -1)  # in the order of outputs(): [B, C * prod(S)]
 
 
 class Gaussian(Likelihood):

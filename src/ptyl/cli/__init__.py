@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from ptyl.cli._common import Parser, UsageError, add_common
 from ptyl.errors import PtylError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main", "subcommand_parsers"]
 
 _MODULES = ("source", "inspect", "finetune", "demo")
 
@@ -43,11 +43,19 @@ def build_parser() -> Parser:
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of a parser (``build_parser()``'s: ``finetune``, ``learn-prior``, ...).
+
+    Args:
+        parser: a parser with subcommands.
+
+    Returns:
+        Command name -> its parser (the sections a config file may have, :func:`ptyl.config.config_defaults`).
+    """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]
-    raise KeyError(command)  # pragma: no cover
+            return dict(action.choices)
+    return {}  # pragma: no cover
 
 
 def _parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -68,8 +76,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                          "(see 'ptyl --help')")
     config = getattr(args, "config", None)
     if config:
-        sub = _subparser(parser, args.command)
-        sub.set_defaults(**config_defaults(sub, load_config(config), args.command, source=str(config)))
+        sections = subcommand_parsers(parser)
+        sub = sections[args.command]
+        sub.set_defaults(**config_defaults(sub, load_config(config), args.command, source=str(config),
+                                           sections=sections))
         args = _parse_known(parser, argv)  # again: flags on the command line override the file
     return args
 

@@ -10,14 +10,15 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ptyl.cli._common import (
-    UsageError, add_common, add_data_model_options, info, model_kwargs, nonnegative_float, positive_float, positive_int,
-    progress, require,
+    UsageError, add_common, add_data_model_options, add_task_options, info, model_kwargs, nonnegative_float,
+    positive_float, positive_int, progress, require, task_options,
 )
+from ptyl.cli._tuning import default_kinds, kinds_spec, report_kinds, show_values
 from ptyl.errors import PtylError
 
 
@@ -29,8 +30,17 @@ def _baselines() -> list[str]:
     return [str(k) for k in PriorKind if k is not PriorKind.LOWRANK] + [str(Start.SCRATCH)]
 
 
+def _defaults(option: str) -> str:
+    """``lowrank 100, diag 100, ...``: the registry default of ``option`` for every kind that uses it."""
+    from ptyl.priors import PriorKind
+
+    return ", ".join(f"{kind} {kind.recipe.defaults[option]:g}" for kind in PriorKind
+                     if kind.recipe.needs_posterior == (option != "variance") and kind.recipe.axis is not None)
+
+
 def add_parsers(subparsers) -> None:
-    from ptyl.pipeline import ClassificationTask, SegmentationTask
+    from ptyl.pipeline import TASKS
+    from ptyl.priors.registry import HEAD_VARIANCE
     from ptyl.training.precision import PRECISIONS
     from ptyl.training import Inference
     from ptyl.tuning import AUTO, STRATEGIES
@@ -44,8 +54,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--prior", help="prior file from 'ptyl learn-prior' or a shared prior directory "
                                    "(ptyl.io.save_pretrained); without it: --model's own weights under the l2sp "
                                    "baseline, or --baseline scratch")
-    add_data_model_options(p, data_default="mnist", model_default=None, data_help="target data")
-    p.add_argument("--n-per-class", type=positive_int, default=10, help="training examples per class [10]")
+    targets = ", ".join(f"{t.default_target} ({name})" for name, t in TASKS.items() if t.default_target)
+    add_data_model_options(p, data_default=None, model_default=None,
+                           data_help=f"target data (default per task: {targets})")
+    p.add_argument("--n-per-class", type=positive_int, default=10,
+                   help="training examples per class (classification, text) [10]")
     p.add_argument("--inference", "--method", dest="inference", default=str(Inference.MAP),
                    choices=[str(i) for i in Inference],
                    help="inference: MAP, SGLD + BMA, cyclical SGLD + BMA, downstream SWAG + BMA [map]")
@@ -55,13 +68,15 @@ def add_parsers(subparsers) -> None:
                         "or start from a random initialisation under the standard prior (scratch)")
     p.add_argument("--width", type=positive_int, help="model width (scratch only; else the prior's)")
     p.add_argument("--scale", type=positive_float,
-                   help="prior scale lambda of a learned prior [the prior kind's default, 100]")
+                   help=f"prior scale lambda of a learned prior [the prior kind's default: {_defaults('scale')}]")
     p.add_argument("--eps", type=nonnegative_float,
-                   help="isotropic jitter eps of a learned prior, N(mu, lam Sigma + eps I) [the kind's default, 1e-3]")
-    p.add_argument("--rank", type=int, help="use the first k <= K deviation columns (default: all)")
+                   help="isotropic jitter eps of a learned prior, N(mu, lam Sigma + eps I) [the kind's default: "
+                        f"{_defaults('eps')}]")
+    p.add_argument("--rank", type=int, help="use the first k <= K deviation columns [all]")
     p.add_argument("--variance", type=positive_float,
-                   help="prior variance of standard / l2sp / scratch [the prior kind's default: 10, 1e-3, 10]")
-    p.add_argument("--head-variance", type=positive_float, default=1.0, help="prior variance of the new head [1]")
+                   help=f"prior variance of an isotropic prior [the prior kind's default: {_defaults('variance')}]")
+    p.add_argument("--head-variance", type=positive_float, default=HEAD_VARIANCE,
+                   help=f"prior variance of the new head [{HEAD_VARIANCE:g}]")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (SGD, cosine to 0) [0.1]")
     p.add_argument("--grad-clip", type=positive_float, default=5.0, help="gradient-norm clipping [5]")
     p.add_argument("--epochs", type=positive_int, help="epochs (default: from --steps)")
@@ -75,19 +90,20 @@ def add_parsers(subparsers) -> None:
                    help="fp32, or mixed precision bf16 / fp16 (the prior term stays in full precision) [fp32]")
     p.add_argument("--tune", nargs="?", const=GRID, choices=(*STRATEGIES, "auto"),
                    help="choose the prior strength: 'grid' (alone: --tune) by validation NLL on a held-out pool "
-                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum; "
-                        "'de-elbo' / 'marglik' learn it in one training run on all examples (no validation data); "
-                        f"'auto' = {AUTO!r}")
+                        "(--val-pool; 5-fold cross-validation when it is 0), extending the grid past an edge optimum "
+                        "to its exact off limit (plain fine-tuning); without --baseline it also chooses the prior "
+                        "kind among --kinds on the same pool. 'de-elbo' / 'marglik' learn the strength in one "
+                        f"training run on all examples (no validation data); 'auto' = {AUTO!r}")
+    p.add_argument("--kinds", nargs="+", metavar="KIND",
+                   help="--tune grid without --baseline: the prior kinds compared on the pool [with --prior: "
+                        f"{' '.join(default_kinds(True))}; without: {' '.join(default_kinds(False))}]")
     p.add_argument("--budget", type=positive_int, default=4, help="grid values for --tune grid, before extensions [4]")
     p.add_argument("--val-pool", type=int, default=500,
-                   help="classification --tune grid: validation images held out of the target's train split [500]")
-    p.add_argument("--task", default=ClassificationTask.name, choices=(ClassificationTask.name, SegmentationTask.name),
-                   help="classification (few-shot) or digit-canvas segmentation [classification]")
-    p.add_argument("--n-train", type=positive_int, default=64, help="segmentation: training canvases [64]")
-    p.add_argument("--n-test", type=positive_int, default=64, help="segmentation: test canvases [64]")
-    p.add_argument("--canvas-size", type=positive_int, default=56, help="segmentation: canvas side [56]")
+                   help="classification / text --tune grid: validation examples held out of the target's training "
+                        "data [500]")
     p.add_argument("--seed", type=int, default=0, help="seed (few-shot subset, head init, training) [0]")
     p.add_argument("--out", help="output directory (results.json, reliability.png, model.safetensors)")
+    add_task_options(p, "finetune")
     add_common(p)
     p.set_defaults(func=run_finetune)
 
@@ -107,7 +123,8 @@ def add_parsers(subparsers) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- finetune
-def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[dict[str, Any], Any, Any]:
+def _source(args: argparse.Namespace, scratch: bool, task_kwargs: dict[str, Any],
+            default_model: str | None) -> tuple[dict[str, Any], Any, Any]:
     """(model metadata, pretrained state dict or None, a source model to copy or None): the prior's pretrained
     weights; without a prior the model ``--model`` builds (a factory brings its own weights) or a random start."""
     from ptyl.io import read_metadata
@@ -115,8 +132,8 @@ def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[
     from ptyl.pipeline import load_pretrained
 
     if not args.prior:
-        kwargs = {"in_channels": in_channels, **model_kwargs(args)}
-        meta = {"model": args.model or "smallcnn", "model_kwargs": kwargs, "head": args.head or "head"}
+        kwargs = {**task_kwargs, **model_kwargs(args)}
+        meta = {"model": args.model or default_model, "model_kwargs": kwargs, "head": args.head or "head"}
         return meta, None, (None if scratch else build_model(meta["model"], **kwargs))
     meta = read_metadata(args.prior)
     arch = meta.get("model") or meta.get("architecture")
@@ -131,23 +148,16 @@ def _source(args: argparse.Namespace, scratch: bool, in_channels: int) -> tuple[
     return meta, load_pretrained(args.prior)[0].state_dict(), None
 
 
-def _task(args: argparse.Namespace, image_size: int | None, head: str):
-    from ptyl.errors import DataError
-    from ptyl.pipeline import ClassificationTask, SegmentationTask
+def _task(args: argparse.Namespace, prior_meta: dict[str, Any], head: str):
+    """(the task of ``--task`` built from its flags, the training-set size)."""
+    from ptyl.pipeline import get_task
 
-    if args.task == SegmentationTask.name:
-        return SegmentationTask(args.data, n_test=args.n_test, canvas_size=args.canvas_size), args.n_train
-    pool = args.val_pool if args.tune else 0
-    try:
-        task = ClassificationTask(args.data, image_size=image_size, head=head, val_pool=pool)
-        task.train_set(args.n_per_class, args.seed)  # the pool must leave n per class to train on
-    except DataError:
-        if not pool:
-            raise
-        info(args, f"{args.data} cannot spare a {pool}-image validation pool next to {args.n_per_class} per class: "
-                   "tuning by 5-fold cross-validation instead")
-        task = ClassificationTask(args.data, image_size=image_size, head=head)
-    return task, args.n_per_class
+    task_class = get_task(args.task)
+    args.data = args.data or task_class.default_target
+    if prior_meta.get("task") not in (None, args.task) and task_class.has_source_stage():
+        raise UsageError(f"prior {args.prior} was learned for the {prior_meta['task']} task, not {args.task}: pass "
+                         f"--task {prior_meta['task']} or a prior learned with 'ptyl learn-prior --task {args.task}'")
+    return task_class.from_args(args, prior_meta=prior_meta, head=head, log=lambda message: info(args, message))
 
 
 def _warn_exact_posterior(args: argparse.Namespace, per_class: int | None) -> None:
@@ -170,38 +180,43 @@ def _prior_spec(args: argparse.Namespace, head: str):
     from ptyl.priors import PriorKind
     from ptyl.tuning import PriorSpec
 
-    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or PriorKind.LOWRANK)
-    recipe = kind.recipe
-    posterior = load_posterior(args.prior) if recipe.needs_posterior else None
-    chosen = {"scale": args.scale, "variance": args.variance}
-    if recipe.axis is not None and chosen.get(recipe.axis) is None:
-        chosen[recipe.axis] = recipe.default
-    return PriorSpec(kind=kind, posterior=posterior, scale=chosen["scale"] or 1.0, eps=args.eps, rank=args.rank,
-                     variance=chosen["variance"], head=head, head_variance=args.head_variance)
+    default = PriorKind.LOWRANK if args.prior else PriorKind.L2SP
+    kind = PriorKind.STANDARD if args.baseline == Start.SCRATCH else PriorKind.parse(args.baseline or default)
+    posterior = load_posterior(args.prior) if kind.recipe.needs_posterior else None
+    # a flag left out is None: PriorSpec / make_prior take the kind's registry default
+    return PriorSpec(kind=kind, posterior=posterior, scale=args.scale, eps=args.eps, rank=args.rank,
+                     variance=args.variance, head=head, head_variance=args.head_variance)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from ptyl.io import atomic_files, prior_file, read_metadata, save_samples, save_weights
+    from ptyl.autotune import prior_share
+    from ptyl.io import atomic_files, prior_file_path, read_metadata, save_samples, save_weights
     from ptyl.metrics import reliability_diagram, save_json
-    from ptyl.pipeline import ClassificationTask, Start, pretrained_model_fn, train_config
-    from ptyl.priors import PriorKind
+    from ptyl.pipeline import Start, get_task, pretrained_model_fn, train_config
+    from ptyl.priors import PriorKind, prior_strength
     from ptyl.training import fit
     from ptyl.tuning import AUTO, default_grid, tune
     from ptyl.tuning.result import GRID
 
     require(args, "out")
     scratch = args.baseline == Start.SCRATCH
+    choose_kind = args.tune in (GRID, "grid") and args.baseline is None  # --tune grid picks the kind on the pool
+    if args.kinds and not choose_kind:
+        raise UsageError("--kinds chooses the prior kind with --tune grid; use it without --baseline")
     if args.prior:
-        args.prior = str(prior_file(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
+        args.prior = str(prior_file_path(args.prior))  # a shared prior directory (ptyl.io.save_pretrained) works too
     if args.prior and not Path(args.prior).is_file():
         raise FileNotFoundError(f"prior file not found: {args.prior}")
     if not args.prior and not scratch:
         if args.model is None:
             raise UsageError("'ptyl finetune' needs --prior (a file from 'ptyl learn-prior'), or --model (its own "
                              "weights under a baseline prior), or --baseline scratch")
-        if args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
+        if choose_kind:
+            info(args, f"no --prior: comparing {', '.join(args.kinds or default_kinds(False))} around "
+                       f"{args.model}'s own weights")
+        elif args.baseline is None or PriorKind.parse(args.baseline).recipe.needs_posterior:
             if args.baseline is not None:
                 raise UsageError(f"--baseline {args.baseline} is a learned prior: it needs --prior")
             args.baseline = str(PriorKind.L2SP)
@@ -211,9 +226,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prior_meta = read_metadata(args.prior) if args.prior else {}
     head = args.head or prior_meta.get("head") or "head"
-    task, size = _task(args, prior_meta.get("image_size"), head)
+    task_options(args)  # another task's flag given is an error
+    task, size = _task(args, prior_meta, head)
     train, test = task.train_set(size, args.seed), task.test_set(args.seed)
-    meta, state, module = _source(args, scratch, int(train[0][0].shape[0]))
+    meta, state, module = _source(args, scratch, task.model_kwargs(train[0]), get_task(args.task).default_model)
     model_fn = pretrained_model_fn(meta, state, task, module=module)
     spec = _prior_spec(args, task.head)
     config = train_config(args.inference, len(train), steps=args.steps, batch_size=args.batch_size,
@@ -222,7 +238,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.epochs:
         config.epochs, config.max_steps = args.epochs, None
     config.precision = args.precision
-    _warn_exact_posterior(args, size if isinstance(task, ClassificationTask) else None)
+    per_class = size if task.size_key == "n_per_class" else None
+    _warn_exact_posterior(args, per_class)
     selected: dict[str, Any] = {}
     tuning = None
     info(args, f"fine-tuning on {len(train)} {args.data} training examples: prior {spec.kind}, inference "
@@ -230,20 +247,41 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.tune:
         strategy = AUTO if args.tune == "auto" else args.tune
         if strategy == GRID:
-            grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
             pool = task.validation_set()
-            tuned = tune(model_fn, train, spec, grid, seed=args.seed, config=config, progress=progress(args),
-                         val_set=pool, folds=None if pool is not None else 5, objective=task.objective,
-                         collate_fn=task.collate_fn)
+            options = dict(seed=args.seed, config=config, progress=progress(args), val_set=pool,
+                           folds=None if pool is not None else 5, objective=task.objective,
+                           collate_fn=task.collate_fn, likelihood=task.likelihood)
+            if choose_kind:
+                kinds = [PriorKind.parse(k, "prior kind in --kinds") for k in args.kinds or
+                         default_kinds(bool(args.prior))]
+                spec = kinds_spec(args, spec, kinds)
+                grids = {str(k): default_grid(k, args.budget, lrs=(args.lr,)) for k in kinds
+                         if k.recipe.axis is not None}
+                tuned = tune(model_fn, train, spec, grids, kinds=kinds, **options)
+                report_kinds(args, tuned)
+                spec = replace(spec, kind=tuned.kind)
+            else:
+                grid = default_grid(spec.kind, args.budget, lrs=(args.lr,))
+                tuned = tune(model_fn, train, spec, grid, **options)
         else:
             tuned = tune(model_fn, train, spec, strategy=strategy, seed=args.seed, config=config,
                          progress=progress(args), objective=task.objective, collate_fn=task.collate_fn)
         result, selected, tuning = tuned.final, tuned.best, tuned.to_dict()
-        info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {_values(selected)}")
+        info(args, f"tuned ({strategy}, {tuned.search_cost_s:.1f} s): {show_values(selected)}")
+        row = tuned.selected
+        strength = {k: row.get(k) for k in ("prior_share", "prior_share_blocks", "prior_off", "std_ratio")}
     else:
         torch.manual_seed(args.seed)
         model = model_fn()
-        result = fit(model, train, spec.build_prior(model), config, num_data=len(train), head=task.head)
+        prior = spec.build_prior(model)
+        ratio = prior_strength(prior, model).std_ratio  # against the start, as in tuning rows
+        result = fit(model, train, prior, config, num_data=len(train), head=task.head)
+        share = prior_share(prior, result.model, train, likelihood=task.likelihood, collate_fn=task.collate_fn)
+        strength = {"prior_share": share.share, "prior_share_blocks": share.blocks, "prior_off": share.off,
+                    "std_ratio": ratio}
+    if strength.get("prior_share") is not None:
+        info(args, f"prior share of the curvature (N-aware): {strength['prior_share']:.3g}"
+                   f"{' -- the prior is off' if strength['prior_off'] else ''}")
     probs = result.predict(test)
     targets = task.targets(test)
     metrics = task.evaluate(probs, targets)
@@ -252,14 +290,15 @@ def run_finetune(args: argparse.Namespace) -> int:
                          "baseline": args.baseline, "batch_size": args.batch_size, task.size_key: size})
     if "segmentation" in weights_meta:
         weights_meta["segmentation"]["n_train"] = size
-    eps = spec.eps if spec.eps is not None else spec.kind.recipe.eps
-    hyper = {"scale": spec.scale, "eps": eps, "rank": spec.rank, "variance": spec.variance,
-             "head_variance": spec.head_variance, "lr": config.lr, **selected}
+    used = spec.resolved()
+    hyper = {"scale": used.scale, "eps": used.eps, "rank": used.rank, "variance": used.variance,
+             "head_variance": used.head_variance, "lr": config.lr, **selected}
     report = {"task": args.task, "data": args.data, "prior_file": args.prior, "prior": str(spec.kind),
               "baseline": args.baseline, "method": config.inference,
-              "n_per_class": size if isinstance(task, ClassificationTask) else None,
+              "n_per_class": per_class,
               "num_train": len(train), "num_test": len(test), "seed": args.seed, "metrics": metrics,
-              "hyperparameters": hyper, "tuning": tuning, "config": asdict(config), "history": result.history,
+              "hyperparameters": hyper, "strength": strength, "tuning": tuning, "config": asdict(config),
+              "history": result.history,
               "wall_time_s": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_files():  # every output file appears, or none does
@@ -272,16 +311,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
     info(args, f"wrote {out / 'results.json'}, {out / 'reliability.png'}, {out / 'model.safetensors'}")
     return 0
-
-
-def _values(selected: dict[str, Any]) -> str:
-    """``scale=1.2e+03, head_variance=0.4`` (per-block scales in braces)."""
-    def show(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}: {show(x)}" for k, x in v.items()) + "}"
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{k}={show(v)}" for k, v in selected.items())
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -300,16 +329,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if data is None:
         raise UsageError("the weights file does not say which data set it was trained on: pass --data")
     task_class = get_task(meta.get("task", ClassificationTask.name))
-    if task_class is ClassificationTask:
-        task = ClassificationTask.from_metadata(meta, data=data, eval_split=args.split)
-        if task.num_classes != meta.get("num_classes", task.num_classes):
-            raise UsageError(f"{args.weights} predicts {meta['num_classes']} classes but {data!r} has "
-                             f"{task.num_classes}")
-    elif args.split != "test":
-        raise UsageError(f"--split {args.split} is for classification weights; {task_class.name} weights are "
-                         "evaluated on their test set")
-    else:
-        task = task_class.from_metadata(meta, data=data)
+    if args.split not in task_class.splits:
+        raise UsageError(f"--split {args.split}: {task_class.name} weights are evaluated on "
+                         f"{' / '.join(task_class.splits)}")
+    task = task_class.from_metadata(meta, data=data, eval_split=args.split)
+    classes = getattr(task, "num_classes", None)
+    if task_class.size_key == "n_per_class" and classes != meta.get("num_classes", classes):
+        raise UsageError(f"{args.weights} predicts {meta['num_classes']} classes but {data!r} has {classes}")
     seed = int(meta.get("seed", 0))
     test = task.test_set(seed)
     loader = DataLoader(test, batch_size=256, shuffle=False)

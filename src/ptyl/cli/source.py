@@ -6,19 +6,23 @@ import argparse
 from pathlib import Path
 
 from ptyl.cli._common import (
-    add_common, add_data_model_options, dtype_name, info, model_kwargs, nonnegative_int, positive_float, positive_int,
-    progress,
+    add_common, add_data_model_options, add_task_options, dtype_name, info, model_kwargs, nonnegative_int,
+    positive_float, positive_int, progress, task_options,
 )
 
 PRETRAIN_EPOCHS = 5
 PRETRAIN_OUT = "pretrained.safetensors"  # the default output of 'ptyl pretrain'
 
 
-def _add_source_options(parser: argparse.ArgumentParser) -> None:
+def _add_source_options(parser: argparse.ArgumentParser, command: str) -> None:
+    from ptyl.pipeline import TASKS
     from ptyl.pipeline.source import OBJECTIVES
 
-    add_data_model_options(parser, data_default="kmnist", model_default="smallcnn",
-                           data_help="source data (its train split)")
+    defaults = ", ".join(f"{t.default_source} / {t.default_model} ({name})" for name, t in TASKS.items()
+                         if t.has_source_stage())
+    add_data_model_options(parser, data_default=None, model_default=None,
+                           data_help=f"source data (its train split; default data / model per task: {defaults})")
+    add_task_options(parser, command)
     parser.add_argument("--width", type=positive_int, help="model width (channels of the first stage)")
     parser.add_argument("--objective", default=OBJECTIVES[0], choices=OBJECTIVES,
                         help="source objective: cross-entropy or SimCLR (self-supervised) [supervised]")
@@ -33,7 +37,7 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="train a model on the source data set (writes weights)",
                               description="Train a model on the source data set's train split and write its "
                                           "weights (safetensors) — the input of 'ptyl learn-prior --init'.")
-    _add_source_options(p)
+    _add_source_options(p, "pretrain")
     p.add_argument("--epochs", type=nonnegative_int, default=5, help="training epochs [5]")
     p.add_argument("--out", default=PRETRAIN_OUT, help=f"weights file to write [{PRETRAIN_OUT}]")
     add_common(p)
@@ -43,7 +47,7 @@ def add_parsers(subparsers) -> None:
                               description="Pretrain on the source data (or start from --init), then keep training at "
                                           "a high constant learning rate while SWAG collects, and write the posterior "
                                           "as a prior file plus the pretrained (SWA-mean) weights next to it.")
-    _add_source_options(p)
+    _add_source_options(p, "learn-prior")
     p.add_argument("--pretrain-epochs", type=nonnegative_int,
                    help=f"pretraining epochs here, without --init [{PRETRAIN_EPOCHS}]")
     p.add_argument("--swag-epochs", type=positive_int, default=3, help="epochs of SWAG collection [3]")
@@ -75,6 +79,16 @@ def _head(args: argparse.Namespace) -> str:
     return args.head or "head"
 
 
+def _task_defaults(args: argparse.Namespace) -> dict:
+    """Fill ``--data`` / ``--model`` from the task and return its own options."""
+    from ptyl.pipeline import get_task
+
+    task = get_task(args.task)
+    args.data = args.data or task.default_source
+    args.model = args.model or task.default_model
+    return task_options(args)
+
+
 def _source_accuracy(model, data_name: str) -> float:
     from torch.utils.data import DataLoader
 
@@ -87,16 +101,17 @@ def _source_accuracy(model, data_name: str) -> float:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    from ptyl.pipeline import ClassificationTask, pretrain_source
     from ptyl.pipeline.source import OBJECTIVES
-    from ptyl.pipeline import pretrain_source
 
+    options = _task_defaults(args)
     info(args, f"pretraining {args.model} on {args.data} ({args.objective}, {args.epochs} epochs)")
     model, meta = pretrain_source(args.data, args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                   objective=args.objective, n_per_class=args.n_per_class,
                                   model_kwargs=model_kwargs(args), head=_head(args), seed=args.seed, out=args.out,
-                                  progress=progress(args))
+                                  progress=progress(args), task=args.task, task_options=options)
     line = f"weights written to {args.out}"
-    if args.objective == OBJECTIVES[0]:  # supervised: the source head is a real classifier
+    if args.objective == OBJECTIVES[0] and args.task == ClassificationTask.name:  # a real classifier of test images
         line += f" (source test accuracy {_source_accuracy(model, args.data):.4f})"
     print(line)
     return 0
@@ -106,6 +121,7 @@ def run_learn_prior(args: argparse.Namespace) -> int:
     from ptyl.pipeline import learn_source_prior, pretrained_weights_path
     from ptyl.io import read_metadata
 
+    options = _task_defaults(args)
     epochs = _pretrain_epochs(args)
     start = f"from {args.init}" if args.init else f"after {epochs} pretraining epochs here"
     info(args, f"learning a prior: {args.model} on {args.data} ({args.objective}), rank {args.rank}, {start}")
@@ -113,7 +129,8 @@ def run_learn_prior(args: argparse.Namespace) -> int:
                               swag_epochs=args.swag_epochs, rank=args.rank, lr=args.lr, swag_lr=args.swag_lr,
                               batch_size=args.batch_size, objective=args.objective, n_per_class=args.n_per_class,
                               model_kwargs=model_kwargs(args), head=_head(args), init=args.init, dtype=args.dtype,
-                              out=args.out, seed=args.seed, progress=progress(args))
+                              out=args.out, seed=args.seed, progress=progress(args), task=args.task,
+                              task_options=options)
     meta = read_metadata(path)
     count = sum(_numel(p["shape"]) for p in meta["parameters"])
     print(f"prior written to {path} (rank {meta['rank']}, {count:,} parameters, "

@@ -283,6 +283,31 @@ def _load_path(spec: str, stamp: tuple) -> dict[str, ImageDataset]:
     return {"train": full.subset(train_idx), "test": full.subset(test_idx), "all": full}
 
 
+def _parse_classes(text: str, num_classes: int, name: str) -> list[int]:
+    """``"0-4"`` / ``"1,7"`` / ``"0-2,9"`` -> class labels, checked."""
+    labels: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            labels.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise DataError(f"dataset {name!r}: classes after ':' must be labels or ranges like 0-4 or 1,7") from None
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad or len(set(labels)) != len(labels) or len(labels) < 2:
+        raise DataError(f"dataset {name!r}: choose at least 2 distinct classes among 0..{num_classes - 1} "
+                        f"(got {labels})")
+    return labels
+
+
+def _keep_classes(dataset: ImageDataset, labels: list[int], key: str, split: str) -> ImageDataset:
+    keep = torch.isin(dataset.targets, torch.tensor(labels))
+    relabel = torch.full((dataset.num_classes,), -1, dtype=torch.int64)
+    relabel[torch.tensor(labels)] = torch.arange(len(labels))
+    out = ImageDataset(dataset.images[keep], relabel[dataset.targets[keep]], [dataset.classes[c] for c in labels],
+                       f"{key}-{split}", dataset.transform)
+    return out
+
+
 def _concat(a: ImageDataset, b: ImageDataset) -> ImageDataset:
     return ImageDataset(torch.cat([a.images, b.images]), torch.cat([a.targets, b.targets]), a.classes, a.name)
 
@@ -298,6 +323,10 @@ def load_dataset(
     ``round(0.2 * n_c)`` examples (random permutation per class, ``torch.Generator`` seeded with
     ``SPLIT_SEED = 0``) form the test set, the rest the train set; the two never overlap. ``split="all"``
     returns everything in file order.
+
+    ``name:classes`` keeps some classes of an embedded set, relabelled ``0..k-1`` in the order given (class names
+    kept): ``"kmnist:0-4"`` and ``"kmnist:5-9"`` are two class-disjoint 5-way tasks of one domain (a source and a
+    target with new classes); ``"mnist:1,7"`` is a 2-way one.
 
     A path instead of a name loads your own data (:func:`ptyl.data.loaders.load_path`): an image folder
     (``root/<class>/<image>``; ``root/train`` + ``root/test`` give the splits), an ``.npz`` file or an idx pair
@@ -318,6 +347,10 @@ def load_dataset(
     key = str(name).lower()
     if split not in ("train", "test", "all"):
         raise DataError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    base, _, wanted = key.partition(":")
+    if wanted and base in _DATASETS:
+        dataset = load_dataset(base, split, image_size=image_size, root=root)
+        return _keep_classes(dataset, _parse_classes(wanted, dataset.num_classes, name), key, split)
     if key not in _DATASETS and is_data_path(name):
         splits = _load_path(str(name), _stamp(str(name)))
         dataset = splits[split].subset(torch.arange(len(splits[split])))  # a copy: callers may edit it in place

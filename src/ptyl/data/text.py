@@ -66,9 +66,20 @@ def load_text_dataset(
 ) -> tuple[list[str], list[int], list[str]]:
     """Texts, integer labels and class names of an embedded dataset or a file of your own.
 
+    Your own file: UTF-8 text, one example per row, a header row naming the columns (a CSV, a TSV, ``.txt`` read as
+    TSV) or one JSON object per line (JSONL), e.g. ``reviews.tsv``::
+
+        label<TAB>text
+        positive<TAB>A gripping, beautifully shot film.
+        negative<TAB>Two hours I will not get back.
+
+    Labels are class names (classes sorted by name) or integers ``0..C-1``; every class needs an example and there
+    must be two or more. A missing column, an empty text or label, or an empty class is a
+    :class:`~ptyl.errors.DataError` naming the file and the column.
+
     Args:
-        name_or_path: an embedded name (:func:`available_text_datasets`) or a ``.csv``/``.tsv``/``.jsonl`` file
-            (optionally ``.gz``/``.xz`` compressed) with a text and a label column.
+        name_or_path: an embedded name (:func:`available_text_datasets`) or a ``.csv``/``.tsv``/``.txt``/``.jsonl``
+            file (optionally ``.gz``/``.xz`` compressed) with a text and a label column.
         margin: embedded sets only: ratings in (-margin, margin) are dropped as neutral.
         text_column / label_column: column (CSV/TSV header) or key (JSONL) names of your file.
         classes: your file only: class names in label order (default: the sorted distinct labels). Integer labels
@@ -144,14 +155,32 @@ def _records_to_examples(
         ints = [int(v) for v in raw]
         if min(ints) < 0:
             raise DataError(f"{path}: integer labels must be >= 0, found {min(ints)}")
-        return texts, ints, [str(c) for c in range(max(ints) + 1)]
+        names = [str(c) for c in range(max(ints) + 1)]
+        _check_classes(path, ints, names, label_column)
+        return texts, ints, names
     names = [str(v).strip() for v in raw]
     class_list = list(classes) if classes is not None else sorted(set(names))
     index = {c: i for i, c in enumerate(class_list)}
     unknown = sorted(set(names) - set(index))
     if unknown:
         raise DataError(f"{path}: labels {unknown[:5]} are not in classes {class_list}")
-    return texts, [index[n] for n in names], class_list
+    labels = [index[n] for n in names]
+    _check_classes(path, labels, class_list, label_column)
+    return texts, labels, class_list
+
+
+def _check_classes(path: Path, labels: list[int], classes: list[str], label_column: str) -> None:
+    """At least two classes, and none without an example (a typo in ``classes``, a gap in integer labels)."""
+    if len(classes) < 2:
+        raise DataError(f"{path}: column {label_column!r} holds one class only ({classes}); classification needs "
+                        "at least two")
+    counts = [0] * len(classes)
+    for label in labels:
+        counts[label] += 1
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"{path}: class(es) {empty[:5]} of column {label_column!r} have no example (classes: "
+                        f"{classes})")
 
 
 def _is_int(value: Any) -> bool:

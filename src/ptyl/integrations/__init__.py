@@ -1,6 +1,7 @@
 """Use ptyl inside the training loop you already have: PyTorch Lightning callbacks
 (:mod:`ptyl.integrations.lightning`), the Hugging Face ``Trainer`` (:mod:`ptyl.integrations.huggingface`), or a
-plain loop (:mod:`ptyl.integrations.loop`, five lines). Each adds the same prior term as :func:`ptyl.training.fit`,
+plain loop (five lines, ``docs/integrations.md``); :mod:`ptyl.integrations.common` holds what they share. Each adds
+the same prior term as :func:`ptyl.training.fit`,
 
     U(theta) = mean_batch loss  +  -log p(theta) / N          (N: the global number of training examples)
 
@@ -9,4 +10,4 @@ collect SWAG on the source side and write the prior file. The frameworks are opt
 (``pip install 'ptyl[lightning]'``, ``'ptyl[hf]'``) imported only when you use them.
 """
 
-__all__ = ["huggingface", "lightning", "loop"]
+__all__ = ["common", "huggingface", "lightning"]

@@ -19,7 +19,14 @@ from ptyl.io.prior_file import (
     read_metadata,
     save_posterior,
 )
-from ptyl.io.pretrained import PretrainedPrior, PriorCard, from_pretrained, prior_file, push_to_hub, save_pretrained
+from ptyl.io.pretrained import (
+    PretrainedPrior,
+    PriorCard,
+    from_pretrained,
+    prior_file_path,
+    push_to_hub,
+    save_pretrained,
+)
 from ptyl.io.reference import import_reference
 from ptyl.io.samples import load_samples, read_samples_metadata, save_samples
 from ptyl.io.weights import load_state_checked, read_weights, read_weights_metadata, save_weights
@@ -41,7 +48,7 @@ __all__ = [
     "load_prior_file",
     "load_samples",
     "load_state_checked",
-    "prior_file",
+    "prior_file_path",
     "push_to_hub",
     "read_json_header",
     "read_metadata",

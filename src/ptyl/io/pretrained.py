@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +43,7 @@ from ptyl.io.weights import save_weights
 from ptyl.posterior.gaussian import SourcePosterior
 
 __all__ = ["CARD_FILE", "PRIOR_FILE", "README_FILE", "WEIGHTS_FILE", "PretrainedPrior", "PriorCard",
-           "from_pretrained", "prior_file", "push_to_hub", "save_pretrained"]
+           "from_pretrained", "prior_file_path", "push_to_hub", "save_pretrained"]
 
 PRIOR_FILE = "prior.safetensors"
 WEIGHTS_FILE = "prior.pretrained.safetensors"  # = ptyl.pipeline.pretrained_weights_path(PRIOR_FILE)
@@ -192,7 +193,8 @@ def _card_from_metadata(posterior: SourcePosterior, card: PriorCard | dict[str, 
     card = card if isinstance(card, PriorCard) else PriorCard.from_dict(dict(card or {}), "card")
     if not card.recommended:
         kind = PriorKind.LOWRANK
-        card.recommended = {"kind": str(kind), kind.recipe.axis: kind.recipe.default, "eps": 0.0,
+        defaults = kind.recipe.defaults
+        card.recommended = {"kind": str(kind), kind.recipe.axis: defaults[kind.recipe.axis], "eps": defaults["eps"],
                             "note": "ptyl's defaults, not tuned for this prior"}
     meta = posterior.metadata
     excluded = meta.get("excluded") or []
@@ -263,7 +265,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike |
     return Path(folder)
 
 
-def prior_file(path: str | os.PathLike) -> Path:
+def prior_file_path(path: str | os.PathLike) -> Path:
     """The prior file of ``path``: itself, or ``path/prior.safetensors`` for a prior directory.
 
     Args:
@@ -274,6 +276,20 @@ def prior_file(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     return path / PRIOR_FILE if path.is_dir() else path
+
+
+def prior_file(path: str | os.PathLike) -> Path:
+    """Deprecated name of :func:`prior_file_path` (it clashed with the module :mod:`ptyl.io.prior_file`).
+
+    Args:
+        path: a prior file or a prior directory.
+
+    Returns:
+        :func:`prior_file_path` of it.
+    """
+    warnings.warn("ptyl.io.pretrained.prior_file is deprecated: use ptyl.io.prior_file_path", DeprecationWarning,
+                  stacklevel=2)
+    return prior_file_path(path)
 
 
 def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,

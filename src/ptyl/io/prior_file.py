@@ -38,13 +38,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptyl.errors import InvalidValueError, PriorFileError, PtylError
+from ptyl.params import normalize_name
 from ptyl.io.atomic import atomic_write
 from ptyl.io.header import existing_file, read_json_header
 from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, dtype_name, tensor_records
 from ptyl.io.schema import Integer, ListOf, MapOf, Nullable, Number, Object, String, validate_header
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.sharded import ShardedPosterior
-from ptyl.priors.learned import learned_prior
+from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import PriorKind
 from ptyl.sharding import ShardLayout, is_dtensor
 
@@ -310,22 +311,34 @@ def load_prior(
     model: nn.Module,
     *,
     kind: str = PriorKind.LOWRANK,
-    scale: float = 1.0,
-    eps: float = 0.0,
+    scale: float | None = None,
+    eps: float | None = None,
     rank: int | None = None,
     strict: bool = True,
     map_location: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     verify: bool | None = None,
 ):
-    """Load a prior file and match it to ``model`` by parameter name.
+    """Load a prior file and build its prior over the parameters of ``model`` it covers: a thin convenience around
+    :func:`load_posterior` and :func:`ptyl.priors.make_prior` (which builds it; no head prior, every parameter the
+    file does not cover left out).
 
-    Returns the (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)``; see :func:`ptyl.priors.learned_prior`. For a
-    sharded model (FSDP2) each rank reads only its rows and gets a :class:`~ptyl.priors.sharded.ShardedPrior` (a
-    collective).
-    With ``strict=False`` parameters absent from the model or of another shape are skipped and listed in
-    ``prior.skipped`` (a warning is issued); with ``strict=True`` they raise :class:`ParameterMismatchError`.
-    ``map_location`` defaults to the model's device; ``verify`` as in :func:`load_posterior`.
+    Args:
+        path: the prior file (single or sharded).
+        model: the model; parameters are matched by name.
+        kind: a learned kind (``lowrank``, ``diag``, ``block``, ...).
+        scale, eps, rank: as in :func:`ptyl.priors.make_prior` (``None``: the kind's registry default).
+        strict: parameters of the file absent from the model or of another shape raise
+            :class:`ParameterMismatchError`; with ``strict=False`` they are skipped and listed in ``prior.skipped``
+            (with a warning).
+        map_location: where the tensors go (default: the model's device).
+        dtype: storage dtype of the prior's tensors.
+        verify: as in :func:`load_posterior`.
+
+    Returns:
+        The (backbone) prior ``N(mu, scale * Sigma_SWAG + eps I)`` over the covered parameters (see
+        :func:`ptyl.priors.learned_prior`); for a sharded model (FSDP2) each rank reads only its rows and gets a
+        :class:`~ptyl.priors.sharded.ShardedPrior` (a collective).
     """
     if map_location is None:
         map_location = next(model.parameters()).device
@@ -342,7 +355,12 @@ def load_prior(
             posterior.metadata["skipped"] = sorted(set(shapes) - set(kept))
     else:
         posterior = load_posterior(path, map_location=map_location, verify=verify).matched_to(model, strict=strict)
-    prior = learned_prior(posterior, kind=kind, scale=scale, eps=eps, rank=rank, dtype=_dtype(dtype))
+    covered = set(posterior.names)
+    others = [n for n, p in model.named_parameters() if p.requires_grad and normalize_name(n) not in covered]
+    prior = make_prior(model, kind, posterior=posterior, scale=scale, eps=eps, rank=rank, dtype=_dtype(dtype),
+                       head=None, head_variance=None, unregularized=others)
+    if not sharded:  # the backbone prior itself, as learned_prior builds it
+        prior = prior.parts["backbone"]
     prior.skipped = tuple(posterior.metadata.get("skipped", ()))
     if prior.skipped:
         warnings.warn(f"prior {path}: skipped {len(prior.skipped)} parameter(s) not in the model: {prior.skipped[:5]}")

@@ -19,6 +19,7 @@ from torch import nn
 from ptyl.errors import ConfigError
 from ptyl.models.cnn import MLP, Classifier, GlobalAvgPool, SmallCNN
 from ptyl.models.heads import backbone_parameter_names, get_head, head_parameter_names, replace_head
+from ptyl.models.hf import minilm_classifier
 from ptyl.models.resnet import BasicBlock, ResNet, resnet8, resnet20, resnet32
 from ptyl.models.segmentation import SegmentationDecoder, SegmentationNet
 
@@ -52,6 +53,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "mlp": MLP,
+    "minilm": minilm_classifier,  # text: all-MiniLM-L6-v2 + a head (pip install 'ptyl[hf]')
 }
 
 

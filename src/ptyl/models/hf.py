@@ -47,7 +47,9 @@ __all__ = [
     "add_lora",
     "encoder_layer_names",
     "load_hf_encoder",
+    "load_hf_tokenizer",
     "lora_parameter_names",
+    "minilm_classifier",
     "minilm_path",
     "text_classification_objective",
 ]
@@ -88,6 +90,38 @@ def load_hf_encoder(path: str | os.PathLike | None = None, *, dtype: torch.dtype
     encoder = AutoModel.from_pretrained(str(directory), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     return encoder, tokenizer
+
+
+def load_hf_tokenizer(path: str | os.PathLike | None = None) -> Any:
+    """The tokenizer of a local Hugging Face model directory (default: :func:`minilm_path`), offline.
+
+    Args:
+        path: the model directory.
+
+    Returns:
+        The tokenizer.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ConfigError("Hugging Face models need the package 'transformers' (pip install 'ptyl[hf]')") from err
+    return AutoTokenizer.from_pretrained(str(Path(path) if path is not None else minilm_path()), local_files_only=True)
+
+
+def minilm_classifier(num_classes: int = 2, pooling: str = "mean", dropout: float = 0.0) -> TextClassifier:
+    """all-MiniLM-L6-v2 (:func:`load_hf_encoder`) with a linear ``head``: the command line's ``--model minilm``.
+
+    Args:
+        num_classes: outputs of the head.
+        pooling, dropout: as in :class:`TextClassifier`.
+
+    Returns:
+        The :class:`TextClassifier` (pretrained encoder, fresh head).
+    """
+    encoder, _ = load_hf_encoder()
+    return TextClassifier(encoder, num_classes, pooling=pooling, dropout=dropout)
 
 
 class TextClassifier(nn.Module):

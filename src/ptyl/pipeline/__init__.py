@@ -25,10 +25,11 @@ from ptyl.pipeline.tasks import (
     get_task,
     pretrained_model_fn,
 )
-from ptyl.pipeline.transfer import TUNING_STRATEGIES, method_grid, run_transfer, transfer_run
+from ptyl.pipeline.transfer import SELECTED, TUNING_STRATEGIES, method_grid, run_transfer, transfer_run, transfer_select
 
 __all__ = [
     "DEFAULT_METHODS",
+    "SELECTED",
     "TASKS",
     "TUNING_STRATEGIES",
     "ClassificationTask",
@@ -59,4 +60,5 @@ __all__ = [
     "summarize",
     "train_config",
     "transfer_run",
+    "transfer_select",
 ]

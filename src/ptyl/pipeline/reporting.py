@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ptyl.priors.registry import PriorKind
+
 __all__ = ["fmt_mean_std", "group_results", "markdown_table", "mean_std", "mean_std_fields",
            "plot_data_efficiency", "summarize"]
 
@@ -98,20 +100,35 @@ def _fmt_selected(runs: list[dict[str, Any]]) -> str:
         if "error" in r:
             parts.append("failed (every trial diverged)")
             continue
-        items = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["selected"].items()
-                          if k != "lr" or len(r["selected"]) == 1)
-        status = [v for k, v in (r.get("edge_status") or {}).items() if v not in ("interior", "flat")]
+        items = ", ".join(f"{k}={_fmt_value(v)}" for k, v in r["selected"].items() if k != "lr" or len(r["selected"]) == 1)
+        if r.get("selected_kind"):
+            kind = r["selected_kind"]
+            items = f"{kind} (prior off)" if kind == PriorKind.NONE else f"{kind}: {items}"
+        status = [v for k, v in (r.get("edge_status") or {}).items() if v not in ("interior", "flat", "off limit")]
         parts.append(items + (f" ({', '.join(status)})" if status else "")
                      + (" (edge)" if r.get("edge_warnings") and not status else ""))
     return "; ".join(dict.fromkeys(parts))
 
 
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return "off" if value == math.inf else f"{value:.3g}"
+    return str(value)
+
+
 def _fmt_strength(runs: list[dict[str, Any]]) -> str:
+    """Median std ratio (descriptive only: it ignores N)."""
     ratios = [r["std_ratio"] for r in runs if r.get("std_ratio") is not None]
-    if not ratios:
+    return f"{statistics.median(ratios):.2g}" if ratios else "—"
+
+
+def _fmt_share(runs: list[dict[str, Any]]) -> str:
+    """Median N-aware prior share, and how many selections it calls off (< 1% of every layer's curvature)."""
+    shares = [r["prior_share"] for r in runs if r.get("prior_share") is not None]
+    if not shares:
         return "—"
     off = sum(bool(r.get("prior_off")) for r in runs)
-    return f"{statistics.median(ratios):.2g}" + (" (off)" if off == len(runs) else f" ({off} off)" if off else "")
+    return f"{statistics.median(shares):.2g}" + (" (off)" if off == len(runs) else f" ({off} off)" if off else "")
 
 
 def _fmt_fit(runs: list[dict[str, Any]]) -> str:
@@ -127,10 +144,11 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
     """A markdown table of :func:`ptyl.pipeline.run_transfer` results.
 
     One row per (training-set size, method) in run order: ``mean ± std`` over seeds of each metric, the selected
-    hyper-parameters (with the search status when it ended at a hard bound or an unextended "edge"), the
-    effective strength of the selected prior (median prior std / median |theta0|, "off" when the prior was
-    effectively off), the final training NLL (flagged UNDERTRAINED when the budget, not the prior, stopped it) and
-    the mean wall time.
+    hyper-parameters (the kind first for a kind selection; ``off``: the off limit, no backbone prior; with the search
+    status when it ended at a hard bound or an unextended "edge"), the N-aware prior share of the selection (median
+    over seeds of the prior's largest share of a layer's curvature, "off" below 1%: :func:`ptyl.autotune.prior_share`),
+    its std ratio (median prior std / median |theta0|, descriptive), the final training NLL (flagged UNDERTRAINED
+    when the budget, not the prior, stopped it) and the mean wall time.
 
     Args:
         results: the run records.
@@ -140,11 +158,11 @@ def summarize(results: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accu
     Returns:
         The table's text, then a line naming the seeds.
     """
-    header = [size_label, "method", *metrics, "selected", "std ratio", "train NLL", "time (s)"]
+    header = [size_label, "method", *metrics, "selected", "prior share", "std ratio", "train NLL", "time (s)"]
     groups = group_results(results, ("method", size_key))
     order = {key: i for i, key in enumerate(groups)}  # run order within one size
     rows = [[str(n), method, *(fmt_mean_std([r[m] for r in runs]) for m in metrics), _fmt_selected(runs),
-             _fmt_strength(runs), _fmt_fit(runs), f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"]
+             _fmt_share(runs), _fmt_strength(runs), _fmt_fit(runs), f"{statistics.fmean(r['wall_time_s'] for r in runs):.1f}"]
             for (method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0]]))]
     seeds = sorted({r["seed"] for r in results})
     return markdown_table(header, rows) + f"\n\n{len(seeds)} seed(s) {seeds}; mean ± std over seeds where there are " \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.sharding import module_class_name
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.training.objective import Objective
 from ptyl.validation import check_choice
@@ -46,7 +46,8 @@ SCHEDULES = ("constant", "cyclical")
 
 def pretrain(model: nn.Module, data: Dataset | DataLoader, *, epochs: int = 10, lr: float = 0.05,
              batch_size: int = 128, objective: Objective | None = None, seed: int = 0, progress: bool = True,
-             checkpoint: str | os.PathLike | None = None, resume: bool = False) -> nn.Module:
+             checkpoint: str | os.PathLike | None = None, resume: bool = False,
+             collate_fn: Callable | None = None) -> nn.Module:
     """Ordinary training on the source task (SGD, Nesterov, cosine): produces the "pretrained" weights.
 
     Args:
@@ -55,13 +56,14 @@ def pretrain(model: nn.Module, data: Dataset | DataLoader, *, epochs: int = 10, 
         epochs, lr, batch_size, seed, progress: as in :class:`~ptyl.training.TrainConfig`.
         objective: ``objective(model, batch) -> loss``; default cross-entropy.
         checkpoint, resume: see :func:`ptyl.training.fit`.
+        collate_fn: how examples become batches (e.g. :func:`ptyl.data.collate_text`).
 
     Returns:
         ``model``.
     """
     fit(model, data, None, TrainConfig(inference=Inference.MAP, epochs=epochs, lr=lr, batch_size=batch_size,
                                        seed=seed, progress=progress),
-        objective=objective, head=None, checkpoint=checkpoint, resume=resume)
+        objective=objective, head=None, checkpoint=checkpoint, resume=resume, collate_fn=collate_fn)
     return model
 
 
@@ -84,6 +86,7 @@ def learn_prior(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
+    collate_fn: Callable | None = None,
 ) -> SourcePosterior:
     """Continue training from the current (pretrained) weights and fit SWAG over the backbone.
 
@@ -105,6 +108,7 @@ def learn_prior(
             :class:`ptyl.posterior.simclr.SimCLRObjective`.
         checkpoint, resume: see :func:`ptyl.training.fit`.
         metadata: recorded in the prior file (source dataset, architecture, objective...).
+        collate_fn: how examples become batches.
 
     Returns:
         The :class:`SourcePosterior` (save it with :func:`ptyl.io.save_posterior`); for a model sharded with FSDP2's
@@ -124,7 +128,7 @@ def learn_prior(
         progress=progress,
     )
     fit(model, data, None, config, objective=objective, head=None, collector=collector, checkpoint=checkpoint,
-        resume=resume)
+        resume=resume, collate_fn=collate_fn)
     if collector.num_snapshots < rank:
         warnings.warn(f"SWAG took {collector.num_snapshots} snapshot(s), fewer than the requested rank {rank}: the prior "
                       f"has rank {collector.num_snapshots}; train longer or collect more often for rank {rank}",
@@ -141,40 +145,33 @@ def learn_prior(
     return collector.posterior(metadata=meta)
 
 
-def _source_objective(objective: str, model: nn.Module, image_size: int, seed: int):
+def _source_objective(objective: str, model: nn.Module, image_size: int | None, seed: int):
     """``(model to train, objective callable or None, parameters to exclude)`` for the source objective."""
     check_choice(objective, OBJECTIVES, "source objective")
     if objective == "supervised":
         return model, None, None
+    if image_size is None:
+        raise ConfigError(f"the source objective {objective!r} needs images; this task's source data are not")
     from ptyl.data.augment import SimCLRAugment
     from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
 
     return SimCLRModel(model), SimCLRObjective(SimCLRAugment(image_size), seed=seed), "projection"
 
 
-def _source_setup(source: str, model: str, n_per_class: int | None, model_kwargs: dict[str, Any] | None, seed: int,
-                  head: str = "head"):
-    """(source train data, fresh classifier, metadata describing it)."""
-    from ptyl.data import few_shot_subset, load_dataset
-    from ptyl.models import is_factory
-    from ptyl.pipeline.tasks import ClassificationTask, build_classifier
+def _source_setup(task: str, source: str, model: str | None, n_per_class: int | None,
+                  model_kwargs: dict[str, Any] | None, seed: int, head: str, options: dict[str, Any] | None):
+    """The task's :class:`~ptyl.pipeline.tasks.SourceSetup` (data, fresh model, metadata)."""
+    from ptyl.pipeline.tasks import get_task
 
-    data = load_dataset(source, "train")
-    if n_per_class:
-        data = few_shot_subset(data, int(n_per_class), seed)
-    kwargs = {"in_channels": data.image_shape[0], **(model_kwargs or {})}
-    name = model if is_factory(model) else model.lower()
-    meta = {"model": name, "architecture": name, "model_kwargs": kwargs, "head": head,
-            "num_classes": data.num_classes, "source": source, "image_size": data.image_shape[-1],
-            "num_source_examples": len(data), "seed": seed, "task": ClassificationTask.name}
-    torch.manual_seed(seed)
-    classifier = build_classifier(meta)
-    return data, classifier, meta
+    task_class = get_task(task)
+    return task_class.source_setup(source or task_class.default_source, model or task_class.default_model,
+                                   n_per_class=n_per_class, model_kwargs=model_kwargs, seed=seed, head=head,
+                                   **(options or {}))
 
 
 def pretrain_source(
-    source: str = "kmnist",
-    model: str = "smallcnn",
+    source: str | None = None,
+    model: str | None = None,
     *,
     epochs: int = 5,
     lr: float = 0.05,
@@ -186,27 +183,33 @@ def pretrain_source(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    task: str = "classification",
+    task_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` on the source train split (optionally ``n_per_class`` examples per class).
 
     Args:
-        source, model: data set (a name, or a path to your images) and architecture (a name, or a
-            ``module:factory`` returning an ``nn.Module``).
+        source, model: data set (a name, or a path to your images or text file) and architecture (a name, or a
+            ``module:factory`` returning an ``nn.Module``); default the task's (``kmnist`` and ``smallcnn`` for
+            classification, ``vader-movies`` and ``minilm`` for text).
         epochs, lr, batch_size, seed, progress: training settings.
         objective: ``"supervised"`` or ``"simclr"``.
         n_per_class: use only this many source examples per class.
         model_kwargs: architecture options (e.g. ``{"width": 16}``).
         head: module name of the classifier's head.
         out: also save the weights there (:func:`ptyl.io.save_weights`).
+        task: the task whose source stage this is (:data:`ptyl.pipeline.TASKS`: ``classification``, ``text``).
+        task_options: the task's own settings (e.g. ``{"layers": [-1]}`` for text).
 
     Returns:
         ``(classifier, metadata)``.
     """
-    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed, head)
-    trained, obj, _ = _source_objective(objective, classifier, data.image_shape[-1], seed)
+    setup = _source_setup(task, source, model, n_per_class, model_kwargs, seed, head, task_options)
+    data, classifier, meta = setup.data, setup.model, setup.meta
+    trained, obj, _ = _source_objective(objective, classifier, setup.image_size, seed)
     if epochs > 0:
         pretrain(trained, data, epochs=epochs, lr=lr, batch_size=batch_size, objective=obj, seed=seed,
-                 progress=progress)
+                 progress=progress, collate_fn=setup.collate_fn)
     meta.update({"objective": objective, "pretrain_epochs": epochs, "pretrain_lr": lr})
     if out is not None:
         save_weights(classifier, out, meta)
@@ -214,8 +217,8 @@ def pretrain_source(
 
 
 def learn_source_prior(
-    source: str = "kmnist",
-    model: str = "smallcnn",
+    source: str | None = None,
+    model: str | None = None,
     *,
     pretrain_epochs: int = 5,
     swag_epochs: int = 3,
@@ -232,6 +235,8 @@ def learn_source_prior(
     out: str | Path = "prior.safetensors",
     seed: int = 0,
     progress: bool = True,
+    task: str = "classification",
+    task_options: dict[str, Any] | None = None,
 ) -> Path:
     """Pretrain on the source task, learn the SWAG posterior, save it as a prior file.
 
@@ -251,31 +256,36 @@ def learn_source_prior(
         init: a weights file (``ptyl pretrain``) to start from instead of pretraining here.
         dtype: storage dtype of the prior file (``"float32"`` default, ``"bfloat16"`` halves it).
         out: the prior file to write.
+        task, task_options: as in :func:`pretrain_source` (text: the prior covers the trained transformer layers).
 
     Returns:
         The prior file's path.
     """
     if swag_epochs < 1:
         raise ConfigError(f"swag_epochs must be >= 1, got {swag_epochs}")
-    data, classifier, meta = _source_setup(source, model, n_per_class, model_kwargs, seed, head)
+    setup = _source_setup(task, source, model, n_per_class, model_kwargs, seed, head, task_options)
+    data, classifier, meta, image_size = setup.data, setup.model, setup.meta, setup.image_size
     if init is not None:
+        if setup.include is not None:
+            raise ConfigError(f"init= is for image tasks; the {task} task starts from its pretrained model")
         classifier, init_meta = load_weights(init)
-        if init_meta.get("image_size") not in (None, data.image_shape[-1]):
+        if init_meta.get("image_size") not in (None, image_size):
             raise ConfigError(f"{init} was trained on {init_meta['image_size']}px images, {source!r} has "
-                              f"{data.image_shape[-1]}px")
+                              f"{image_size}px")
         meta.update({k: init_meta[k] for k in ("model", "architecture", "model_kwargs", "head") if k in init_meta})
         meta.update({"init": str(init), "pretrain_epochs": init_meta.get("pretrain_epochs")})
-    trained, obj, exclude = _source_objective(objective, classifier, data.image_shape[-1], seed)
+    trained, obj, exclude = _source_objective(objective, classifier, image_size, seed)
     if init is None and pretrain_epochs > 0:  # the same wrapper (SimCLR: same projection head) goes on to SWAG
         pretrain(trained, data, epochs=pretrain_epochs, lr=lr, batch_size=batch_size, objective=obj, seed=seed,
-                 progress=progress)
+                 progress=progress, collate_fn=setup.collate_fn)
         meta["pretrain_epochs"] = pretrain_epochs
     steps = swag_epochs * math.ceil(len(data) / min(batch_size, len(data)))
     collect_every = max(1, steps // max(2 * rank, 2))
     meta.update({"objective": objective, "swag_epochs": swag_epochs, "swag_lr": swag_lr or lr, "swag_rank": rank})
     posterior = learn_prior(trained, data, epochs=swag_epochs, lr=swag_lr or lr, rank=rank, collect_every=collect_every,
-                            head=meta["head"] if exclude is None else None, exclude=exclude, batch_size=batch_size,
-                            objective=obj, seed=seed + 1, progress=progress, metadata=dict(meta))
+                            head=meta["head"] if exclude is None else None, include=setup.include, exclude=exclude,
+                            batch_size=batch_size, objective=obj, seed=seed + 1, progress=progress,
+                            metadata=dict(meta), collate_fn=setup.collate_fn)
     posterior.load_mean_into(classifier)
     _recompute_batchnorm(classifier, data, batch_size)
     out = Path(out)

@@ -2,6 +2,11 @@
 evaluate pipeline -- the data, the head, the metrics, the model adapter -- behind one interface, so the runner
 (:func:`ptyl.pipeline.run_transfer`), the command line and the benchmarks are written once.
 
+:data:`TASKS` is the registry the command line reads: ``--task``'s choices, each task's own flags
+(:meth:`Task.add_arguments`), how the flags become a task (:meth:`Task.from_args`) and, for tasks with a source stage
+of their own, how ``ptyl learn-prior`` builds the source data and model (:meth:`Task.source_setup`). Adding a task is
+its class plus one entry in :data:`TASKS`.
+
 >>> task = ClassificationTask("digits")
 >>> task.head, task.size_key, len(task.train_set(2, seed=0))
 ('head', 'n_per_class', 20)
@@ -9,116 +14,25 @@ evaluate pipeline -- the data, the head, the metrics, the model adapter -- behin
 
 from __future__ import annotations
 
+import argparse
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ptyl.data.subsets import hold_out
-from ptyl.errors import ConfigError, PriorFileError
+from ptyl.errors import ConfigError, DataError
+from ptyl.pipeline.task_base import SourceSetup, Task, build_classifier
+from ptyl.pipeline.text_task import TextTask
+from ptyl.validation import positive_int
 
-__all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "Task", "TextTask", "build_from_metadata", "get_task"]
+POOL_CANVAS_SEED = 12_345  # the validation canvases are drawn once
 
-
-class Task:
-    """One kind of downstream problem (subclass it for a new one and add it to :data:`TASKS`).
-
-    Class attributes: ``name`` (recorded in weights files), ``head`` (module name of the new head), ``size_key`` /
-    ``size_label`` (how results name the training-set size), ``metrics`` (what :meth:`evaluate` returns, the first
-    three are logged), ``objective`` / ``collate_fn`` (training loss and batching; ``None``: cross-entropy, default
-    batching).
-    """
-
-    name: ClassVar[str]
-    head: ClassVar[str] = "head"
-    size_key: ClassVar[str] = "n_per_class"
-    size_label: ClassVar[str] = "n/class"
-    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "nll", "ece", "brier")
-    objective: Callable | None = None
-    collate_fn: Callable | None = None
-
-    def train_set(self, n: int, seed: int) -> Dataset:
-        """A training set.
-
-        Args:
-            n: its size (per class, or in all: see ``size_key``).
-            seed: draws it; nested in ``n`` where the task allows.
-
-        Returns:
-            The dataset.
-        """
-        raise NotImplementedError
-
-    def test_set(self, seed: int = 0) -> Dataset:
-        """The evaluation set (it may depend on the training draw's ``seed``)."""
-        raise NotImplementedError
-
-    def validation_set(self) -> Dataset | None:
-        """A validation pool of target examples that no training set ever contains.
-
-        Returns:
-            The pool, or ``None`` when the task has none (tuning then cross-validates or splits the training set).
-        """
-        return None
-
-    def targets(self, dataset: Dataset) -> torch.Tensor:
-        """The targets of ``dataset``: what :meth:`evaluate` compares predictions with (labels, or masks)."""
-        return torch.as_tensor(dataset.targets)
-
-    def evaluate(self, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """Metrics of predictions.
-
-        Args:
-            probs: predictive probabilities (``FitResult.predict``).
-            targets: :meth:`targets` of the evaluated set.
-
-        Returns:
-            ``{metric: value}`` for the names in ``metrics``.
-        """
-        from ptyl.metrics import evaluate_probs
-
-        return evaluate_probs(probs, targets)
-
-    def adapt(self, model: nn.Module) -> nn.Module:
-        """Turn ``model``, a pretrained source model, into this task's model with a fresh head (seed the RNG first)."""
-        raise NotImplementedError
-
-    def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
-        """A randomly initialised model of this task for the architecture described by ``meta``."""
-        raise ConfigError(f"task {self.name!r} has no random-initialisation start")
-
-    def metadata(self) -> dict[str, Any]:
-        """JSON-able settings written into weights files (``ptyl evaluate`` rebuilds the task from them)."""
-        return {"task": self.name}
-
-    @classmethod
-    def wrap(cls, classifier: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
-        """The model a weights file of this task describes.
-
-        Args:
-            classifier: the classifier rebuilt from the file's metadata.
-            meta: the metadata.
-
-        Returns:
-            The model whose state the file holds.
-        """
-        return classifier
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None) -> Task:
-        """The task a weights file was trained on.
-
-        Args:
-            meta: the weights file's metadata (:meth:`metadata` wrote it).
-            data: evaluate on this data set instead.
-
-        Returns:
-            The task.
-        """
-        raise ConfigError(f"task {cls.name!r} cannot be rebuilt from a weights file")
+__all__ = ["TASKS", "ClassificationTask", "SegmentationTask", "SourceSetup", "Task", "TextTask", "build_from_metadata",
+           "get_task"]
 
 
 class ClassificationTask(Task):
@@ -135,6 +49,54 @@ class ClassificationTask(Task):
     """
 
     name = "classification"
+    description = "few-shot image classification"
+    splits = ("test", "train", "all")
+    default_source = "kmnist"
+    default_target = "mnist"
+    default_model = "smallcnn"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, prior_meta: Mapping[str, Any], head: str,
+                  log: Callable[[str], None] = print) -> tuple[Task, int]:
+        """See :meth:`Task.from_args`: ``--n-per-class`` images per class; under ``--tune`` a ``--val-pool``
+        validation pool (5-fold cross-validation when the data cannot spare it)."""
+        pool = args.val_pool if args.tune else 0
+        image_size = prior_meta.get("image_size")
+        try:
+            task = cls(args.data, image_size=image_size, head=head, val_pool=pool)
+            task.train_set(args.n_per_class, args.seed)  # the pool must leave n per class to train on
+        except DataError:
+            if not pool:
+                raise
+            log(f"{args.data} cannot spare a {pool}-image validation pool next to {args.n_per_class} per class: "
+                "tuning by 5-fold cross-validation instead")
+            task = cls(args.data, image_size=image_size, head=head)
+        return task, args.n_per_class
+
+    @classmethod
+    def source_setup(cls, source: str, model: str, *, n_per_class: int | None = None,
+                     model_kwargs: Mapping[str, Any] | None = None, seed: int = 0, head: str = "head",
+                     **options: Any) -> SourceSetup:
+        """See :meth:`Task.source_setup`: the train split of an image data set and a classifier for it."""
+        from ptyl.data import few_shot_subset, load_dataset
+        from ptyl.models import is_factory
+
+        if options:
+            raise ConfigError(f"the classification source stage takes no options {sorted(options)}")
+        data = load_dataset(source, "train")
+        if n_per_class:
+            data = few_shot_subset(data, int(n_per_class), seed)
+        kwargs = {"in_channels": data.image_shape[0], **(model_kwargs or {})}
+        name = model if is_factory(model) else model.lower()
+        meta = {"model": name, "architecture": name, "model_kwargs": kwargs, "head": head,
+                "num_classes": data.num_classes, "source": source, "image_size": data.image_shape[-1],
+                "num_source_examples": len(data), "seed": seed, "task": cls.name}
+        torch.manual_seed(seed)
+        return SourceSetup(data, build_classifier(meta), meta, image_size=data.image_shape[-1])
+
+    def model_kwargs(self, example: Any) -> dict[str, Any]:
+        """``in_channels`` of the images (see :meth:`Task.model_kwargs`)."""
+        return {"in_channels": int(example[0].shape[0])}
 
     def __init__(self, data: str = "mnist", *, image_size: int | None = None, max_test: int | None = None,
                  eval_split: str = "test", head: str = "head", val_pool: int = 0) -> None:
@@ -191,31 +153,67 @@ class SegmentationTask(Task):
     """Per-pixel segmentation of digit canvases (:class:`ptyl.data.DigitCanvasSegmentation`) with a
     :class:`~ptyl.models.SegmentationNet` whose encoder is the pretrained classifier's trunk and whose ``decoder`` is
     new. Training canvases come from the data set's train split (``n`` canvases per seed), test canvases from its
-    test split (seed ``test_seed``, default ``seed + 1``).
+    test split (seed ``test_seed``, default ``seed + 1``). With ``val_pool`` canvases, a validation pool is drawn once
+    from ``val_digits`` digits held out of the train split (class-balanced), which no training canvas uses.
 
     Args:
         data: the digit data set.
         n_test: test canvases.
         decoder_channels: decoder width.
         test_seed: fixed seed of the test canvases (``None``: ``seed + 1`` of the training draw).
+        val_pool: validation canvases (0: none; tuning then splits the training canvases).
+        val_digits: digits held out for the validation canvases.
         canvas: forwarded to :class:`DigitCanvasSegmentation` (``canvas_size``, ``digits_per_canvas``, ...).
     """
 
     name = "segmentation"
+    description = "per-pixel segmentation of digit canvases (the prior: learn-prior on the digit data)"
     head = "decoder"
+    default_target = "mnist"
     size_key = "n_canvases"
     size_label = "canvases"
     metrics = ("miou", "nll", "ece", "pixel_accuracy")
 
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup, command: str) -> None:
+        """``--n-train``, ``--n-test``, ``--canvas-size`` (``ptyl finetune``)."""
+        if command != "finetune":
+            return
+        group.add_argument("--n-train", type=positive_int, default=64, help="segmentation: training canvases [64]")
+        group.add_argument("--n-test", type=positive_int, default=64, help="segmentation: test canvases [64]")
+        group.add_argument("--canvas-size", type=positive_int, default=56, help="segmentation: canvas side [56]")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, prior_meta: Mapping[str, Any], head: str,
+                  log: Callable[[str], None] = print) -> tuple[Task, int]:
+        """See :meth:`Task.from_args`: ``--n-train`` canvases of ``--data``'s digits."""
+        return cls(args.data, n_test=args.n_test, canvas_size=args.canvas_size), args.n_train
+
+    def model_kwargs(self, example: Any) -> dict[str, Any]:
+        """``in_channels`` of the canvases (see :meth:`Task.model_kwargs`)."""
+        return {"in_channels": int(example[0].shape[0])}
+
     def __init__(self, data: str = "mnist", *, n_test: int = 64, decoder_channels: int = 32,
-                 test_seed: int | None = None, **canvas: Any) -> None:
+                 test_seed: int | None = None, val_pool: int = 0, val_digits: int = 1000, **canvas: Any) -> None:
         from ptyl.data import load_dataset
 
         self.data, self.n_test, self.decoder_channels, self.test_seed = data, n_test, decoder_channels, test_seed
-        self.pools = load_dataset(data, "train"), load_dataset(data, "test")
-        self.canvas = {"num_digit_classes": int(self.pools[0].num_classes), **canvas}
+        train_digits = load_dataset(data, "train")
+        self.canvas = {"num_digit_classes": int(train_digits.num_classes), **canvas}
+        rest, held = hold_out(train_digits, val_digits if val_pool else 0)
+        self.pools = rest, load_dataset(data, "test")
+        self.val_pool = int(val_pool)
+        self.val = self._canvases(held, self.val_pool, POOL_CANVAS_SEED) if held is not None else None
         self.num_classes = int(self.canvas["num_digit_classes"]) + 1  # + background
         self._tests: dict[int, Dataset] = {}
+
+    def validation_set(self) -> Dataset | None:
+        """See :meth:`Task.validation_set`.
+
+        Returns:
+            The validation canvases (``None`` with ``val_pool=0``).
+        """
+        return self.val
 
     def _canvases(self, pool, n: int, seed: int) -> Dataset:
         from ptyl.data import DigitCanvasSegmentation
@@ -251,10 +249,11 @@ class SegmentationTask(Task):
     def metadata(self) -> dict[str, Any]:
         return {"task": self.name, "data": self.data,
                 "segmentation": {"num_classes": self.num_classes, "decoder_channels": self.decoder_channels,
-                                 "n_test": self.n_test, "test_seed": self.test_seed, **self.canvas}}
+                                 "n_test": self.n_test, "test_seed": self.test_seed, **self.canvas,
+                                 **({"val_pool": self.val_pool} if self.val_pool else {})}}
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None) -> Task:
+    def from_metadata(cls, meta: Mapping[str, Any], data: str | None = None, eval_split: str = "test") -> Task:
         """See :meth:`Task.from_metadata` (the canvas settings come from ``meta["segmentation"]``)."""
         seg = dict(meta["segmentation"])
         fixed = {key: seg.pop(key, None) for key in ("num_classes", "decoder_channels", "n_test", "test_seed",
@@ -273,53 +272,6 @@ class SegmentationTask(Task):
                                image_channels=int((meta.get("model_kwargs") or {}).get("in_channels", 1)))
 
 
-class TextTask(Task):
-    """Few-shot text classification with a pretrained encoder (e.g. :class:`ptyl.models.hf.TextClassifier`):
-    ``n`` sentences per class of ``pool``, scored on ``test``; batches go through
-    :func:`ptyl.data.collate_text` and the loss is :func:`ptyl.models.hf.text_classification_objective`.
-
-    Args:
-        pool: the labelled target sentences (a :class:`ptyl.data.TextDataset`).
-        test: held-out sentences.
-        val_pool: hold out this many sentences of ``pool`` (balanced over classes) as a validation pool.
-        objective, collate_fn: override the training loss and batching (e.g. a model over cached hidden states).
-    """
-
-    name = "text"
-
-    def __init__(self, pool: Dataset, test: Dataset, *, val_pool: int = 0, objective: Callable | None = None,
-                 collate_fn: Callable | None = None) -> None:
-        from ptyl.data import collate_text
-        from ptyl.models.hf import text_classification_objective
-
-        self.pool, self.val = hold_out(pool, val_pool)
-        self.test = test
-        self.num_classes = int(pool.num_classes)
-        self.objective = objective or text_classification_objective
-        self.collate_fn = collate_fn or collate_text
-
-    def validation_set(self) -> Dataset | None:
-        """See :meth:`Task.validation_set`.
-
-        Returns:
-            The pool held out of the training data (``None`` with ``val_pool=0``).
-        """
-        return self.val
-
-    def train_set(self, n: int, seed: int) -> Dataset:
-        from ptyl.data import few_shot_subset
-
-        return few_shot_subset(self.pool, int(n), int(seed))
-
-    def test_set(self, seed: int = 0) -> Dataset:
-        return self.test
-
-    def adapt(self, model: nn.Module) -> nn.Module:
-        from ptyl.models import replace_head
-
-        return replace_head(model, self.num_classes)
-
-
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ClassificationTask, SegmentationTask, TextTask)}
 
 
@@ -335,24 +287,6 @@ def _image_channels(model: nn.Module) -> int:
         if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
     return 1
-
-
-def build_classifier(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """A fresh classifier from ``meta["model"]`` (a built-in name or a ``module:factory``) / ``meta["model_kwargs"]``
-    with ``num_classes`` outputs (default: the metadata's); a factory that does not take ``num_classes`` gets its
-    head (``meta["head"]``) replaced when its size differs."""
-    from ptyl.models import build_model, get_head, is_factory, replace_head
-
-    if "model" not in meta:
-        raise PriorFileError("metadata does not name the model architecture ('model'); pass --model")
-    kwargs = dict(meta.get("model_kwargs") or {})
-    kwargs["num_classes"] = int(num_classes if num_classes is not None else meta.get("num_classes", 10))
-    model = build_model(meta["model"], **kwargs)
-    if is_factory(meta["model"]):
-        head = meta.get("head") or "head"
-        if get_head(model, head).out_features != kwargs["num_classes"]:
-            replace_head(model, kwargs["num_classes"], head_name=head)
-    return model
 
 
 def build_from_metadata(meta: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:

@@ -41,18 +41,23 @@ from ptyl.io.prior_file import load_posterior, read_metadata
 from ptyl.metrics.results import save_json
 from ptyl.pipeline.artifacts import load_pretrained
 from ptyl.pipeline.methods import DEFAULT_METHODS, Method, parse_method, train_config
+from ptyl.pipeline.records import grid_record, validation_options
+from ptyl.training.registry import Inference
 from ptyl.pipeline.tasks import ClassificationTask, Task, pretrained_model_fn
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.training.config import TrainConfig
 from ptyl.tuning.automatic import AutoConfig
 from ptyl.tuning.grid import PriorSpec, check_grid, default_grid, tune
 from ptyl.tuning.result import GRID, STRATEGIES
-from ptyl.tuning.trials import CONVERGED_LOSS, fit_status
+from ptyl.tuning.search import MAX_ROUNDS
+from ptyl.tuning.trials import CONVERGED_LOSS, TrialRunner, fit_status
 from ptyl.validation import check_choice
 
-__all__ = ["TUNING_STRATEGIES", "automatic_run", "method_grid", "run_transfer", "transfer_run"]
+__all__ = ["SELECTED", "TUNING_STRATEGIES", "automatic_run", "method_grid", "run_transfer", "transfer_run",
+           "transfer_select"]
 
 TUNING_STRATEGIES = STRATEGIES
+SELECTED = "selected"  # the method name of a kind selection's record
 
 
 def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict | None = None,
@@ -77,7 +82,7 @@ def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict |
 
 def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, grid: dict[str, list[Any]],
                  config: TrainConfig, model_fn: Callable[[], nn.Module], *, seed: int, folds: int | None = None,
-                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = 6,
+                 repeats: int = 1, tuning: str = "grid", cache: Any = None, max_rounds: int = MAX_ROUNDS,
                  auto: AutoConfig | None = None) -> dict[str, Any]:
     """Tune one method on one training set and score it on the task's test set.
 
@@ -104,40 +109,67 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
     if tuning != GRID:
         return automatic_run(task, train, spec, config, model_fn, seed=seed, tuning=tuning, auto=auto)
     test, pool = task.test_set(seed), task.validation_set()
-    evaluate = task.evaluate
     record: dict[str, Any] = {"tuning": tuning}
     try:
-        tuned = tune(model_fn, train, spec, grid, val_set=pool, folds=None if pool is not None else folds,
-                     repeats=repeats, test_set=test if pool is not None else None, seed=seed, config=config,
-                     progress=False, objective=task.objective, collate_fn=task.collate_fn,
-                     evaluate=lambda probs, targets: evaluate(probs, targets), cache=cache, max_rounds=max_rounds,
-                     refit=pool is None)
+        tuned = tune(model_fn, train, spec, grid, seed=seed, config=config, max_rounds=max_rounds, cache=cache,
+                     **validation_options(task, pool, test, folds, repeats))
     except DivergenceError as err:  # every trial diverged: record it and go on
         return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
-    row = tuned.selected
-    if pool is not None:
-        metrics = {k: row[f"test_{k}"] for k in task.metrics}
-        fit_stats = {k: row.get(k) for k in ("final_loss", "epoch_loss", "fit_status", "steps", "stop_reason")}
-        upper = tuned.test_selected
-        record["test_selected"] = {**{k: upper[f"test_{k}"] for k in task.metrics},
-                                   **{k: upper[k] for k in tuned.grid}}
-    else:
-        final = tuned.final
-        metrics = task.evaluate(final.predict(test), task.targets(test))
-        final_loss = float(task.evaluate(final.predict(train), task.targets(train))["nll"])
-        fit_stats = {"final_loss": final_loss, "epoch_loss": final.final_loss, "steps": final.steps,
-                     "stop_reason": final.stop_reason,
-                     "fit_status": fit_status(final_loss, bool(row.get("prior_off")), config.stop_loss or CONVERGED_LOSS,
-                                              final.samples is not None)}
-    record.update({k: float(v) for k, v in metrics.items()})
-    record.update(fit_stats)
-    record.update({
-        "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
-        "val_" + tuned.metric: row[f"val_{tuned.metric}"], "std_ratio": row.get("std_ratio"),
-        "prior_off": row.get("prior_off"), "edge_status": tuned.edge_status, "edge_warnings": tuned.edge_warnings,
-        "path": tuned.path, "trials": len(tuned.table), "validation": tuned.table,
-    })
-    return record
+    return {**record, **grid_record(task, train, tuned, config, model_fn, seed=seed)}
+
+
+def transfer_select(task: Task, train: Dataset, methods: Sequence[Method], spec: PriorSpec,
+                    grids: dict[str, dict[str, list[Any]]], config: TrainConfig, model_fn: Callable[[], nn.Module], *,
+                    seed: int, folds: int | None = None, repeats: int = 1, cache: Any = None,
+                    max_rounds: int = MAX_ROUNDS) -> list[dict[str, Any]]:
+    """Tune several MAP methods (prior kinds) on one training set in one search, choose the kind on the validation
+    data (:func:`ptyl.tuning.tune` with ``kinds``: the off limit, plain fine-tuning, is a shared point of every
+    kind's search) and score each on the task's test set.
+
+    Args:
+        task, train, config, model_fn, seed, folds, repeats, cache, max_rounds: as in :func:`transfer_run`.
+        methods: MAP methods from the pretrained start, one per prior kind.
+        spec: the fields the kinds share (posterior, head, eps...).
+        grids: per kind name, its grid.
+
+    Returns:
+        One record per method (its own tuned selection, as :func:`transfer_run` writes it), then the record of the
+        selection, ``method = "selected"``, with ``selected_kind`` (``"none"``: the off limit won) and
+        ``kind_scores`` (every kind's validation score); one record with ``error`` if every trial diverged.
+    """
+    kinds = [str(m.prior) for m in methods]
+    if any(m.inference is not Inference.MAP or not m.pretrained for m in methods):
+        raise ConfigError(f"kind selection compares MAP methods from the pretrained start, got {[m.name for m in methods]}")
+    test, pool = task.test_set(seed), task.validation_set()
+    try:
+        tuned = tune(model_fn, train, spec, {k: grids[k] for k in kinds}, kinds=kinds, seed=seed, config=config,
+                     max_rounds=max_rounds, cache=cache, **validation_options(task, pool, test, folds, repeats))
+    except DivergenceError as err:
+        return [{"method": SELECTED, "tuning": GRID, **{k: math.nan for k in task.metrics}, "error": str(err)}]
+    records = []
+    for method, kind in zip(methods, kinds, strict=True):
+        part = tuned.kinds[kind]
+        if pool is None:  # the trials were not the final models: refit this kind's choice on all n
+            part = replace(part, final=TrialRunner(model_fn, part.spec, replace(config, seed=int(seed), progress=False),
+                                                   None, objective=task.objective, collate_fn=task.collate_fn,
+                                                   likelihood=task.likelihood).fit_once(train, part.best)[0])
+        records.append({"method": method.name, "tuning": GRID,
+                        **grid_record(task, train, part, config, model_fn, seed=seed)})
+    scores = {k: r.selected.get(f"val_{tuned.metric}") for k, r in tuned.kinds.items()}
+    records.append({"method": SELECTED, "tuning": GRID, **grid_record(task, train, tuned, config, model_fn, seed=seed),
+                    "selected_kind": tuned.kind, "kind_scores": scores,
+                    "trials": _distinct_trials(tuned)})
+    return records
+
+
+def _distinct_trials(tuned) -> int:
+    """Trials a kind selection ran: every kind's own, and its shared off-limit trials once."""
+    own = sum(not r.get("off_limit") and not _at_off(r) for p in tuned.kinds.values() for r in p.table)
+    return own + max(sum(_at_off(r) for r in p.table) for p in tuned.kinds.values())
+
+
+def _at_off(row: dict[str, Any]) -> bool:
+    return any(row.get(k) == math.inf for k in ("scale", "variance"))
 
 
 def automatic_run(task: Task, train: Dataset, spec: PriorSpec, config: TrainConfig, model_fn: Callable[[], nn.Module],
@@ -211,7 +243,8 @@ def run_transfer(
     max_test: int | None = None,
     tuning: str = "grid",
     auto: AutoConfig | None = None,
-    max_rounds: int = 6,
+    max_rounds: int = MAX_ROUNDS,
+    select: bool = True,
     train_overrides: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
@@ -241,14 +274,16 @@ def run_transfer(
         folds, repeats: cross-validation when the task has no pool (``folds=None``: one 80/20 split).
         max_test: evaluate on the first ``max_test`` test examples of a class-balanced order (default task only).
         tuning: the tuning strategy (:data:`TUNING_STRATEGIES`); ``auto``: settings of the automatic ones.
-        max_rounds: most edge-extension rounds per search.
+        max_rounds: most extension rounds per search.
+        select: with the grid, tune the MAP methods from the pretrained start together and choose the prior kind on
+            the validation data (:func:`transfer_select`): their records, and one more, ``method = "selected"``.
         train_overrides: other :class:`~ptyl.training.TrainConfig` fields for every fit (e.g. ``{"grad_clip": 5}``).
         out_dir: if given, ``results.json`` is rewritten there after every finished run.
         progress, log: a progress bar; a function receiving one line per finished run.
 
     Returns:
         One record per (seed, n, method): see :func:`transfer_run`, plus the method, sizes, ``warnings`` and
-        ``wall_time_s``.
+        ``wall_time_s``; with ``select``, also the kind selection's record per (seed, n) (``method = "selected"``).
 
     Raises:
         ConfigError: a bad method, grid or setting -- before anything is trained.
@@ -272,6 +307,7 @@ def run_transfer(
     for seed in seeds:
         for n in n_per_class:
             train = task.train_set(int(n), int(seed))
+            group, singles = [], []
             for plan in plans:
                 config = train_config(plan.inference, len(train), steps=steps, batch_size=batch_size,
                                       num_samples=num_samples, temperature=temperature, stop_loss=stop_loss,
@@ -282,39 +318,58 @@ def run_transfer(
                                  head=task.head)
                 grid = method_grid(plan, budget, lrs, grids, ranges)
                 check_grid(grid, spec, config)  # every user error surfaces now, before the first fit
-                jobs.append((int(seed), int(n), train, plan, config, spec, grid))
+                job = (int(seed), int(n), train, [plan], config, spec, {str(plan.prior): grid})
+                selectable = plan.inference is Inference.MAP and plan.pretrained and plan.prior.recipe.axis
+                (group if select and tuning == GRID and selectable else singles).append(job)
+            if len(group) > 1:  # one search over the kinds, their off limit shared
+                _, _, _, _, config, spec, _ = group[0]
+                group = [(int(seed), int(n), train, [job[3][0] for job in group], config,
+                          replace(spec, posterior=posterior), {k: g for job in group for k, g in job[6].items()})]
+            jobs.extend(group + singles)
 
     results: list[dict[str, Any]] = []
     bar = tqdm(jobs, desc="transfer", disable=not progress)
-    for seed, n, train, plan, config, spec, grid in bar:
-        bar.set_postfix_str(f"n={n} seed={seed} {plan.name}")
+    for seed, n, train, group_plans, config, spec, grids_ in bar:
+        names = " + ".join(p.name for p in group_plans)
+        bar.set_postfix_str(f"n={n} seed={seed} {names}")
         start = time.perf_counter()
-        model_fn = pretrained_model_fn(meta, state if plan.pretrained else None, task,
-                                       module=pretrained if plan.pretrained and not meta else None)
-        record = {
-            "method": plan.name, "prior": str(plan.prior), "inference": str(plan.inference),
-            "pretrained": plan.pretrained, task.size_key: n, "seed": seed, "num_train": len(train),
-            "num_test": len(task.test_set(seed)), "target": getattr(task, "data", target), "source": meta.get("source"),
-            "prior_file": str(prior_path) if prior_path is not None else None, "max_steps": config.max_steps,
-            "temperature": config.temperature if plan.inference.strategy.uses_temperature else None,
-        }
+        first = group_plans[0]
+        model_fn = pretrained_model_fn(meta, state if first.pretrained else None, task,
+                                       module=pretrained if first.pretrained and not meta else None)
+        common = {task.size_key: n, "seed": seed, "num_train": len(train), "num_test": len(task.test_set(seed)),
+                  "target": getattr(task, "data", target), "source": meta.get("source"),
+                  "prior_file": str(prior_path) if prior_path is not None else None, "max_steps": config.max_steps}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            record.update(transfer_run(task, train, plan, spec, grid, config, model_fn, seed=seed, folds=folds,
-                                       repeats=repeats, tuning=tuning, max_rounds=max_rounds, auto=auto))
-        edges = record.get("edge_warnings", [])
-        record["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if str(w.message) not in edges))
-        record["wall_time_s"] = time.perf_counter() - start
-        results.append(record)
-        if log is not None:
-            log(_log_line(record, task, plan, n, seed))
+            if len(group_plans) > 1:
+                outcomes = transfer_select(task, train, group_plans, spec, grids_, config, model_fn, seed=seed,
+                                           folds=folds, repeats=repeats, max_rounds=max_rounds)
+            else:
+                outcomes = [{"method": first.name, **transfer_run(
+                    task, train, first, spec, grids_[str(first.prior)], config, model_fn, seed=seed, folds=folds,
+                    repeats=repeats, tuning=tuning, max_rounds=max_rounds, auto=auto)}]
+        wall = time.perf_counter() - start
+        by_name = {p.name: p for p in group_plans}
+        for outcome in outcomes:
+            plan = by_name.get(outcome["method"])
+            record = {"method": outcome["method"], "prior": str(plan.prior) if plan else outcome.get("selected_kind"),
+                      "inference": str(plan.inference if plan else Inference.MAP),
+                      "pretrained": plan.pretrained if plan else True, **common,
+                      "temperature": config.temperature if plan and plan.inference.strategy.uses_temperature else None,
+                      **outcome}
+            edges = record.get("edge_warnings", [])
+            record["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if str(w.message) not in edges))
+            record["wall_time_s"] = wall  # of the whole search (a kind selection's kinds share it)
+            results.append(record)
+            if log is not None:
+                log(_log_line(record, task, record["method"], n, seed))
         if out_dir is not None:
             save_json(Path(out_dir) / "results.json", results)
     bar.close()
     return results
 
 
-def _log_line(record: dict[str, Any], task: Task, plan: Method, n: int, seed: int) -> str:
+def _log_line(record: dict[str, Any], task: Task, name: str, n: int, seed: int) -> str:
     chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["selected"].items()) \
         if "selected" in record else ""
     status = f"FAILED: {record['error']}" if "error" in record else f"[{chosen}]"
@@ -324,6 +379,8 @@ def _log_line(record: dict[str, Any], task: Task, plan: Method, n: int, seed: in
     if "final_loss" in record and record["final_loss"] is not None:
         fit = record.get("fit_status")
         extra = f" train-nll={record['final_loss']:.3f}{' UNDERTRAINED' if fit == 'undertrained' else ''}"
-        if record.get("prior_off"):
-            extra += " (prior effectively off)"
-    return f"  n={n:<4d} seed={seed} {plan.name:<14s} {scores}  {status}{extra}  {record['wall_time_s']:.1f}s"
+        if record.get("prior_share") is not None:
+            extra += f" prior share {record['prior_share']:.2g}{' (off)' if record.get('prior_off') else ''}"
+    if record.get("selected_kind"):
+        name = f"selected: {record['selected_kind']}"
+    return f"  n={n:<4d} seed={seed} {name:<14s} {scores}  {status}{extra}  {record['wall_time_s']:.1f}s"

@@ -10,16 +10,38 @@ so a training step adds ``prior.penalty(model) / N`` to the mean cross-entropy o
 calls ``prior.add_grad_(model, weight=1 / N)`` after ``loss.backward()`` (the same update).
 
 Every prior here keeps its tensors as flat buffers in ``names`` order. One call flattens the parameters with one
-``cat`` per *leaf* prior, runs a few vector kernels (``_penalty_grad``) and returns per-tensor views of the flat
-gradient, so its cost does not grow with the number of parameter tensors. Value and gradient come out of the same
-kernels; the autograd path only scales the saved gradient in backward. (On the CPU the vectors are processed in
-groups of >= 2M numbers, see :data:`ptyl.flat.GROUP_NUMEL`; elsewhere in one piece.)
+``cat`` per *leaf* prior, runs a few vector kernels and returns per-tensor views of the flat gradient, so its cost
+does not grow with the number of parameter tensors. Value and gradient come out of the same kernels; the autograd
+path only scales the saved gradient in backward. (On the CPU the vectors are processed in groups of >= 2M numbers,
+see :data:`ptyl.flat.GROUP_NUMEL`; elsewhere in one piece.)
 
-Sharding hook: a leaf kernel runs in two phases, :meth:`Prior._local_stats` (its partial sums: the quadratic term
-and, for the low-rank prior, the k-vector ``U^T D^-1 r``) and :meth:`Prior._finish`. Between them the partial sums go
-through ``reduce_stats``: when the prior being evaluated has one, the partial sums of *all* its leaves are summed in
-one call (one collective of a few numbers per evaluation, see :mod:`ptyl.priors.sharded`); otherwise each leaf uses
-its own (:meth:`Prior._reduce`, the identity unsharded).
+**The extension protocol.** A new distribution is a subclass of :class:`Prior` implementing, for itself:
+
+=================================================  ===============================================================
+method                                             what it gives
+=================================================  ===============================================================
+``penalty_partials`` / ``penalty_finish``           the flat kernel, in two phases around one reduction over shards
+                                                   (``penalty``, ``log_prob``, ``add_grad_``, training)
+``flat_parts``                                     ``(mu, d, U or None)`` with ``Sigma = diag(d) + U^T U``: the
+                                                   defaults of the four rows below, and the generic differentiable
+                                                   family of the automatic strategies (``SCALED_FAMILY``)
+``precision_diagonal``, ``mean_flat``,             the curvature interface (Laplace evidence, DE-ELBO, the trainer's
+``log_det_partials`` / ``log_det_finish``          stability check); default from ``flat_parts`` (diagonal ``d``)
+``separable_part``, ``marginal_variance``          the proximal step (:mod:`ptyl.priors.separable`) and the strength
+                                                   diagnostic; default from ``flat_parts``
+``local_rows``, ``normalizer_partials`` /          sharding (:mod:`ptyl.priors.sharded`): this rank's rows with the
+``set_global_normalizer``                          global constants; constants made global by one all-reduce
+=================================================  ===============================================================
+
+Only the kernel is required; a missing piece raises a clear error where it is needed. Composite priors (``parts``)
+are evaluated through their leaves and get all of the above from them. A subclass may instead implement only
+``_log_prob(tensors)`` (autograd, slower, nothing else).
+
+Sharding hook: between the kernel's two phases the partial sums (the quadratic term and, for the low-rank prior, the
+k-vector ``U^T D^-1 r``) go through ``reduce_stats``: when the prior being evaluated has one, the partial sums of
+*all* its leaves are summed in one call (one collective of a few numbers per evaluation, see
+:mod:`ptyl.priors.sharded`); otherwise each leaf uses its own (the identity unsharded). ``log_det_partials`` are
+reduced the same way.
 """
 
 from __future__ import annotations
@@ -31,23 +53,24 @@ import torch
 from torch import nn
 
 from ptyl.errors import InvalidValueError
+from ptyl.flat import ParamBinder, plan_groups, unflatten
 from ptyl.params import named_parameters
 from ptyl.priors.checks import check_finite
-from ptyl.flat import ParamBinder, plan_groups, unflatten
 from ptyl.priors.fused import FusedPenalty, evaluate, reduce_with
+from ptyl.priors.protocol import ExtensionProtocol, SeparablePart, rows_by_name  # noqa: F401 - re-exported
+from ptyl.sharding import ShardLayout
 
 LOG_2PI = math.log(2.0 * math.pi)
 
 Params = nn.Module | Mapping[str, torch.Tensor]
 
 
-class Prior(nn.Module):
+class Prior(ExtensionProtocol, nn.Module):
     """Base class: a distribution over the parameters listed in ``names`` with the given ``shapes``.
 
-    Leaf priors implement the flat kernel in two phases, ``_local_stats`` and ``_finish`` (or in one,
-    ``_penalty_grad``, which then reduces through its own ``reduce_stats``), and ``_precision_diagonal`` /
-    ``_posterior_log_det`` / ``_mean_flat``; priors with ``parts`` (composite, per-block) are evaluated through their
-    leaves. A subclass may instead implement only ``_log_prob(tensors)`` (autograd, slower).
+    Leaf priors implement the extension protocol of the module docstring (at least the flat kernel,
+    :meth:`penalty_partials` and :meth:`penalty_finish`); priors with ``parts`` (composite, per-block) are evaluated
+    through their leaves. A subclass may instead implement only ``_log_prob(tensors)`` (autograd, slower).
     """
 
     reduce_stats: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum over shards (None: unsharded)
@@ -61,8 +84,8 @@ class Prior(nn.Module):
         self.skipped: tuple[str, ...] = ()  # parameters dropped when matched with strict=False
         self._numel = sum(math.prod(s) for s in self.shapes)
         self._binder = ParamBinder(self.names, self.shapes)
-        self._cpu_groups = plan_groups(self.shapes)
-        self._plan: list[Prior] | None | bool = False  # leaves, resolved on first use
+        self.cpu_groups = plan_groups(self.shapes)  # how the CPU kernels split the flat vector (ptyl.flat)
+        self._plan: list[Prior] | None | bool = False  # flat leaves, resolved on first use
 
     @property
     def num_parameters(self) -> int:
@@ -89,14 +112,14 @@ class Prior(nn.Module):
         Returns:
             A 0-dim tensor in the parameters' dtype; its backward adds the fused gradient.
         """
-        leaves = self._leaves()
+        leaves = self.flat_leaves()
         if leaves is None:
             return -self.log_prob(params)
         return self._penalty_of(self.gather(params), params)
 
     def _penalty_of(self, tensors: list[torch.Tensor], params: Params | None = None) -> torch.Tensor:
         """:meth:`penalty` of the covered tensors themselves (in ``names`` order, already checked)."""
-        leaves = self._leaves()
+        leaves = self.flat_leaves()
         if not leaves:
             return _zero_like(tensors, params)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -113,7 +136,7 @@ class Prior(nn.Module):
         Returns:
             ``-penalty(params)``, a 0-dim tensor.
         """
-        if self._leaves() is not None:
+        if self.flat_leaves() is not None:
             return -self.penalty(params)
         parts = self._modules.get("parts")
         if parts is None:
@@ -138,7 +161,7 @@ class Prior(nn.Module):
         Returns:
             The detached penalty (unweighted) when ``return_value``, else None.
         """
-        leaves = self._leaves()
+        leaves = self.flat_leaves()
         if leaves is None:
             return _add_grad_autograd(self, params, weight, return_value)
         tensors = self.gather(params)
@@ -163,28 +186,8 @@ class Prior(nn.Module):
         return value, like, grads
 
     def _log_prob(self, tensors: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} implements neither _penalty_grad nor _log_prob")
-
-    def _penalty_grad(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
-        """Leaf kernel. ``xs``: fresh flat parameter vectors (consecutive groups covering [0, P); iterate once, may
-        overwrite them). Returns ``(penalty or None, [d penalty / d x per group] or None)``; the penalty is a float64
-        0-dim tensor including the normaliser. By default the two phases below around this leaf's own reduce."""
-        quad, vec, state = self._local_stats(xs, need_value, need_grad)
-        quad, vec = self._reduce(quad, vec)
-        return self._finish(quad, vec, state, need_value, need_grad)
-
-    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
-        """Phase 1 of a leaf kernel: ``(quad or None, vec or None, state)`` -- this shard's float64 partial sums (the
-        quadratic term when ``need_value``; a k-vector the gradient needs) and whatever phase 2 reuses."""
-        raise NotImplementedError
-
-    def _finish(self, quad, vec, state, need_value: bool, need_grad: bool):
-        """Phase 2: from the summed ``quad`` / ``vec`` to ``(penalty or None, [gradient per group] or None)``."""
-        raise NotImplementedError
-
-    def _reduce(self, quad: torch.Tensor | None, vec: torch.Tensor | None):
-        """Sum float64 partial sums over shards (identity unsharded): the one place a sharded leaf communicates."""
-        return reduce_with(self.reduce_stats, [(quad, vec)])[0]
+        raise NotImplementedError(f"{type(self).__name__} implements neither the flat kernel (penalty_partials) nor "
+                                  "_log_prob")
 
     # --- curvature interface (Laplace evidence, autotune) ---------------------------------------------------------
     def precision_diagonal(self) -> torch.Tensor:
@@ -193,25 +196,11 @@ class Prior(nn.Module):
         Returns:
             A flat float64 [P] tensor in ``names`` order, on the prior's device.
         """
-        return _concat(self, lambda leaf: leaf._precision_diagonal(), torch.float64)
-
-    def posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
-        """``log det(diag(h) + Sigma^-1)`` (matrix determinant lemma for the low-rank prior).
-
-        Args:
-            h: flat non-negative curvature diagonal [P] in ``names`` order (e.g. a GGN diagonal).
-
-        Returns:
-            A float64 0-dim tensor.
-        """
-        h = _check_curvature(h, self.num_parameters)
-        total, start = None, 0
-        for leaf in self._leaves_or_raise():
-            part = h[start:start + leaf.num_parameters]
-            start += leaf.num_parameters
-            term = leaf._posterior_log_det(part)
-            total = term if total is None else total + term.to(total.device)
-        return total if total is not None else torch.zeros((), dtype=torch.float64)
+        leaves = self._leaves_or_raise()
+        if leaves == [self]:  # a leaf without its own: from its Gaussian parts
+            _, d, factor = self._diagonal_parts("precision_diagonal")
+            return d.reciprocal()
+        return _concat([leaf.precision_diagonal() for leaf in leaves], torch.float64)
 
     def mean_flat(self) -> torch.Tensor:
         """The centre (a copy).
@@ -219,35 +208,68 @@ class Prior(nn.Module):
         Returns:
             A flat [P] tensor in ``names`` order in the stored dtype (zeros for a zero-centred prior).
         """
-        return _concat(self, lambda leaf: leaf._mean_flat(), None)
+        leaves = self._leaves_or_raise()
+        if leaves == [self]:
+            return self.flat_parts(torch.float64)[0]
+        return _concat([leaf.mean_flat() for leaf in leaves], None)
+
+    def posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
+        """``log det(diag(h) + Sigma^-1)`` (matrix determinant lemma for the low-rank prior).
+
+        Args:
+            h: flat non-negative curvature diagonal [P] in ``names`` order (e.g. a GGN diagonal); sharded: this
+                rank's rows.
+
+        Returns:
+            A float64 0-dim tensor (sharded: of the whole model, the same on every rank).
+        """
+        h = _check_curvature(h, self.num_parameters)
+        leaves, start, partials = self._leaves_or_raise(), 0, []
+        for leaf in leaves:
+            partials.append(leaf.log_det_partials(h[start:start + leaf.num_parameters]).reshape(-1))
+            start += leaf.num_parameters
+        if not partials:
+            return torch.zeros((), dtype=torch.float64)
+        device = partials[0].device
+        flat = torch.cat([p.to(device) for p in partials])
+        if self.reduce_stats is not None:
+            flat = self.reduce_stats(flat)
+        total, at = None, 0
+        for leaf, part in zip(leaves, partials):
+            term = leaf.log_det_finish(flat[at:at + part.numel()])
+            at += part.numel()
+            total = term if total is None else total + term.to(total.device)
+        return total
 
     # --- structure ---------------------------------------------------------------------------------------------
-    def _leaves(self) -> list[Prior] | None:
-        """Leaf priors in ``names`` order, or None if some part can only be evaluated through ``_log_prob``."""
+    def flat_leaves(self) -> list[Prior] | None:
+        """The leaf priors (those with a flat kernel) in ``names`` order: ``[self]`` for a leaf, a composite's leaves,
+        or ``None`` if some part can only be evaluated through ``_log_prob``."""
         if self._plan is False:
             self._plan = self._find_leaves()
         return self._plan
 
-    def _is_two_phase(self) -> bool:
-        """A leaf whose kernel is split in :meth:`_local_stats` / :meth:`_finish` (its sums can be reduced jointly)."""
-        return type(self)._local_stats is not Prior._local_stats and type(self)._penalty_grad is Prior._penalty_grad
+    @property
+    def is_leaf(self) -> bool:
+        """Whether this prior implements the flat kernel itself (:meth:`penalty_partials`)."""
+        return type(self).penalty_partials is not Prior.penalty_partials
 
     def _find_leaves(self) -> list[Prior] | None:
-        if self._is_two_phase() or type(self)._penalty_grad is not Prior._penalty_grad:
+        if self.is_leaf:
             return [self] if self.names else []
         parts = self._modules.get("parts")
         if parts is None:
             return None
         leaves: list[Prior] = []
         for part in parts.values() if isinstance(parts, nn.ModuleDict) else parts:
-            sub = part._leaves() if isinstance(part, Prior) else None
+            sub = part.flat_leaves() if isinstance(part, Prior) else None
             if sub is None:
                 return None
             leaves.extend(leaf for leaf in sub if leaf.names)
         return leaves if tuple(n for leaf in leaves for n in leaf.names) == self.names else None
 
     def _leaves_or_raise(self) -> list[Prior]:
-        leaves = self._leaves()
+        leaves = self.flat_leaves()
         if leaves is None:
             raise NotImplementedError(f"{type(self).__name__} has no flat implementation of this method")
         return leaves
@@ -285,6 +307,18 @@ class CompositePrior(Prior):
         self.unregularized: tuple[str, ...] = tuple(unregularized)
         self.skipped = tuple(s for p in priors.values() for s in p.skipped)
 
+    def local_rows(self, layout: ShardLayout) -> CompositePrior:
+        """Each part over this rank's rows (see :meth:`Prior.local_rows`).
+
+        Args:
+            layout: the rows of every parameter of the composite.
+
+        Returns:
+            A composite of the same parts (and the same ``unregularized``) over the rows.
+        """
+        return CompositePrior({key: part.local_rows(layout.restrict(list(part.names)))
+                               for key, part in self.parts.items()}, unregularized=self.unregularized)
+
 
 def _accumulate(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """``.grad += g`` (one foreach kernel), or ``.grad = g`` where it is None, as autograd's accumulation does."""
@@ -321,8 +355,7 @@ def _zero_like(tensors: list[torch.Tensor], params: Params) -> torch.Tensor:
     return torch.zeros((), device=device)
 
 
-def _concat(prior: Prior, fn, dtype: torch.dtype | None) -> torch.Tensor:
-    parts = [fn(leaf) for leaf in prior._leaves_or_raise()]
+def _concat(parts: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
     if not parts:
         return torch.zeros(0, dtype=dtype or torch.get_default_dtype())
     if len(parts) == 1:

@@ -33,6 +33,7 @@ from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.learned import learned_prior
 from ptyl.priors.lowrank import LowRankGaussianPrior
 from ptyl.priors.registry import PriorKind, PriorOptions
+from ptyl.sharding import ShardLayout
 
 OTHER_BLOCK = "<other>"
 
@@ -72,6 +73,18 @@ class BlockLowRankPrior(CompositePrior):
         if name not in self.blocks:
             raise KeyError(f"no block {name!r}; blocks are {list(self.blocks)}")
         return self.parts[_key(name)]
+
+    def local_rows(self, layout: ShardLayout) -> BlockLowRankPrior:
+        """Each block over this rank's rows (see :meth:`ptyl.priors.Prior.local_rows`).
+
+        Args:
+            layout: the rows of every parameter.
+
+        Returns:
+            The block prior over the rows.
+        """
+        return BlockLowRankPrior({name: self.block(name).local_rows(layout.restrict(list(self.block(name).names)))
+                                  for name in self.blocks})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocks={len(self.blocks)}"
@@ -125,8 +138,8 @@ def assign_blocks(names: Sequence[str], blocks: Sequence[str] | str = "auto") ->
 def block_prior(
     posterior: SourcePosterior,
     blocks: Sequence[str] | str = "auto",
-    scale: float | Mapping[str, float] = 1.0,
-    eps: float = 0.0,
+    scale: float | Mapping[str, float] | None = None,
+    eps: float | None = None,
     rank: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> BlockLowRankPrior:
@@ -139,13 +152,16 @@ def block_prior(
     Args:
         blocks: ``"auto"`` (one block per indexed module, e.g. each transformer layer) or module prefixes.
         scale: lambda for every block, or block name -> lambda for each block (including :data:`OTHER_BLOCK` if
-            some parameters fall outside the listed prefixes).
+            some parameters fall outside the listed prefixes); ``None``: the ``block`` kind's registry default.
+        eps: isotropic jitter of every block (``None``: the kind's default).
         rank: k <= K deviation columns (default all; 0 gives a diagonal prior per block).
         dtype: storage dtype of the prior's tensors.
 
     Returns:
         The :class:`BlockLowRankPrior`, blocks in first-appearance order.
     """
+    options = PriorKind.BLOCK.recipe.options(scale=scale, eps=eps, rank=rank)
+    scale, eps, rank = options.scale, options.eps, options.rank
     groups = assign_blocks(posterior.names, blocks)
     if isinstance(scale, Mapping):
         unknown = sorted(set(scale) - set(groups))

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ptyl.errors import InvalidValueError
-from ptyl.priors.base import LOG_2PI, Prior
+from ptyl.priors.base import LOG_2PI, Prior, rows_by_name
 from ptyl.priors.checks import check_flat
 from ptyl.priors.lowrank import operand
+from ptyl.sharding import ShardLayout
+
 
 class DiagonalGaussianPrior(Prior):
     """N(mean, diag(variance)) over named parameters. Tensors may be stored in a low precision (fp16/bf16);
@@ -45,7 +47,7 @@ class DiagonalGaussianPrior(Prior):
         log_det = self.variance.double().log().sum()
         self.register_buffer("log_norm", log_det + self.num_parameters * LOG_2PI)
 
-    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+    def penalty_partials(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad, grads, start = None, [], 0
         for x in xs:
             part = slice(start, start + x.numel())
@@ -60,15 +62,75 @@ class DiagonalGaussianPrior(Prior):
                 grads.append(grad)
         return quad, None, grads
 
-    def _finish(self, quad, vec, grads, need_value: bool, need_grad: bool):
+    def penalty_finish(self, quad, vec, grads, need_value: bool, need_grad: bool):
         value = (quad + self.log_norm) * 0.5 if need_value else None
         return value, grads if need_grad else None
 
-    def _precision_diagonal(self) -> torch.Tensor:
+    def flat_parts(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """``(mu, v, None)``: ``Sigma = diag(v)`` (copies in ``dtype``; see :meth:`Prior.flat_parts`).
+
+        Args:
+            dtype: of the copies.
+
+        Returns:
+            The mean, the variances and no factor.
+        """
+        return self.mean.to(dtype, copy=True), self.variance.to(dtype, copy=True), None
+
+    def precision_diagonal(self) -> torch.Tensor:
+        """``1 / v`` (float64, flat).
+
+        Returns:
+            The precision diagonal.
+        """
         return 1.0 / self.variance.double()
 
-    def _posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.log(h.to(self.variance.device) + 1.0 / self.variance.double()).sum()
+    def log_det_partials(self, h: torch.Tensor) -> torch.Tensor:
+        """``[sum log(h + 1/v)]`` (see :meth:`Prior.log_det_partials`).
 
-    def _mean_flat(self) -> torch.Tensor:
+        Args:
+            h: the curvature diagonal, float64.
+
+        Returns:
+            One float64 number.
+        """
+        return torch.log(h.to(self.variance.device) + 1.0 / self.variance.double()).sum().reshape(1)
+
+    def mean_flat(self) -> torch.Tensor:
+        """The centre mu (a copy in the stored dtype).
+
+        Returns:
+            A flat [P] tensor.
+        """
         return self.mean.clone()
+
+    def local_rows(self, layout: ShardLayout) -> DiagonalGaussianPrior:
+        """This rank's rows with the global normaliser (see :meth:`Prior.local_rows`).
+
+        Args:
+            layout: the rows of every parameter.
+
+        Returns:
+            The diagonal prior over the rows.
+        """
+        local = DiagonalGaussianPrior(rows_by_name(self.mean, layout, self.shapes),
+                                      rows_by_name(self.variance, layout, self.shapes))
+        local.log_norm.copy_(self.log_norm)
+        return local
+
+    def normalizer_partials(self) -> torch.Tensor:
+        """``[sum log v]`` of these rows.
+
+        Returns:
+            One float64 number.
+        """
+        return self.variance.double().log().sum().reshape(1)
+
+    def set_global_normalizer(self, sums: torch.Tensor, numel: int) -> None:
+        """``log_norm = sum log v + P log 2 pi`` over the whole model.
+
+        Args:
+            sums: :meth:`normalizer_partials` summed over ranks.
+            numel: the global P.
+        """
+        self.log_norm.copy_(sums[0] + numel * LOG_2PI)

@@ -13,7 +13,9 @@ kind           backbone prior                                                  r
 ``none``       no backbone prior                                               maximum likelihood
 =============  ==============================================================  =================================
 
-The new head always gets N(0, head_variance I), or nothing if ``head_variance`` is None.
+The new head always gets N(0, head_variance I), or nothing if ``head_variance`` is None. Every value left out is the
+kind's registry default (:attr:`~ptyl.priors.PriorRecipe.defaults`: lambda 100 and eps 1e-3 for the learned kinds,
+variance 1e-3 for ``l2sp`` and 10 for ``standard``, head variance :data:`~ptyl.priors.registry.HEAD_VARIANCE`).
 
 >>> from torch import nn
 >>> model = nn.Sequential()
@@ -37,7 +39,7 @@ from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.base import CompositePrior, Prior
 from ptyl.priors.isotropic import IsotropicGaussianPrior
-from ptyl.priors.registry import PriorKind, PriorOptions
+from ptyl.priors.registry import HEAD_VARIANCE, PriorKind, PriorOptions
 from ptyl.priors.sharded import ShardedPrior
 from ptyl.sharding import ShardLayout, local_tensor
 
@@ -49,13 +51,13 @@ def make_prior(
     kind: str | PriorKind,
     *,
     posterior: SourcePosterior | ShardedPosterior | None = None,
-    scale: float | Mapping[str, float] = 1.0,
+    scale: float | Mapping[str, float] | None = None,
     eps: float | None = None,
     rank: int | None = None,
     variance: float | None = None,
-    blocks: str | Sequence[str] = "auto",
+    blocks: str | Sequence[str] | None = None,
     head: str | Sequence[str] | None = "head",
-    head_variance: float | None = 1.0,
+    head_variance: float | None = HEAD_VARIANCE,
     unregularized: Sequence[str] = (),
     strict: bool = True,
     dtype: torch.dtype | None = None,
@@ -69,10 +71,10 @@ def make_prior(
             ``"standard"``, ``"none"``).
         posterior: the source posterior of a learned kind, e.g. from :func:`ptyl.io.load_posterior`.
         scale, eps, rank: rescaling of a learned prior (lambda, epsilon, k); ``block`` also takes a mapping
-            block -> lambda. ``eps=None``: the kind's default (``PriorKind.LOWRANK.recipe.eps``, 1e-3), which caps
-            the prior's precision at 1/eps.
-        variance: backbone variance of ``l2sp`` / ``standard``.
-        blocks: ``block`` only: ``"auto"`` or module prefixes (see :func:`ptyl.priors.block.block_prior`).
+            block -> lambda. ``None``: the kind's registry default (lambda 100, eps 1e-3, which caps the prior's
+            precision at 1/eps, all K columns).
+        variance: backbone variance of ``l2sp`` / ``standard`` (``None``: the kind's default).
+        blocks: ``block`` only: ``"auto"`` (the default) or module prefixes (see :func:`ptyl.priors.block.block_prior`).
         head: module name(s) of the new task head. ``head_variance``: its isotropic prior variance (None: no prior).
         unregularized: names/prefixes/globs of parameters deliberately left without a prior.
         strict: a learned prior must cover every backbone parameter (else :class:`ParameterMismatchError`) and match
@@ -94,8 +96,7 @@ def make_prior(
     layout = ShardLayout.from_params(params)
     if sharded is None:
         sharded = layout.sharded or isinstance(posterior, ShardedPosterior)
-    eps = kind.recipe.eps if eps is None else eps
-    options = PriorOptions(scale=scale, eps=eps, rank=rank, variance=variance, dtype=dtype, blocks=blocks)
+    options = kind.recipe.options(scale=scale, eps=eps, rank=rank, variance=variance, dtype=dtype, blocks=blocks)
     if not sharded:
         if isinstance(posterior, ShardedPosterior):
             raise ConfigError("a sharded posterior builds a sharded prior: leave sharded=None (or True)")

@@ -36,35 +36,29 @@ def reduce_with(reduce: Callable[[torch.Tensor], torch.Tensor] | None, stats: li
 def evaluate(prior, tensors: list[torch.Tensor], need_value: bool, need_grad: bool):
     """Penalty (in the parameters' dtype, or None) and ``(flat gradient, tensors it covers)`` pieces in order.
 
-    Phase 1 of every leaf, then their partial sums reduced -- by ``prior.reduce_stats`` in one call when set, else
-    leaf by leaf -- then phase 2 of every leaf."""
+    Phase 1 of every leaf (``penalty_partials``), then their partial sums reduced -- by ``prior.reduce_stats`` in one
+    call when set, else leaf by leaf with each leaf's own -- then phase 2 of every leaf (``penalty_finish``)."""
     out_dtype = tensors[0].dtype
     dtype = compute_dtype(out_dtype)
-    started, start = [], 0  # (leaf, groups, phase-1 result or the one-phase result)
-    for leaf in prior._leaves():
+    started, start = [], 0  # (leaf, groups, phase-1 result)
+    for leaf in prior.flat_leaves():
         like = tensors[start:start + len(leaf.names)]
         start += len(like)
         groups, i = [], 0
-        for count in groups_for(like[0].device, leaf._cpu_groups, len(like)):
+        for count in groups_for(like[0].device, leaf.cpu_groups, len(like)):
             groups.append(like[i:i + count])
             i += count
         # a generator: each group's flat copy is freed as soon as the kernel moves on (on the CPU, reused memory)
         xs = (flatten(group, dtype) for group in groups)
-        if leaf._is_two_phase():
-            started.append((leaf, groups, leaf._local_stats(xs, need_value, need_grad)))
-        else:
-            started.append((leaf, groups, leaf._penalty_grad(xs, need_value, need_grad)))
-    two = [i for i, (leaf, _, _) in enumerate(started) if leaf._is_two_phase()]
-    stats = [started[i][2][:2] for i in two]
+        started.append((leaf, groups, leaf.penalty_partials(xs, need_value, need_grad)))
+    stats = [partials[:2] for _, _, partials in started]
     if prior.reduce_stats is not None:
         stats = reduce_with(prior.reduce_stats, stats)
     else:
-        stats = [started[i][0]._reduce(*pair) for i, pair in zip(two, stats)]
-    for i, (quad, vec) in zip(two, stats):
-        leaf, groups, (_, _, state) = started[i]
-        started[i] = (leaf, groups, leaf._finish(quad, vec, state, need_value, need_grad))
+        stats = [reduce_with(leaf.reduce_stats, [pair])[0] for (leaf, _, _), pair in zip(started, stats)]
     value, pieces = None, []
-    for _, groups, (v, grads) in started:
+    for (leaf, groups, (_, _, state)), (quad, vec) in zip(started, stats):
+        v, grads = leaf.penalty_finish(quad, vec, state, need_value, need_grad)
         if need_value:
             value = v if value is None else value + v
         if need_grad:

@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from ptyl.errors import InvalidValueError
-from ptyl.priors.base import LOG_2PI, Prior
+from ptyl.priors.base import LOG_2PI, Prior, rows_by_name
 from ptyl.priors.checks import check_flat
 from ptyl.priors.lowrank import operand
+from ptyl.sharding import ShardLayout
 
 
 def variance_from_weight_decay(weight_decay: float, num_data: int) -> float:
@@ -68,7 +69,7 @@ class IsotropicGaussianPrior(Prior):
         shapes = {n: tuple(t.shape) for n, t in params.items()}
         return cls(shapes, variance, {n: t for n, t in params.items()} if centered else None)
 
-    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+    def penalty_partials(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad, grads, start = None, [], 0
         for x in xs:
             if self.centered:
@@ -82,20 +83,81 @@ class IsotropicGaussianPrior(Prior):
                 grads.append(x.mul_(1.0 / self.variance))  # x is a fresh copy: the gradient overwrites it
         return quad, None, grads
 
-    def _finish(self, quad, vec, grads, need_value: bool, need_grad: bool):
+    def penalty_finish(self, quad, vec, grads, need_value: bool, need_grad: bool):
         value = quad * (0.5 / self.variance) + self._log_norm if need_value else None
         return value, grads if need_grad else None
 
-    def _precision_diagonal(self) -> torch.Tensor:
+    def flat_parts(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """``(c, v 1, None)`` (see :meth:`Prior.flat_parts`).
+
+        Args:
+            dtype: of the returned tensors.
+
+        Returns:
+            The centre (zeros when not centred), the variances and no factor.
+        """
+        variance = torch.full((self.num_parameters,), self.variance, dtype=dtype, device=self.anchor.device)
+        return self.mean_flat().to(dtype), variance, None
+
+    def precision_diagonal(self) -> torch.Tensor:
+        """``1 / v`` for every parameter (float64, flat).
+
+        Returns:
+            The precision diagonal.
+        """
         return torch.full((self.num_parameters,), 1.0 / self.variance, dtype=torch.float64, device=self.anchor.device)
 
-    def _posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.log(h.to(self.anchor.device) + 1.0 / self.variance).sum()
+    def log_det_partials(self, h: torch.Tensor) -> torch.Tensor:
+        """``[sum log(h + 1/v)]`` (see :meth:`Prior.log_det_partials`).
 
-    def _mean_flat(self) -> torch.Tensor:
+        Args:
+            h: the curvature diagonal, float64.
+
+        Returns:
+            One float64 number.
+        """
+        return torch.log(h.to(self.anchor.device) + 1.0 / self.variance).sum().reshape(1)
+
+    def mean_flat(self) -> torch.Tensor:
+        """The centre (a copy; zeros for weight decay).
+
+        Returns:
+            A flat [P] tensor.
+        """
         if self.centered:
             return self.center.clone()
         return torch.zeros(self.num_parameters, device=self.anchor.device)
+
+    def local_rows(self, layout: ShardLayout) -> IsotropicGaussianPrior:
+        """This rank's rows with the global normaliser (see :meth:`Prior.local_rows`).
+
+        Args:
+            layout: the rows of every parameter.
+
+        Returns:
+            The isotropic prior over the rows.
+        """
+        center = rows_by_name(self.center, layout, self.shapes) if self.centered else None
+        local = IsotropicGaussianPrior(layout.local_shapes, self.variance, center)
+        local._log_norm = self._log_norm
+        return local
+
+    def normalizer_partials(self) -> torch.Tensor:
+        """Nothing to sum: the normaliser needs only the global P.
+
+        Returns:
+            An empty float64 tensor.
+        """
+        return torch.zeros(0, dtype=torch.float64, device=self.anchor.device)
+
+    def set_global_normalizer(self, sums: torch.Tensor, numel: int) -> None:
+        """``1/2 P log(2 pi v)`` with the global P.
+
+        Args:
+            sums: unused (empty).
+            numel: the global P.
+        """
+        self._log_norm = 0.5 * numel * (LOG_2PI + math.log(self.variance))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, variance={self.variance:g}, centered={self.centered}"

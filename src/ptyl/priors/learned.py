@@ -11,7 +11,7 @@ stays plain data.
 >>> import torch
 >>> from ptyl.posterior import SourcePosterior
 >>> post = SourcePosterior({"w": torch.zeros(3)}, {"w": torch.ones(3)}, {"w": torch.eye(3)[:2]})
->>> prior = learned_prior(post, "lowrank", scale=2.0)
+>>> prior = learned_prior(post, "lowrank", scale=2.0)  # eps: the registry's default, 1e-3
 >>> prior.rank, prior.num_parameters
 (2, 3)
 """
@@ -53,8 +53,8 @@ class _LazyMap(Mapping):
 def learned_prior(
     posterior: SourcePosterior | ShardedPosterior,
     kind: str | PriorKind = PriorKind.LOWRANK,
-    scale: float = 1.0,
-    eps: float = 0.0,
+    scale: float | None = None,
+    eps: float | None = None,
     rank: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> LowRankGaussianPrior | DiagonalGaussianPrior:
@@ -64,8 +64,8 @@ def learned_prior(
         posterior: the source posterior (match it to a model first: :meth:`SourcePosterior.matched_to`).
         kind: ``PriorKind.LOWRANK`` (diagonal + rank k) or ``PriorKind.DIAG`` (``scale * sigma^2 + eps``, no
             factor 1/2 since there is no low-rank half to share the variance with).
-        scale: lambda > 0, multiplies the whole covariance.
-        eps: >= 0, isotropic jitter added to the diagonal (caps the precision).
+        scale: lambda > 0, multiplies the whole covariance (``None``: the kind's registry default, 100).
+        eps: >= 0, isotropic jitter added to the diagonal, caps the precision (``None``: the kind's default, 1e-3).
         rank: k <= K columns to use (default: all K); k = 1 uses D D^T (no division by k - 1 = 0); k = 0 gives the
             diagonal prior ``scale * sigma^2 + eps``.
         dtype: storage dtype of the prior's tensors (e.g. ``torch.bfloat16``); computation is in the params' dtype.
@@ -84,8 +84,10 @@ def learned_prior(
     if kind not in _LEARNED:
         raise InvalidValueError(f"prior kind {str(kind)!r} is not a learned prior of one posterior; choose one of "
                                 f"{tuple(str(k) for k in _LEARNED)}")
-    scale = check_positive_number(scale, "prior scale lambda")
-    eps = check_nonnegative_number(eps, "eps")
+    options = kind.recipe.options(scale=scale, eps=eps, rank=rank)
+    scale = check_positive_number(options.scale, "prior scale lambda")
+    eps = check_nonnegative_number(options.eps, "eps")
+    rank = options.rank
     k = check_rank(posterior.rank if rank is None else rank, posterior.rank)
     store = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     mean = _LazyMap(posterior.mean, store)

@@ -16,7 +16,7 @@ With ``r = theta - mu``, ``w = r / d``, ``C = I_k + U^T diag(d)^-1 U = L L^T`` (
 
 so one call is a handful of O(P k) kernels on flat buffers (mu [P], d [P], U^T as [k, P]) and two k x k triangular
 solves; it never forms a P x P matrix. The only cross-coordinate quantities are r^T w and U^T w (k + 1 numbers):
-sharded, they are summed over ranks in :meth:`Prior._reduce`.
+sharded, they are summed over ranks between the kernel's two phases (:mod:`ptyl.priors.sharded`).
 
 For the Laplace evidence (matrix determinant lemma and Woodbury):
 
@@ -32,8 +32,9 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ptyl.errors import InvalidValueError
-from ptyl.priors.base import LOG_2PI, Prior
+from ptyl.priors.base import LOG_2PI, Prior, rows_by_name
 from ptyl.priors.checks import check_flat
+from ptyl.sharding import ShardLayout
 
 CHUNK = 1 << 22  # float64 numbers (32 MB) of a k x columns temporary when building / analysing (bounded memory)
 CAST_CHUNK = 1 << 24  # factor entries converted at once when the factor is stored in another dtype than computed
@@ -113,11 +114,18 @@ class LowRankGaussianPrior(Prior):
             start = stop
 
     def flat_parts(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mean [P], diag [P] and factor [k, P] over all parameters in ``names`` order (copies; for analysis)."""
+        """mean [P], diag [P] and factor [k, P] over all parameters in ``names`` order (copies; for analysis).
+
+        Args:
+            dtype: of the copies.
+
+        Returns:
+            ``(mu, d, U)`` with ``Sigma = diag(d) + U^T U``.
+        """
         return (self.mean.to(dtype, copy=True), self.diag.to(dtype, copy=True), self.factor.to(dtype, copy=True))
 
     # --- the per-call kernel -------------------------------------------------------------------------------------
-    def _local_stats(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
+    def penalty_partials(self, xs: Iterable[torch.Tensor], need_value: bool, need_grad: bool):
         quad = v = dtype = None
         kept, start = [], 0
         for x in xs:
@@ -136,7 +144,7 @@ class LowRankGaussianPrior(Prior):
                 kept.append((w, d, factor))
         return quad, v, (kept, dtype)
 
-    def _finish(self, quad, v, state, need_value: bool, need_grad: bool):
+    def penalty_finish(self, quad, v, state, need_value: bool, need_grad: bool):
         kept, dtype = state
         chol = self.capacitance_chol
         y = torch.linalg.solve_triangular(chol, v.unsqueeze(1), upper=False)  # L^-1 U^T w
@@ -175,7 +183,12 @@ class LowRankGaussianPrior(Prior):
         return out
 
     # --- curvature interface -------------------------------------------------------------------------------------
-    def _precision_diagonal(self) -> torch.Tensor:
+    def precision_diagonal(self) -> torch.Tensor:
+        """diag(Sigma^-1) = 1/d - colsum((L^-1 U^T D^-1)^2), chunked.
+
+        Returns:
+            A flat float64 [P] tensor on the prior's device.
+        """
         out = torch.empty(self.num_parameters, dtype=torch.float64, device=self.diag.device)
         for part in _chunks(self.num_parameters, _columns(self.rank)):
             d = self.diag[part].double()
@@ -183,20 +196,86 @@ class LowRankGaussianPrior(Prior):
             out[part] = 1.0 / d - v.square().sum(0)
         return out
 
-    def _posterior_log_det(self, h: torch.Tensor) -> torch.Tensor:
+    def log_det_partials(self, h: torch.Tensor) -> torch.Tensor:
+        """``[sum log(h + 1/d), U^T diag(h / (1 + d h)) U (k x k)]`` over these rows (:meth:`Prior.log_det_partials`).
+
+        Args:
+            h: the curvature diagonal of these rows, float64.
+
+        Returns:
+            ``1 + k^2`` float64 numbers.
+        """
         device = self.diag.device
-        inner = torch.eye(self.rank, dtype=torch.float64, device=device)
+        inner = torch.zeros(self.rank, self.rank, dtype=torch.float64, device=device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         h = h.to(device)
         for part in _chunks(self.num_parameters, _columns(self.rank)):
             d, hp, u = self.diag[part].double(), h[part], self.factor[:, part].double()
             inner += (u * (hp / (1.0 + d * hp))) @ u.T
             total += torch.log(hp + 1.0 / d).sum()
-        log_det_c = 2.0 * self.capacitance_chol.diagonal().log().sum()
-        return total - log_det_c + torch.linalg.slogdet(inner)[1]
+        return torch.cat([total.reshape(1), inner.reshape(-1)])
 
-    def _mean_flat(self) -> torch.Tensor:
+    def log_det_finish(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sum log(h + 1/d) - log det C + log det(I_k + U^T diag(h / (1 + d h)) U)`` from the summed partials.
+
+        Args:
+            sums: :meth:`log_det_partials` summed over shards.
+
+        Returns:
+            A float64 0-dim tensor.
+        """
+        k = self.rank
+        inner = sums[1:1 + k * k].reshape(k, k) + torch.eye(k, dtype=torch.float64, device=sums.device)
+        log_det_c = 2.0 * self.capacitance_chol.diagonal().log().sum().to(sums.device)
+        return sums[0] - log_det_c + torch.linalg.slogdet(inner)[1]
+
+    def mean_flat(self) -> torch.Tensor:
+        """The centre mu (a copy in the stored dtype).
+
+        Returns:
+            A flat [P] tensor.
+        """
         return self.mean.clone()
+
+    # --- sharding ----------------------------------------------------------------------------------------------
+    def local_rows(self, layout: ShardLayout) -> LowRankGaussianPrior:
+        """This rank's rows of mu, d and U with the global capacitance and normaliser (see :meth:`Prior.local_rows`).
+
+        Args:
+            layout: the rows of every parameter.
+
+        Returns:
+            The low-rank prior over the rows.
+        """
+        local = LowRankGaussianPrior(rows_by_name(self.mean, layout, self.shapes),
+                                     rows_by_name(self.diag, layout, self.shapes),
+                                     rows_by_name(self.factor, layout, self.shapes))
+        local.capacitance_chol.copy_(self.capacitance_chol)
+        local.log_norm.copy_(self.log_norm)
+        return local
+
+    def normalizer_partials(self) -> torch.Tensor:
+        """``C - I = U^T D^-1 U`` (k x k) and ``sum log d`` of these rows.
+
+        Returns:
+            ``k^2 + 1`` float64 numbers.
+        """
+        capacitance, log_det_d = capacitance_terms(self.diag, self.factor)
+        eye = torch.eye(self.rank, dtype=torch.float64, device=capacitance.device)
+        return torch.cat([(capacitance - eye).reshape(-1), log_det_d.reshape(1)])
+
+    def set_global_normalizer(self, sums: torch.Tensor, numel: int) -> None:
+        """Factorise the global capacitance and set the global normaliser (see :meth:`Prior.set_global_normalizer`).
+
+        Args:
+            sums: :meth:`normalizer_partials` summed over ranks.
+            numel: the global P.
+        """
+        k = self.rank
+        capacitance = sums[:k * k].reshape(k, k) + torch.eye(k, dtype=torch.float64, device=sums.device)
+        chol = torch.linalg.cholesky(capacitance)
+        self.capacitance_chol.copy_(chol)
+        self.log_norm.copy_(sums[k * k] + 2.0 * chol.diagonal().log().sum() + numel * LOG_2PI)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

@@ -12,54 +12,21 @@ every ``eta`` (it is similar to ``(I + eta A)^-1/2 (I + eta C) (I + eta A)^-1/2 
 prior strength can make the prior diverge (Parikh & Boyd, "Proximal Algorithms", 2014, Sec. 6.1:
 ``prox_{eta f}(v) = (v + eta a mu) / (1 + eta a)`` for ``f = a/2 (theta - mu)^2``).
 
-:func:`separable_parts` reads the leaves through their public accessors (``flat_parts``, ``mean_flat``,
-``precision_diagonal``); :func:`marginal_variance` gives ``diag(Sigma)`` (the prior's standard
-deviation per parameter, used by :mod:`ptyl.priors.strength`).
+:func:`separable_parts` asks each leaf for its part (:meth:`ptyl.priors.Prior.separable_part`, by default from the
+leaf's ``flat_parts``: ``a = 1/d``); :func:`marginal_variance` gives ``diag(Sigma)`` (the prior's standard deviation
+per parameter, used by :mod:`ptyl.priors.strength`; :meth:`ptyl.priors.Prior.marginal_variance`). A prior class of
+your own takes part by implementing those methods (or ``flat_parts``), with no list of types here.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ptyl.errors import ConfigError
 from ptyl.params import named_parameters
-from ptyl.priors.base import CompositePrior, Prior
-from ptyl.priors.diagonal import DiagonalGaussianPrior
-from ptyl.priors.isotropic import IsotropicGaussianPrior
-from ptyl.priors.lowrank import LowRankGaussianPrior
+from ptyl.priors.base import CompositePrior, Prior, SeparablePart
 
 __all__ = ["ProximalPrior", "SeparablePart", "leaves", "marginal_variance", "separable_parts"]
-
-
-@dataclass
-class SeparablePart:
-    """``1/2 sum_i a_i (theta_i - mu_i)^2`` over one leaf's parameters, flat in ``names`` order.
-
-    Attributes:
-        names, shapes: the leaf's parameters.
-        center: ``mu`` [P] (zeros for a zero-centred prior).
-        precision: ``a`` [P] (float64).
-        exact: ``True`` when the leaf *is* this quadratic (``C = 0``), so no gradient remains for it.
-    """
-
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    center: torch.Tensor
-    precision: torch.Tensor
-    exact: bool
-
-    def split(self, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, slice of flat reshaped to the parameter)`` in order."""
-        offset = 0
-        for name, shape in zip(self.names, self.shapes):
-            size = math.prod(shape)
-            yield name, flat[offset:offset + size].reshape(shape)
-            offset += size
 
 
 def leaves(prior: Prior) -> list[Prior]:
@@ -67,21 +34,6 @@ def leaves(prior: Prior) -> list[Prior]:
     if isinstance(prior, CompositePrior):
         return [leaf for part in prior.parts.values() for leaf in leaves(part)]
     return [prior]
-
-
-def _variance(leaf: DiagonalGaussianPrior) -> torch.Tensor:
-    return leaf.precision_diagonal().double().cpu().reciprocal()
-
-
-def _part(leaf: Prior) -> SeparablePart:
-    names, shapes = list(leaf.names), [tuple(s) for s in leaf.shapes]
-    if isinstance(leaf, LowRankGaussianPrior):
-        mean, diag, _ = leaf.flat_parts(torch.float64)
-        return SeparablePart(names, shapes, mean.cpu(), diag.cpu().reciprocal(), exact=False)
-    if isinstance(leaf, (IsotropicGaussianPrior, DiagonalGaussianPrior)):
-        center = leaf.mean_flat().double().cpu()
-        return SeparablePart(names, shapes, center, leaf.precision_diagonal().double().cpu(), exact=True)
-    raise ConfigError(f"no separable part known for prior type {type(leaf).__name__}")
 
 
 def separable_parts(prior: Prior) -> list[SeparablePart]:
@@ -94,28 +46,22 @@ def separable_parts(prior: Prior) -> list[SeparablePart]:
         The parts, in the leaves' order.
 
     Raises:
-        ConfigError: a leaf of another type (a prior of your own): train it with ``prior_step="gradient"``.
+        ConfigError: a leaf that describes no separable part (a prior of your own without ``separable_part`` or
+            ``flat_parts``): train it with ``prior_step="gradient"``.
     """
-    return [_part(leaf) for leaf in leaves(prior)]
+    return [leaf.separable_part() for leaf in leaves(prior)]
 
 
 def marginal_variance(leaf: Prior) -> torch.Tensor:
     """``diag(Sigma)`` of one leaf, flat float64 in ``leaf.names`` order (low-rank: ``d + sum_j U_j^2``).
 
     Args:
-        leaf: a low-rank, diagonal or isotropic prior.
+        leaf: a leaf prior (:meth:`ptyl.priors.Prior.marginal_variance`).
 
     Returns:
         The per-parameter prior variances.
     """
-    if isinstance(leaf, LowRankGaussianPrior):
-        _, diag, factor = leaf.flat_parts(torch.float64)
-        return (diag + factor.pow(2).sum(0)).cpu()
-    if isinstance(leaf, IsotropicGaussianPrior):
-        return torch.full((leaf.num_parameters,), leaf.variance, dtype=torch.float64)
-    if isinstance(leaf, DiagonalGaussianPrior):
-        return _variance(leaf)
-    raise ConfigError(f"no marginal variance known for prior type {type(leaf).__name__}")
+    return leaf.marginal_variance()
 
 
 class ProximalPrior:

@@ -28,11 +28,7 @@ import torch
 from torch import nn
 
 from ptyl.errors import ConfigError, InvalidValueError, ParameterMismatchError
-from ptyl.priors.base import LOG_2PI, CompositePrior, Params, Prior, _check_curvature, _zero_like
-from ptyl.priors.block import BlockLowRankPrior
-from ptyl.priors.diagonal import DiagonalGaussianPrior
-from ptyl.priors.isotropic import IsotropicGaussianPrior
-from ptyl.priors.lowrank import LowRankGaussianPrior, _chunks, _columns, capacitance_terms
+from ptyl.priors.base import Params, Prior, _check_curvature, _zero_like
 from ptyl.sharding import ShardLayout, is_dtensor, local_tensor
 
 __all__ = ["ShardedPrior", "shard_prior"]
@@ -174,27 +170,7 @@ class ShardedPrior(Prior):
         Returns:
             A float64 0-dim tensor, the same on every rank.
         """
-        h = _check_curvature(h, self.layout.local_numel)
-        leaves, start, sums, inners = self.local._leaves_or_raise(), 0, [], []
-        for leaf in leaves:
-            part = h[start:start + leaf.num_parameters]
-            start += leaf.num_parameters
-            total, inner = _log_det_partials(leaf, part)
-            sums.append(total.reshape(1))
-            if inner is not None:
-                inners.append(inner.reshape(-1))
-        if not sums:
-            return torch.zeros((), dtype=torch.float64)
-        device = sums[0].device
-        flat = self.layout.reduce_sum(torch.cat([t.to(device) for t in sums + inners]))
-        out, at = flat[: len(sums)].sum(), len(sums)
-        for leaf in leaves:
-            if isinstance(leaf, LowRankGaussianPrior):
-                k = leaf.rank
-                inner = flat[at:at + k * k].reshape(k, k) + torch.eye(k, dtype=torch.float64, device=device)
-                at += k * k
-                out = out - 2.0 * leaf.capacitance_chol.diagonal().log().sum().to(device) + torch.linalg.slogdet(inner)[1]
-        return out
+        return self.local.posterior_log_det(_check_curvature(h, self.layout.local_numel))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank {self.layout.rank} of {self.layout.world_size}, " \
@@ -211,54 +187,22 @@ def _like_param(param: torch.Tensor, local_grad: torch.Tensor) -> torch.Tensor:
                               stride=param.stride())
 
 
-def _log_det_partials(leaf: Prior, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A leaf's local terms of log det(diag(h) + Sigma^-1): sum log(h + 1/d) and, low-rank, U^T diag(h/(1+dh)) U."""
-    if isinstance(leaf, LowRankGaussianPrior):
-        device = leaf.diag.device
-        h = h.to(device)
-        inner = torch.zeros(leaf.rank, leaf.rank, dtype=torch.float64, device=device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for part in _chunks(leaf.num_parameters, _columns(leaf.rank)):
-            d, hp, u = leaf.diag[part].double(), h[part], leaf.factor[:, part].double()
-            inner += (u * (hp / (1.0 + d * hp))) @ u.T
-            total += torch.log(hp + 1.0 / d).sum()
-        return total, inner
-    if isinstance(leaf, (DiagonalGaussianPrior, IsotropicGaussianPrior)):
-        return leaf._posterior_log_det(h), None
-    raise NotImplementedError(f"{type(leaf).__name__} has no sharded posterior_log_det")
-
-
 # --- building --------------------------------------------------------------------------------------------------------
 def _globalize(local: Prior, layout: ShardLayout) -> None:
-    """Replace every leaf's row-local normaliser and capacitance by the global ones: one all-reduce."""
+    """Replace every leaf's row-local normaliser and capacitance by the global ones: one all-reduce of every leaf's
+    :meth:`~ptyl.priors.Prior.normalizer_partials` (none when no leaf has any)."""
     leaves = local._leaves_or_raise()
-    partial = []
-    for leaf in leaves:
-        if isinstance(leaf, LowRankGaussianPrior):
-            capacitance, log_det_d = capacitance_terms(leaf.diag, leaf.factor)
-            eye = torch.eye(leaf.rank, dtype=torch.float64, device=capacitance.device)
-            partial += [(capacitance - eye).reshape(-1), log_det_d.reshape(1)]
-        elif isinstance(leaf, DiagonalGaussianPrior):
-            partial.append(leaf.variance.double().log().sum().reshape(1))
-        elif not isinstance(leaf, IsotropicGaussianPrior):
-            raise NotImplementedError(f"no sharded form of {type(leaf).__name__}")
-    flat = layout.reduce_sum(torch.cat([p.to(partial[0].device) for p in partial])) if partial else None
+    partials = [leaf.normalizer_partials().reshape(-1) for leaf in leaves]
+    sizes = [p.numel() for p in partials]
+    flat = None
+    if sum(sizes):
+        device = next(p.device for p in partials if p.numel())
+        flat = layout.reduce_sum(torch.cat([p.to(device) for p in partials]))
     at = 0
-    for leaf in leaves:
-        size = sum(math.prod(layout.shards[n].shape) for n in leaf.names)  # global P of the leaf
-        if isinstance(leaf, LowRankGaussianPrior):
-            k = leaf.rank
-            capacitance = flat[at:at + k * k].reshape(k, k) + torch.eye(k, dtype=torch.float64, device=flat.device)
-            log_det_d = flat[at + k * k]
-            at += k * k + 1
-            chol = torch.linalg.cholesky(capacitance)
-            leaf.capacitance_chol.copy_(chol)
-            leaf.log_norm.copy_(log_det_d + 2.0 * chol.diagonal().log().sum() + size * LOG_2PI)
-        elif isinstance(leaf, DiagonalGaussianPrior):
-            leaf.log_norm.copy_(flat[at] + size * LOG_2PI)
-            at += 1
-        else:
-            leaf._log_norm = 0.5 * size * (LOG_2PI + math.log(leaf.variance))
+    for leaf, size in zip(leaves, sizes):
+        numel = sum(math.prod(layout.shards[n].shape) for n in leaf.names)  # global P of the leaf
+        leaf.set_global_normalizer(flat[at:at + size] if flat is not None else partials[0][:0], numel)
+        at += size
 
 
 def shard_prior(prior: Prior, model: nn.Module | Mapping[str, torch.Tensor] | ShardLayout) -> ShardedPrior:
@@ -283,47 +227,9 @@ def shard_prior(prior: Prior, model: nn.Module | Mapping[str, torch.Tensor] | Sh
 
 
 def _slice(prior: Prior, layout: ShardLayout) -> Prior:
-    """The same prior over ``layout``'s rows, keeping its global constants."""
+    """The same prior over ``layout``'s rows, keeping its global constants (:meth:`~ptyl.priors.Prior.local_rows`)."""
     if isinstance(prior, ShardedPrior):
         raise InvalidValueError("the prior is already sharded")
-    parts = prior._modules.get("parts")
-    if parts is not None:
-        sliced = {key: _slice(part, layout) for key, part in parts.items()}
-        if isinstance(prior, BlockLowRankPrior):
-            out = BlockLowRankPrior(dict(zip(prior.blocks, sliced.values())))
-        else:
-            out = CompositePrior(sliced, unregularized=prior.unregularized)
-    else:
-        out = _slice_leaf(prior, layout.restrict(list(prior.names)))
+    out = prior.local_rows(layout.restrict(list(prior.names)))
     out.skipped = prior.skipped
     return out
-
-
-def _rows(flat: torch.Tensor, layout: ShardLayout, shapes) -> dict[str, torch.Tensor]:
-    """name -> this rank's rows, from a flat [..., P] buffer in ``names`` order (views)."""
-    out, start = {}, 0
-    lead = tuple(flat.shape[:-1])
-    for name, shape in zip(layout.names, shapes):
-        size = math.prod(shape)
-        full = flat[..., start:start + size].reshape(*lead, *shape)
-        out[name] = layout.shards[name].take(full, len(lead))
-        start += size
-    return out
-
-
-def _slice_leaf(leaf: Prior, layout: ShardLayout) -> Prior:
-    if isinstance(leaf, LowRankGaussianPrior):
-        local = LowRankGaussianPrior(_rows(leaf.mean, layout, leaf.shapes), _rows(leaf.diag, layout, leaf.shapes),
-                                     _rows(leaf.factor, layout, leaf.shapes))
-        local.capacitance_chol.copy_(leaf.capacitance_chol)
-        local.log_norm.copy_(leaf.log_norm)
-    elif isinstance(leaf, DiagonalGaussianPrior):
-        local = DiagonalGaussianPrior(_rows(leaf.mean, layout, leaf.shapes), _rows(leaf.variance, layout, leaf.shapes))
-        local.log_norm.copy_(leaf.log_norm)
-    elif isinstance(leaf, IsotropicGaussianPrior):
-        center = _rows(leaf.center, layout, leaf.shapes) if leaf.centered else None
-        local = IsotropicGaussianPrior(layout.local_shapes, leaf.variance, center)
-        local._log_norm = leaf._log_norm
-    else:
-        raise NotImplementedError(f"no sharded form of {type(leaf).__name__}")
-    return local

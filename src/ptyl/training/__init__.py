@@ -4,7 +4,7 @@ SGLD optimizer and the cyclical schedule."""
 
 from ptyl.training.callbacks import Callback, ConvergenceStop, EvalCallback, SWAGCollection
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.training.result import FitResult
 from ptyl.training.schedules import CyclicalSchedule, cyclical_lr

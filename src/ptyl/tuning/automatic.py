@@ -19,8 +19,8 @@ registry declares what each kind may learn (``recipe.learnable``).
 
 The result is a :class:`~ptyl.tuning.TuneResult` like the grid's: ``best`` holds the selected values as keyword
 arguments of :func:`ptyl.priors.make_prior`, ``table`` the per-epoch path (loss, hyper-parameters, objective; the
-last row also the effective-strength diagnostic of the selected prior against the starting weights, ``std_ratio`` /
-``prior_off``, as every grid trial has it), ``final`` the trained model (DE-ELBO: the variational mean),
+last row also the strength diagnostics of the selected prior, as every grid trial has them: the N-aware curvature
+share at the trained model, ``prior_share`` / ``prior_off``, and the std ratio against the starting weights), ``final`` the trained model (DE-ELBO: the variational mean),
 ``search_cost_s`` the run's seconds. A config whose
 inference samples (``lowrank-sgld``) is refit with it at the selected values.
 
@@ -42,12 +42,13 @@ from torch.utils.data import Dataset
 
 from ptyl.autotune.build import build_family
 from ptyl.autotune.likelihoods import Categorical, Likelihood, get_likelihood
+from ptyl.autotune.share import prior_share
 from ptyl.errors import ConfigError
 from ptyl.params import named_parameters
 from ptyl.priors.factory import make_prior
 from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.tuning.deelbo import DEELBOStrategy
 from ptyl.tuning.marglik import MarginalLikelihood
@@ -89,10 +90,11 @@ class AutoConfig:
             training step; marglik: per hyper step of an update).
         kappa, init_std, std_lr, hyper_every, hyper_solver, num_samples, bma_samples: DE-ELBO
             (:class:`DEELBOStrategy`).
-        curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best, curvature_batch_size,
-            curvature_examples: marglik (:class:`MarginalLikelihood`); ``updates`` spreads that many evidence
-            updates over the run (an update every ``max(1, epochs // updates)`` epochs, and one after the last);
-            ``curvature_examples`` caps the examples each curvature pass reads (a random subset, scaled up to N).
+        curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best: marglik
+            (:class:`MarginalLikelihood`); ``updates`` spreads that many evidence updates over the run (an update
+            every ``max(1, epochs // updates)`` epochs, and one after the last).
+        curvature_batch_size, curvature_examples: marglik's curvature passes: their batch size, and a cap on the
+            examples each pass reads (a random subset, scaled up to N).
     """
 
     learn: Sequence[str] | None = None
@@ -135,9 +137,9 @@ def _family(model: nn.Module, spec, auto: AutoConfig):
     learn = auto.learn if auto.learn is not None else (
         (recipe.axis,) + (("head_variance",) if spec.head_variance is not None else ()))
     initial = {recipe.axis: recipe.default, **(auto.initial or {})}
-    values = {"scale": initial.get("scale", spec.scale), "variance": initial.get("variance", spec.variance or 1.0),
-              "eps": initial.get("eps", spec.eps if spec.eps is not None else recipe.eps),
-              "head_variance": initial.get("head_variance", spec.head_variance)}
+    values = {"scale": spec.scale, "variance": spec.variance, "eps": spec.eps,  # None: the registry's defaults
+              "head_variance": spec.head_variance}
+    values.update({k: v for k, v in initial.items() if k in values})
     return build_family(model, spec.kind, posterior=spec.posterior, rank=spec.rank, blocks=spec.blocks,
                         head=spec.head, unregularized=spec.unregularized, learn=tuple(learn), **values)
 
@@ -217,8 +219,10 @@ def tune_automatic(
     selected = family.prior_kwargs()
     search_cost = time.perf_counter() - start
     table = [dict(record) for record in result.history]
-    strength = prior_strength(family.to_prior(), start_weights)  # as the grid's trials: against the start
-    table[-1].update({"std_ratio": strength.std_ratio, "prior_off": strength.off})
+    chosen = family.to_prior()
+    share = prior_share(chosen, result.model, train_set, likelihood=likelihood, collate_fn=collate_fn)
+    table[-1].update({"std_ratio": prior_strength(chosen, start_weights).std_ratio,  # as the grid's: vs the start
+                      "prior_share": share.share, "prior_share_blocks": share.blocks, "prior_off": share.off})
     final = result
     if refit and Inference.parse(config.inference) is not Inference.MAP:
         torch.manual_seed(config.seed)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -56,15 +55,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ptyl.errors import ConfigError, DivergenceError, InvalidValueError
+from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.priors.factory import make_prior
-from ptyl.priors.registry import PriorKind
+from ptyl.priors.registry import HEAD_VARIANCE, PriorKind
 from ptyl.training.config import TrainConfig
-from ptyl.training.result import FitResult
-from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, edge_warnings, is_number
-from ptyl.tuning.search import FLAT_RTOL, axis_status, next_values, select_best
+from ptyl.tuning.result import GRID, STRATEGIES, TuneResult, is_number
+from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, METRICS
+from ptyl.tuning.searches import GridSearch, winner
 from ptyl.tuning.splits import SPLITS
-from ptyl.tuning.trials import PRIOR_KEYS, TrialRunner, make_validation
+from ptyl.tuning.trials import OFF, PRIOR_KEYS, TrialRunner, is_off_limit, make_validation
 from ptyl.validation import check_choice, check_int, check_positive_number
 
 if TYPE_CHECKING:
@@ -72,7 +71,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_LRS", "PriorSpec", "default_grid", "tune"]
 _FORBIDDEN_CONFIG_KEYS = ("seed", "progress", "device")
-METRICS = {"nll": "min", "ece": "min", "brier": "min", "accuracy": "max"}
 DEFAULT_LRS = (0.003, 0.01, 0.03)
 
 
@@ -81,25 +79,33 @@ class PriorSpec:
     """The prior a tuned method trains under (the fixed part; grid axes override the fields named in ``PRIOR_KEYS``).
 
     Attributes:
-        kind: a :class:`~ptyl.priors.PriorKind` (learned kinds need ``posterior``; ``l2sp`` / ``standard`` need
-            ``variance``, here or as a grid axis).
+        kind: a :class:`~ptyl.priors.PriorKind` (learned kinds need ``posterior``).
         posterior, scale, eps, rank, variance, blocks, head, head_variance, unregularized: as in
-            :func:`ptyl.priors.make_prior`.
+            :func:`ptyl.priors.make_prior`; ``None``: the kind's registry default (:attr:`PriorRecipe.defaults`).
     """
 
     kind: str = PriorKind.STANDARD
     posterior: Any = None  # SourcePosterior
-    scale: float = 1.0
+    scale: float | None = None
     eps: float | None = None
     rank: int | None = None
     variance: float | None = None
     blocks: str | Sequence[str] = "auto"
     head: str | Sequence[str] | None = "head"
-    head_variance: float | None = 1.0
+    head_variance: float | None = HEAD_VARIANCE
     unregularized: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.kind = PriorKind.parse(self.kind)
+
+    def resolved(self) -> PriorSpec:
+        """This spec with every value left out (``None``) replaced by the kind's registry default.
+
+        Returns:
+            A new :class:`PriorSpec` (the prior it builds is the same).
+        """
+        options = self.kind.recipe.options(scale=self.scale, eps=self.eps, rank=self.rank, variance=self.variance)
+        return replace(self, scale=options.scale, eps=options.eps, rank=options.rank, variance=options.variance)
 
     def build_prior(self, model: nn.Module, **values: Any):
         """The prior of this spec for a model.
@@ -186,9 +192,6 @@ def check_grid(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainCo
             raise ConfigError(f"grid axis {key!r} repeats a value: {values}")
         out[key] = [float(v) if isinstance(v, torch.Tensor) else v for v in values]
     recipe = spec.kind.recipe
-    if recipe.axis is not None and getattr(spec, recipe.axis) is None and recipe.axis not in out:
-        raise ConfigError(f"prior kind {str(spec.kind)!r} needs a prior {recipe.axis}: set PriorSpec.{recipe.axis} "
-                          f"or a {recipe.axis!r} axis")
     if recipe.needs_posterior and spec.posterior is None:
         raise ConfigError(f"prior kind {str(spec.kind)!r} needs PriorSpec.posterior (the learned source posterior)")
     for key in ("scale", "variance", "head_variance"):
@@ -222,8 +225,9 @@ def tune(
     model_fn: Callable[[], nn.Module],
     train_set: Dataset,
     prior_spec: PriorSpec | str | Mapping[str, Any],
-    grid: Mapping[str, Sequence[Any]] | None = None,
+    grid: Mapping[str, Any] | None = None,
     *,
+    kinds: Sequence[str | PriorKind] | None = None,
     strategy: str = GRID,
     auto: AutoConfig | None = None,
     val_set: Dataset | None = None,
@@ -231,9 +235,10 @@ def tune(
     repeats: int = 1,
     test_set: Dataset | None = None,
     extend: bool | Mapping[str, tuple[float, float]] = True,
+    off_limit: bool = True,
     decades: float = 1.0,
     flat_rtol: float = FLAT_RTOL,
-    max_rounds: int = 6,
+    max_rounds: int = MAX_ROUNDS,
     val_fraction: float = 0.2,
     seed: int = 0,
     config: TrainConfig | None = None,
@@ -241,22 +246,28 @@ def tune(
     progress: bool = True,
     refit: bool = True,
     objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    likelihood: Any = None,
     split: str = "auto",
     collate_fn: Callable | None = None,
     evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
     cache: Any = None,
 ) -> TuneResult:
-    """Choose the prior's hyper-parameters: grid search with edge extension on validation data (see the module
-    docstring), or one run of an automatic strategy that learns them without validation data
-    (:mod:`ptyl.tuning.automatic`).
+    """Choose the prior's hyper-parameters -- and, with ``kinds``, the prior kind -- by grid search with edge
+    extension on validation data (see the module docstring), or one run of an automatic strategy that learns them
+    without validation data (:mod:`ptyl.tuning.automatic`).
 
     Args:
         model_fn: returns a fresh pretrained / initialised model on every call (called after
             ``torch.manual_seed(seed)``, so random heads are the same in every trial).
         train_set: the n training examples.
-        prior_spec: a :class:`PriorSpec`, a kind name (``"standard"``...), or a dict of PriorSpec fields.
-        grid: axis name -> values (see the module docstring); default :func:`default_grid` of the kind. Automatic
-            strategies take no prior axis and one value per training axis (``{"lr": [0.03]}``).
+        prior_spec: a :class:`PriorSpec`, a kind name (``"standard"``...), or a dict of PriorSpec fields; with
+            ``kinds``, the fields they share (posterior, head, head variance...).
+        grid: axis name -> values (see the module docstring); default :func:`default_grid` of the kind. With
+            ``kinds``: kind name -> its grid (a kind left out gets its default grid). Automatic strategies take no
+            prior axis and one value per training axis (``{"lr": [0.03]}``).
+        kinds: compare these prior kinds (:class:`~ptyl.priors.PriorKind` names), each tuned the same way, on the
+            validation data and return the best; their shared trials (the off limit) run once. ``"none"`` is the
+            off limit itself. ``None``: tune ``prior_spec``'s kind only.
         strategy: ``"grid"``, ``"de-elbo"`` or ``"marglik"`` (:data:`~ptyl.tuning.STRATEGIES`).
         auto: settings of the automatic strategies (:class:`~ptyl.tuning.AutoConfig`); the grid's validation
             options (``val_set``, ``folds``, ``test_set``, ``extend``, ``metric``, ``cache``...) do not apply to them.
@@ -267,9 +278,11 @@ def tune(
         extend: extend the prior-strength axis by decades while its best value is on an edge, within the hard
             bounds of the kind's recipe (``True``); a mapping ``{axis: (log10 lo, log10 hi)}`` names the axes and
             bounds; ``False`` only warns.
+        off_limit: add the off limit (``inf``: plain fine-tuning from the same start, no backbone prior) to the
+            strength axis, so the selection is never worse on the validation data than switching the prior off.
         decades, max_rounds: step of one extension and the most extension rounds.
-        flat_rtol: stop extending an axis whose edge value beats its inner neighbour by less than this relative
-            margin (the curve is flat beyond the edge; status ``flat``); 0 disables it.
+        flat_rtol: stop extending the strong edge when the edge value beats its inner neighbour by less than this
+            relative margin (status ``flat``); 0 disables it.
         val_fraction: without a pool or folds: the share of one class-balanced split held out.
         seed: picks the split / folds and seeds every fit (``config.seed`` is replaced): same seed, same table.
         config: training settings (grid axes override them).
@@ -278,25 +291,29 @@ def tune(
         refit: retrain on all of ``train_set`` with the chosen values (split / cv; and pool when the selected trial
             came from ``cache``).
         objective: training objective (default cross-entropy).
+        likelihood: the data term's likelihood for the N-aware strength diagnostic (default categorical with the
+            default objective; with a custom objective and no likelihood, the diagnostic is skipped).
         split: ``"balanced"``, ``"random"`` or ``"auto"`` (see :func:`validation_split`).
         collate_fn: how a Dataset's examples become batches (text).
         evaluate: ``evaluate(probs, targets) -> metrics`` (default :func:`ptyl.metrics.evaluate_probs`).
         cache: an object with ``get(values) -> row | None`` and ``put(values, row)``: finished trials are stored
-            there and not re-run (resumable benchmarks).
+            there and not re-run (resumable benchmarks); with ``kinds`` the values carry the ``kind``.
 
     Returns:
-        A :class:`TuneResult` (``search_cost_s``: the seconds spent choosing).
+        A :class:`TuneResult` (``search_cost_s``: the seconds spent choosing); with ``kinds``, the winning kind's
+        search with ``kind`` (``"none"`` when the off limit won) and ``kinds`` (every kind's search).
 
     Raises:
+        ConfigError: an unknown kind, a learned kind without a posterior, a bad grid (before anything is trained).
         DivergenceError: every trial (automatic: the run) diverged.
     """
-    from tqdm.auto import tqdm
-
     spec = _as_spec(prior_spec)
     check_choice(strategy, STRATEGIES, "tuning strategy")
     if strategy != GRID:
         from ptyl.tuning.automatic import tune_automatic
 
+        if kinds is not None:
+            raise ConfigError(f"strategy {strategy!r} tunes one prior kind: pass kinds=None")
         fixed = _single_values(grid or {}, spec, config or TrainConfig(), strategy)
         return tune_automatic(model_fn, train_set, spec, strategy, config=replace(config or TrainConfig(), **fixed),
                               auto=auto, seed=seed, progress=progress, refit=refit, objective=objective,
@@ -304,68 +321,60 @@ def tune(
     check_choice(metric, tuple(METRICS), "metric")
     check_choice(split, SPLITS, "split")
     max_rounds = check_int(max_rounds, "max_rounds", minimum=0)
-    start = time.perf_counter()
     base = replace(config or TrainConfig(), seed=int(seed), progress=False)
-    axes = check_grid(grid if grid is not None else default_grid(spec.kind), spec, base)
-    initial = {k: list(v) for k, v in axes.items()}
-    bounds = _extended_axes(spec, axes, extend)
+    searches = _searches(spec, grid, kinds, base, extend, off_limit)  # every user error surfaces here  # every user error surfaces here
+    start = time.perf_counter()
     validation = make_validation(train_set, val_set=val_set, folds=folds, repeats=repeats, val_fraction=val_fraction,
                                  seed=seed, split=split, test_set=test_set)
-    runner = TrialRunner(model_fn, spec, base, validation, objective=objective, collate_fn=collate_fn,
-                         evaluate=evaluate)
-    key, sign = f"val_{metric}", 1.0 if METRICS[metric] == "min" else -1.0
-    table: list[dict[str, Any]] = []
-    fits: dict[tuple, FitResult] = {}
-    path: list[dict[str, Any]] = []
-    bar = tqdm(desc=f"tune[{spec.kind}]", disable=not progress)
-
-    def run(round_: int) -> None:
-        done = {tuple(r[k] for k in axes) for r in table}
-        for combo in itertools.product(*axes.values()):
-            if combo in done:
-                continue
-            values = dict(zip(axes, combo))
-            row = cache.get(values) if cache is not None else None
-            if row is None:
-                row, result = runner(values)
-                if result is not None:
-                    _keep_best(fits, combo, result, row, table, key, sign)
-                if cache is not None:
-                    cache.put(values, row)
-            table.append({**row, "round": round_})
-            bar.update(1)
-
-    run(0)
-    status: dict[str, str] = {}
-    for round_ in range(1, max_rounds + 2):
-        best_row = select_best(table, key, sign)
-        if best_row is None:
-            break
-        moves, status = next_values(axes, best_row, bounds, table, key, decades, flat_rtol, initial)
-        path.append({"round": round_ - 1, "grid": {k: list(v) for k, v in axes.items()},
-                     "best": {k: best_row[k] for k in axes}, key: best_row[key], "status": dict(status)})
-        if not moves or round_ > max_rounds:
-            break
-        for axis, value in moves.items():
-            axes[axis] = sorted({*axes[axis], value})
-        run(round_)
-    bar.close()
-    best_row = select_best(table, key, sign)
-    if best_row is None:
-        raise DivergenceError(f"every one of the {len(table)} trials diverged; lower the learning rates "
-                              f"(first error: {table[0].get('error')})")
-    best = {k: best_row[k] for k in axes}
-    final_status = {k: axis_status(axes[k], best[k], bounds.get(k)) for k in axes}
-    final_status.update({k: v for k, v in status.items() if v == "flat" and final_status.get(k) == "edge"})
-    edges = edge_warnings({k: v for k, v in axes.items() if final_status[k] == "edge"}, best)
-    for message in edges:
-        warnings.warn(message, stacklevel=2)
-    search_cost = time.perf_counter() - start
-    final = fits.get(tuple(best.values()))
+    search = GridSearch(model_fn, validation, base, metric=metric, decades=decades, flat_rtol=flat_rtol,
+                     max_rounds=max_rounds, objective=objective, likelihood=likelihood, collate_fn=collate_fn,
+                     evaluate=evaluate, cache=cache, tag_kind=kinds is not None, progress=progress)
+    results = {str(kind_spec.kind): search.run(kind_spec, axes, bounds) for kind_spec, axes, bounds in searches}
+    search.close()
+    best_kind = winner(results, search.key, search.sign)
+    chosen = results[best_kind]
+    final = search.fits.get(best_kind) if search.best_kind == best_kind else None
+    kind = str(PriorKind.NONE) if is_off_limit(chosen.best) else best_kind
     if (validation.refit or final is None) and refit:
-        final, _ = runner.fit_once(train_set, best, progress=progress)
-    return TuneResult(best, table, edges, final, metric, axes, validation.sizes, path=path, edge_status=final_status,
-                      validation=validation.mode, search_cost_s=search_cost)
+        final, _ = TrialRunner(model_fn, chosen.spec, base, validation, objective=objective, collate_fn=collate_fn,
+                               evaluate=evaluate, likelihood=likelihood).fit_once(train_set, chosen.best,
+                                                                                  progress=progress)
+    return replace(chosen, final=final, search_cost_s=time.perf_counter() - start,
+                   kind=kind if kinds is not None else None, kinds=results if kinds is not None else {})
+
+
+def _searches(spec: PriorSpec, grid: Mapping[str, Any] | None, kinds: Sequence[str | PriorKind] | None,
+           base: TrainConfig, extend, off_limit: bool) -> list[tuple[PriorSpec, dict[str, list], dict]]:
+    """``(spec, checked axes, extension bounds)`` per kind to search, checked before anything is trained."""
+    if kinds is None:
+        wanted, grids = [spec.kind], {str(spec.kind): grid}
+    else:
+        kinds = list(kinds)
+        if not kinds:
+            raise ConfigError("kinds must name at least one prior kind")
+        wanted = list(dict.fromkeys(PriorKind.parse(k, "prior kind in kinds") for k in kinds))
+        grids = dict(grid or {})
+        unknown = [k for k in grids if k not in {str(w) for w in wanted}]
+        if unknown:
+            raise ConfigError(f"grid names {unknown}, which are not among the compared kinds "
+                              f"{[str(w) for w in wanted]}: with kinds, grid maps a kind to its grid")
+        learned = [str(k) for k in wanted if k.recipe.needs_posterior]
+        if learned and spec.posterior is None:
+            raise ConfigError(f"the learned prior kind(s) {learned} need a source posterior (a prior file); without "
+                              f"one compare {[str(k) for k in PriorKind if not k.recipe.needs_posterior]}")
+        if PriorKind.NONE in wanted and len(wanted) > 1 and off_limit:
+            wanted.remove(PriorKind.NONE)  # the off limit of every other kind's search
+    out = []
+    for kind in wanted:
+        kind_spec = replace(spec, kind=kind)
+        axes = check_grid(grids.get(str(kind)) if grids.get(str(kind)) is not None else default_grid(kind),
+                          kind_spec, base)
+        bounds = _extended_axes(kind_spec, axes, extend)
+        axis = kind.recipe.axis
+        if off_limit and axis in axes and OFF not in axes[axis]:
+            axes[axis] = [*axes[axis], OFF]
+        out.append((kind_spec, axes, bounds))
+    return out
 
 
 def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainConfig,
@@ -381,11 +390,3 @@ def _single_values(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: Tra
         raise ConfigError(f"strategy {strategy!r} runs once: give one value for {several}, or use strategy 'grid'")
     return {k: v[0] for k, v in axes.items()}
 
-
-
-def _keep_best(fits: dict, combo: tuple, result: FitResult, row: dict, table: list, key: str, sign: float) -> None:
-    """Hold only the fit of the best trial so far (models can be large)."""
-    best = select_best([*table, row], key, sign)
-    if best is row:
-        fits.clear()
-        fits[combo] = result

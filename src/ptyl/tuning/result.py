@@ -26,10 +26,14 @@ def is_number(value: Any) -> bool:
 
 
 def edge_warnings(grid: dict[str, list[Any]], best: dict[str, Any]) -> list[str]:
-    """One message per numeric axis (2+ values) whose chosen value is its smallest or largest."""
+    """One message per numeric axis (2+ finite values) whose chosen value is its smallest or largest finite one (the
+    off limit, ``inf``, is not an edge)."""
     messages = []
     for key, values in grid.items():
-        if len(values) < 2 or not all(is_number(v) for v in values):
+        if not all(is_number(v) for v in values):
+            continue
+        values = [v for v in values if math.isfinite(v)]
+        if len(values) < 2:
             continue
         lo, hi = min(values), max(values)
         if best[key] in (lo, hi):
@@ -65,6 +69,10 @@ class TuneResult:
         search_cost_s: seconds spent choosing (grid: every trial, not the refit; automatic: the one run).
         objective: automatic: the final DE-ELBO estimate or the selected log evidence.
         settings: automatic: the :class:`~ptyl.tuning.AutoConfig` used.
+        spec: the :class:`~ptyl.tuning.PriorSpec` searched (its kind; not in :meth:`to_dict`).
+        kind: with ``tune(..., kinds=...)``: the selected kind, ``"none"`` when the off limit (plain fine-tuning)
+            won; else ``None``.
+        kinds: with ``kinds``: every compared kind's search (kind -> :class:`TuneResult`).
     """
 
     best: dict[str, Any]
@@ -81,6 +89,9 @@ class TuneResult:
     search_cost_s: float = math.nan
     objective: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    spec: Any = field(default=None, repr=False)
+    kind: str | None = None
+    kinds: dict[str, TuneResult] = field(default_factory=dict, repr=False)
 
     @property
     def selected(self) -> dict[str, Any]:
@@ -124,7 +135,22 @@ class TuneResult:
                "search_cost_s": self.search_cost_s, "final": final}
         if self.strategy != GRID:
             out.update({"objective": self.objective, "settings": self.settings})
+        if self.kinds:
+            out["kind"] = self.kind
+            out["kinds"] = {k: r.summary() for k, r in self.kinds.items()}
         return out
+
+    def summary(self) -> dict[str, Any]:
+        """The selection in brief: the best values, its validation score, its diagnostics, the trials, the status.
+
+        Returns:
+            A JSON-ready dict (``best``, ``val_<metric>``, ``prior_share``, ``prior_off``, ``std_ratio``,
+            ``off_limit``, ``trials``, ``edge_status``).
+        """
+        row = self.selected if self.table else {}
+        keys = (f"val_{self.metric}", "prior_share", "prior_off", "std_ratio", "off_limit")
+        return {"best": self.best, **{k: row.get(k) for k in keys}, "trials": len(self.table),
+                "edge_status": self.edge_status}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON.

@@ -88,8 +88,8 @@ def k_folds(dataset: Dataset, folds: int = 5, seed: int = 0) -> list[tuple[Datas
         ``[(train_i, val_i)]`` for i = 1..k.
 
     >>> data = TensorDataset(torch.zeros(10, 1), torch.tensor([0] * 6 + [1] * 4))
-    >>> [len(val) for _, val in k_folds(data, 2, seed=0)]
-    [5, 5]
+    >>> tuple(len(val) for _, val in k_folds(data, 2, seed=0))
+    (5, 5)
     """
     from ptyl.validation import check_int
 

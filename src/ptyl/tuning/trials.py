@@ -10,14 +10,19 @@ of three validation schemes (:func:`make_validation`):
 ``split``  one class-balanced ``val_fraction`` split of the n examples (the quick default of ``ptyl finetune
            --tune``); refit on all n.
 
-Every trial also records the effective strength of its prior (:func:`ptyl.priors.prior_strength`: median prior std /
-median |theta0|, ``prior_off``) and how its training ended: ``final_loss``, the data term (NLL) of the final model on
-its own training data (evaluation mode: the training-mode epoch means are inflated by BatchNorm on small last
-batches), ``epoch_loss`` (the last epoch's training-mode mean), ``steps``, ``stop_reason``, and ``fit_status``:
+Every trial records two strength diagnostics of its prior: the N-aware curvature share
+(:func:`ptyl.autotune.prior_share`: the prior's share of the MAP objective's curvature per layer, at the trained
+model on its training data; ``prior_share``, ``prior_off`` = below 1% in every layer) and the std ratio
+(:func:`ptyl.priors.prior_strength`: median prior std / median |theta0|, descriptive only). The **off limit** -- a
+strength axis value of ``inf`` -- is plain fine-tuning from the same start: no backbone prior, the same head prior and
+training settings (``off_limit``). Each trial also records how its training ended: ``final_loss``, the data term (NLL)
+of the final model on its own training data (evaluation mode: the training-mode epoch means are inflated by
+BatchNorm on small last batches), ``epoch_loss`` (the last epoch's training-mode mean), ``steps``, ``stop_reason``, and
+``fit_status``:
 
 ``fit``            ``final_loss <= converged_loss`` (the training data are fitted);
 ``prior-limited``  above it, with an active prior: the prior holds the fit back (that is what it is for);
-``undertrained``   above it with the prior effectively off: only the budget can have stopped it -- tables flag it;
+``undertrained``   above it with the prior off: only the budget can have stopped it -- tables flag it;
 ``sampled``        a sampling strategy (SGLD, cSGLD, SWAG): the model average of a posterior has no point to converge
                    to, so its training NLL is reported without a verdict.
 """
@@ -33,17 +38,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ptyl.autotune.share import prior_share
 from ptyl.errors import ConfigError, DivergenceError
+from ptyl.priors.registry import PriorKind
 from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
-from ptyl.training.fit import fit
+from ptyl.training.fitting import fit
 from ptyl.training.result import FitResult
 from ptyl.tuning.splits import k_folds, stacked_targets, validation_split
 from ptyl.validation import check_int
 
-__all__ = ["CONVERGED_LOSS", "PRIOR_KEYS", "TrialRunner", "Validation", "fit_status", "make_validation"]
+__all__ = ["BACKBONE_KEYS", "CONVERGED_LOSS", "OFF", "PRIOR_KEYS", "TrialRunner", "Validation", "fit_status",
+           "is_off_limit", "make_validation"]
 
 PRIOR_KEYS = ("scale", "eps", "rank", "variance", "head_variance")
+BACKBONE_KEYS = ("scale", "eps", "rank", "variance")  # what the off limit does not depend on
+OFF = math.inf  # the strength-axis value of the off limit: no backbone prior (plain fine-tuning)
 CONVERGED_LOSS = 0.05
 _FAILED = {"val_nll": math.inf, "val_accuracy": math.nan, "val_ece": math.nan, "val_brier": math.inf}
 
@@ -110,6 +120,11 @@ def make_validation(train_set: Dataset, *, val_set: Dataset | None = None, folds
                       sizes={"train": len(fit_part), "val": len(val_part), "total": len(train_set)})
 
 
+def is_off_limit(values: dict[str, Any]) -> bool:
+    """Whether a trial's values put the strength axis at the off limit (``scale`` or ``variance`` = ``inf``)."""
+    return any(values.get(k) == OFF for k in ("scale", "variance"))
+
+
 def fit_status(final_loss: float, prior_off: bool, converged_loss: float = CONVERGED_LOSS,
                sampled: bool = False) -> str:
     """``"fit"``, ``"prior-limited"``, ``"undertrained"`` or ``"sampled"`` (see the module docstring)."""
@@ -138,12 +153,16 @@ class TrialRunner:
         evaluate: ``evaluate(probs, targets) -> metrics`` (default :func:`ptyl.metrics.evaluate_probs`).
         converged_loss: the training NLL below which a fit counts as converged (default ``config.stop_loss``, else
             :data:`CONVERGED_LOSS`).
+        likelihood: the data term's likelihood for the curvature share (default: categorical when ``objective`` is
+            the default cross-entropy; ``None`` with a custom objective: the share is not computed).
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module], spec, config: TrainConfig, validation: Validation, *,
-                 objective=None, collate_fn=None, evaluate=None, converged_loss: float | None = None) -> None:
+                 objective=None, collate_fn=None, evaluate=None, converged_loss: float | None = None,
+                 likelihood: Any = None) -> None:
         self.model_fn, self.spec, self.config, self.validation = model_fn, spec, config, validation
         self.objective, self.collate_fn = objective, collate_fn
+        self.likelihood = likelihood if likelihood is not None or objective is not None else "categorical"
         self.evaluate = evaluate or _default_evaluate
         self.converged_loss = converged_loss if converged_loss is not None else (
             config.stop_loss if config.stop_loss is not None else CONVERGED_LOSS)
@@ -153,17 +172,32 @@ class TrialRunner:
         """Fit a fresh model on ``data`` with the trial's values.
 
         Returns:
-            ``(result, strength diagnostic of the prior)``.
+            ``(result, diagnostics of the prior)``: the std ratio against the start and the curvature share at the
+            trained model (``prior_share``, ``prior_share_total``, ``prior_share_blocks``, ``prior_off``; ``None``
+            without a likelihood).
         """
         prior_values = {k: v for k, v in values.items() if k in PRIOR_KEYS}
         config = replace(self.config, progress=progress, **{k: v for k, v in values.items() if k not in PRIOR_KEYS})
+        spec = self.spec
+        if is_off_limit(values):  # plain fine-tuning: no backbone prior, the same head prior
+            spec = replace(spec, kind=PriorKind.NONE)
+            prior_values = {k: v for k, v in prior_values.items() if k not in BACKBONE_KEYS}
         torch.manual_seed(config.seed)  # same initial head in every trial: differences come from the values only
         model = self.model_fn()
-        prior = self.spec.build_prior(model, **prior_values)  # before training: L2-SP centres on the start
-        strength = prior_strength(prior, model).to_dict()
+        prior = spec.build_prior(model, **prior_values)  # before training: L2-SP centres on the start
+        diagnostics: dict[str, Any] = {"std_ratio": prior_strength(prior, model).std_ratio}
         result = fit(model, data, prior, config, objective=self.objective, num_data=len(data), head=self.spec.head,
                      collate_fn=self.collate_fn)
-        return result, strength
+        diagnostics.update(self.share(prior, result.model, data))
+        return result, diagnostics
+
+    def share(self, prior, model: nn.Module, data: Dataset) -> dict[str, Any]:
+        """The curvature-share fields of a row (:func:`ptyl.autotune.prior_share` at ``model`` on ``data``)."""
+        if self.likelihood is None:
+            return {"prior_share": None, "prior_share_total": None, "prior_share_blocks": None, "prior_off": None}
+        share = prior_share(prior, model, data, likelihood=self.likelihood, collate_fn=self.collate_fn)
+        return {"prior_share": share.share, "prior_share_total": share.total, "prior_share_blocks": share.blocks,
+                "prior_off": share.off}
 
     def _score(self, result: FitResult, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         probs = result.predict(data)
@@ -192,9 +226,9 @@ class TrialRunner:
             if v.test is not None:
                 row.update({f"test_{k}": float(x) for k, x in self.evaluate(*self._score(kept, v.test)).items()})
             final_loss = sum(losses) / len(losses)
-            row.update({"std_ratio": strength["std_ratio"], "prior_off": strength["off"], "final_loss": final_loss,
+            row.update({**strength, "off_limit": is_off_limit(values), "final_loss": final_loss,
                         "epoch_loss": sum(f.final_loss for f in fits) / len(fits),
-                        "fit_status": fit_status(final_loss, strength["off"], self.converged_loss,
+                        "fit_status": fit_status(final_loss, bool(strength["prior_off"]), self.converged_loss,
                                                  fits[-1].samples is not None),
                         "steps": sum(f.steps for f in fits) / len(fits), "stop_reason": fits[-1].stop_reason,
                         "fits": len(fits)})
