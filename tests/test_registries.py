@@ -31,8 +31,8 @@ OTHER_MEANINGS = {
     ("autotune/marglik.py", "diag"): "the 'diag' curvature structure",
     ("autotune/share.py", "diag"): "the 'diag' curvature method",
     ("autotune/likelihoods.py", "none"): "torch reduction='none'",
-    ("inference/laplace.py", "diag"): "the 'diag' curvature structure",
-    ("inference/laplace.py", "laplace"): "the function ptyl.inference.laplace in __all__",
+    ("inference/laplace_predictive.py", "diag"): "the 'diag' curvature structure",
+    ("inference/laplace_predictive.py", "laplace"): "the function ptyl.inference.laplace in __all__",
     ("inference/__init__.py", "laplace"): "the function ptyl.inference.laplace in __all__",
 }
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ptyl.autotune import Categorical, Gaussian, compute_curvature
 from ptyl.errors import ConfigError
 from ptyl.inference import LaplacePredictive, PosteriorPrecision, laplace
-from ptyl.inference.laplace import average_softmax, logit_moments
+from ptyl.inference.laplace_predictive import average_softmax, logit_moments
 from ptyl.priors import make_prior
 from ptyl.training import TrainConfig, fit
 from tests.autotune.problems import exact_ggn, log_marginal, random_posterior, regression_data

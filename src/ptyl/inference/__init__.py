@@ -6,7 +6,7 @@ Training (MAP, SGLD, cyclical SGLD, SWAG) lives in :mod:`ptyl.training`; choosin
 """
 
 from ptyl.inference.bma import bma_predict, collect_targets, predict_probs
-from ptyl.inference.laplace import LaplacePredictive, laplace
+from ptyl.inference.laplace_predictive import LaplacePredictive, laplace
 from ptyl.inference.laplace_posterior import PosteriorPrecision
 from ptyl.inference.samples import SampleBank
 

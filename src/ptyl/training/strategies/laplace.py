@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 from torch.utils.data import DataLoader
 
 from ptyl.errors import ConfigError
-from ptyl.inference.laplace import CURVATURES, PREDICTIVES, SUBSETS, laplace
+from ptyl.inference.laplace_predictive import CURVATURES, PREDICTIVES, SUBSETS, laplace
 from ptyl.training.strategies.map import MAPStrategy
 from ptyl.validation import check_choice, check_positive_number
 
 if TYPE_CHECKING:
-    from ptyl.inference.laplace import LaplacePredictive
+    from ptyl.inference.laplace_predictive import LaplacePredictive
     from ptyl.training.config import TrainConfig
     from ptyl.training.trainer import Trainer
 
