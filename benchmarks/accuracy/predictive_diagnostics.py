@@ -9,11 +9,12 @@ Writes ``predictive_diagnostics.{md,json}`` to ``--out`` (default ``benchmarks/r
 each sampler as it was before issue 23, with its noise off as a control, and as fixed) and seed:
 
 * members: every kept sample's training NLL / accuracy and test NLL, BatchNorm statistics recomputed on the training
-  set (``update_bn``, as ``FitResult.predict`` does);
+  set (``ptyl.inference.recompute_batchnorm``, as ``FitResult.predict`` does);
 * the model average: test NLL / accuracy / ECE, its mean confidence minus accuracy (> 0: over-confident), the spread
   of the members (mutual information = H[mean p] - mean H[p], the share of test points where a member's class differs
-  from the average's), and two controls -- averaging logits instead of probabilities, and the stored BatchNorm
-  statistics instead of recomputed ones;
+  from the average's), and three controls -- averaging logits instead of probabilities, the stored BatchNorm
+  statistics instead of recomputed ones, and the recompute before the fix (``torch.optim.swa_utils.update_bn``,
+  which weights a short last batch as much as a full one);
 * the step: the share of steps whose gradient norm was clipped, and the data and total gradient norms before clipping;
 * SGLD's chains: effective sample size (Geyer's initial monotone sequence) of scalar summaries of the iterates over the
   sampling phase;
@@ -42,19 +43,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUT, machine_info, machine_line, set_threads, write_results  # noqa: E402
 
 NAME = "predictive_diagnostics"
-# each variant: (label, inference, TrainConfig overrides); "before" = the settings of benchmarks/results/pairs.md
+# each variant: (label, inference, TrainConfig overrides, head prior variance); "before" = the settings of
+# benchmarks/results/pairs.md (head prior N(0, 1), the registry's default)
 VARIANTS = [
-    ("MAP", "map", {}),
-    ("SGLD before (constant lr 0.1, T = 0.01)", "sgld", {"temperature": 0.01}),
-    ("SGLD before, noise off (T = 0)", "sgld", {"temperature": 0.0}),
-    ("SGLD fixed (lr 0.1 -> sample_lr 0.001, T = 1e-4)", "sgld", {"temperature": 1e-4, "sample_lr": 0.001}),
-    ("SGLD fixed, T = 0.01", "sgld", {"temperature": 0.01, "sample_lr": 0.001}),
-    ("cyclical SGLD (4 cycles, T = 0.01)", "csgld", {"temperature": 0.01}),
-    ("cyclical SGLD, noise off (T = 0)", "csgld", {"temperature": 0.0}),
-    ("SWAG before (collection lr = lr = 0.1)", "swag", {}),
-    ("SWAG fixed (collection lr 0.01)", "swag", {"swag_lr": 0.01}),
+    ("MAP", "map", {}, 1.0),
+    ("MAP, head prior N(0, 10)", "map", {}, 10.0),
+    ("SGLD before (constant lr 0.1, T = 0.01)", "sgld", {"temperature": 0.01, "sample_lr": 0.1}, 1.0),
+    ("SGLD before, noise off (T = 0)", "sgld", {"temperature": 0.0, "sample_lr": 0.1}, 1.0),
+    ("SGLD fixed (lr 0.1 -> sample_lr 0.001, the default; T = 1e-4)", "sgld",
+     {"temperature": 1e-4, "sample_lr": 0.001}, 1.0),
+    ("SGLD fixed, noise off (T = 0)", "sgld", {"temperature": 0.0, "sample_lr": 0.001}, 1.0),
+    ("SGLD fixed, head prior N(0, 10)", "sgld", {"temperature": 1e-4, "sample_lr": 0.001}, 10.0),
+    ("cyclical SGLD (4 cycles, T = 0.01)", "csgld", {"temperature": 0.01}, 1.0),
+    ("cyclical SGLD, noise off (T = 0)", "csgld", {"temperature": 0.0}, 1.0),
+    ("SWAG before (collection lr = lr = 0.1)", "swag", {}, 1.0),
+    ("SWAG, collection lr 0.003", "swag", {"swag_lr": 0.003}, 1.0),
+    ("SWAG, collection lr 0.003, head prior N(0, 10)", "swag", {"swag_lr": 0.003}, 10.0),
 ]
-QUICK_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[3], VARIANTS[5], VARIANTS[8]]
+BLOCK_VARIANTS = (VARIANTS[2][0], VARIANTS[4][0])  # the noise-against-curvature tables: SGLD before and fixed
+QUICK_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[2], VARIANTS[4], VARIANTS[7], VARIANTS[10]]
 SETTINGS = {"scale": 1000.0, "n_per_class": 10, "steps": 500, "lr": 0.1, "grad_clip": 5.0, "batch_size": 32,
             "num_samples": 10, "val_pool": 500, "seeds": [0, 1, 2], "laplace_taus": [0.1, 1, 10, 100, 1e3, 1e4, 1e5]}
 QUICK = {**SETTINGS, "steps": 30, "num_samples": 3, "seeds": [0], "val_pool": 100, "max_test": 200,
@@ -166,7 +173,29 @@ def member_metrics(model, samples, train, pool, test, batch_size: int = 256) -> 
     out["logit_average_nll"] = evaluate_probs(geometric.float(), targets["test"])["nll"]
     stored = bma_predict(model, samples, loaders["test"], bn_loader=None)
     out["stored_bn_nll"] = evaluate_probs(stored, targets["test"])["nll"]
+    out["update_bn_nll"] = evaluate_probs(_torch_update_bn_average(model, samples, bn, loaders["test"]),
+                                          targets["test"])["nll"]
     return out
+
+
+def _torch_update_bn_average(model, samples, bn_loader, loader):
+    """The model average with BatchNorm recomputed by ``torch.optim.swa_utils.update_bn`` (every batch weighted
+    equally: the recompute before issue 23's fix, ``ptyl.inference.recompute_batchnorm``)."""
+    import torch
+
+    from ptyl.inference import predict_probs
+
+    original = copy.deepcopy(model.state_dict())
+    total = None
+    try:
+        for sample in samples:
+            model.load_state_dict(sample)
+            torch.optim.swa_utils.update_bn(((x,) for x, _ in bn_loader), model)
+            probs = predict_probs(model, loader).double()
+            total = probs if total is None else total + probs
+    finally:
+        model.load_state_dict(original)
+    return (total / len(samples)).float()
 
 
 def block_table(model, train, prior, config, num_data: int) -> list[dict[str, Any]]:
@@ -263,17 +292,17 @@ def run(cfg: dict[str, Any], variants, log) -> dict[str, Any]:
     model_fn = pretrained_model_fn(meta, state, task)
     spec = PriorSpec(kind="lowrank", posterior=posterior, head=task.head)
     pool, test = task.validation_set(), task.test_set(0)
-    results: dict[str, Any] = {"variants": {}, "map": [], "blocks": {}}
+    results: dict[str, Any] = {"variants": {}, "blocks": {}}
     for seed in cfg["seeds"]:
         train = task.train_set(cfg["n_per_class"], seed)
-        for label, inference, overrides in variants:
+        for label, inference, overrides, head_variance in variants:
             start = time.perf_counter()
             config = train_config(inference, len(train), steps=cfg["steps"], batch_size=cfg["batch_size"],
                                   num_samples=cfg["num_samples"], lr=cfg["lr"], grad_clip=cfg["grad_clip"],
                                   seed=seed, **overrides)
             torch.manual_seed(seed)
             model = model_fn()
-            prior = spec.build_prior(model, scale=cfg["scale"])
+            prior = spec.build_prior(model, scale=cfg["scale"], head_variance=head_variance)
             strategy = probe_strategy(inference, config)
             result = fit(model, train, prior, config, head=task.head, strategy=strategy)
             samples = list(result.samples) if result.samples is not None else [copy.deepcopy(model.state_dict())]
@@ -299,8 +328,8 @@ def run(cfg: dict[str, Any], variants, log) -> dict[str, Any]:
                     row[f"laplace_{subset}"] = {**evaluate_probs(lap.predict(test), targets),
                                                 "tau": lap.prior_precision,
                                                 "val_nll": [r["val_nll"] for r in lap.validation]}
-                results["map"].append(_map_head_variants(model_fn, spec, train, test, cfg, seed))
-            if label.startswith("SGLD fixed (") or (inference == "sgld" and label.endswith("T = 0.01)")):
+                row["head_variance"] = head_variance
+            if label in BLOCK_VARIANTS:
                 results["blocks"].setdefault(label, block_table(model, train, prior, config, len(train)))
             row["wall_s"] = time.perf_counter() - start
             results["variants"].setdefault(label, []).append(row)
@@ -308,28 +337,6 @@ def run(cfg: dict[str, Any], variants, log) -> dict[str, Any]:
                 f"ECE {row['bma_ece']:.4f}, members' train NLL {sum(row['member_train_nll']) / len(samples):.3f}, "
                 f"{row['wall_s']:.0f}s")
     return results
-
-
-def _map_head_variants(model_fn, spec, train, test, cfg, seed) -> dict[str, Any]:
-    """MAP's confidence against its accuracy at head priors N(0, 1) (the default) and N(0, 10)."""
-    import torch
-
-    from ptyl.metrics import evaluate_probs
-    from ptyl.pipeline import train_config
-    from ptyl.training import fit
-
-    out = {"seed": seed}
-    for head_variance in (1.0, 10.0):
-        config = train_config("map", len(train), steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                              grad_clip=cfg["grad_clip"], seed=seed)
-        torch.manual_seed(seed)
-        model = model_fn()
-        result = fit(model, train, spec.build_prior(model, scale=cfg["scale"], head_variance=head_variance), config,
-                     head="head")
-        probs = result.predict(test)
-        metrics = evaluate_probs(probs, torch.as_tensor(test.targets))
-        out[f"hv{head_variance:g}"] = {**metrics, "confidence": float(probs.max(1).values.mean())}
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------- report
@@ -346,13 +353,16 @@ def report(results: dict[str, Any], cfg: dict[str, Any], machine: str, command: 
     lines = ["# Why the Bayesian predictive loses to MAP: diagnostics (issue 23)", "", f"Command: `{command}`", "",
              machine, "",
              f"MNIST-5k -> MNIST, {cfg['n_per_class']} per class, learned low-rank prior at lambda = "
-             f"{cfg['scale']:g}, head prior N(0, 1), {cfg['steps']} steps, lr {cfg['lr']}, clip {cfg['grad_clip']}, "
+             f"{cfg['scale']:g}, head prior N(0, 1) unless a variant says otherwise, {cfg['steps']} steps, "
+             f"lr {cfg['lr']}, clip {cfg['grad_clip']}, "
              f"batch {cfg['batch_size']}, {cfg['num_samples']} samples; seeds {cfg['seeds']} (mean ± sd over seeds). "
              "Members' BatchNorm statistics are recomputed on the training set (as `FitResult.predict` does).", ""]
     lines += ["## The model averages", "",
               "| variant | BMA test NLL | BMA acc | BMA ECE | conf - acc | members' train NLL | members' train acc "
-              "| members' test NLL | MI | disagreement | logit-average NLL | stored-BN NLL | clipped steps | "
-              "grad norm data / total |", "|" + "---|" * 14]
+              "| members' test NLL | MI | disagreement | logit-average NLL | stored-BN NLL | torch update_bn NLL | "
+              "clipped steps | "
+              "grad norm data / total | Δ NLL − MAP (same seed) |", "|" + "---|" * 16]
+    base = {r["seed"]: r["bma_nll"] for r in results["variants"].get("MAP", [])}
     for label, rows in results["variants"].items():
         mean = lambda key: _ms([r[key] for r in rows])  # noqa: E731
         member = lambda key: _ms([sum(r[key]) / len(r[key]) for r in rows])  # noqa: E731
@@ -360,21 +370,25 @@ def report(results: dict[str, Any], cfg: dict[str, Any], machine: str, command: 
                      f"{mean('confidence_minus_accuracy')} | {member('member_train_nll')} | "
                      f"{member('member_train_acc')} | {member('member_test_nll')} | {mean('mutual_information')} | "
                      f"{mean('disagreement')} | {mean('logit_average_nll')} | {mean('stored_bn_nll')} | "
+                     f"{mean('update_bn_nll')} | "
                      f"{mean('clipped_share')} | {_ms([r['data_grad_norm'] for r in rows])} / "
-                     f"{_ms([r['total_grad_norm'] for r in rows])} |")
-    lines += ["", "## The MAP point: confidence, head prior and post-hoc Laplace", "",
-              "| seed | MAP NLL (hv 1) | MAP conf - acc (hv 1) | MAP NLL (hv 10) | conf - acc (hv 10) | "
-              "Laplace last layer: tau, NLL | Laplace all (K-FAC): tau, NLL |", "|" + "---|" * 7]
-    for head, row in zip(results["map"], results["variants"]["MAP"]):
-        h1, h10 = head["hv1"], head["hv10"]
-        ll, al = row["laplace_last-layer"], row["laplace_all"]
-        lines.append(f"| {head['seed']} | {h1['nll']:.4f} | {h1['confidence'] - h1['accuracy']:+.4f} | "
-                     f"{h10['nll']:.4f} | {h10['confidence'] - h10['accuracy']:+.4f} | {ll['tau']:g}, "
-                     f"{ll['nll']:.4f} | {al['tau']:g}, {al['nll']:.4f} |")
-    taus = cfg["laplace_taus"]
-    lines += ["", f"Laplace validation NLL per prior-precision factor tau = {taus} (seed {cfg['seeds'][0]}): "
-              f"last layer {[round(v, 4) for v in results['variants']['MAP'][0]['laplace_last-layer']['val_nll']]}, "
-              f"all {[round(v, 4) for v in results['variants']['MAP'][0]['laplace_all']['val_nll']]}.", ""]
+                     f"{_ms([r['total_grad_norm'] for r in rows])} | "
+                     f"{_ms([r['bma_nll'] - base[r['seed']] for r in rows if r['seed'] in base])} |")
+    lines += ["", "## The MAP point and the post-hoc Laplace predictive around it", "",
+              "The Laplace predictive's prior-precision factor tau (1: the posterior under the prior trained with; "
+              "large: back to the MAP) is chosen on the pool; its pool NLL per tau is listed.", "",
+              "| variant | seed | MAP NLL | MAP ECE | MAP conf - acc | MAP train NLL | Laplace last layer: tau, NLL, "
+              "ECE | Laplace all (K-FAC): tau, NLL, ECE | pool NLL per tau, last layer | pool NLL per tau, all |",
+              "|" + "---|" * 10]
+    for label, rows in results["variants"].items():
+        for row in (r for r in rows if "map_test" in r):
+            m, ll, al = row["map_test"], row["laplace_last-layer"], row["laplace_all"]
+            lines.append(f"| {label} | {row['seed']} | {m['nll']:.4f} | {m['ece']:.4f} | "
+                         f"{row['map_confidence_minus_accuracy']:+.4f} | {row['member_train_nll'][0]:.4f} | "
+                         f"{ll['tau']:g}, {ll['nll']:.4f}, {ll['ece']:.4f} | {al['tau']:g}, {al['nll']:.4f}, "
+                         f"{al['ece']:.4f} | {[round(v, 3) for v in ll['val_nll']]} | "
+                         f"{[round(v, 3) for v in al['val_nll']]} |")
+    lines += ["", f"tau = {cfg['laplace_taus']}.", ""]
     ess_rows = [(label, rows) for label, rows in results["variants"].items() if "ess" in rows[0]]
     if ess_rows:
         lines += ["## SGLD chains: effective sample size over the sampling phase", "",

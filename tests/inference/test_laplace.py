@@ -13,7 +13,7 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from ptyl.autotune import Categorical, Gaussian, compute_curvature
-from ptyl.errors import ConfigError
+from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.inference import LaplacePredictive, PosteriorPrecision, laplace
 from ptyl.inference.laplace_predictive import average_softmax, logit_moments
 from ptyl.priors import make_prior
@@ -183,6 +183,54 @@ def test_prior_precision_is_chosen_on_validation_data_and_large_values_recover_m
                                rtol=0)
 
 
+def test_without_validation_data_the_prior_precision_of_highest_evidence_is_chosen():
+    model, data, prior = _trained("l2sp", variance=0.5, head_variance=2.0)
+    taus = [0.1, 1.0, 10.0, 100.0]
+    chosen = laplace(model, data, prior, prior_precision=taus)
+    each = [laplace(model, data, prior, prior_precision=t).log_marginal_likelihood(prior) for t in taus]
+    assert [row["log_evidence"] for row in chosen.evidence] == pytest.approx(each, rel=1e-9)
+    assert chosen.prior_precision == taus[max(range(len(taus)), key=each.__getitem__)]
+    assert chosen.validation == []
+
+
+def test_select_rechooses_on_validation_data():
+    model, data, prior = _trained("l2sp", variance=0.5)
+    val = _classification(seed=5)
+    predictive = laplace(model, data, prior, prior_precision=[0.01, 1.0, 1e8])
+    on_val = laplace(model, data, prior, prior_precision=[0.01, 1.0, 1e8], val_data=val)
+    assert predictive.select(val) == {"laplace_prior_precision": on_val.prior_precision}
+    assert predictive.validation == on_val.validation
+    torch.testing.assert_close(predictive.predict(val), on_val.predict(val))
+
+
+@pytest.mark.filterwarnings("ignore:.*laplace_prior_precision.*:UserWarning")  # the axis may end on an edge
+def test_several_prior_precisions_through_fit_and_tuning_equal_a_grid_axis():
+    """``laplace_prior_precision=(...)``: a plain fit chooses by the evidence; a tuning trial on its validation data,
+    which is the choice a grid axis over the same values makes (same seed, same MAP fit per point)."""
+    from ptyl.tuning import PriorSpec, tune
+
+    data, val = _classification(), _classification(seed=5)
+    taus = (0.01, 1.0, 100.0)
+    config = TrainConfig(inference="laplace", epochs=8, lr=0.1, batch_size=16, laplace_prior_precision=taus,
+                         progress=False)
+
+    def model_fn():
+        return _Net()
+
+    torch.manual_seed(0)
+    result = fit(model_fn(), data, make_prior(_Net(), "l2sp", variance=0.5), config)
+    assert [row["prior_precision"] for row in result.predictive.evidence] == list(taus)
+    spec = PriorSpec(kind="l2sp", head="head")
+    shared = tune(model_fn, data, spec, {"variance": [0.5], "lr": [0.1]}, config=config, val_set=val,
+                  extend=False, off_limit=False)
+    axis = tune(model_fn, data, spec, {"variance": [0.5], "lr": [0.1], "laplace_prior_precision": list(taus)},
+                config=config, val_set=val, extend=False, off_limit=False)
+    best = axis.selected
+    assert shared.selected["posthoc"] == {"laplace_prior_precision": best["laplace_prior_precision"]}
+    assert shared.selected["val_nll"] == pytest.approx(best["val_nll"], rel=1e-6)
+    assert len(shared.table) == 1 and len(axis.table) == 3
+
+
 def test_laplace_inference_through_fit():
     torch.manual_seed(0)
     data = _classification()
@@ -197,8 +245,11 @@ def test_laplace_inference_through_fit():
 
 def test_bad_input_is_a_clear_error():
     model, data, prior = _trained("l2sp", variance=0.5)
-    with pytest.raises(ConfigError, match="val_data"):
-        laplace(model, data, prior, prior_precision=[1.0, 2.0])
+    with pytest.raises(ConfigError, match="at least one"):
+        laplace(model, data, prior, prior_precision=[])
+    with pytest.raises(InvalidValueError, match="laplace_prior_precision"):
+        fit(_Net(), data, prior, TrainConfig(inference="laplace", laplace_prior_precision=(1.0, -2.0), epochs=1,
+                                             progress=False))
     with pytest.raises(ConfigError, match="Laplace subset"):
         laplace(model, data, prior, subset="everything")
     with pytest.raises(ConfigError, match="head prior"):

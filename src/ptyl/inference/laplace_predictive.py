@@ -19,9 +19,10 @@ Gaussian, ``N(f*, J A^-1 J^T)``, and
 - ``predictive="mc"``: the mean of ``softmax(f)`` over ``mc_samples`` draws of those logits (seeded).
 
 ``tau`` (``prior_precision``) multiplies the prior's precision: 1 is the prior the MAP was trained under; large
-values shrink the posterior onto the MAP (tau -> infinity is the MAP itself). Given several values and validation
-data, the one with the lowest validation NLL is chosen (the logits' Jacobians are computed once per batch for all
-values).
+values shrink the posterior onto the MAP (tau -> infinity is the MAP itself). Given several values, the one with the
+lowest NLL on validation data is chosen (the logits' Jacobians are computed once per batch for all values), or
+without validation data the one of the highest Laplace evidence; a tuning trial re-chooses on its validation data
+(:meth:`LaplacePredictive.select`).
 
 Why not laplace-torch: it installs with torch 2.13 but pulls torchvision, BackPACK, ASDL and curvlinops (this project
 takes no torchvision), and its prior precision is a scalar or a diagonal: it cannot take a learned low-rank prior's
@@ -75,21 +76,25 @@ class LaplacePredictive:
     Attributes:
         model: the MAP model (its BatchNorm statistics are the MAP's).
         posterior: the :class:`PosteriorPrecision` at the chosen ``prior_precision``.
+        candidates: the posteriors at every tau given (``posterior`` is one of them).
         prior_precision: the chosen tau.
         predictive, mc_samples, seed: how :meth:`predict` averages.
-        validation: ``[{"prior_precision", "val_nll"}]`` per value tried (empty without validation data).
+        validation: ``[{"prior_precision", "val_nll"}]`` per value tried by :meth:`select` (empty otherwise).
+        evidence: ``[{"prior_precision", "log_evidence"}]`` per value tried by :meth:`select_by_evidence`.
         log_likelihood: the summed training log-likelihood at the MAP.
     """
 
     def __init__(self, model: nn.Module, posterior: PosteriorPrecision, *, predictive: str, mc_samples: int,
                  seed: int, batch_size: int, collate_fn: Callable | None, log_likelihood: float,
-                 validation: list[dict[str, float]] | None = None) -> None:
+                 candidates: Sequence[PosteriorPrecision] | None = None) -> None:
         self.model, self.posterior = model, posterior
+        self.candidates = list(candidates) if candidates else [posterior]
         self.prior_precision = posterior.prior_precision
         self.predictive, self.mc_samples, self.seed = predictive, mc_samples, seed
         self.batch_size, self.collate_fn = batch_size, collate_fn
         self.log_likelihood = log_likelihood
-        self.validation = validation or []
+        self.validation: list[dict[str, float]] = []
+        self.evidence: list[dict[str, float]] = []
 
     def predict(self, data: Dataset | Iterable, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """Class probabilities ``[N, C]`` (float32, CPU) of the linearised predictive.
@@ -106,6 +111,50 @@ class LaplacePredictive:
         means, covs = logit_moments(self.model, loader, self.posterior.names, [self.posterior], progress=progress)
         return average_softmax(means, covs[0], self.predictive, self.mc_samples, self.seed)
 
+    def select(self, val_data: Dataset | Iterable, progress: bool = False) -> dict[str, float]:
+        """Choose tau among :attr:`candidates` by the predictive's NLL on ``val_data`` (the logits' Jacobians are
+        computed once per batch for every candidate). A tuning trial calls this with its validation data
+        (:class:`ptyl.tuning.trials.TrialRunner`): the same choice as tau on a grid axis, at one MAP fit per point.
+
+        Args:
+            val_data: labelled validation data (a Dataset or an ordered loader of ``(inputs, targets)``).
+            progress: a progress bar.
+
+        Returns:
+            ``{"laplace_prior_precision": tau}``, the choice as a :class:`~ptyl.training.TrainConfig` override.
+        """
+        if len(self.candidates) > 1:
+            loader = _loader(val_data, self.batch_size, self.collate_fn)
+            means, covs = logit_moments(self.model, loader, self.posterior.names, self.candidates, progress=progress)
+            targets = _targets(loader)
+            self.validation = []
+            for post, cov in zip(self.candidates, covs):
+                probs = average_softmax(means, cov, self.predictive, self.mc_samples, self.seed)
+                nll = float(torch.nn.functional.nll_loss(probs.double().clamp_min(1e-12).log(), targets))
+                self.validation.append({"prior_precision": post.prior_precision, "val_nll": nll})
+            self._choose(min(range(len(self.validation)), key=lambda i: self.validation[i]["val_nll"]))
+        return {"laplace_prior_precision": self.prior_precision}
+
+    def select_by_evidence(self, prior: Prior) -> dict[str, float]:
+        """Choose tau among :attr:`candidates` by the Laplace evidence (:meth:`log_marginal_likelihood`; MacKay
+        1992, Immer et al. 2021): for a :func:`laplace` call without validation data.
+
+        Args:
+            prior: the prior the MAP was trained under.
+
+        Returns:
+            ``{"laplace_prior_precision": tau}``.
+        """
+        if len(self.candidates) > 1:
+            self.evidence = [{"prior_precision": post.prior_precision,
+                              "log_evidence": self._log_evidence(prior, post, self.model)} for post in self.candidates]
+            self._choose(max(range(len(self.evidence)), key=lambda i: self.evidence[i]["log_evidence"]))
+        return {"laplace_prior_precision": self.prior_precision}
+
+    def _choose(self, index: int) -> None:
+        self.posterior = self.candidates[index]
+        self.prior_precision = self.posterior.prior_precision
+
     def log_marginal_likelihood(self, prior: Prior, params: nn.Module | None = None) -> float:
         """The Laplace evidence ``log p(D | theta*) + log p(theta* | tau) + P/2 log 2 pi - 1/2 log det A`` of the
         subset (the other parameters conditioned on), under ``prior`` with its precision times tau.
@@ -117,8 +166,11 @@ class LaplacePredictive:
         Returns:
             The log evidence (a float).
         """
-        tau, post = self.prior_precision, self.posterior
-        named = named_parameters(params or self.model)
+        return self._log_evidence(prior, self.posterior, params or self.model)
+
+    def _log_evidence(self, prior: Prior, post: PosteriorPrecision, params: nn.Module) -> float:
+        tau = post.prior_precision
+        named = named_parameters(params)
         log_prior = 0.0
         for leaf in prior_leaves_within(prior, post.names):
             # log N(theta; mu, Sigma / tau) = log N(theta; mu, Sigma) - (tau - 1) q / 2 + P/2 log tau
@@ -171,8 +223,9 @@ def laplace(
         prior: the prior it was trained under (:func:`ptyl.priors.make_prior`).
         subset: ``"last-layer"`` (the prior leaves inside ``head``) or ``"all"`` (every leaf of ``prior``).
         curvature: ``"kfac"`` or ``"diag"`` for ``subset="all"``.
-        prior_precision: tau, or several values: the one with the lowest NLL on ``val_data`` is chosen.
-        val_data: validation data (needed for several ``prior_precision`` values).
+        prior_precision: tau, or several values: the one with the lowest NLL on ``val_data`` is chosen, or without
+            ``val_data`` the one of the highest Laplace evidence (:meth:`LaplacePredictive.select_by_evidence`).
+        val_data: validation data to choose among several ``prior_precision`` values.
         predictive: ``"probit"`` or ``"mc"``.
         mc_samples: logit draws per example for ``"mc"``.
         num_data: N of the training objective ``mean loss - log p(theta) / N`` (default: the size of
@@ -186,8 +239,7 @@ def laplace(
         A :class:`LaplacePredictive` (``.predict(data)``).
 
     Raises:
-        ConfigError: an unknown option, several ``prior_precision`` values without ``val_data``, or a subset without
-            a prior over it.
+        ConfigError: an unknown option, no ``prior_precision`` value, or a subset without a prior over it.
     """
     model = getattr(model, "model", model)
     check_choice(subset, SUBSETS, "Laplace subset")
@@ -197,8 +249,6 @@ def laplace(
     taus = [float(t) for t in (prior_precision if isinstance(prior_precision, Sequence) else [prior_precision])]
     if not taus:
         raise ConfigError("prior_precision needs at least one value")
-    if len(taus) > 1 and val_data is None:
-        raise ConfigError("several prior_precision values need val_data to choose among them")
     names = _subset_names(model, prior, subset, head)
     method = "full" if subset == "last-layer" and _size(model, names) <= MAX_DENSE else curvature
     loader = _loader(train_data, batch_size, collate_fn)
@@ -207,20 +257,14 @@ def laplace(
     if n != curv.num_data:
         curv = curv.scaled(n / curv.num_data, n)
     posteriors = [PosteriorPrecision(curv, prior, names, tau) for tau in taus]
-    table: list[dict[str, float]] = []
-    chosen = posteriors[0]
-    if len(posteriors) > 1:
-        val_loader = _loader(val_data, batch_size, collate_fn)
-        means, covs = logit_moments(model, val_loader, names, posteriors, progress=progress)
-        targets = _targets(val_loader)
-        for post, cov in zip(posteriors, covs):
-            probs = average_softmax(means, cov, predictive, mc_samples, seed)
-            nll = float(torch.nn.functional.nll_loss(probs.double().clamp_min(1e-12).log(), targets))
-            table.append({"prior_precision": post.prior_precision, "val_nll": nll})
-        chosen = posteriors[min(range(len(table)), key=lambda i: table[i]["val_nll"])]
-    return LaplacePredictive(model, chosen, predictive=predictive, mc_samples=mc_samples, seed=seed,
-                             batch_size=batch_size, collate_fn=collate_fn, log_likelihood=curv.log_likelihood,
-                             validation=table)
+    out = LaplacePredictive(model, posteriors[0], predictive=predictive, mc_samples=mc_samples, seed=seed,
+                            batch_size=batch_size, collate_fn=collate_fn, log_likelihood=curv.log_likelihood,
+                            candidates=posteriors)
+    if val_data is not None:
+        out.select(val_data, progress=progress)
+    else:
+        out.select_by_evidence(prior)
+    return out
 
 
 def _subset_names(model: nn.Module, prior: Prior, subset: str, head) -> list[str] | None:

@@ -7,7 +7,9 @@ approximation around the trained model under the prior it was trained with, whos
 
 ``laplace_subset`` (``last-layer``: the head's exact GGN; ``all``: every parameter with a prior),
 ``laplace_curvature`` (``kfac`` / ``diag``, for ``all``), ``laplace_predictive`` (``probit`` / ``mc``) and
-``laplace_prior_precision`` (tau; a tuning grid axis) are :class:`~ptyl.training.TrainConfig` fields.
+``laplace_prior_precision`` (tau, or a tuple of values: a tuning trial chooses among them on its validation data,
+:meth:`LaplacePredictive.select <ptyl.inference.LaplacePredictive.select>`; a plain fit by the Laplace evidence) are
+:class:`~ptyl.training.TrainConfig` fields.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ class LaplaceStrategy(MAPStrategy):
         check_choice(config.laplace_subset, SUBSETS, "laplace_subset")
         check_choice(config.laplace_curvature, CURVATURES, "laplace_curvature")
         check_choice(config.laplace_predictive, PREDICTIVES, "laplace_predictive")
-        check_positive_number(config.laplace_prior_precision, "laplace_prior_precision")
+        values = config.laplace_prior_precision
+        for value in (values if isinstance(values, (tuple, list)) else [values]):
+            check_positive_number(value, "laplace_prior_precision")
+        if isinstance(values, (tuple, list)) and not values:
+            raise ConfigError("laplace_prior_precision needs at least one value")
 
     def setup(self, trainer: Trainer) -> None:
         if trainer.prior is None:
@@ -60,3 +66,4 @@ class LaplaceStrategy(MAPStrategy):
                                   predictive=c.laplace_predictive, num_data=trainer.num_data, head=trainer.head,
                                   collate_fn=trainer.collate_fn, seed=c.seed + 3)
         return None
+

@@ -4,8 +4,8 @@ burn-in, ``num_samples`` evenly spaced iterates are kept for Bayesian model aver
     theta <- theta - lr_t * grad U(theta) + sqrt(2 * lr_t * T / N) * xi,     xi ~ N(0, I)
 
 (the update of :class:`ptyl.training.sgld.SGLD`; ``temperature`` T < 1 samples a cold posterior). The step ``lr_t``
-decays from ``lr`` to ``sample_lr`` over the burn-in (half a cosine: :func:`ptyl.training.schedules.burn_in_factor`)
-and stays there while samples are kept: the iterates follow ``exp(-N U / T)`` only for a step small against the
+decays from ``lr`` to ``sample_lr`` (default ``lr / 100``) over the burn-in (half a cosine:
+:func:`ptyl.training.schedules.burn_in_factor`) and stays there while samples are kept: the iterates follow ``exp(-N U / T)`` only for a step small against the
 curvature (Welling & Teh's decreasing steps; Teh, Thiery & Vollmer 2016, https://arxiv.org/abs/1409.0578, for the
 bias of a fixed step), while a large first step reaches the posterior's bulk within the budget.
 """
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ptyl.inference.samples import SampleBank
+from ptyl.training.config import SAMPLE_LR_FACTOR
 from ptyl.training.schedules import burn_in_factor
 from ptyl.training.sgld import SGLD
 from ptyl.training.strategies.base import Strategy, param_groups
@@ -52,9 +53,10 @@ class SGLDStrategy(Strategy):
         span = total - start
         n = min(c.num_samples, span)
         self.collect_at = {start + (i + 1) * span // n - 1 for i in range(n)}
-        ratio = (c.sample_lr or c.lr) / c.lr
+        ratio = c.sample_lr / c.lr if c.sample_lr is not None else SAMPLE_LR_FACTOR
         burn = max(start, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: burn_in_factor(step, burn, ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: burn_in_factor(step, burn, ratio))
 
     def on_step(self, trainer: Trainer) -> None:
         if trainer.step in self.collect_at:
