@@ -5,9 +5,10 @@ burn-in, ``num_samples`` evenly spaced iterates are kept for Bayesian model aver
 
 (the update of :class:`ptyl.training.sgld.SGLD`; ``temperature`` T < 1 samples a cold posterior). The step ``lr_t``
 decays from ``lr`` to ``sample_lr`` (default ``lr / 100``) over the burn-in (half a cosine:
-:func:`ptyl.training.schedules.burn_in_factor`) and stays there while samples are kept: the iterates follow ``exp(-N U / T)`` only for a step small against the
-curvature (Welling & Teh's decreasing steps; Teh, Thiery & Vollmer 2016, https://arxiv.org/abs/1409.0578, for the
-bias of a fixed step), while a large first step reaches the posterior's bulk within the budget.
+:func:`ptyl.training.schedules.burn_in_factor`) and stays there while samples are kept: the iterates follow
+``exp(-N U / T)`` only for a step small against the curvature (Welling & Teh's decreasing steps; Teh, Thiery &
+Vollmer 2016, https://arxiv.org/abs/1409.0578, for the bias of a fixed step), while a large first step reaches the
+posterior's bulk within the budget.
 """
 
 from __future__ import annotations
