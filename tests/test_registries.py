@@ -36,6 +36,9 @@ OTHER_MEANINGS = {
     ("tuning/result.py", "grid"): "TuneResult.to_dict's 'grid' entry: the axes searched",
     ("autotune/share.py", "diag"): "the 'diag' curvature method",
     ("autotune/likelihoods.py", "none"): "torch reduction='none'",
+    ("inference/laplace_predictive.py", "diag"): "the 'diag' curvature structure",
+    ("inference/laplace_predictive.py", "laplace"): "the function ptyl.inference.laplace in __all__",
+    ("inference/__init__.py", "laplace"): "the function ptyl.inference.laplace in __all__",
 }
 
 
@@ -143,6 +146,7 @@ def test_every_registered_kind_builds_and_has_a_grid():
 def test_every_registered_strategy_trains():
     from torch.utils.data import TensorDataset
 
+    from ptyl.priors import make_prior
     from ptyl.training import fit
 
     data = TensorDataset(torch.randn(24, 4), torch.arange(24) % 2)
@@ -150,7 +154,8 @@ def test_every_registered_strategy_trains():
         torch.manual_seed(0)
         model = torch.nn.Sequential()
         model.add_module("head", torch.nn.Linear(4, 2))
-        result = fit(model, data, inference=inference, epochs=4, batch_size=8, num_samples=2, num_cycles=2,
+        prior = make_prior(model, PriorKind.STANDARD, variance=10.0)  # laplace needs one: its precision's part
+        result = fit(model, data, prior, inference=inference, epochs=4, batch_size=8, num_samples=2, num_cycles=2,
                      samples_per_cycle=1, swag_collect_every=1, progress=False)
         assert (result.samples is not None and len(result.samples) == 2) == inference.strategy.collects_samples
         assert result.predict(data).shape == (24, 2)

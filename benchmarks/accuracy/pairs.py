@@ -45,6 +45,17 @@ Protocol (every pair):
   (the guarantee: mean <= +0.005 and the 95% interval not above 0), learned low-rank minus each tuned baseline and
   minus the baseline chosen per seed by validation NLL; 95% t-interval over the seeds (n - 1 degrees of freedom).
 
+Bayesian predictives (issue 23; run as their own jobs, ``--methods``, e.g. at n = 10 and 100 only)::
+
+    nice -n 5 python benchmarks/accuracy/pairs.py --pairs mnist5k->mnist --n 10 100 \
+        --methods lowrank-laplace lowrank-sgld lowrank-csgld lowrank-swag l2sp-laplace l2sp-sgld l2sp-csgld l2sp-swag
+
+Each is tuned on the same pool by the same rule, its own knobs (``BAYES_AXES``: SGLD's temperature, cyclical SGLD's
+temperature and cycles, SWAG's collection learning rate) on the grid jointly with the prior's strength, the
+last-layer Laplace predictive's prior-precision factor chosen per trial on the pool (``LAPLACE_TAUS``), and paired
+per seed with the MAP under the same prior kind (the ``selected`` job's ``lowrank`` / ``l2sp`` record): NLL, ECE
+and accuracy differences with 95% intervals.
+
 Outputs (``--out``, default ``benchmarks/results``): ``pairs_trials.jsonl`` (every trial, appended atomically: an
 interrupted run resumes from it), ``pairs_runs.jsonl`` (one record per finished (pair, n, seed, method)),
 ``pairs.md`` / ``pairs.json`` (tables, paired intervals, command, settings, machine). The tuning strategy is a
@@ -98,6 +109,17 @@ SELECT = "selected"
 KINDS = ("standard", "l2sp", "lowrank", "diag")
 # methods tuned on their own on some cells, e.g. samplers: {pair: (method, ...)} at n = 10 (none by default)
 EXTRA: dict[str, tuple[str, ...]] = {}
+# the Bayesian predictives (issue 23), e.g. --methods lowrank-sgld l2sp-laplace: per inference, its own knobs, grid
+# axes tuned jointly with the prior's strength on the pool (TrainConfig fields); each is paired with the MAP under the
+# same prior kind (the selected job's per-kind record). Laplace's prior-precision factor tau is chosen per trial on the
+# pool among LAPLACE_TAUS (one MAP fit for all of them; 1e6 is the MAP itself to 4 decimals).
+BAYES_AXES: dict[str, dict[str, list[Any]]] = {
+    "sgld": {"temperature": [1e-4, 1e-2]},  # the sampling step: the default, lr / 100 (TrainConfig.sample_lr)
+    "csgld": {"temperature": [1e-4, 1e-2], "num_cycles": [2, 4]},
+    "swag": {"swag_lr": [0.003, 0.01, 0.03]},
+    "laplace": {},
+}
+LAPLACE_TAUS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e6)
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
 # settings of the automatic strategies (fields of each one's settings class, TuningStrategy.parse(name).settings; the
@@ -265,10 +287,12 @@ def settings_key(cfg: dict[str, Any], pair: str) -> str:
 
 
 def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
-    """:func:`settings_key`, plus a hash of the automatic strategy's settings for its jobs."""
+    """:func:`settings_key`, plus a hash of the automatic strategy's settings for its jobs, or of a Bayesian
+    predictive's own grid axes (:data:`BAYES_AXES`, :data:`LAPLACE_TAUS`) for its grid jobs."""
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
-        return key
+        extra = bayes_settings(job["method"])
+        return f"{key}-{hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]}" if extra else key
     from ptyl.tuning import TuningStrategy
 
     fields = auto_config(job["tuning"]).to_dict()
@@ -280,6 +304,20 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
         fields = {**fields, "lrs": list(job["lrs"])}
     settings = json.dumps(fields, sort_keys=True)
     return f"{key}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+
+
+def bayes_settings(method: str) -> dict[str, Any]:
+    """A Bayesian predictive's own settings: its grid axes and TrainConfig overrides (``{}`` for MAP methods)."""
+    from ptyl.pipeline import parse_method
+
+    name = method.partition("@")[0]
+    if name == SELECT:
+        return {}
+    inference = str(parse_method(name).inference)
+    if inference not in BAYES_AXES:
+        return {}
+    fixed = {"laplace_prior_precision": list(LAPLACE_TAUS)} if inference == "laplace" else {}
+    return {"axes": BAYES_AXES[inference], "fixed": fixed}
 
 
 def auto_config(tuning: str):
@@ -389,12 +427,14 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
     name, _, variant = job["method"].partition("@")
     plans = [parse_method(k) for k in KINDS] if name == SELECT else [parse_method(name)]
     temperature = 1.0 if variant == "T1" else cfg["temperature"]
+    bayes = bayes_settings(job["method"]) if job["tuning"] == "grid" else {}
     config = train_config(plans[0].inference, len(train), steps=cfg["steps"][spec["kind"]][job["n"]],
                           batch_size=cfg["batch_size"], num_samples=cfg["num_samples"], temperature=temperature,
-                          lr=cfg["lr"], grad_clip=cfg["grad_clip"])
+                          lr=cfg["lr"], grad_clip=cfg["grad_clip"], **{k: tuple(v) if isinstance(v, list) else v
+                                                                       for k, v in bayes.get("fixed", {}).items()})
     lrs = job.get("lrs")
-    grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": lrs or [cfg["lr"]]}
-             for p in plans}
+    grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": lrs or [cfg["lr"]],
+                            **bayes.get("axes", {})} for p in plans}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}

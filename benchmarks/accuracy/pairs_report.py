@@ -16,8 +16,15 @@ from ptyl.pipeline import markdown_table
 BASELINES = ("standard", "l2sp")
 LEARNED = ("lowrank", "diag", "lowrank-sgld", "lowrank-sgld@T1")
 SELECTED = "selected"
+# the Bayesian predictives (issue 23), each paired with the MAP under the same prior kind
+BAYES = tuple(f"{kind}-{inference}" for kind in ("lowrank", "l2sp")
+              for inference in ("laplace", "sgld", "csgld", "swag"))
+SAME_PRIOR_MAP = "MAP under the same prior"
 LABELS = {"standard": "standard FT", "l2sp": "L2-SP", "lowrank": "learned low-rank", "diag": "learned diag",
           "lowrank-sgld": "low-rank + SGLD (cold T)", "lowrank-sgld@T1": "low-rank + SGLD T=1 (exact-posterior ablation)",
+          "lowrank-laplace": "low-rank + last-layer Laplace", "lowrank-csgld": "low-rank + cyclical SGLD",
+          "lowrank-swag": "low-rank + SWAG", "l2sp-laplace": "L2-SP + last-layer Laplace", "l2sp-sgld": "L2-SP + SGLD",
+          "l2sp-csgld": "L2-SP + cyclical SGLD", "l2sp-swag": "L2-SP + SWAG",
           SELECTED: "**selected on the pool** (kind and strength)"}
 GUARANTEE = 0.005  # the selection may trail tuned standard fine-tuning by at most this mean test NLL (issue 21)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -101,7 +108,7 @@ def _fit(records: list[dict[str, Any]]) -> str:
 def method_table(records: list[dict[str, Any]], score: str = "accuracy") -> str:
     """One row per method (records of one pair and one n); ``score``: the second metric column (segmentation:
     ``miou``)."""
-    known = (*BASELINES, *LEARNED, SELECTED)
+    known = tuple(dict.fromkeys((*BASELINES, *LEARNED, *BAYES, SELECTED)))
     order = [m for m in known if any(r["method"] == m for r in records)]
     order += [m for m in dict.fromkeys(r["method"] for r in records) if m not in known]
     rows = []
@@ -141,25 +148,34 @@ def best_baseline_by_validation(records: list[dict[str, Any]]) -> dict[int, dict
 
 
 def paired(records: list[dict[str, Any]], score: str = "accuracy") -> tuple[str, list[dict[str, Any]]]:
-    """Paired differences (method minus reference, per seed) with 95% t-intervals, in NLL and ``score``."""
+    """Paired differences (method minus reference, per seed) with 95% t-intervals, in NLL, ``score`` and ECE: the
+    MAP methods minus the tuned baselines; a Bayesian predictive (:data:`BAYES`) minus the MAP under the same prior
+    kind (``lowrank-sgld`` minus ``lowrank``, the selected job's per-kind record)."""
     rows, data = [], []
     refs = {**{b: _by_seed(records, b) for b in BASELINES}, "best baseline (val)": best_baseline_by_validation(records)}
-    for method in [m for m in (SELECTED, *LEARNED) if any(r["method"] == m for r in records)]:
+    for method in [m for m in dict.fromkeys((SELECTED, *LEARNED, *BAYES)) if any(r["method"] == m for r in records)]:
         mine = _by_seed(records, method)
-        for ref_name, ref in refs.items():
+        kind = method.partition("-")[0]
+        mine_refs = {**(refs if method not in BAYES or method in LEARNED else {}),
+                     **({f"{SAME_PRIOR_MAP} ({LABELS.get(kind, kind)})": _by_seed(records, kind)} if method in BAYES
+                        else {})}
+        for ref_name, ref in mine_refs.items():
             seeds = sorted(set(mine) & set(ref))
             if not seeds:
                 continue
             d_nll = [mine[s]["nll"] - ref[s]["nll"] for s in seeds]
             d_acc = [mine[s][score] - ref[s][score] for s in seeds]
-            nll, acc = t_interval(d_nll), t_interval(d_acc)
+            d_ece = [mine[s].get("ece", math.nan) - ref[s].get("ece", math.nan) for s in seeds]
+            nll, acc, ece = t_interval(d_nll), t_interval(d_acc), t_interval(d_ece)
             verdict = _verdict(nll)
             data.append({"method": method, "reference": ref_name, "seeds": seeds, "delta_nll": d_nll,
-                         "delta_accuracy": d_acc, "nll_interval": nll, "accuracy_interval": acc, "verdict": verdict})
+                         "delta_accuracy": d_acc, "delta_ece": d_ece, "nll_interval": nll, "accuracy_interval": acc,
+                         "ece_interval": ece, "verdict": verdict})
             rows.append([LABELS.get(method, method), ref_name if ref_name not in LABELS else LABELS[ref_name],
-                         _ci(nll), _ci(acc), verdict, len(seeds)])
+                         _ci(nll), _ci(acc), _ci(ece) if math.isfinite(ece[0]) else "—", verdict, len(seeds)])
     header = ["method", "minus", "Δ test NLL, mean [95% CI]",
-              f"Δ test {'acc' if score == 'accuracy' else score}, mean [95% CI]", "verdict (NLL)", "seeds"]
+              f"Δ test {'acc' if score == 'accuracy' else score}, mean [95% CI]", "Δ test ECE, mean [95% CI]",
+              "verdict (NLL)", "seeds"]
     return markdown_table(header, rows), data
 
 

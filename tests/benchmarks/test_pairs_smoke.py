@@ -146,3 +146,23 @@ def test_pool_strategies_choose_on_the_grids_pool_with_their_cost(quick_run):
     assert targets["continuation"] == 0.5 and targets["continuation (lr x3)"] == 0.25
     with pytest.raises(ConfigError, match="--lrs is for an automatic --tuning"):
         main(["--quick", "--tuning", "marglik", "--lrs", "0.1", "0.2", "--out", str(out)])
+
+
+def test_bayesian_predictives_pair_with_the_map_under_the_same_prior(quick_run, capsys):
+    """--methods lowrank-laplace lowrank-sgld: their own keys and knobs, the Laplace prior precision chosen on the pool,
+    each paired with the selected job's lowrank record (NLL, accuracy and ECE intervals)."""
+    out, _ = quick_run
+    module = _module()
+    assert module.main(["--quick", "--out", str(out), "--methods", "lowrank-laplace", "lowrank-sgld"]) == 0
+    capsys.readouterr()
+    records = {(r["method"], r["seed"]): r for r in map(json.loads, (out / "pairs_quick_runs.jsonl").read_text()
+                                                       .splitlines())}
+    for seed in (0, 1):
+        laplace, sgld, mapped = (records[(m, seed)] for m in ("lowrank-laplace", "lowrank-sgld", "lowrank"))
+        assert laplace["key"].startswith(mapped["key"] + "-") and laplace["key"] != sgld["key"]
+        assert laplace["posthoc"]["laplace_prior_precision"] in module.LAPLACE_TAUS
+        assert set(module.BAYES_AXES["sgld"]) <= set(sgld["selected"]) and sgld["fit_status"] == "sampled"
+    data = json.loads((out / "pairs_quick.json").read_text())
+    same = [row for row in data["tables"]["mnist5k->mnist n=2"] if row["reference"].startswith("MAP under the same")]
+    assert {row["method"] for row in same} == {"lowrank-laplace", "lowrank-sgld"}
+    assert all(len(row["ece_interval"]) == 3 and row["seeds"] == [0, 1] for row in same)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ptyl.errors import DataError, InvalidValueError, ParameterMismatchError, PtylError
-from ptyl.inference import SampleBank, bma_predict, collect_targets, predict_probs
+from ptyl.inference import SampleBank, bma_predict, collect_targets, predict_probs, recompute_batchnorm
 
 
 class BNNet(nn.Module):
@@ -197,6 +197,36 @@ def test_bma_recomputes_batchnorm_statistics():
     torch.testing.assert_close(twin.body[1].running_mean, hidden.mean(0))  # cumulative stats = full-data mean
     assert not torch.allclose(twin.body[1].running_mean, sample["body.1.running_mean"])
     torch.testing.assert_close(with_bn, predict_probs(twin, data))
+
+
+def test_batchnorm_recompute_weights_every_example_equally():
+    """A short last batch (10 examples at batch size 4: 4, 4, 2) gets its share of the examples, not a third of the
+    weight: the running mean is the full-data mean and the running variance the example-weighted mean of the batches'
+    (unbiased) variances. torch's update_bn weights batches equally and misses both (the defect behind +0.015 BMA NLL
+    on MNIST at 10 per class)."""
+    torch.manual_seed(0)
+    model = BNNet()
+    x = torch.randn(10, 4) * torch.linspace(0.5, 3.0, 10)[:, None] + torch.arange(10.0)[:, None]
+    batches = DataLoader(TensorDataset(x, torch.zeros(10)), batch_size=4)
+    model.eval()
+    momentum = model.body[1].momentum
+    assert recompute_batchnorm(model, batches) == 10
+    assert not model.training and model.body[1].momentum == momentum  # mode and momentum restored
+    hidden = model.body[0](x).detach().double()
+    parts = hidden.split(4)
+    expected_var = sum(len(p) * p.var(0) for p in parts) / 10
+    stats = model.body[1]
+    torch.testing.assert_close(stats.running_mean.double(), hidden.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
+    twin = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, twin)
+    assert not torch.allclose(twin.body[1].running_mean.double(), hidden.mean(0), atol=1e-3)  # equal batch weights
+
+
+def test_batchnorm_recompute_without_batchnorm_or_batches():
+    assert recompute_batchnorm(nn.Linear(3, 2), [torch.zeros(2, 3)]) == 0
+    with pytest.raises(DataError, match="no batches"):
+        recompute_batchnorm(BNNet(), [])
 
 
 def test_bma_input_fn_and_dict_inputs():

@@ -63,7 +63,7 @@ def test_sampling_methods_collect_and_average(digits, source_posterior, method):
     torch.manual_seed(2)
     model = DigitNet()
     prior = make_prior(model, "lowrank", posterior=source_posterior, eps=1e-4)
-    cfg = TrainConfig(inference=method, epochs=6, lr=0.02, num_samples=4, num_cycles=2, samples_per_cycle=2,
+    cfg = TrainConfig(inference=method, epochs=6, lr=0.05, num_samples=4, num_cycles=2, samples_per_cycle=2,
                       temperature=1.0, progress=False)
     result = fit(model, digits[0], prior, cfg)
     assert len(result.samples) == 4

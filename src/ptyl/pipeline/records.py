@@ -53,7 +53,7 @@ def grid_record(task: Task, train: Dataset, tuned, config: TrainConfig, model_fn
         "selected": tuned.best, "validation_mode": tuned.validation, "split": tuned.split,
         "val_" + tuned.metric: row[f"val_{tuned.metric}"], "std_ratio": row.get("std_ratio"),
         "prior_share": row.get("prior_share"), "prior_share_blocks": row.get("prior_share_blocks"),
-        "prior_off": row.get("prior_off"), "off_limit": bool(row.get("off_limit")),
+        "prior_off": row.get("prior_off"), "off_limit": bool(row.get("off_limit")), "posthoc": row.get("posthoc"),
         "edge_status": tuned.edge_status, "edge_warnings": tuned.edge_warnings,
         "path": tuned.path, "trials": len(tuned.table), "validation": tuned.table,
     })

@@ -19,11 +19,12 @@ from ptyl.training.precision import PRECISIONS
 from ptyl.training.registry import Inference
 from ptyl.validation import check_choice, check_fraction, check_int, check_nonnegative_number, check_positive_number
 
-__all__ = ["OPTIMIZERS", "PRIOR_STEPS", "SCHEDULES", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "PRIOR_STEPS", "SAMPLE_LR_FACTOR", "SCHEDULES", "TrainConfig"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant", "cyclical")
 PRIOR_STEPS = ("auto", "proximal", "gradient")
+SAMPLE_LR_FACTOR = 0.01  # SGLD's default sampling step, relative to lr (TrainConfig.sample_lr)
 
 
 @dataclass
@@ -31,7 +32,8 @@ class TrainConfig:
     """Hyper-parameters of :func:`ptyl.training.fit`. Learning rates apply to the per-example objective U.
 
     Attributes:
-        inference: the strategy, an :class:`~ptyl.training.Inference` name: ``map``, ``sgld``, ``csgld``, ``swag``.
+        inference: the strategy, an :class:`~ptyl.training.Inference` name: ``map``, ``sgld``, ``csgld``, ``swag``,
+            ``laplace``.
         epochs, batch_size: passes over the data and the (global) batch size.
         max_steps: the budget in optimizer steps instead of ``epochs`` (rounded up to whole epochs; the schedule
             spans it).
@@ -55,9 +57,22 @@ class TrainConfig:
             Bayes posterior, whose model average is poor with few examples per class (benchmarks/results/pairs.md).
         num_cycles, samples_per_cycle, exploration_fraction: cyclical SGLD.
         burn_in_fraction: share of the run before samples / SWAG snapshots are collected.
+        sample_lr: SGLD's step size while it samples: the burn-in decays the learning rate from ``lr`` to it (half a
+            cosine), then it stays constant (``None``: ``lr * SAMPLE_LR_FACTOR``, a hundredth). A sampler's step must
+            be small against the curvature for its iterates to follow the posterior: at a MAP-sized step the
+            stationary spread is inflated (+34% variance on a Gaussian at lr times the largest curvature = 1.7,
+            ``tests/training/test_sgld.py``), and on MNIST at 10 per class (lr 0.1, momentum 0.9) the iterates fit the
+            training data worse than MAP even at T = 0 (``benchmarks/results/predictive_diagnostics.md``). Set it
+            to ``lr`` for the constant step of Welling & Teh.
         num_samples: samples kept (SGLD) or drawn (SWAG) for Bayesian model averaging.
         swag_rank, swag_lr, swag_collect_every: downstream SWAG (rank K, collection learning rate, snapshot every n
             steps; ``None``: once per epoch).
+        laplace_subset, laplace_curvature, laplace_predictive, laplace_prior_precision: ``inference="laplace"``
+            (MAP, then the Laplace approximation around it: :func:`ptyl.inference.laplace`): ``last-layer`` or
+            ``all`` parameters, ``kfac`` or ``diag`` GGN (``all``), ``probit`` or ``mc`` predictive, and the factor tau
+            on the prior's precision (1: the prior trained under; large: back to the MAP), or a tuple of values to
+            choose from: a tuning trial chooses on its validation data (at one MAP fit for all of them), a plain
+            :func:`~ptyl.training.fit` by the Laplace evidence.
         check_every: check that the loss is finite every this many steps (and at every epoch end); the loop does
             not wait for the device in between.
         precision: ``"fp32"``, or mixed precision ``"bf16"`` / ``"fp16"``: the data term under ``torch.autocast``
@@ -81,10 +96,15 @@ class TrainConfig:
     samples_per_cycle: int = 3
     exploration_fraction: float = 0.5
     burn_in_fraction: float = 0.5
+    sample_lr: float | None = None
     num_samples: int = 10
     swag_rank: int = 10
     swag_lr: float | None = None
     swag_collect_every: int | None = None
+    laplace_subset: str = "last-layer"
+    laplace_curvature: str = "kfac"
+    laplace_predictive: str = "probit"
+    laplace_prior_precision: float | tuple[float, ...] = 1.0
     stop_loss: float | None = None
     stop_plateau: float | None = None
     plateau_steps: int = 100
@@ -121,7 +141,7 @@ class TrainConfig:
             if getattr(self, key) is not None:
                 check_nonnegative_number(getattr(self, key), key)
         check_positive_number(self.lr, "lr")
-        for key in ("head_lr", "swag_lr", "grad_clip"):
+        for key in ("head_lr", "swag_lr", "sample_lr", "grad_clip"):
             if getattr(self, key) is not None:
                 check_positive_number(getattr(self, key), key)
         check_nonnegative_number(self.temperature, "temperature")

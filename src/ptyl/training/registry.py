@@ -42,6 +42,7 @@ class Inference(str, Enum):
     SGLD = "sgld", "ptyl.training.strategies.sgld:SGLDStrategy"
     CSGLD = "csgld", "ptyl.training.strategies.csgld:CyclicalSGLDStrategy"
     SWAG = "swag", "ptyl.training.strategies.swag:SWAGStrategy"
+    LAPLACE = "laplace", "ptyl.training.strategies.laplace:LaplaceStrategy"
 
     @property
     def strategy(self) -> type[Strategy]:

@@ -33,6 +33,8 @@ class FitResult:
         collate_fn: how examples become batches at prediction time (``None``: the default).
         stop_reason: why training ended: ``"loss"`` / ``"plateau"`` (the convergence rule) or ``"budget"``.
         steps: optimizer steps taken.
+        predictive: a predictive built after training (``inference="laplace"``: a
+            :class:`~ptyl.inference.LaplacePredictive`), which :meth:`predict` uses; ``None`` otherwise.
         converged: ``True`` when the convergence rule stopped the run, ``False`` when the budget ran out first
             (undertrained), ``None`` when no rule applied (no rule set, or a sampler).
     """
@@ -47,6 +49,7 @@ class FitResult:
     stop_reason: str = "budget"
     steps: int = 0
     converged: bool | None = None
+    predictive: Any = None
 
     @property
     def final_loss(self) -> float:
@@ -68,10 +71,12 @@ class FitResult:
 
         Returns:
             BMA over the samples (BatchNorm statistics recomputed on the training data per sample) for sampling
-            strategies, the single model's softmax otherwise.
+            strategies, the Laplace predictive for ``laplace``, the single model's softmax otherwise.
         """
         extra = {"collate_fn": self.collate_fn} if self.collate_fn is not None else {}
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, **extra) if isinstance(data, Dataset) else data
+        if self.predictive is not None:
+            return self.predictive.predict(loader, progress=progress)
         if self.samples is not None and len(self.samples) > 0:
             return bma_predict(self.model, self.samples, loader, bn_loader=self._bn_loader(), progress=progress)
         return predict_probs(self.model, loader)

@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from ptyl.errors import InvalidValueError
 
-__all__ = ["cyclical_lr", "CyclicalSchedule"]
+__all__ = ["burn_in_factor", "cyclical_lr", "CyclicalSchedule"]
 
 
 def _check_schedule_args(total_steps: int, num_cycles: int) -> int:
@@ -45,6 +45,28 @@ def _check_schedule_args(total_steps: int, num_cycles: int) -> int:
     if num_cycles > total_steps:
         raise InvalidValueError(f"num_cycles ({num_cycles}) must not exceed total_steps ({total_steps})")
     return math.ceil(int(total_steps) / int(num_cycles))
+
+
+def burn_in_factor(step: int, burn_in_steps: int, ratio: float) -> float:
+    """The learning-rate factor of a sampler that descends, then samples (SGLD, downstream SWAG): half a cosine from 1
+    to ``ratio`` over the first ``burn_in_steps`` steps, then ``ratio``.
+
+        factor(step) = ratio + (1 - ratio) (1 + cos(pi step / burn_in_steps)) / 2     (step < burn_in_steps)
+
+    Args:
+        step: zero-based step.
+        burn_in_steps: steps of the descent (>= 1).
+        ratio: the sampling learning rate over the initial one.
+
+    Returns:
+        The factor on the initial learning rate.
+
+    >>> [round(burn_in_factor(s, 4, 0.01), 4) for s in range(6)]
+    [1.0, 0.855, 0.505, 0.155, 0.01, 0.01]
+    """
+    if step >= burn_in_steps:
+        return ratio
+    return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * step / burn_in_steps))
 
 
 def cyclical_lr(step: int, total_steps: int, num_cycles: int, lr0: float) -> float:

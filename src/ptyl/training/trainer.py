@@ -226,7 +226,8 @@ class Trainer:
             converged = self.stop_reason is not None or self.stop_rule.met(self.history, self.steps_per_epoch)
         return FitResult(self.given_model, self.config, self.history, samples,
                          getattr(self.strategy, "collector", None), self.loader, self.collate_fn,
-                         stop_reason=self.stop_reason or "budget", steps=self.step, converged=converged)
+                         stop_reason=self.stop_reason or "budget", steps=self.step, converged=converged,
+                         predictive=getattr(self.strategy, "predictive", None))
 
     def request_stop(self, reason: str) -> None:
         """End training: callbacks call this after an epoch; ``reason`` is recorded in the result. A strategy that

@@ -337,8 +337,8 @@ def tune(
     kind = str(PriorKind.NONE) if is_off_limit(chosen.best) else best_kind
     if (validation.refit or final is None) and refit:
         final, _ = TrialRunner(model_fn, chosen.spec, base, validation, objective=objective, collate_fn=collate_fn,
-                               evaluate=evaluate, likelihood=likelihood).fit_once(train_set, chosen.best,
-                                                                                  progress=progress)
+                               evaluate=evaluate, likelihood=likelihood).fit_once(
+            train_set, {**chosen.best, **(chosen.selected.get("posthoc") or {})}, progress=progress)
     return replace(chosen, final=final, search_cost_s=time.perf_counter() - start,
                    kind=kind if kinds is not None else None, kinds=results if kinds is not None else {})
 

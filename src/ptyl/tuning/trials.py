@@ -10,6 +10,10 @@ of three validation schemes (:func:`make_validation`):
 ``split``  one class-balanced ``val_fraction`` split of the n examples (the quick default of ``ptyl finetune
            --tune``); refit on all n.
 
+A predictive built after training with knobs of its own (the Laplace predictive's prior precision, given several
+values) chooses them on the trial's validation data before it is scored (:func:`select_posthoc`; ``posthoc`` in the
+row, applied to the refit).
+
 Every trial records two strength diagnostics of its prior: the N-aware curvature share
 (:func:`ptyl.autotune.prior_share`: the prior's share of the MAP objective's curvature per layer, at the trained
 model on its training data; ``prior_share``, ``prior_off`` = below 1% in every layer) and the std ratio
@@ -49,7 +53,7 @@ from ptyl.tuning.splits import k_folds, stacked_targets, validation_split
 from ptyl.validation import check_int
 
 __all__ = ["BACKBONE_KEYS", "CONVERGED_LOSS", "OFF", "PRIOR_KEYS", "TrialRunner", "Validation", "fit_status",
-           "is_off_limit", "make_validation"]
+           "is_off_limit", "make_validation", "select_posthoc"]
 
 PRIOR_KEYS = ("scale", "eps", "rank", "variance", "head_variance")
 BACKBONE_KEYS = ("scale", "eps", "rank", "variance")  # what the off limit does not depend on
@@ -214,8 +218,10 @@ class TrialRunner:
         try:
             fits, losses, per_repeat, kept = [], [], [[] for _ in range(v.repeats)], None
             folds = len(v.parts) // v.repeats
+            choices: list[dict[str, Any]] = []
             for i, (fit_data, val_data) in enumerate(v.parts):
                 result, strength = self.fit_once(fit_data, values)
+                choices.append(select_posthoc(result, val_data))
                 fits.append(result)
                 losses.append(float(self.evaluate(*self._score(result, fit_data))["nll"]))
                 per_repeat[i // folds].append(self._score(result, val_data))
@@ -232,7 +238,30 @@ class TrialRunner:
                                                  fits[-1].samples is not None),
                         "steps": sum(f.steps for f in fits) / len(fits), "stop_reason": fits[-1].stop_reason,
                         "fits": len(fits)})
+            if any(choices):
+                row["posthoc"] = _median_choice(choices)
         except DivergenceError as err:  # numerical failure: the trial loses, the search goes on
             row.update({**_FAILED, "error": str(err)})
             kept = None
         return row, (kept if v.mode == "pool" else None)
+
+
+def select_posthoc(result: FitResult, val_data: Dataset) -> dict[str, Any]:
+    """Let a predictive built after training choose its own knobs on the trial's validation data (the Laplace
+    predictive's prior precision among the values of ``laplace_prior_precision``:
+    :meth:`ptyl.inference.LaplacePredictive.select`) -- the choice a grid axis over them would make, at one fit.
+
+    Returns:
+        The choice as :class:`TrainConfig` overrides (``{}``: nothing to choose).
+    """
+    select = getattr(result.predictive, "select", None)
+    return dict(select(val_data)) if callable(select) else {}
+
+
+def _median_choice(choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """One choice per fold -> per key the lower median (a value that was tried; the refit on all n uses it)."""
+    out = {}
+    for key in dict.fromkeys(k for c in choices for k in c):
+        values = sorted(c[key] for c in choices if key in c)
+        out[key] = values[(len(values) - 1) // 2]
+    return out

@@ -20,6 +20,7 @@ from ptyl.errors import ConfigError
 from ptyl.inference.samples import SampleBank
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.training.callbacks import Callback, SWAGCollection
+from ptyl.training.schedules import burn_in_factor
 from ptyl.training.strategies.base import Strategy, make_optimizer, param_groups
 from ptyl.validation import check_int
 
@@ -87,9 +88,7 @@ class SWAGStrategy(Strategy):
             if step >= burn and c.schedule == "cyclical":
                 pos = (step % per_epoch + 1) / per_epoch
                 return ratio * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * pos)))
-            if step >= burn:
-                return ratio
-            return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * step / burn))
+            return burn_in_factor(step, burn, ratio)
 
         return factor
 
