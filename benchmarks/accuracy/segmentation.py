@@ -1,8 +1,11 @@
 """Segmentation downstream of a classification source: the prior kind and strength chosen on a validation pool
 (issue 21's protocol), against tuned standard fine-tuning and L2-SP.
 
-    python benchmarks/accuracy/segmentation.py           # full: 20 and 100 training canvases, 5 seeds (~1 h)
+    python benchmarks/accuracy/segmentation.py --jobs 2  # full: 20 and 100 training canvases, 5 seeds (~1 h)
     python benchmarks/accuracy/segmentation.py --quick   # smoke test, about a minute
+
+Every finished (n, seed) cell is appended to ``segmentation_runs.jsonl`` under a hash of the settings, and the source
+prior is kept (``segmentation_source.json`` names it): an interrupted run resumes where it stopped.
 
 Source (once): a SmallCNN (width 16) trained with cross-entropy on the 8,000-image KMNIST train split, then SWAG while
 training goes on at a constant learning rate (:func:`ptyl.pipeline.learn_source_prior`): a low-rank Gaussian over
@@ -39,7 +42,11 @@ and paired 95% t-intervals (selected minus tuned standard fine-tuning; the learn
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_common_args, machine_info, machine_line, set_threads, write_results  # noqa: E402
+from pairs import JsonlStore  # noqa: E402
 from pairs_report import method_table, paired, summary_rows  # noqa: E402
 
 from ptyl.pipeline import SegmentationTask, learn_source_prior, run_transfer  # noqa: E402
@@ -58,6 +66,9 @@ from ptyl.tuning import default_grid  # noqa: E402
 NAME = "segmentation"
 KINDS = ("standard", "l2sp", "lowrank", "diag")
 CELL = "kmnist->mnist canvases"
+QUICK_NS = (10,)
+# the settings that make the source prior (a stored prior is reused when they match)
+SOURCE_FIELDS = ("width", "source_size", "pretrain_epochs", "swag_epochs", "source_lr", "source_batch", "rank")
 CANVAS = {"canvas_size": 28, "digits_per_canvas": (1, 1), "threshold": 0.3, "num_digit_classes": 10}
 
 
@@ -86,7 +97,7 @@ def settings(quick: bool) -> Settings:
     if not quick:
         return Settings()
     return Settings(source_size=500, pretrain_epochs=1, swag_epochs=1, source_batch=100, rank=2,
-                    ns=(10,), steps=(6,), seeds=(0, 1), budget=2, n_test=20, val_pool=20)
+                    ns=QUICK_NS, steps=(6,), seeds=(0, 1), budget=2, n_test=20, val_pool=20)
 
 
 # ------------------------------------------------------------------------------------------------- source stage
@@ -104,23 +115,65 @@ def learn_source(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
 
 
 # ------------------------------------------------------------------------------------------------ downstream
-def run(s: Settings, out: Path, progress: bool) -> tuple[list[dict], float]:
-    """Every kind in one search per training set (:func:`ptyl.pipeline.run_transfer`, kind selection on the pool)."""
-    prior, source_s = learn_source(s, out, progress)
+def settings_key(s: Settings) -> str:
+    """A hash of everything but the seeds: stored records count only under the same settings."""
+    fields = {k: v for k, v in asdict(s).items() if k != "seeds"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def source_prior(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
+    """The source prior, reused when a previous run with the same source settings left it (``*_source.json``)."""
+    marker = out / f"{NAME}_source.json"
+    fields = {k: v for k, v in asdict(s).items() if k in SOURCE_FIELDS}
+    if marker.is_file():
+        stored = json.loads(marker.read_text())
+        if stored.get("settings") == fields and (out / stored["file"]).is_file():
+            print(f"source: {out / stored['file']} (reused, {stored['seconds']:.0f} s when learned)", flush=True)
+            return out / stored["file"], float(stored["seconds"])
+    path, seconds = learn_source(s, out, progress)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": fields, "file": Path(path).name, "seconds": seconds}))
+    os.replace(tmp, marker)
+    return path, seconds
+
+
+def run_cell(job: tuple[Settings, str, int, int, str]) -> list[dict]:
+    """One training set (n canvases, one seed): every kind in one search, the kind selected on the pool
+    (:func:`ptyl.pipeline.run_transfer`); its records appended to the store."""
+    s, prior, n, seed, store = job
+    set_threads(1)
+    steps = dict(zip(s.ns, s.steps, strict=True))[n]
     task = SegmentationTask("mnist", n_test=s.n_test, decoder_channels=s.decoder_channels, test_seed=10_000,
                             val_pool=s.val_pool, **CANVAS)
-    rows = []
-    for n, steps in zip(s.ns, s.steps, strict=True):
-        epochs = max(1, math.ceil(steps / math.ceil(n / s.batch_size)))
-        records = run_transfer(prior, task=task, n_per_class=[n], seeds=list(s.seeds), methods=list(KINDS),
-                               budget=s.budget, lrs=(s.lr,), epochs=epochs, batch_size=s.batch_size,
-                               train_overrides={"optimizer": s.optimizer}, progress=False,
-                               log=lambda line: print(line, flush=True))
-        for record in records:
-            record.update(pair=CELL, n=str(n), epochs=epochs,
-                          failed_trials=sum(not math.isfinite(r["val_nll"]) for r in record.get("validation", ())))
-            rows.append(record)
-    return rows, source_s
+    epochs = max(1, math.ceil(steps / math.ceil(n / s.batch_size)))
+    records = run_transfer(prior, task=task, n_per_class=[n], seeds=[seed], methods=list(KINDS),
+                           budget=s.budget, lrs=(s.lr,), epochs=epochs, batch_size=s.batch_size,
+                           train_overrides={"optimizer": s.optimizer}, progress=False,
+                           log=lambda line: print(line, flush=True))
+    for record in records:
+        record.update(pair=CELL, n=str(n), epochs=epochs, key=settings_key(s),
+                      failed_trials=sum(not math.isfinite(r["val_nll"]) for r in record.get("validation", ())))
+        JsonlStore(Path(store)).append(record)
+    return records
+
+
+def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dict], float]:
+    """Every (n, seed) cell not yet in ``<name>_runs.jsonl`` (an interrupted run resumes), on ``jobs`` processes."""
+    prior, source_s = source_prior(s, out, progress)
+    store = out / f"{NAME}_runs.jsonl"  # quick and full records differ in their key
+    key = settings_key(s)
+    done = {(r["n"], r["seed"]) for r in JsonlStore(store).rows() if r.get("key") == key}
+    todo = [(s, str(prior), n, seed, str(store)) for n in s.ns for seed in s.seeds if (str(n), seed) not in done]
+    print(f"{len(s.ns) * len(s.seeds)} cells, {len(s.ns) * len(s.seeds) - len(todo)} already done (resuming), "
+          f"{len(todo)} to run on {jobs} worker(s)", flush=True)
+    if jobs > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+            list(pool.imap_unordered(run_cell, todo))
+    else:
+        for job in todo:
+            run_cell(job)
+    rows = [r for r in JsonlStore(store).rows() if r.get("key") == key and r["seed"] in s.seeds]
+    return sorted(rows, key=lambda r: (int(r["n"]), r["seed"])), source_s
 
 
 def render(rows: list[dict], s: Settings, info: dict, elapsed: float, source_s: float,
@@ -169,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--progress", action="store_true", help="tqdm bars for the source stage")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (n, seed) cell each")
     args = parser.parse_args(argv)
     set_threads(args.threads)  # 1 thread by default (see common.set_threads)
     s = settings(args.quick)
@@ -176,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, source_s = run(s, out, args.progress)
+    rows, source_s = run(s, out, args.progress, jobs=args.jobs)
     elapsed = time.perf_counter() - start
     command = "python benchmarks/accuracy/segmentation.py" + (" --quick" if args.quick else "")
     md, data = render(rows, s, info, elapsed, source_s, command)

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,12 @@ def _baselines() -> list[str]:
     """Every prior kind but the learned low-rank default, and the random-initialisation start (from the registries)."""
     from ptyl.pipeline import Start
     from ptyl.priors import PriorKind
-
     return [str(k) for k in PriorKind if k is not PriorKind.LOWRANK] + [str(Start.SCRATCH)]
 
 
 def _defaults(option: str) -> str:
     """``lowrank 100, diag 100, ...``: the registry default of ``option`` for every kind that uses it."""
     from ptyl.priors import PriorKind
-
     return ", ".join(f"{kind} {kind.recipe.defaults[option]:g}" for kind in PriorKind
                      if kind.recipe.needs_posterior == (option != "variance") and kind.recipe.axis is not None)
 
@@ -176,16 +175,13 @@ def _task(args: argparse.Namespace, prior_meta: dict[str, Any], head: str):
 
 def _warn_exact_posterior(args: argparse.Namespace, per_class: int | None) -> None:
     """T = 1 samples the exact posterior, which is too broad to average well with few examples per class."""
-    import warnings
-
     from ptyl.training import Inference
 
     if Inference.parse(args.inference).strategy.uses_temperature and args.temperature >= 1.0 and \
             per_class is not None and per_class < 100:
         warnings.warn(f"--temperature {args.temperature:g} samples the exact posterior with {per_class} examples per "
-                      "class; below ~100 per class its Bayesian model average is poor (SGLD at T = 1 scored 0.26 "
-                      "accuracy at 10 per class on MNIST in benchmarks/results/pairs.md, T = 0.01: 0.95). The "
-                      "default is a cold posterior, --temperature 0.01.", UserWarning, stacklevel=2)
+                      "class; below ~100 per class its Bayesian model average is poor. The default is a cold "
+                      "posterior, --temperature 0.01.", UserWarning, stacklevel=2)
 
 
 def _prior_spec(args: argparse.Namespace, head: str):

@@ -10,14 +10,11 @@ Validation (:mod:`ptyl.tuning.trials`): the task's validation pool when it has o
 examples once and is scored on the pool and on the test set: the record holds the validation-selected result and,
 labelled as such, the test-selected upper bound), else repeated k-fold CV (``folds``) or a split, then a refit on n.
 
-Every record carries the final training loss of the chosen fit and whether it converged (the budget and convergence
-rule of :func:`train_config`), the effective strength of the chosen prior (``std_ratio``, ``prior_off``), the search
-path and the status of every tuned axis (``interior`` / at a documented hard bound / ``edge``).
-
-The tuning strategy is a dimension of the runner (``tuning``: a :class:`~ptyl.tuning.registry.TuningStrategy`):
-``"grid"`` is the validation grid above; the automatic strategies learn the prior's strength in one run on the n
-examples with the same training budget (:func:`automatic_run`). Those that learn from a validation pool
-(``hypergradient``) get the task's pool; for the others the records carry the pool score for reference only.
+Every record carries the chosen fit's final training loss and whether it converged (:func:`train_config`), the
+chosen prior's N-aware share of the curvature (``prior_share``, ``prior_off``: :func:`ptyl.autotune.prior_share`), the
+search path and the status of every tuned axis. The tuning strategy (``tuning``: a
+:class:`~ptyl.tuning.registry.TuningStrategy`) is ``"grid"`` above, or an automatic strategy learning the strength in
+one run with the same budget (:func:`automatic_run`); the pool strategies get the task's validation pool.
 
 >>> results = run_transfer("runs/prior.safetensors", "mnist", n_per_class=[10, 100])   # doctest: +SKIP
 >>> print(summarize(results))                                                        # doctest: +SKIP
@@ -36,6 +33,7 @@ from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ptyl.errors import ConfigError, DivergenceError
 from ptyl.io.prior_file import load_posterior, read_metadata
@@ -303,8 +301,6 @@ def run_transfer(
     Raises:
         ConfigError: a bad method, grid or setting -- before anything is trained.
     """
-    from tqdm.auto import tqdm
-
     plans = [parse_method(m) for m in methods]
     if not plans:
         raise ConfigError("no methods to run")

@@ -100,6 +100,10 @@ def _untouched(trainer: Trainer) -> Iterator[None]:
         model.train(was_training)
         if saved is not None:
             objective.load_state_dict(saved)
+        for module in model.modules():  # FSDP2 keeps the root's parameters gathered after a forward: shard them again
+            reshard = getattr(module, "reshard", None)
+            if callable(reshard) and type(module).__name__.startswith("FSDP"):
+                reshard()
 
 
 def _objective(trainer: Trainer, batch: Any) -> torch.Tensor:
