@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test docs bench readme venv clean
+.PHONY: demo test lint docs bench readme venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ readme: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (rules and line length in pyproject.toml) and mypy on src/ (strictness and its per-module relaxations there)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
+	$(VENV)/bin/mypy
 
 # the documentation site from the docstrings (mkdocs.yml); warnings are errors; nothing is published
 docs: $(STAMP)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_OUT, ROOT, machine_info, machine_line, set_threads  # noqa: E402
 
 from ptyl.data import few_shot_subset, load_dataset  # noqa: E402
-from ptyl.io import load_posterior, read_metadata  # noqa: E402
 from ptyl.inference import predict_probs  # noqa: E402
+from ptyl.io import load_posterior, read_metadata  # noqa: E402
 from ptyl.metrics import evaluate_probs, save_json  # noqa: E402
 from ptyl.pipeline import ClassificationTask, learn_source_prior, load_pretrained, pretrained_model_fn  # noqa: E402
 from ptyl.training import TrainConfig, fit  # noqa: E402
@@ -164,7 +164,7 @@ def write_table(rows: list[dict], path: Path) -> None:
     for r in rows:
         groups.setdefault((r["config"], r["n"], r["initial"]), []).append(r)
     for (name, n, initial), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        def ms(key):
+        def ms(key, rs=rs):
             values = [r[key] for r in rs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.4f} ± {sd:.4f}"

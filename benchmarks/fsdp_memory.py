@@ -16,7 +16,8 @@ then measures three phases, each from a trimmed heap with the kernel's peak-RSS 
 Per rank it reports the bytes of the state that persists (the collector's mean + M2 + deviations; the prior's
 buffers), exactly, and the measured peak extra resident memory of each phase; the table shows the largest rank and
 the ratio to W = 1 (1/W would be perfect sharding; the rows of each tensor split as ``torch.chunk``). The estimate
-column is :func:`ptyl.memory.estimate_memory` with ``world_size=W``. Results: ``benchmarks/results/fsdp_memory.{md,json}``.
+column is :func:`ptyl.memory.estimate_memory` with ``world_size=W``. Results:
+``benchmarks/results/fsdp_memory.{md,json}``.
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def main() -> None:
             "falls with W too; what does not is the step's own cost, which grows with W.")
     markdown = "\n".join([
         "# Memory per rank under FSDP2: SWAG collection and the learned prior", "", machine_line(info), "", note, "",
-        fmt_table(headers, rows), "", f"Reproduce: `python benchmarks/fsdp_memory.py{' --quick' if args.quick else ''}`",
+        fmt_table(headers, rows), "",
+        f"Reproduce: `python benchmarks/fsdp_memory.py{' --quick' if args.quick else ''}`",
     ])
     print(markdown)
     name = "fsdp_memory_quick" if args.quick else "fsdp_memory"

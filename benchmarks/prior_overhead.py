@@ -49,9 +49,9 @@ SLACK_BYTES = 16 * MIB  # allocator/page noise, dominant for the tiny --quick si
 
 def plan(quick: bool) -> tuple[list[dict], bool]:
     if quick:
-        sizes, ranks, repeats = {"tiny": (4, 2)}, (2,), {"tiny": 2}
+        sizes, ranks = {"tiny": (4, 2)}, (2,)
     else:
-        sizes, ranks, repeats = {"1M": (19, 10), "11M": (64, 5)}, (5, 20), None
+        sizes, ranks = {"1M": (19, 10), "11M": (64, 5)}, (5, 20)
     specs = []
     for label, (width, reps) in sizes.items():
         for k in ranks:
@@ -75,7 +75,8 @@ def check_memory(r: dict) -> str | None:
 
 def report(results: list[dict], info: dict) -> tuple[str, dict]:
     by = {(r["label"], r["rank"], r["impl"]): r for r in results}
-    keys = sorted({(r["label"], r["rank"]) for r in results}, key=lambda lk: (by[(*lk, "ptyl")]["num_parameters"], lk[1]))
+    keys = sorted({(r["label"], r["rank"]) for r in results},
+                  key=lambda lk: (by[(*lk, "ptyl")]["num_parameters"], lk[1]))
     time_rows, mem_rows, summary = [], [], []
     for label, k in keys:
         rs = {impl: by[(label, k, impl)] for impl in IMPLS}
@@ -89,13 +90,15 @@ def report(results: list[dict], info: dict) -> tuple[str, dict]:
             f"{fmt_mib(rs[i]['peak_extra_bytes'])} ({rs[i]['peak_extra_p_vectors']:.1f} P)" for i in IMPLS
         ] + [fmt_mib(4.0 * n * k)])
         summary.append({"label": label, "num_parameters": n, "rank": k, "speedup_vs_reference": sp_ref,
-                        "speedup_vs_reference_view": sp_view, "target_met": worst >= TARGET_SPEEDUP if k == 20 else None})
+                        "speedup_vs_reference_view": sp_view,
+                        "target_met": worst >= TARGET_SPEEDUP if k == 20 else None})
     failures = [m for m in map(check_memory, results) if m]
     k20 = [s for s in summary if s["rank"] == 20]
     verdict = (
         "Target (>= 2x faster than the reference at k=20, against both layouts): "
         + (("**met**" if all(s["target_met"] for s in k20) else "**not met**") + " — "
-           + ", ".join(f"P={fmt_count(s['num_parameters'])}: {min(s['speedup_vs_reference'], s['speedup_vs_reference_view']):.2f}x"
+           + ", ".join(f"P={fmt_count(s['num_parameters'])}: "
+                       f"{min(s['speedup_vs_reference'], s['speedup_vs_reference_view']):.2f}x"
                        for s in k20) if k20 else "not measured in this run (no k=20 case)")
     )
     md = "\n".join([
@@ -107,7 +110,8 @@ def report(results: list[dict], info: dict) -> tuple[str, dict]:
         "`LowRankMultivariateNormal(loc, cov_factor[P,k] contiguous, cov_diag).log_prob(torch.cat(params))`; "
         "`reference-view`: same with `cov_factor = covmat.t()` (a view). Speed-up = reference / ptyl.",
         "",
-        fmt_table(["P", "k", "ptyl", "reference", "reference-view", "speed-up vs reference", "speed-up vs view"], time_rows),
+        fmt_table(["P", "k", "ptyl", "reference", "reference-view", "speed-up vs reference", "speed-up vs view"],
+                  time_rows),
         "",
         verdict,
         "",

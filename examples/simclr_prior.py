@@ -25,8 +25,8 @@ from ptyl.data import SimCLRAugment, few_shot_subset, load_dataset
 from ptyl.io import load_posterior, read_metadata, save_posterior
 from ptyl.metrics import evaluate_probs
 from ptyl.models import SmallCNN
-from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
 from ptyl.pipeline import learn_prior, pretrain
+from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
 from ptyl.priors import make_prior
 from ptyl.training import TrainConfig, fit
 
@@ -69,7 +69,8 @@ posterior = learn_prior(
 )
 path = save_posterior(posterior, Path(args.out) / "kmnist_simclr.safetensors")
 meta = read_metadata(path)
-print(f"prior: {path}, {posterior.num_parameters} parameters ({', '.join(sorted({n.split('.')[0] for n in posterior.names}))}.*), "
+modules = ", ".join(sorted({n.split(".")[0] for n in posterior.names}))
+print(f"prior: {path}, {posterior.num_parameters} parameters ({modules}.*), "
       f"rank {posterior.rank}, objective {meta['objective']!r}")
 source_trunk = {k: v.clone() for k, v in classifier.state_dict().items() if not k.startswith("head.")}  # BN stats too
 

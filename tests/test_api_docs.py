@@ -15,7 +15,8 @@ MODULE_PREFIXES = ("ptyl.training", "ptyl.tuning", "ptyl.pipeline", "ptyl.infere
                    "ptyl.priors.factory", "ptyl.priors.learned", "ptyl.priors.block", "ptyl.io.weights",
                    "ptyl.io.samples", "ptyl.io.checkpoint", "ptyl.validation", "ptyl.priors.sharded",
                    "ptyl.io.sharded_prior", "ptyl.io.sharded_read", "ptyl.sharding", "ptyl.posterior.sharded")
-HOOKS = {"setup", "data_loss", "add_prior_grad", "on_step", "on_epoch", "finalize", "callbacks", "validate", "adapt_to_budget", "on_fit_start",
+HOOKS = {"setup", "data_loss", "add_prior_grad", "on_step", "on_epoch", "finalize", "callbacks", "validate",
+         "adapt_to_budget", "on_fit_start",
          "on_step_end", "on_epoch_end", "on_fit_end", "state_dict", "load_state_dict", "extra_repr", "forward",
          "train_set", "test_set", "targets", "evaluate", "adapt", "scratch", "metadata", "wrap", "from_metadata",
          "add_arguments", "from_args", "source_setup", "model_kwargs",

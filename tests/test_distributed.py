@@ -38,10 +38,10 @@ def _flat(model) -> torch.Tensor:
 
 def _scenarios(out: Path, data_file: Path) -> dict[str, torch.Tensor]:
     """Source SWAG -> prior file -> MAP and SGLD fine-tuning -> zero-data-gradient step. Returns numbers to compare."""
-    from ptyl.training import TrainConfig, fit
     from ptyl.io import save_posterior
     from ptyl.pipeline import learn_prior, pretrain
     from ptyl.priors import make_prior
+    from ptyl.training import TrainConfig, fit
 
     tensors = load_file(str(data_file))
     ds = TensorDataset(tensors["x"], tensors["y"])
@@ -105,7 +105,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     device = init_rank(rank, port, WORLD, TIMEOUT_S)
     assert device.type == "cpu" and ddp.world_size() == WORLD and ddp.rank() == rank
     try:
-        res = _scenarios(Path(root) / "out" / f"rank{rank}", Path(root) / "digits.safetensors")  # a rank-private path: a stray write would show
+        # a rank-private path: a stray write would show
+        res = _scenarios(Path(root) / "out" / f"rank{rank}", Path(root) / "digits.safetensors")
         res = {k: v.contiguous() for k, v in res.items()}
         save_file(res, str(Path(root) / f"result{rank}.safetensors"))
     finally:

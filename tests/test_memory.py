@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from ptyl.priors.learned import learned_prior
 from ptyl.errors import InvalidValueError
 from ptyl.memory import available_memory, check_fits, estimate_memory, estimate_report, format_bytes
 from ptyl.posterior import SWAGCollector
+from ptyl.priors.learned import learned_prior
 from tests.helpers import TinyNet
 
 

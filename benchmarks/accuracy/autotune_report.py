@@ -1,24 +1,24 @@
 """The issue-11 / issue-22 table of ``pairs.py``: the automatic strategies next to the grid, cell by cell.
 
-For every pair, n and method, the records of each tuning strategy over the same seeds (the same subsample, the same
-test set): test accuracy, NLL and ECE (mean ± std over seeds), the selected strength (median), the effective-strength
-ratio, the fit status, the pool NLL (the grid and the pool strategies select on it; DE-ELBO and marglik never see it) and the wall time
-per cell. Then the verdict per automatic strategy: the paired differences to the grid (auto - grid, mean over
+For every pair, n and method, the records of each tuning strategy over the same seeds (the same subsample, the same test
+set): test accuracy, NLL and ECE (mean ± std over seeds), the selected strength (median), the effective-strength ratio,
+the fit status, the pool NLL (the grid and the pool strategies select on it; DE-ELBO and marglik never see it) and the
+wall time per cell. Then the verdict per automatic strategy: the paired differences to the grid (auto - grid, mean over
 seeds), whether each is no worse than one seed standard deviation of the grid's metric (a better result counts as a
-match: lower NLL, higher accuracy), and the wall-time ratio auto /
-grid (median over seeds of the per-seed ratios; its floor is 1 / the grid's number of trials, since one automatic run
-trains once with the same budget as one trial). Side by side: each automatic job also times one grid trial (same
-training set, budget and evaluations) in its own process just before its run, so load and machine are shared; the
-grid's time is then that trial's time times the number of trials the grid ran on that seed, and this ratio decides
-the match ("wall / grid" keeps the ratio to the grid run's recorded time, measured at another time and load; since
-issue 21 that is the whole kind-selection job, every kind's trials, so it understates the kind's own search). A
-strategy that chose the learning rate among k values (``--lrs``, "lr x k") is compared with the lambda x lr grid:
-k times the grid's trials at one lr. The targets: 1/5 of the grid's time for issue 11's strategies (DE-ELBO,
-marglik), 1/2 for issue 22's pool strategies, 1/4 with the learning rate chosen too. The pool strategies' pool NLL
-is their selection's score on the same pool as the grid's; "off" counts the seeds whose selection was the off limit
-(no backbone prior), "share" is the median N-aware prior share of the selection (``prior_share``; off below 1%).
-DE-ELBO's wall time includes the evaluation of its Bayesian model average over q (10 extra passes over the test set
-and the pool), which a grid trial does not have; ``search_cost_s`` in its records is the training run alone.
+match: lower NLL, higher accuracy), and the wall-time ratio auto / grid (median over seeds of the per-seed ratios; its
+floor is 1 / the grid's number of trials, since one automatic run trains once with the same budget as one trial). Side
+by side: each automatic job also times one grid trial (same training set, budget and evaluations) in its own process
+just before its run, so load and machine are shared; the grid's time is then that trial's time times the number of
+trials the grid ran on that seed, and this ratio decides the match ("wall / grid" keeps the ratio to the grid run's
+recorded time, measured at another time and load; since issue 21 that is the whole kind-selection job, every kind's
+trials, so it understates the kind's own search). A strategy that chose the learning rate among k values (``--lrs``, "lr
+x k") is compared with the lambda x lr grid: k times the grid's trials at one lr. The targets: 1/5 of the grid's time
+for issue 11's strategies (DE-ELBO, marglik), 1/2 for issue 22's pool strategies, 1/4 with the learning rate chosen too.
+The pool strategies' pool NLL is their selection's score on the same pool as the grid's; "off" counts the seeds whose
+selection was the off limit (no backbone prior), "share" is the median N-aware prior share of the selection
+(``prior_share``; off below 1%). DE-ELBO's wall time includes the evaluation of its Bayesian model average over q (10
+extra passes over the test set and the pool), which a grid trial does not have; ``search_cost_s`` in its records is the
+training run alone.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _rows(name: str, records: list[dict[str, Any]], grid: dict[int, dict[str, An
 def within_one_sd(metric: str, values: list[float], reference: list[float]) -> tuple[float, float, bool]:
     """The match rule for one metric over paired seeds: (mean of value - reference, the reference's seed std, whether
     the values are no worse than that std; a higher accuracy or a lower NLL counts as a match)."""
-    diffs = [float(v) - float(g) for v, g in zip(values, reference)]
+    diffs = [float(v) - float(g) for v, g in zip(values, reference, strict=False)]
     sd = statistics.stdev(float(g) for g in reference) if len(reference) > 1 else math.nan
     delta = statistics.fmean(diffs) if diffs else math.nan
     worse = -delta if metric == "accuracy" else delta  # > 0: worse than the reference

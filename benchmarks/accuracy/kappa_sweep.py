@@ -15,7 +15,6 @@ tables: ``autotune_kappa.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import statistics

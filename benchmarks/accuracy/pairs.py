@@ -371,7 +371,8 @@ def prepare_sources(cfg: dict[str, Any], log) -> dict[str, str]:
     """Prior file per pair, learned before any worker starts."""
     paths = {}
     for pair, spec in cfg["pairs"].items():
-        paths[pair] = str(text_prior(cfg, spec, log) if spec["kind"] == "text" else image_prior(cfg, spec["source"], log))
+        paths[pair] = str(text_prior(cfg, spec, log) if spec["kind"] == "text"
+                          else image_prior(cfg, spec["source"], log))
     return paths
 
 

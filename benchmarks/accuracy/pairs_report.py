@@ -21,7 +21,8 @@ BAYES = tuple(f"{kind}-{inference}" for kind in ("lowrank", "l2sp")
               for inference in ("laplace", "sgld", "csgld", "swag"))
 SAME_PRIOR_MAP = "MAP under the same prior"
 LABELS = {"standard": "standard FT", "l2sp": "L2-SP", "lowrank": "learned low-rank", "diag": "learned diag",
-          "lowrank-sgld": "low-rank + SGLD (cold T)", "lowrank-sgld@T1": "low-rank + SGLD T=1 (exact-posterior ablation)",
+          "lowrank-sgld": "low-rank + SGLD (cold T)",
+          "lowrank-sgld@T1": "low-rank + SGLD T=1 (exact-posterior ablation)",
           "lowrank-laplace": "low-rank + last-layer Laplace", "lowrank-csgld": "low-rank + cyclical SGLD",
           "lowrank-swag": "low-rank + SWAG", "l2sp-laplace": "L2-SP + last-layer Laplace", "l2sp-sgld": "L2-SP + SGLD",
           "l2sp-csgld": "L2-SP + cyclical SGLD", "l2sp-swag": "L2-SP + SWAG",
@@ -249,8 +250,10 @@ def report(records: list[dict[str, Any]], cfg: dict[str, Any], command: str, mac
              "model (prior precision against the data's GGN on the training set); a prior is 'off' only below 1% "
              "(ptyl.autotune.prior_share). 'std ratio' = median prior std / median |theta0| (descriptive: it "
              "ignores N). Search status per selection: interior / off limit / flat (no change beyond the strong "
-             "edge) / at the documented hard bound / edge (unextended: should not happen). Fit: training NLL of the final model <= 0.05 ('fit'), above it under "
-             "an active prior ('prior-limited'), or above it with the prior off ('UNDERTRAINED'); 'sampled' for SGLD (the "
+             "edge) / at the documented hard bound / edge (unextended: should not happen). Fit: training NLL of the "
+             "final model <= 0.05 ('fit'), above it under "
+             "an active prior ('prior-limited'), or above it with the prior off ('UNDERTRAINED'); 'sampled' for SGLD "
+             "(the "
              "model average of samples has no point to converge to).", ""]
     payload: dict[str, Any] = {"settings": {k: v for k, v in cfg.items() if k != "pairs"}, "pairs": cfg["pairs"],
                                "tables": {}, "records": records}

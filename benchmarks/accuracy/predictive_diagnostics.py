@@ -101,8 +101,8 @@ class ProbeMixin:
             params = list(trainer.model.parameters())
             head = trainer.model.head.weight
             self.summaries.append([
-                float(sum((p * d).sum() for p, d in zip(params, self.directions))),
-                float(torch.sqrt(sum((p - s).pow(2).sum() for p, s in zip(params, self.start)))),
+                float(sum((p * d).sum() for p, d in zip(params, self.directions, strict=False))),
+                float(torch.sqrt(sum((p - s).pow(2).sum() for p, s in zip(params, self.start, strict=False)))),
                 float(head.norm()),
             ])
 
@@ -213,13 +213,14 @@ def block_table(model, train, prior, config, num_data: int) -> list[dict[str, An
     h = {}
     for block in curv.blocks:
         offset = 0
-        for name, shape in zip(block.names, block.shapes):
+        for name, shape in zip(block.names, block.shapes, strict=False):
             h[name] = block.h[offset:offset + math.prod(shape)].double().cpu()
             offset += math.prod(shape)
-    a = dict(zip(names, prior.precision_diagonal().double().cpu().split([math.prod(s) for s in prior.shapes])))
+    a = dict(zip(names, prior.precision_diagonal().double().cpu().split([math.prod(s) for s in prior.shapes]),
+                 strict=True))
     var = {}
     for leaf in leaves(prior):
-        var.update(zip(leaf.names, marginal_variance(leaf).split([math.prod(s) for s in leaf.shapes])))
+        var.update(zip(leaf.names, marginal_variance(leaf).split([math.prod(s) for s in leaf.shapes]), strict=False))
     noise = _gradient_noise(model, train, config.batch_size)
     lr = config.sample_lr or config.lr
     mu, temperature = config.momentum, max(config.temperature, 1e-12)
@@ -274,14 +275,15 @@ def _gradient_noise(model, train, batch_size: int, batches: int = 20) -> dict[st
 # ------------------------------------------------------------------------------------------------------------- runs
 def run(cfg: dict[str, Any], variants, log) -> dict[str, Any]:
     import torch
+    from pairs import FULL, image_prior
+    from pairs import QUICK as PAIRS_QUICK
 
-    from pairs import FULL, QUICK as PAIRS_QUICK, image_prior
     from ptyl.inference import laplace
     from ptyl.io import load_posterior, read_metadata
     from ptyl.metrics import evaluate_probs
     from ptyl.pipeline import ClassificationTask, load_pretrained, pretrained_model_fn, train_config
-    from ptyl.tuning import PriorSpec
     from ptyl.training import fit
+    from ptyl.tuning import PriorSpec
 
     source = copy.deepcopy(PAIRS_QUICK if cfg["quick"] else FULL)
     prior_path = image_prior({**source, "cache": cfg["cache"]}, "mnist5k", log)
@@ -313,7 +315,7 @@ def run(cfg: dict[str, Any], variants, log) -> dict[str, Any]:
                        final_epoch_loss=result.final_loss)
             if inference == "sgld":
                 begin = int(config.burn_in_fraction * result.steps)
-                chains = list(zip(*strategy.summaries[begin:]))
+                chains = list(zip(*strategy.summaries[begin:], strict=False))
                 row["ess"] = [ess(c) for c in chains]
                 row["sampling_steps"] = result.steps - begin
             if inference == "map":
@@ -364,8 +366,8 @@ def report(results: dict[str, Any], cfg: dict[str, Any], machine: str, command: 
               "grad norm data / total | Δ NLL − MAP (same seed) |", "|" + "---|" * 16]
     base = {r["seed"]: r["bma_nll"] for r in results["variants"].get("MAP", [])}
     for label, rows in results["variants"].items():
-        mean = lambda key: _ms([r[key] for r in rows])  # noqa: E731
-        member = lambda key: _ms([sum(r[key]) / len(r[key]) for r in rows])  # noqa: E731
+        mean = lambda key, rows=rows: _ms([r[key] for r in rows])  # noqa: E731
+        member = lambda key, rows=rows: _ms([sum(r[key]) / len(r[key]) for r in rows])  # noqa: E731
         lines.append(f"| {label} | {mean('bma_nll')} | {mean('bma_accuracy')} | {mean('bma_ece')} | "
                      f"{mean('confidence_minus_accuracy')} | {member('member_train_nll')} | "
                      f"{member('member_train_acc')} | {member('member_test_nll')} | {mean('mutual_information')} | "

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         machine_line(info) + ".  ",
         f"Seeds {list(s.seeds)} (each a different few-shot subsample of the MNIST train split); a {s.val_pool}-image "
         f"validation pool; test: {test}. SmallCNN(width={s.width}). Mean ± std over seeds. Protocol: the module "
-        "docstring of `benchmarks/accuracy/simclr.py` and the protocol paragraph of `pairs.md` (the off limit, the N-aware prior "
+        "docstring of `benchmarks/accuracy/simclr.py` and the protocol paragraph of `pairs.md` (the off limit, the "
+        "N-aware prior "
         "share, the search statuses).",
         "",
         "## Summary: the selection against tuned standard fine-tuning (per source)", "", summary, "",

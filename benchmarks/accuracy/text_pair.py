@@ -58,7 +58,9 @@ class HiddenStates(Dataset):
         return HiddenStates(self.states, self.offsets, self._all_targets, self.classes, self.name, self.index[indices])
 
 
-def pad_collate(batch: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def pad_collate(
+    batch: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Pad every item to the batch's longest sequence (mask 0 on padding)."""
     length = max(item["hidden"].shape[0] for item, _ in batch)
     width = batch[0][0]["hidden"].shape[1]

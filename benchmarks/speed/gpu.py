@@ -26,6 +26,7 @@ Times are medians of synchronised wall-clock calls (CPU dispatch included: that 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import sys
@@ -37,15 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (  # noqa: E402
-    add_common_args,
-    fmt_table,
-    machine_info,
-    machine_line,
-    median,
-    set_threads,
-    write_results,
-)
+from common import add_common_args, fmt_table, machine_info, machine_line, median, set_threads, write_results  # noqa: E402
 
 NUM_DATA = 50_000
 
@@ -130,6 +123,18 @@ def synthetic_posterior(model: nn.Module, rank: int, head: str = "fc"):
 
 
 # ------------------------------------------------------------------------------------------------------------ parts
+def _penalty_backward(prior, theta: dict[str, torch.Tensor]) -> None:
+    for t in theta.values():
+        t.grad = None
+    prior.penalty(theta).backward()
+
+
+def _log_prob_backward(dist, theta: dict[str, torch.Tensor]) -> None:
+    for t in theta.values():
+        t.grad = None
+    (-dist.log_prob(torch.cat([t.reshape(-1) for t in theta.values()]))).backward()
+
+
 def part_call(device, quick: bool, bandwidth: float) -> list[dict]:
     from ptyl.priors import LowRankGaussianPrior
 
@@ -142,22 +147,17 @@ def part_call(device, quick: bool, bandwidth: float) -> list[dict]:
         parts[-1] += num - sum(parts)
         names = [f"p{i}" for i in range(len(parts))]
         gen = torch.Generator(device=device).manual_seed(0)
-        mean = {n: torch.randn(s, device=device, generator=gen) for n, s in zip(names, parts)}
+        mean = {n: torch.randn(s, device=device, generator=gen) for n, s in zip(names, parts, strict=False)}
         theta = {n: (m + 0.1 * torch.randn(m.shape, device=device, generator=gen)).requires_grad_() for n, m in
                  mean.items()}
         prior = LowRankGaussianPrior(
-            mean, {n: torch.rand(s, device=device, generator=gen) + 0.1 for n, s in zip(names, parts)},
-            {n: 0.01 * torch.randn(k, s, device=device, generator=gen) for n, s in zip(names, parts)})
+            mean, {n: torch.rand(s, device=device, generator=gen) + 0.1 for n, s in zip(names, parts, strict=False)},
+            {n: 0.01 * torch.randn(k, s, device=device, generator=gen) for n, s in zip(names, parts, strict=False)})
         del mean
-
-        def autograd_call():
-            for t in theta.values():
-                t.grad = None
-            prior.penalty(theta).backward()
-
+        # functools.partial, not closures: nothing outlives the `del` at the end of the iteration (memory)
         row = {"P": num, "k": k, "tensors": len(parts)}
-        row["penalty_backward_ms"] = 1e3 * timed(autograd_call, device, repeats)
-        row["add_grad_ms"] = 1e3 * timed(lambda: prior.add_grad_(theta, 1.0), device, repeats)
+        row["penalty_backward_ms"] = 1e3 * timed(functools.partial(_penalty_backward, prior, theta), device, repeats)
+        row["add_grad_ms"] = 1e3 * timed(functools.partial(prior.add_grad_, theta, 1.0), device, repeats)
         bound = (k + 4) * num * 4 / bandwidth
         row["bound_ms"] = 1e3 * bound
         row["over_bound"] = row["penalty_backward_ms"] / row["bound_ms"]
@@ -165,13 +165,7 @@ def part_call(device, quick: bool, bandwidth: float) -> list[dict]:
             loc, cov_diag, factor = prior.flat_parts(torch.float32)
             dist = torch.distributions.LowRankMultivariateNormal(loc, factor.t().contiguous(), cov_diag)
             del factor
-
-            def reference_call():
-                for t in theta.values():
-                    t.grad = None
-                (-dist.log_prob(torch.cat([t.reshape(-1) for t in theta.values()]))).backward()
-
-            row["lowrank_mvn_ms"] = 1e3 * timed(reference_call, device, repeats)
+            row["lowrank_mvn_ms"] = 1e3 * timed(functools.partial(_log_prob_backward, dist, theta), device, repeats)
             row["speedup_vs_mvn"] = row["lowrank_mvn_ms"] / row["penalty_backward_ms"]
             del dist, loc, cov_diag
         except RuntimeError as err:  # out of memory
@@ -194,9 +188,9 @@ def part_graph(device, quick: bool) -> dict:
     sizes = [num // 4] * 3 + [num - 3 * (num // 4)]
     gen = torch.Generator(device=device).manual_seed(0)
     names = [f"p{i}" for i in range(len(sizes))]
-    mean = {n: torch.randn(s, device=device, generator=gen) for n, s in zip(names, sizes)}
-    diag = {n: torch.rand(s, device=device, generator=gen) + 0.1 for n, s in zip(names, sizes)}
-    factor = {n: 0.01 * torch.randn(k, s, device=device, generator=gen) for n, s in zip(names, sizes)}
+    mean = {n: torch.randn(s, device=device, generator=gen) for n, s in zip(names, sizes, strict=False)}
+    diag = {n: torch.rand(s, device=device, generator=gen) + 0.1 for n, s in zip(names, sizes, strict=False)}
+    factor = {n: 0.01 * torch.randn(k, s, device=device, generator=gen) for n, s in zip(names, sizes, strict=False)}
     prior = LowRankGaussianPrior(mean, diag, factor)
     del diag, factor
     theta = {n: (m + 0.1).requires_grad_() for n, m in mean.items()}
@@ -276,7 +270,7 @@ def part_step(device, quick: bool) -> dict:
     out = {"params": sum(p.numel() for p in model.parameters()), "tensors": len(list(model.parameters())),
            "batch": int(x.shape[0]), "image": int(x.shape[-1]), "bf16_autocast": autocast["enabled"], "rows": []}
     for label in configs:
-        ratios = [t / p for t, p in zip(times[label], times["plain"])]
+        ratios = [t / p for t, p in zip(times[label], times["plain"], strict=False)]
         out["rows"].append({"config": label, "step_ms": 1e3 * median(times[label]), "ratio": median(ratios)})
     print("step", out["rows"], flush=True)
     return out
@@ -289,7 +283,7 @@ def part_swag(device, quick: bool) -> list[dict]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         swag = SWAGCollector(model, rank=20, head="fc", deviation_dtype=dtype)
-        ms = 1e3 * timed(lambda: swag.collect(model), device, repeats=5 if quick else 50)
+        ms = 1e3 * timed(functools.partial(swag.collect, model), device, repeats=5 if quick else 50)
         rows.append({"deviation_dtype": str(dtype).replace("torch.", ""), "params": swag.num_parameters,
                      "collect_ms": ms})
         del swag

@@ -43,15 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (  # noqa: E402
-    add_common_args,
-    fmt_table,
-    machine_info,
-    machine_line,
-    median,
-    set_threads,
-    write_results,
-)
+from common import add_common_args, fmt_table, machine_info, machine_line, median, set_threads, write_results  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "detach", "alias", "t", "transpose",
          "unsqueeze", "squeeze", "expand", "as_strided", "slice", "select", "unbind", "permute", "_reshape_alias",

@@ -78,7 +78,8 @@ def report(results: list[dict], info: dict) -> tuple[str, dict]:
     rows = [[fmt_count(r["num_parameters"]), r["rank"], fmt_time(r["median_s"]),
              f"{r['median_s'] / r['num_parameters'] * 1e9:.1f} ns",
              f"{r['median_s'] / (r['num_parameters'] * (r['rank'] + 1)) * 1e9:.2f} ns",
-             fmt_mib(r["peak_extra_bytes"]), f"{r['peak_extra_p_vectors']:.1f}", fmt_time(r["setup_s"])] for r in results]
+             fmt_mib(r["peak_extra_bytes"]), f"{r['peak_extra_p_vectors']:.1f}", fmt_time(r["setup_s"])]
+            for r in results]
     md = "\n".join([
         "# Low-rank prior scaling (ptyl `LowRankGaussianPrior`, log_prob + backward)",
         "",

@@ -117,7 +117,7 @@ def bench_steps(model, priors: dict, x, y, rounds: int, warmup: int, seed: int =
     plain = times[labels[0]]
     out = {}
     for label in labels:
-        ratios = [t / p for t, p in zip(times[label], plain)]
+        ratios = [t / p for t, p in zip(times[label], plain, strict=False)]
         out[label] = {"times_s": times[label], "median_s": median(times[label]), "ratios": ratios,
                       "median_ratio": median(ratios)}
     return out
@@ -207,8 +207,10 @@ def report(info, n_params, steps, prior_only, swag, bma, io) -> tuple[str, dict]
         machine_line(info),
         "",
         f"Model: `{steps['_meta']['model']}`, {fmt_count(n_params)} parameters; batch "
-        f"{steps['_meta']['batch']} of 28x28; loss CE + penalty/N (N={NUM_DATA}); {steps['_meta']['rounds']} interleaved "
-        "rounds. Ratio: median over rounds of step / plain step of the same round. Prior only: `penalty(model).backward()` "
+        f"{steps['_meta']['batch']} of 28x28; loss CE + penalty/N (N={NUM_DATA}); {steps['_meta']['rounds']} "
+        "interleaved "
+        "rounds. Ratio: median over rounds of step / plain step of the same round. Prior only: "
+        "`penalty(model).backward()` "
         "alone (median), and as a share of the plain step.",
         "",
         fmt_table(["prior", "step (median)", "ratio to plain", "prior only", "prior / plain step"],
@@ -251,7 +253,8 @@ def report(info, n_params, steps, prior_only, swag, bma, io) -> tuple[str, dict]
             "prior_only_s": prior_only, "swag": swag, "bma": bma, "prior_file": io,
             "goals": {"lowrank_k5_step_ratio": STEP_GOAL, "swag_overhead": SWAG_GOAL,
                       "lowrank_k5_met": k5 <= STEP_GOAL,
-                      "lowrank_k5_prior_only_share": prior_only["lowrank k=5"] / plain, "swag_met": swag["overhead"] <= SWAG_GOAL}}
+                      "lowrank_k5_prior_only_share": prior_only["lowrank k=5"] / plain,
+                      "swag_met": swag["overhead"] <= SWAG_GOAL}}
     return "\n".join(lines), data
 
 
@@ -263,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     quick = args.quick
     model = build_model(quick)
-    model_name = "ptyl.models.resnet8(width=8, in_channels=1)" if quick else "ptyl.models.resnet20(width=32, in_channels=1)"
+    model_name = ("ptyl.models.resnet8(width=8, in_channels=1)" if quick
+                  else "ptyl.models.resnet20(width=32, in_channels=1)")
     n_params = sum(p.numel() for p in model.parameters())
     batch = 8 if quick else 64
     gen = torch.Generator().manual_seed(0)

@@ -62,7 +62,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of option names to values, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: expected a mapping of option names to values, "
+                          f"got {type(data).__name__}")
     return data
 
 
@@ -154,7 +155,8 @@ def _typed(parser: argparse.ArgumentParser, values: dict[str, Any], command: str
             where = f" for 'ptyl {command}'" if command else ""
             owners = [name for name, other in sections.items() if name != command and _norm(key) in _options(other)]
             hint = f" (an option of {', '.join(f'ptyl {o}' for o in owners)}: put it in that section)" if owners else ""
-            raise ConfigError(f"{source}: unknown option {key!r}{where}{hint}; valid keys: {', '.join(sorted(actions))}")
+            raise ConfigError(f"{source}: unknown option {key!r}{where}{hint}; "
+                              f"valid keys: {', '.join(sorted(actions))}")
         out[action.dest] = _coerce(action, value, key, source)
     return out
 

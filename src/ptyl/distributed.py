@@ -223,7 +223,7 @@ def gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)  # all_gather needs equal shapes: pad, then trim
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(tensor.device)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=False)]).to(tensor.device)
 
 
 def broadcast_state(state: T, src: int = 0) -> T:

@@ -100,7 +100,7 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor | torch.Size]) -> 
     """Views of ``flat`` shaped like ``like`` (tensors, or their shapes; no copy)."""
     if is_compiling() or len(like) == 1 or isinstance(like[0], torch.Size):
         shapes = [s if isinstance(s, torch.Size) else s.shape for s in like]
-        return [part.view(s) for part, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
+        return [part.view(s) for part, s in zip(flat.split([math.prod(s) for s in shapes]), shapes, strict=False)]
     return list(torch._C._nn.unflatten_dense_tensors(flat, list(like)))
 
 
@@ -147,7 +147,7 @@ class ParamBinder:
         if entry is not None and entry.epoch == _EPOCH[0] and entry.ref() is module:
             return [owner._parameters[key] for owner, key in entry.slots]
         named = named_parameters(module)
-        check_names_and_shapes(dict(zip(self.names, self.shapes)), named, what=self.what)
+        check_names_and_shapes(dict(zip(self.names, self.shapes, strict=False)), named, what=self.what)
         tensors = [named[n] for n in self.names]
         if _install_hooks():
             owners = {id(p): (m, k) for m in module.modules() for k, p in m._parameters.items() if p is not None}
@@ -161,13 +161,15 @@ class ParamBinder:
         order = self._key_orders.get(keys)
         if order is None:
             named = named_parameters(mapping)
-            check_names_and_shapes(dict(zip(self.names, self.shapes)), named, what=self.what)
-            raw = dict(zip(named, keys))  # normalised name -> the mapping's own key
+            check_names_and_shapes(dict(zip(self.names, self.shapes, strict=False)), named, what=self.what)
+            raw = dict(zip(named, keys, strict=False))  # normalised name -> the mapping's own key
             order = [raw[n] for n in self.names]
             if len(self._key_orders) >= _MAX_CACHED:
                 self._key_orders.clear()
             self._key_orders[keys] = order
         tensors = [mapping[k] for k in order]
-        if any(t.shape != s for t, s in zip(tensors, self.shapes)):
-            check_names_and_shapes(dict(zip(self.names, self.shapes)), dict(zip(self.names, tensors)), what=self.what)
+        if any(t.shape != s for t, s in zip(tensors, self.shapes, strict=False)):
+            # strict=False: a wrong number of tensors is what the check reports, by name
+            check_names_and_shapes(dict(zip(self.names, self.shapes, strict=True)),
+                                   dict(zip(self.names, tensors, strict=False)), what=self.what)
         return tensors

@@ -302,7 +302,7 @@ class ShardLayout:
         padded[:local.numel()] = local
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=self.group)
-        return [bytes(part[:int(size.item())].cpu().numpy()) for part, size in zip(parts, sizes)]
+        return [bytes(part[:int(size.item())].cpu().numpy()) for part, size in zip(parts, sizes, strict=False)]
 
     def gather_rows(self, local: torch.Tensor, name: str, dim: int = 0) -> torch.Tensor:
         """The full tensor from every rank's rows (a collective, for tests and small models only).

@@ -39,7 +39,7 @@ def blockwise(model, x, y, likelihood, **kw):
     """(exact GGN, curvature as dense, list of (start, stop) of each block in names order)."""
     names, shapes = names_shapes(model)
     curv = compute_curvature(model, [(x, y)], likelihood, names, **kw)
-    sizes = dict(zip(names, (math.prod(s) for s in shapes)))
+    sizes = dict(zip(names, (math.prod(s) for s in shapes), strict=False))
     spans, start = [], 0
     for block in curv.blocks:
         stop = start + sum(sizes[n] for n in block.names)
@@ -104,7 +104,7 @@ def test_cnn_with_one_location_and_one_example_is_exact():
 def test_linear_bias_block_is_exact_for_any_batch():
     exact, dense, spans, curv = blockwise(mlp(), torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,)),
                                           Categorical())
-    for (_, b), block in zip(spans, curv.blocks):
+    for (_, b), block in zip(spans, curv.blocks, strict=False):
         out = block.b.shape[0]
         torch.testing.assert_close(dense[b - out:b, b - out:b], exact[b - out:b, b - out:b], rtol=1e-10, atol=1e-12)
 
@@ -178,7 +178,7 @@ def test_batchnorm_and_unknown_parameters_get_the_exact_diagonal(method):
     x, y = torch.randn(5, 2, 5, 5, dtype=F64), torch.randint(0, 4, (5,))
     exact, dense, _, curv = blockwise(model, x, y, Categorical(), method=method)
     sizes = {n: p.numel() for n, p in model.named_parameters()}
-    offsets = dict(zip(sizes, torch.tensor([0, *sizes.values()]).cumsum(0).tolist()))
+    offsets = dict(zip(sizes, torch.tensor([0, *sizes.values()]).cumsum(0).tolist(), strict=False))
     for name in ("scale", "bn.weight", "bn.bias"):  # the other blocks are tested above
         a, b = offsets[name], offsets[name] + sizes[name]
         torch.testing.assert_close(dense.diagonal()[a:b], exact.diagonal()[a:b], rtol=1e-10, atol=1e-12)
@@ -190,7 +190,7 @@ def test_monte_carlo_fisher_converges_to_exact():
     names, _ = names_shapes(model)
     exact = compute_curvature(model, [(x, y)], Categorical(), names)
     mc = compute_curvature(model, [(x, y)], Categorical(), names, fisher="mc", mc_samples=2000, seed=1)
-    for e, m in zip(exact.blocks, mc.blocks):
+    for e, m in zip(exact.blocks, mc.blocks, strict=False):
         torch.testing.assert_close(m.a, e.a)  # inputs do not depend on the sampled targets
         assert rel_error(e.b, m.b) < 0.05
 

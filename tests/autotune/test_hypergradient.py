@@ -129,7 +129,8 @@ def dense_hessian(model, x, y, likelihood):
     sizes = [p.numel() for p in params.values()]
 
     def loss(flat):
-        pieces = dict(zip(params, (t.reshape(p.shape) for t, p in zip(flat.split(sizes), params.values()))))
+        pieces = dict(zip(params, (t.reshape(p.shape) for t, p in zip(flat.split(sizes), params.values(), strict=True)),
+                          strict=True))
         return -likelihood.log_prob(functional_call(model, pieces, (x,)), y).sum()
 
     return hessian(loss)(torch.cat([p.reshape(-1) for p in params.values()]))

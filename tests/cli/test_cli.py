@@ -228,7 +228,8 @@ def test_installed_script_reports_errors_in_one_line(tmp_path):
     proc = subprocess.run([str(script), "inspect", str(tmp_path / "missing.safetensors")], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"ptyl: error: prior file not found: {tmp_path / 'missing.safetensors'}"]
+    missing = tmp_path / "missing.safetensors"
+    assert proc.stderr.strip().splitlines() == [f"ptyl: error: prior file not found: {missing}"]
 
 
 def test_finetune_writes_every_output_or_none(tiny_prior, tmp_path, monkeypatch, capsys):

@@ -77,7 +77,7 @@ def test_version_and_checksum_status_are_shown(prior_path, capsys):
 def test_zero_size_parameter_is_shown_not_crashed_on(tmp_path, capsys):
     post = random_posterior(TinyNet(), rank=1, dtype=torch.float32)
     stores = [dict(d) for d in (post.mean, post.variance, post.deviations)]
-    for store, t in zip(stores, (torch.zeros(0), torch.ones(0), torch.zeros(1, 0))):
+    for store, t in zip(stores, (torch.zeros(0), torch.ones(0), torch.zeros(1, 0)), strict=False):
         store["empty"] = t
     path = save_posterior(SourcePosterior(*stores), tmp_path / "p.safetensors")
     assert main(["inspect", str(path)]) == 0

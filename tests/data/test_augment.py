@@ -66,7 +66,8 @@ def _force_max_draws(monkeypatch):
     """Make every U(lo, hi) draw return hi, so random_affine applies exactly +degrees and +translate."""
     import ptyl.data.augment as aug
 
-    monkeypatch.setattr(aug, "_uniform", lambda n, lo, hi, g, like: torch.full((n,), hi, dtype=like.dtype, device=like.device))
+    monkeypatch.setattr(aug, "_uniform",
+                        lambda n, lo, hi, g, like: torch.full((n,), hi, dtype=like.dtype, device=like.device))
 
 
 def test_affine_rotation_by_90_degrees_is_exact_rot90(monkeypatch):

@@ -2,14 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptyl.data import (
-    EMBEDDED_DIR,
-    ImageDataset,
-    available_datasets,
-    class_counts,
-    load_dataset,
-    resize_images,
-)
+from ptyl.data import EMBEDDED_DIR, ImageDataset, available_datasets, class_counts, load_dataset, resize_images
 from ptyl.errors import DataError, PtylError
 
 EXPECTED = {  # name -> (total images, image side)
@@ -50,7 +43,9 @@ def test_train_test_disjoint_balanced_and_deterministic(name):
     train, test = load_dataset(name, "train"), load_dataset(name, "test")
     assert len(train) + len(test) == len(full)
     # disjoint as sets of examples: every image of the full set is in exactly one split
-    key = lambda ds: {(bytes(x.numpy().tobytes()), int(y)) for x, y in zip(ds.images, ds.targets)}
+    def key(ds):
+        return {(bytes(x.numpy().tobytes()), int(y)) for x, y in zip(ds.images, ds.targets, strict=True)}
+
     assert not key(train) & key(test)
     full_counts, test_counts = class_counts(full), class_counts(test)
     for c, n_c in full_counts.items():

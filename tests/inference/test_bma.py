@@ -64,12 +64,12 @@ def test_memory_bank_fifo_eviction_and_state_dict():
     for sample in samples:
         bank.add(sample)
     assert len(bank) == 2
-    for got, expected in zip(bank, samples[2:]):
+    for got, expected in zip(bank, samples[2:], strict=False):
         assert_state_equal(got, expected)
     restored = SampleBank(max_samples=2)
     restored.load_state_dict(bank.state_dict())
     assert len(restored) == 2
-    for got, expected in zip(restored, samples[2:]):
+    for got, expected in zip(restored, samples[2:], strict=False):
         assert_state_equal(got, expected)
     restored.add(samples[0])  # numbering and eviction continue
     assert_state_equal(restored[0], samples[3])
@@ -84,7 +84,7 @@ def test_disk_bank_atomic_files_eviction_and_resume(tmp_path):
     files = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert files == ["sample_000002.safetensors", "sample_000003.safetensors", "sample_000004.safetensors"]
     assert len(bank) == 3
-    for got, expected in zip(bank, samples[2:]):
+    for got, expected in zip(bank, samples[2:], strict=False):
         assert_state_equal(got, expected)
     assert bank.state_dict()["files"] == files
 

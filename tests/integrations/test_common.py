@@ -7,7 +7,6 @@ import torch
 from ptyl.errors import ConfigError
 from ptyl.integrations.common import SourceCollection, dataset_size
 from ptyl.io import from_pretrained, load_posterior
-
 from tests.integrations.common import make_net
 
 

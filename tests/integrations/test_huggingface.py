@@ -14,7 +14,6 @@ from ptyl.pipeline import learn_prior
 from ptyl.posterior import SourcePosterior
 from ptyl.priors import make_prior
 from ptyl.training import TrainConfig, fit
-
 from tests.integrations.common import CLIP, LR, flat, sgd
 
 transformers = pytest.importorskip("transformers", reason="the 'hf' extra is not installed")

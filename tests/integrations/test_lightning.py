@@ -10,9 +10,18 @@ import torch.nn.functional as F
 from ptyl.errors import ConfigError
 from ptyl.io import load_posterior
 from ptyl.pipeline import learn_prior
-
 from tests.integrations.common import (
-    BATCH, CLIP, EPOCHS, dataset, flat, make_net, ordered_loader, prior_for, reference_fit, sgd, source_posterior,
+    BATCH,
+    CLIP,
+    EPOCHS,
+    dataset,
+    flat,
+    make_net,
+    ordered_loader,
+    prior_for,
+    reference_fit,
+    sgd,
+    source_posterior,
 )
 
 pl = pytest.importorskip("lightning.pytorch", reason="the 'lightning' extra is not installed")

@@ -13,7 +13,6 @@ from ptyl.pipeline import learn_prior
 from ptyl.posterior import SWAGCollector
 from ptyl.priors import make_prior
 from ptyl.training import SWAGCollection, TrainConfig, fit
-
 from tests.integrations.common import BATCH, LR, SEED, dataset, flat, make_net, sgd, shuffled_loader, source_posterior
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
@@ -66,7 +65,9 @@ def test_the_source_side_recipe_equals_learn_prior(tmp_path, monkeypatch):
     for _ in range(4):  # 5 steps per epoch, a snapshot every 10: 2 snapshots
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
             exec(step, ns)
     exec(end, ns)
     saved = load_posterior("prior.safetensors")

@@ -5,7 +5,6 @@ import json
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
 DELETE = object()  # as a value in BAD_FIELDS: remove the field
 
 

@@ -75,7 +75,7 @@ def _outcome(data: bytes, reference) -> str:
 
 def _flip(data: bytes, positions, masks) -> bytes:
     out = bytearray(data)
-    for pos, mask in zip(positions, masks):
+    for pos, mask in zip(positions, masks, strict=False):
         out[pos] ^= mask
     return bytes(out)
 

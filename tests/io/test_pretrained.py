@@ -10,9 +10,7 @@ import torch
 
 from ptyl.cli import main
 from ptyl.errors import ParameterMismatchError, PriorFileError
-from ptyl.io import (
-    PriorCard, from_pretrained, load_posterior, prior_file_path, push_to_hub, save_pretrained,
-)
+from ptyl.io import PriorCard, from_pretrained, load_posterior, prior_file_path, push_to_hub, save_pretrained
 from ptyl.io import pretrained as pretrained_module
 from ptyl.pipeline import learn_source_prior, load_pretrained
 
@@ -45,7 +43,8 @@ def test_round_trip_with_weights_card_and_readme(tmp_path, learned):
         assert torch.equal(shared.posterior.mean[name], posterior.mean[name])
         assert torch.equal(shared.posterior.deviations[name], posterior.deviations[name])
     rebuilt, _ = load_pretrained(shared.prior_path)  # the pipeline finds the weights next to the prior
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
     readme = (directory / "README.md").read_text()
     assert readme.startswith("---\nlibrary_name: ptyl") and "license: mit" in readme
     assert "| mnist | 10 | lowrank | 0.855 | 0.459 | 2 |" in readme
@@ -60,7 +59,7 @@ def test_load_weights_into_checks_the_model(tmp_path, learned):
     shared = from_pretrained(save_pretrained(tmp_path / "share", posterior, weights=model))
     fresh = SmallCNN(width=4, num_classes=model.head.out_features)
     assert shared.load_weights_into(fresh) is fresh
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
     with pytest.raises(ParameterMismatchError, match=r"prior.pretrained.safetensors: .*features.conv1.weight "
                                                      r"\(expected \(8, 1, 3, 3\), found \(4, 1, 3, 3\)\)"):
         shared.load_weights_into(SmallCNN(width=8, num_classes=model.head.out_features))

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ptyl.priors.learned import learned_prior
 from ptyl.errors import InvalidValueError, ParameterMismatchError, PriorFileError
 from ptyl.io import import_reference, load_posterior, load_prior, read_metadata, save_posterior
 from ptyl.io.integrity import tensor_records
 from ptyl.posterior import SourcePosterior
+from ptyl.priors.learned import learned_prior
 from tests.helpers import TinyNet, random_posterior
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptyl.errors import ConfigError, InvalidValueError, PriorFileError
+from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.io import FORMAT_VERSION, load_posterior, load_prior, load_prior_file, read_metadata, save_posterior
 from ptyl.io.integrity import VERIFY_ENV
 from ptyl.posterior import SourcePosterior

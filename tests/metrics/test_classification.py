@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from ptyl.errors import DataError, InvalidValueError
-from ptyl.metrics import (
-    accuracy,
-    brier_score,
-    calibration_bins,
-    evaluate_probs,
-    expected_calibration_error,
-    nll,
-)
+from ptyl.metrics import accuracy, brier_score, calibration_bins, evaluate_probs, expected_calibration_error, nll
 
 # Hand example: 4 examples, 3 classes.
 PROBS = torch.tensor(
@@ -52,7 +45,8 @@ def test_against_torchmetrics_modules():
     _, probs, targets = random_problem()
     acc_module = MulticlassAccuracy(num_classes=5, average="micro")
     ece_module = MulticlassCalibrationError(num_classes=5, n_bins=15, norm="l1")
-    for chunk_p, chunk_t in zip(probs.split(128), targets.split(128)):  # modules accumulate across batches
+    # modules accumulate across batches
+    for chunk_p, chunk_t in zip(probs.split(128), targets.split(128), strict=True):
         acc_module.update(chunk_p, chunk_t)
         ece_module.update(chunk_p, chunk_t)
     assert accuracy(probs, targets) == pytest.approx(acc_module.compute().item())

@@ -4,7 +4,6 @@ signature, and clear errors."""
 import sys
 
 import pytest
-from torch import nn
 
 from ptyl.errors import ConfigError
 from ptyl.models import build_model, is_factory, load_factory

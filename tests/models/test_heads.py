@@ -3,13 +3,7 @@ import torch
 from torch import nn
 
 from ptyl.errors import ConfigError, InvalidValueError
-from ptyl.models import (
-    SmallCNN,
-    backbone_parameter_names,
-    get_head,
-    head_parameter_names,
-    replace_head,
-)
+from ptyl.models import SmallCNN, backbone_parameter_names, get_head, head_parameter_names, replace_head
 
 
 class UserNet(nn.Module):

@@ -142,8 +142,8 @@ def test_encoder_layer_names(transformers):
 
 
 def test_fit_with_dict_batches(transformers):
-    from ptyl.training import fit
     from ptyl.models.hf import TextClassifier, add_lora, text_classification_objective
+    from ptyl.training import fit
 
     model = TextClassifier(tiny_bert(transformers, layers=2), num_classes=2)
     add_lora(model, rank=2)
@@ -164,7 +164,7 @@ def test_embedded_vader_labels_follow_the_ratings():
     with lzma.open(TEXT_DIR / "amazonReviewSnippets_GroundTruth.txt.xz", "rt", encoding="utf-8") as fh:
         rows = [line.rstrip("\n").split("\t") for line in fh][1:]
     kept = [(r[2], int(float(r[1]) > 0)) for r in rows if abs(float(r[1])) >= 0.5]
-    assert list(zip(texts, labels)) == kept
+    assert list(zip(texts, labels, strict=False)) == kept
     assert len(texts) == 2985 and sum(labels) == 1750
     all_texts, _, _ = load_text_dataset("vader-amazon", margin=0.0)
     assert len(all_texts) > len(texts)

@@ -4,16 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptyl.errors import ConfigError
-from ptyl.models import (
-    MLP,
-    ResNet,
-    SmallCNN,
-    available_models,
-    build_model,
-    count_parameters,
-    resnet8,
-    resnet20,
-)
+from ptyl.models import MLP, ResNet, SmallCNN, available_models, build_model, count_parameters, resnet8, resnet20
 
 CASES = [
     ("smallcnn", {}, 64),
@@ -79,7 +70,8 @@ def test_build_model_errors():
     assert isinstance(build_model("SmallCNN"), SmallCNN)
 
 
-@pytest.mark.parametrize("name,kwargs", [("smallcnn", {"width": 8}), ("resnet8", {"width": 8}), ("mlp", {"in_features": 256})])
+@pytest.mark.parametrize("name,kwargs",
+                         [("smallcnn", {"width": 8}), ("resnet8", {"width": 8}), ("mlp", {"in_features": 256})])
 def test_sgd_steps_reduce_loss(name, kwargs):
     torch.manual_seed(0)
     model = build_model(name, **kwargs)

@@ -10,7 +10,13 @@ from torch import nn
 from ptyl.data import TextDataset
 from ptyl.errors import ConfigError
 from ptyl.pipeline import (
-    ClassificationTask, SegmentationTask, TextTask, build_from_metadata, get_task, parse_method, run_transfer,
+    ClassificationTask,
+    SegmentationTask,
+    TextTask,
+    build_from_metadata,
+    get_task,
+    parse_method,
+    run_transfer,
 )
 
 

@@ -8,11 +8,18 @@ import torch
 
 from ptyl.errors import ConfigError, ParameterMismatchError, PriorFileError
 from ptyl.io import load_posterior, read_metadata, save_weights
-from ptyl.pipeline import (
-    learn_source_prior, load_pretrained, load_weights, parse_method, plot_data_efficiency, pretrained_weights_path,
-    run_transfer, summarize, train_config,
-)
 from ptyl.models import SmallCNN
+from ptyl.pipeline import (
+    learn_source_prior,
+    load_pretrained,
+    load_weights,
+    parse_method,
+    plot_data_efficiency,
+    pretrained_weights_path,
+    run_transfer,
+    summarize,
+    train_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +56,13 @@ def test_weights_roundtrip_and_mismatch(tmp_path):
                                                             "num_classes": 5})
     loaded, meta = load_weights(path)
     assert meta["num_classes"] == 5
-    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=False):
         torch.testing.assert_close(a, b, msg=n)
     save_weights(model, tmp_path / "bad.safetensors", {"model": "smallcnn", "model_kwargs": {"width": 8},
                                                        "num_classes": 5})
     with pytest.raises(ParameterMismatchError, match=r"bad.safetensors.*cannot be loaded into SmallCNN.*"
-                                                     r"features.conv1.weight \(expected \(8, 1, 3, 3\), found \(4, 1, 3, 3\)\)"):
+                                                     r"features.conv1.weight \(expected \(8, 1, 3, 3\), "
+                                                     r"found \(4, 1, 3, 3\)\)"):
         load_weights(tmp_path / "bad.safetensors")
 
 
@@ -132,7 +140,8 @@ def _fake(method, n, seed, acc, nll):
 
 
 def test_summarize_mean_and_std_over_seeds(tmp_path):
-    results = [_fake("standard", 10, 0, 0.5, 1.0), _fake("standard", 10, 1, 0.7, 2.0), _fake("lowrank", 10, 0, 0.9, 0.5),
+    results = [_fake("standard", 10, 0, 0.5, 1.0), _fake("standard", 10, 1, 0.7, 2.0),
+               _fake("lowrank", 10, 0, 0.9, 0.5),
                _fake("standard", 100, 0, 0.8, 0.6)]
     table = summarize(results)
     lines = table.splitlines()
@@ -162,7 +171,8 @@ def test_simclr_source_prior_covers_the_trunk_only(tmp_path):
 def test_run_transfer_raises_user_errors_before_training(tiny_prior, monkeypatch):
     import ptyl.pipeline.transfer as transfer
 
-    monkeypatch.setattr(transfer, "tune", lambda *a, **k: pytest.fail("a method was tuned before every grid was checked"))
+    monkeypatch.setattr(transfer, "tune",
+                        lambda *a, **k: pytest.fail("a method was tuned before every grid was checked"))
     with pytest.raises(ConfigError, match="unknown grid axis 'lrr'"):  # the second method's grid is wrong
         run_transfer(tiny_prior, "mnist", n_per_class=[2], methods=["standard", "l2sp"], steps=2, max_test=20,
                      grids={"l2sp": {"variance": [1.0], "lrr": [0.1]}}, progress=False)

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from ptyl.priors.learned import learned_prior
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.priors import LowRankGaussianPrior
 from ptyl.priors.block import OTHER_BLOCK, BlockLowRankPrior, assign_blocks, auto_block, block_prior
+from ptyl.priors.learned import learned_prior
 from tests.helpers import TinyNet, random_posterior
 
 

@@ -51,7 +51,7 @@ def _check_step(kind, kw, backend):
     loss_c, grads_c = _loss_and_grads(compiled, model, x, y)
     loss_e, grads_e = _loss_and_grads(step_loss, model, x, y)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     return model, prior
 
@@ -74,7 +74,7 @@ def test_training_step_compiles_without_graph_breaks(kind, kw):
             value = fn()
             results.append((value, [p.grad.clone() for p in model.parameters()]))
         torch.testing.assert_close(results[0][0], results[1][0])
-        for a, b in zip(results[0][1], results[1][1]):
+        for a, b in zip(results[0][1], results[1][1], strict=False):
             torch.testing.assert_close(a, b)
 
 

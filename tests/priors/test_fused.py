@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ptyl.priors.learned import learned_prior
 from ptyl.errors import ParameterMismatchError
 from ptyl.priors import LowRankGaussianPrior, Prior, block_prior, make_prior
+from ptyl.priors.learned import learned_prior
 from tests.helpers import TinyNet, random_posterior
 
 KINDS = [("lowrank", dict(rank=3, eps=0.01)), ("lowrank", dict(rank=1)), ("diag", dict(eps=0.01)),
@@ -46,7 +46,7 @@ def test_add_grad_gives_the_autograd_update(kind, kw, dtype, populated):
     start = [torch.randn_like(p) for p in model.parameters()]
 
     def reset():
-        for p, g in zip(model.parameters(), start):
+        for p, g in zip(model.parameters(), start, strict=False):
             p.grad = g.clone() if populated else None
 
     reset()
@@ -54,12 +54,12 @@ def test_add_grad_gives_the_autograd_update(kind, kw, dtype, populated):
     expected = _grads(model)
     reset()
     assert prior.add_grad_(model, weight) is None
-    assert all(torch.equal(a, b) for a, b in zip(_grads(model), expected))  # bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(_grads(model), expected, strict=False))  # bit for bit
     reset()
     value = prior.add_grad_(model, torch.tensor(weight, dtype=dtype), return_value=True)
     torch.testing.assert_close(value, prior.penalty(model).detach(), rtol=0, atol=0)
     assert value.dtype == dtype and not value.requires_grad
-    for a, b in zip(_grads(model), expected):
+    for a, b in zip(_grads(model), expected, strict=False):
         torch.testing.assert_close(a, b)
 
 
@@ -82,7 +82,7 @@ def test_block_prior_add_grad_matches_autograd():
     expected = _grads(model)
     model.zero_grad(set_to_none=True)
     prior.add_grad_(model, 0.3)
-    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(_grads(model), expected))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(_grads(model), expected, strict=False))
     torch.testing.assert_close(prior.penalty(model), -prior.log_prob(model))
 
 
@@ -226,8 +226,9 @@ def test_kernel_count_does_not_grow_with_the_number_of_tensors():
                                      {n: d.float() for n, d in swag.deviations().items()})
         model.float()
         row = []
-        for call in (lambda: prior.penalty(model).backward(), lambda: prior.add_grad_(model, 0.1),
-                     lambda: swag.collect(model)):
+        for call in (lambda prior=prior, model=model: prior.penalty(model).backward(),
+                     lambda prior=prior, model=model: prior.add_grad_(model, 0.1),
+                     lambda swag=swag, model=model: swag.collect(model)):
             call()
             model.zero_grad(set_to_none=True)
             row.append(_ops(call))
@@ -258,7 +259,7 @@ def test_cpu_groups_give_the_single_group_result(kind, kw, monkeypatch):
         value.backward()
         values.append((value.detach(), _grads(model)))
     torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-13, atol=0)
-    for a, b in zip(values[0][1], values[1][1]):
+    for a, b in zip(values[0][1], values[1][1], strict=False):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     for _ in range(3):
         with torch.no_grad():
@@ -266,7 +267,7 @@ def test_cpu_groups_give_the_single_group_result(kind, kw, monkeypatch):
                 p.add_(torch.randn_like(p))
         swag_single.collect(model)
         swag_grouped.collect(model)
-    for a, b in zip(swag_single.state_dict().values(), swag_grouped.state_dict().values()):
+    for a, b in zip(swag_single.state_dict().values(), swag_grouped.state_dict().values(), strict=False):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 

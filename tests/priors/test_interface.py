@@ -52,7 +52,7 @@ def test_curvature_interface_matches_dense(kind):
     # the log-density uses the same covariance
     theta = centre + torch.randn(prior.num_parameters, dtype=torch.float64)
     named, start = {}, 0
-    for name, shape in zip(prior.names, prior.shapes):
+    for name, shape in zip(prior.names, prior.shapes, strict=False):
         named[name] = theta[start:start + math.prod(shape)].reshape(shape)
         start += math.prod(shape)
     ref = torch.distributions.MultivariateNormal(centre, covariance_matrix=cov).log_prob(theta)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from ptyl.priors.learned import learned_prior
 from ptyl.errors import ConfigError, InvalidValueError, ParameterMismatchError
 from ptyl.priors import IsotropicGaussianPrior, make_prior, variance_from_weight_decay
+from ptyl.priors.learned import learned_prior
 from tests.helpers import TinyNet, random_posterior
 
 

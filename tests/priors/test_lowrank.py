@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from ptyl.priors.learned import learned_prior
 from ptyl.errors import InvalidValueError
 from ptyl.priors import DiagonalGaussianPrior, LowRankGaussianPrior
+from ptyl.priors.learned import learned_prior
 from tests.helpers import TinyNet, random_posterior
 
 
@@ -131,7 +131,7 @@ def test_chunked_paths_match_unchunked(monkeypatch):
     b = chunked.log_prob(params)
     gb = torch.autograd.grad(b, list(params.values()))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=False):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(chunked.precision_diagonal(), whole.precision_diagonal(), rtol=1e-12, atol=0)
     torch.testing.assert_close(chunked.posterior_log_det(h), whole.posterior_log_det(h), rtol=1e-12, atol=0)

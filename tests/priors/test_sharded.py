@@ -56,7 +56,7 @@ def _setup(kind, options):
     extra = {"posterior": post} if kind in ("lowrank", "diag", "block") else {}
     full = make_prior(model, kind, head_variance=2.0, **extra, **options)
     theta = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
-    layouts = [ShardLayout.even(dict(zip(full.names, full.shapes)), r, 2) for r in range(2)]
+    layouts = [ShardLayout.even(dict(zip(full.names, full.shapes, strict=False)), r, 2) for r in range(2)]
     return model, post, full, theta, layouts
 
 
@@ -89,7 +89,8 @@ def test_two_row_shards_give_the_exact_value_and_gradient(kind, options):
         for name, local in locals_[r].items():
             want = layouts[r].shards[name].take(leaves[name].grad)
             torch.testing.assert_close(local.grad, want, rtol=1e-10, atol=1e-12)
-    # ONE reduce per evaluation, whatever the number of leaves: k + 1 numbers for the low-rank backbone, 1 per other leaf
+    # ONE reduce per evaluation, whatever the number of leaves: k + 1 numbers for the low-rank backbone, 1 per other
+    # leaf
     assert len(exchange.recorded[0]) == 1
     sizes = {"lowrank": 3 + 1 + 1, "diag": 1 + 1, "block": 2 * (3 + 1) + 1, "l2sp": 1 + 1, "standard": 1 + 1}
     assert exchange.recorded[0][0].numel() == sizes[kind]
@@ -138,7 +139,7 @@ def test_log_det_and_curvature_of_shards():
     shards = [ShardedPrior(shard_prior(full, layout).local, _Layout(layout, exchange.reduce(r)))
               for r, layout in enumerate(layouts)]
     starts, start = {}, 0
-    for name, shape in zip(full.names, full.shapes):
+    for name, shape in zip(full.names, full.shapes, strict=False):
         starts[name] = (start, shape)
         start += torch.Size(shape).numel()
 
@@ -164,7 +165,7 @@ def test_unsharded_model_and_misuse():
     torch.testing.assert_close(plain.penalty(model), full.penalty(model), rtol=0, atol=0)
     with pytest.raises(InvalidValueError, match="already sharded"):
         shard_prior(plain, model)
-    layout = ShardLayout.even(dict(zip(full.names, full.shapes)), 0, 2)
+    layout = ShardLayout.even(dict(zip(full.names, full.shapes, strict=False)), 0, 2)
     fake = ShardedPrior(shard_prior(full, layout).local, _Layout(layout, lambda t: t))
     with pytest.raises(ConfigError, match="unsharded parameters"):  # e.g. between FSDP2's forward and backward
         fake.penalty(model)

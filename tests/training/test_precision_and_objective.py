@@ -216,7 +216,7 @@ def test_prior_term_add_grad_is_the_backward_of_the_term():
     for p in model.parameters():
         p.grad = torch.ones_like(p)  # add_grad_ accumulates, as backward does
     returned = term.add_grad_(model)
-    for p, g in zip(model.parameters(), expected):
+    for p, g in zip(model.parameters(), expected, strict=False):
         torch.testing.assert_close(p.grad, g + 1, rtol=1e-6, atol=1e-7)
     assert float(returned) == pytest.approx(float(value.detach()), rel=1e-6)
 

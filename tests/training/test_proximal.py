@@ -18,7 +18,8 @@ D, N = 6, 40
 def regression():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(D, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64)
+    weight = torch.randn(D, generator=gen, dtype=torch.float64)
+    y = x @ weight + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64)
     return TensorDataset(x, y)
 
 

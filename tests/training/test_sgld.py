@@ -184,7 +184,7 @@ def _train_in_lockstep(make_sgld, make_sgd, steps=15, lr_changes=False):
             if lr_changes:
                 for group in opt.param_groups:
                     group["lr"] *= 0.9
-        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=False):
             assert torch.equal(pa, pb), f"step {step}: SGLD(T=0) differs from SGD"
     return opt_a, opt_b
 
@@ -223,14 +223,14 @@ def test_zero_temperature_after_sampling_is_sgd_from_the_same_state():
         sampler.step()
     twin = copy.deepcopy(model)
     sgd = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=False):
         sgd.state[q]["momentum_buffer"] = sampler.state[p]["momentum_buffer"].clone()
     sampler.param_groups[0]["temperature"] = 0.0
     for m, opt in ((model, sampler), (twin, sgd)):
         opt.zero_grad()
         nn.functional.cross_entropy(m(x), y).backward()
         opt.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=False):
         assert torch.equal(p, q)
         assert "noise_velocity" not in sampler.state[p]
 

@@ -108,7 +108,7 @@ def test_gradients_equal_autograd_of_the_deelbo():
                              strategy.weight, 1, strategy.generator)
     loss.backward()
     reference = [p.grad for p in model.parameters()] + [s.grad for s in strategy.q.log_std]
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -122,7 +122,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     for name, value in reference.model.state_dict().items():
         torch.testing.assert_close(result.model.state_dict()[name], value, rtol=0, atol=0)
     assert resumed.family.hyper_values() == full.family.hyper_values()
-    for a, b in zip(resumed.q.parameters(), full.q.parameters()):
+    for a, b in zip(resumed.q.parameters(), full.q.parameters(), strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -9,17 +9,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ptyl.errors import ConfigError, DataError, InvalidValueError
-from ptyl.training import TrainConfig, fit
-from ptyl.tuning.result import edge_warnings
-from ptyl.tuning import (
-    PriorSpec,
-    default_grid,
-    tune,
-    validation_split,
-)
 from ptyl.metrics import evaluate_probs
 from ptyl.models import MLP
 from ptyl.posterior import SourcePosterior
+from ptyl.training import TrainConfig, fit
+from ptyl.tuning import PriorSpec, default_grid, tune, validation_split
+from ptyl.tuning.result import edge_warnings
 
 CONFIG = TrainConfig(epochs=4, batch_size=16, lr=0.05, progress=False)
 

@@ -30,7 +30,7 @@ def test_k_folds_are_stratified_disjoint_and_cover_every_example():
     folds = k_folds(data, 3, seed=0)
     val_ids = [set(val.indices) for _, val in folds]
     assert set().union(*val_ids) == set(range(20)) and sum(map(len, val_ids)) == 20
-    for (train, val), ids in zip(folds, val_ids):
+    for (train, _val), ids in zip(folds, val_ids, strict=True):
         assert not set(train.indices) & ids
         counts = torch.bincount(y[sorted(ids)], minlength=3)
         assert (counts - torch.tensor([10, 7, 3]) / 3).abs().max() < 1  # every class dealt evenly

@@ -30,14 +30,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ptyl.autotune.families import (
-    BlockFamily,
-    CompositeFamily,
-    IsotropicFamily,
-    LeafFamily,
-    LearnedFamily,
-    check_hyper,
-)
+from ptyl.autotune.families import BlockFamily, CompositeFamily, IsotropicFamily, LeafFamily, LearnedFamily, check_hyper
 from ptyl.errors import ConfigError, ParameterMismatchError
 from ptyl.params import as_name_list, name_matches, named_parameters
 from ptyl.priors.block import assign_blocks
@@ -180,10 +173,11 @@ def scaled_family(recipe: PriorRecipe, backbone, posterior, options: PriorOption
     axis = recipe.axis
     unit = _one_leaf(recipe.build(backbone, posterior, replace(options, **{axis: 1.0, "eps": 0.0})), recipe)
     mean, d1, u1 = unit.flat_parts(torch.float64)
+    sizes = [math.prod(s) for s in unit.shapes]
     split = lambda flat: dict(zip(unit.names, (t.reshape(s) for t, s in  # noqa: E731
-                                               zip(flat.split([math.prod(s) for s in unit.shapes], -1), unit.shapes))))
+                                               zip(flat.split(sizes, -1), unit.shapes, strict=True)), strict=True))
     factor = None if u1 is None else {n: t.reshape(u1.shape[0], *s) for n, t, s in
-                                      zip(unit.names, u1.split([math.prod(s) for s in unit.shapes], 1), unit.shapes)}
+                                      zip(unit.names, u1.split(sizes, 1), unit.shapes, strict=True)}
     family = LearnedFamily(split(mean), split(d1), factor, scale=getattr(options, axis), eps=options.eps,
                            learn_scale=axis in learn, learn_eps="eps" in learn, scale_name=axis, dtype=dtype)
     _check_same_prior(family, _one_leaf(recipe.build(backbone, posterior, options), recipe), recipe)
@@ -206,7 +200,7 @@ def _check_same_prior(family: LearnedFamily, built, recipe: PriorRecipe, rtol: f
         got = (family.mean, d, u)
         same = (u is None) == (want[2] is None) and all(
             a is None or (a.shape == b.shape and torch.allclose(a.cpu(), b.cpu(), rtol=rtol, atol=1e-12))
-            for a, b in zip(got, want))
+            for a, b in zip(got, want, strict=False))
     if not same:
         raise ConfigError(f"the prior of {recipe.builder!r} is not h Sigma_1 + eps I in its axis {recipe.axis!r}: "
                           "SCALED_FAMILY would learn another prior than it builds; give its recipe a family of its "

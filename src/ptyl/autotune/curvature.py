@@ -113,7 +113,7 @@ class DenseBlock:
 
 
 def _sub(block, keep):
-    pairs = [(n, s) for n, s in zip(block.names, block.shapes) if n in keep]
+    pairs = [(n, s) for n, s in zip(block.names, block.shapes, strict=False) if n in keep]
     return tuple(n for n, _ in pairs), tuple(s for _, s in pairs)
 
 
@@ -123,7 +123,7 @@ def _restrict_flat(block, keep, make):
     if not any(n in keep for n in block.names):
         return None
     sizes = [math.prod(s) for s in block.shapes]
-    mask = torch.cat([torch.full((k,), n in keep) for n, k in zip(block.names, sizes)])
+    mask = torch.cat([torch.full((k,), n in keep) for n, k in zip(block.names, sizes, strict=False)])
     return make(mask.nonzero().squeeze(1))
 
 
@@ -155,11 +155,11 @@ class Curvature:
     def dense(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> torch.Tensor:
         """The block-diagonal approximation as a dense matrix over ``names`` (tests only)."""
         sizes = [math.prod(s) for s in shapes]
-        offsets = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))]))
+        offsets = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))], strict=False))
         full = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
         for block in self.blocks:
             idx = torch.cat([torch.arange(offsets[n], offsets[n] + math.prod(s))
-                             for n, s in zip(block.names, block.shapes)])
+                             for n, s in zip(block.names, block.shapes, strict=False)])
             full[idx[:, None], idx[None, :]] = block.dense().to(full)
         return full
 

@@ -40,7 +40,8 @@ def _takes_keywords(model: Any, x: Mapping) -> bool:
         return True
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return True
-    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {p.name for p in params if p.kind in named}
     return set(x) <= names
 
 

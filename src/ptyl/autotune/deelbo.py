@@ -13,10 +13,10 @@ from one mini-batch and ``num_samples`` reparameterised draws:
     loss = mean_batch[-log p(y | x, m + s e)] + KL(q || p_h) / (kappa N)
 
 jointly in m (the training run's optimiser), log s and log h (Adam; :class:`ptyl.tuning.DEELBOStrategy` runs it
-inside the training loop). The KL is closed form: O(P k) per step for the learned prior with eps = 0 (Sigma = lam Sigma_0, factorised once) and the isotropic
-ones, O(P k^2) per step with eps > 0 (the capacitance depends on eps / lam). Predictions: the model itself (the
-variational mean, "MAP-style") or a Bayesian model average over draws of q
-(:meth:`~ptyl.autotune.VariationalPosterior.sample_states`).
+inside the training loop). The KL is closed form: O(P k) per step for the learned prior with eps = 0
+(Sigma = lam Sigma_0, factorised once) and the isotropic ones, O(P k^2) per step with eps > 0 (the capacitance
+depends on eps / lam). Predictions: the model itself (the variational mean, "MAP-style") or a Bayesian model
+average over draws of q (:meth:`~ptyl.autotune.VariationalPosterior.sample_states`).
 
 ``kappa=None`` uses max(1, P / N): the paper's P / N, never below 1 — it targets P >> N, and with P < N the ordinary
 ELBO already weighs the data fully (kappa < 1 would *down*-weight it).

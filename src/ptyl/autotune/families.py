@@ -87,11 +87,11 @@ class LeafFamily(nn.Module):
     def flatten(self, params: Params) -> torch.Tensor:
         """The covered tensors of ``params`` as one flat vector [P] in ``names`` order, in the family's dtype."""
         named = named_parameters(params)
-        check_names_and_shapes(dict(zip(self.names, self.shapes)), named, what="prior family")
+        check_names_and_shapes(dict(zip(self.names, self.shapes, strict=False)), named, what="prior family")
         return torch.cat([named[n].reshape(-1).to(self.dtype) for n in self.names])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: t.reshape(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
+        return {n: t.reshape(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes, strict=False)}
 
     # --- what a subclass defines -----------------------------------------------------------------------------
     def center(self) -> torch.Tensor | None:  # pragma: no cover - abstract
@@ -239,7 +239,7 @@ class LearnedFamily(LeafFamily):
             if u is None:
                 return DiagonalGaussianPrior(mean, diag)
             factor = {n: t.reshape(self.rank, *s) for n, t, s in
-                      zip(self.names, u.split(self.numels, dim=1), self.shapes)}
+                      zip(self.names, u.split(self.numels, dim=1), self.shapes, strict=False)}
             return LowRankGaussianPrior(mean, diag, factor)
 
 
@@ -279,7 +279,8 @@ class IsotropicFamily(LeafFamily):
 
     def to_prior(self) -> Prior:
         center = None if self.center_flat is None else self.unflatten(self.center_flat)
-        return IsotropicGaussianPrior(dict(zip(self.names, self.shapes)), float(self.variance().detach()), center)
+        return IsotropicGaussianPrior(dict(zip(self.names, self.shapes, strict=True)), float(self.variance().detach()),
+                                      center)
 
 
 class _UnitCovariance:
@@ -356,7 +357,7 @@ class CompositeFamily(nn.Module):
         return out
 
     def to_prior(self) -> Prior:
-        parts = dict(zip(self.part_names, (p.to_prior() for p in self.parts)))
+        parts = dict(zip(self.part_names, (p.to_prior() for p in self.parts), strict=False))
         return CompositePrior(parts, unregularized=self.unregularized)
 
     def extra_repr(self) -> str:
@@ -372,11 +373,11 @@ class BlockFamily(CompositeFamily):
 
     def prior_kwargs(self) -> dict:
         leaves = self.leaves()
-        return {"scale": {b: float(leaf.scale().detach()) for b, leaf in zip(self.part_names, leaves)},
+        return {"scale": {b: float(leaf.scale().detach()) for b, leaf in zip(self.part_names, leaves, strict=False)},
                 "eps": float(leaves[0].eps().detach())}
 
     def to_prior(self) -> Prior:
-        return BlockLowRankPrior(dict(zip(self.part_names, (leaf.to_prior() for leaf in self.parts))))
+        return BlockLowRankPrior(dict(zip(self.part_names, (leaf.to_prior() for leaf in self.parts), strict=False)))
 
 
 Family = LeafFamily | CompositeFamily

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock, KronBlock
+from ptyl.autotune.curvature import Curvature, DiagBlock, KronBlock
 from ptyl.autotune.data import checked_batches
 from ptyl.autotune.families import Family
 from ptyl.errors import ConfigError
@@ -51,11 +51,11 @@ class CurvatureOperator:
         self.blocks = [b for b in (block.restrict(self.names) for block in curvature.blocks) if b is not None]
 
     def _pieces(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, x.split(self.sizes)))
+        return dict(zip(self.names, x.split(self.sizes), strict=False))
 
     def _flat(self, pieces: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         return torch.cat([pieces[n] if n in pieces else torch.zeros(k, dtype=like.dtype, device=like.device)
-                          for n, k in zip(self.names, self.sizes)])
+                          for n, k in zip(self.names, self.sizes, strict=False)])
 
     @staticmethod
     def _scatter(block: KronBlock, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ class CurvatureOperator:
             else:
                 g = block.gather(pieces)
                 y = block.h.to(x.dtype) * g if isinstance(block, DiagBlock) else block.h.to(x.dtype) @ g
-                out.update(dict(zip(block.names, y.split([math.prod(s) for s in block.shapes]))))
+                out.update(dict(zip(block.names, y.split([math.prod(s) for s in block.shapes]), strict=False)))
         return self._flat(out, x)
 
     def diagonal(self, like: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,8 @@ class CurvatureOperator:
                 out.update(self._scatter(block, torch.outer(block.b.diagonal(), block.a.diagonal()).to(like.dtype)))
             else:
                 d = block.h if isinstance(block, DiagBlock) else block.h.diagonal()
-                out.update(dict(zip(block.names, d.to(like.dtype).split([math.prod(s) for s in block.shapes]))))
+                sizes = [math.prod(s) for s in block.shapes]
+                out.update(dict(zip(block.names, d.to(like.dtype).split(sizes), strict=True)))
         return self._flat(out, like)
 
 
@@ -100,14 +101,14 @@ class HessianOperator:
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         pieces = [t.reshape(p.shape).to(p.dtype) for t, p in zip(x.split([p.numel() for p in self.params]),
-                                                                   self.params)]
+                                                                   self.params, strict=False)]
         total = torch.zeros_like(x)
         device = self.params[0].device
         for batch in checked_batches(self.data, device):
             with torch.enable_grad():
                 value = self.loss(self.model, batch) * len(batch[1])  # summed over the batch's examples
                 grads = torch.autograd.grad(value, self.params, create_graph=True)
-                dot = sum((g * v).sum() for g, v in zip(grads, pieces))
+                dot = sum((g * v).sum() for g, v in zip(grads, pieces, strict=False))
                 hv = torch.autograd.grad(dot, self.params)
             total += torch.cat([h.reshape(-1) for h in hv]).to(x.dtype)
         return total
@@ -146,7 +147,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     rz = torch.dot(r, z)
     norm_b = float(b.norm()) or 1.0
     done = 0
-    for done in range(1, steps + 1):
+    for done in range(1, steps + 1):  # noqa: B007 - the count of steps taken is read after the loop
         ap = matvec(p)
         alpha = rz / torch.dot(p, ap)
         w += alpha * p
@@ -188,7 +189,7 @@ def precision_matvec(family: Family, x: torch.Tensor) -> torch.Tensor:
     the hyper-parameters)."""
     leaves = family.leaves()
     parts = x.split([leaf.num_parameters for leaf in leaves])
-    return torch.cat([leaf.woodbury().solve(part.to(leaf.dtype)) for leaf, part in zip(leaves, parts)])
+    return torch.cat([leaf.woodbury().solve(part.to(leaf.dtype)) for leaf, part in zip(leaves, parts, strict=False)])
 
 
 def precision_diagonal(family: Family) -> torch.Tensor:
@@ -224,7 +225,7 @@ def validation_gradient(model: nn.Module, data: Iterable, loss: Callable, names:
                 batch_loss = loss(model, batch) * size
                 grads = torch.autograd.grad(batch_loss, params, allow_unused=True)
             total += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                                for g, p in zip(grads, params)])
+                                for g, p in zip(grads, params, strict=False)])
             value += float(batch_loss.detach())
             count += size
     finally:
@@ -270,7 +271,7 @@ def hypergradient(family: Family, params, direction: torch.Tensor) -> list[torch
     hypers = list(family.parameters())
     value = torch.dot(direction.to(family.leaves()[0].dtype), prior_gradient(family, params))
     grads = torch.autograd.grad(value, hypers, allow_unused=True)
-    return [-(g if g is not None else torch.zeros_like(h)) for g, h in zip(grads, hypers)]
+    return [-(g if g is not None else torch.zeros_like(h)) for g, h in zip(grads, hypers, strict=False)]
 
 
 __all__ = ["SOLVERS", "CurvatureOperator", "HessianOperator", "SolveInfo", "conjugate_gradient", "hypergradient",

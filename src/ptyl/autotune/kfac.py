@@ -177,7 +177,7 @@ def _accumulate(plan, recorder, f, out, likelihood, stats, structures, fisher, m
     outputs = [recorder.outputs[n] for n in layer_names]
     for v in _columns(likelihood, out, fisher, mc_samples, generator):
         grads = torch.autograd.grad(f, outputs, grad_outputs=v.to(f.dtype), retain_graph=True, allow_unused=True)
-        for name, g in zip(layer_names, grads):
+        for name, g in zip(layer_names, grads, strict=False):
             if g is None:
                 continue
             if name in affine:
@@ -202,7 +202,7 @@ def _block(module: nn.Module, block_names, stat, structure: str, device):
     if supported_affine(module):
         parts = [stat.get(n.rsplit(".", 1)[-1], 0.0) for n in block_names]
         flat = [p.reshape(-1) if torch.is_tensor(p) else torch.zeros(math.prod(s), dtype=torch.float64, device=device)
-                for p, s in zip(parts, shapes)]
+                for p, s in zip(parts, shapes, strict=False)]
         return DiagBlock(block_names, shapes, torch.cat(flat))
     out_dim, has_bias = module.weight.shape[0], len(block_names) == 2
     if structure == "diag":

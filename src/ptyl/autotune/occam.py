@@ -140,7 +140,7 @@ class _LeafOccam:
                              if not isinstance(b, (DiagBlock, DenseBlock)) else None for b in blocks]
 
     def _pieces(self, flat: torch.Tensor, rows: bool = False) -> dict[str, torch.Tensor]:
-        return dict(zip(self.leaf.names, flat.split(self.leaf.numels, dim=1 if rows else 0)))
+        return dict(zip(self.leaf.names, flat.split(self.leaf.numels, dim=1 if rows else 0), strict=False))
 
     def __call__(self) -> torch.Tensor:
         d_all = self.leaf.variance_diag()
@@ -149,7 +149,7 @@ class _LeafOccam:
         f, v = (None, None) if factor is None else (factor[0], self._pieces(factor[1], rows=True))
         total = torch.zeros((), dtype=d_all.dtype, device=d_all.device)
         gain = None
-        for block, prepared in zip(self.blocks, self.prepared):
+        for block, prepared in zip(self.blocks, self.prepared, strict=False):
             # a prepared K-FAC block holds its transformed factor already: no [k, block] copy of V per evaluation
             vb = None if v is None or (prepared is not None and prepared.x is not None) else block.gather(v)
             log_det, g = _block_terms(block, prepared, block.gather(d), f, vb)
@@ -177,7 +177,7 @@ class LaplaceEvidence:
         leaves = family.leaves()
         self.log_likelihood = curvature.log_likelihood
         self.parts = [_LeafOccam(leaf, blocks, frozen_shape)
-                      for leaf, blocks in zip(leaves, assign_blocks(curvature, leaves))]
+                      for leaf, blocks in zip(leaves, assign_blocks(curvature, leaves), strict=False)]
 
     def occam(self) -> torch.Tensor:
         """log det(I + Sigma H) summed over the leaf families."""

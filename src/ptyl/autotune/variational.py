@@ -45,23 +45,24 @@ class VariationalPosterior(nn.Module):
                 return init_std[name].detach().to(p).log().reshape(p.shape).clone()
             return torch.full_like(p, math.log(init_std))
 
-        self.log_std = nn.ParameterList([nn.Parameter(log_std(n, r)) for n, r in zip(self.names, self.raw_names)])
+        self.log_std = nn.ParameterList([nn.Parameter(log_std(n, r))
+                                         for n, r in zip(self.names, self.raw_names, strict=True)])
 
     def means(self, model: nn.Module) -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
-        return {n: params[r] for n, r in zip(self.names, self.raw_names)}
+        return {n: params[r] for n, r in zip(self.names, self.raw_names, strict=False)}
 
     def variances(self) -> dict[str, torch.Tensor]:
-        return {n: (2.0 * s).exp() for n, s in zip(self.names, self.log_std)}
+        return {n: (2.0 * s).exp() for n, s in zip(self.names, self.log_std, strict=False)}
 
     def std(self) -> dict[str, torch.Tensor]:
-        return {n: s.exp() for n, s in zip(self.names, self.log_std)}
+        return {n: s.exp() for n, s in zip(self.names, self.log_std, strict=False)}
 
     def sample(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Raw parameter name -> m + s * e (differentiable in m and s), for ``functional_call``."""
         params = dict(model.named_parameters())
         out = {}
-        for r, s in zip(self.raw_names, self.log_std):
+        for r, s in zip(self.raw_names, self.log_std, strict=False):
             noise = torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
             out[r] = params[r] + s.exp() * noise
         return out

@@ -92,8 +92,9 @@ def add_data_model_options(parser: argparse.ArgumentParser, *, data_default: str
                              f"nn.Module (package.module:function or path/to/file.py:function; it gets the keyword "
                              f"arguments it accepts of num_classes, in_channels, width){default}")
     parser.add_argument("--head", metavar="MODULE",
-                        help="module name of the classifier's head (e.g. fc, classifier, head.fc), used everywhere: left "
-                             "out of the prior, replaced for the new task, given the head prior [the prior's, or head]")
+                        help="module name of the classifier's head (e.g. fc, classifier, head.fc), used everywhere: "
+                             "left out of the prior, replaced for the new task, given the head prior "
+                             "[the prior's, or head]")
 
 
 def add_task_options(parser: argparse.ArgumentParser, command: str) -> None:

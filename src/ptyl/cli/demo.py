@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             done = list(pool.map(_pair, jobs))
     else:
         done = [_pair(job) for job in jobs]
-    for source, (records, table, seconds) in zip(s["sources"], done):
+    for source, (records, table, seconds) in zip(s["sources"], done, strict=False):
         results += records
         tables.append(table)
         source_times[source] = seconds
@@ -169,9 +169,7 @@ def _transfer(args, s, prior: Path, source: str) -> list[dict]:
 def _pair_table(source: str, s, records: list[dict]) -> str:
     """The pair's summary table and, per n, the learned prior minus the better baseline (chosen per seed by
     validation NLL), seed by seed."""
-    from ptyl.pipeline import summarize
-
-    from ptyl.pipeline import SELECTED
+    from ptyl.pipeline import SELECTED, summarize
 
     lines = [f"**{source} -> {s['target']}** ({ROLES.get(source, 'source')})", "",
              summarize(records, metrics=("accuracy", "nll", "ece"), wall_time=False)]

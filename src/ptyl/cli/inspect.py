@@ -110,7 +110,8 @@ def _inspect(args: argparse.Namespace) -> int:
     others = {k: v for k, v in meta.items() if k not in shown and k not in internal}
     if others:
         print("other metadata: " + ", ".join(f"{k}={v}" for k, v in others.items()))
-    header = f"{'name':<32} {'shape':<18} {'numel':>8} {'var min':>10} {'var median':>10} {'var max':>10} {'dev norm':>9}"
+    header = (f"{'name':<32} {'shape':<18} {'numel':>8} {'var min':>10} {'var median':>10} {'var max':>10} "
+              f"{'dev norm':>9}")
     print()
     print(header)
     print("-" * len(header))

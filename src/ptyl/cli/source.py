@@ -6,8 +6,17 @@ import argparse
 from pathlib import Path
 
 from ptyl.cli._common import (
-    add_common, add_data_model_options, add_task_options, dtype_name, info, model_kwargs, nonnegative_int,
-    positive_float, positive_int, progress, task_options,
+    add_common,
+    add_data_model_options,
+    add_task_options,
+    dtype_name,
+    info,
+    model_kwargs,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    progress,
+    task_options,
 )
 
 PRETRAIN_EPOCHS = 5
@@ -118,8 +127,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_learn_prior(args: argparse.Namespace) -> int:
-    from ptyl.pipeline import learn_source_prior, pretrained_weights_path
     from ptyl.io import read_metadata
+    from ptyl.pipeline import learn_source_prior, pretrained_weights_path
 
     options = _task_defaults(args)
     epochs = _pretrain_epochs(args)

@@ -19,7 +19,7 @@ of colour jitter, and Gaussian noise in place of blur.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,8 @@ def _check_batch(x: torch.Tensor, name: str = "x") -> None:
         raise InvalidValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def _check_range(name: str, value: Sequence[float], low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
+def _check_range(name: str, value: Sequence[float], low: float = -math.inf,
+                 high: float = math.inf) -> tuple[float, float]:
     if len(value) != 2 or not (low <= value[0] <= value[1] <= high):
         raise InvalidValueError(f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {tuple(value)}")
     return float(value[0]), float(value[1])
@@ -274,7 +275,8 @@ class SimCLRAugment:
     def __call__(self, x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         _check_batch(x)
         if tuple(x.shape[-2:]) != self.image_size:
-            raise InvalidValueError(f"SimCLRAugment expects images of size {self.image_size}, got {tuple(x.shape[-2:])}")
+            raise InvalidValueError(f"SimCLRAugment expects images of size {self.image_size}, "
+                                    f"got {tuple(x.shape[-2:])}")
         g = _as_generator(generator)
         x = random_resized_crop(x, self.crop_scale, self.crop_ratio, generator=g)
         if self.flip_p > 0:

@@ -38,7 +38,8 @@ def _digit_batch(images: torch.Tensor, digit_size: int | None) -> torch.Tensor:
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] != images.shape[-2]:
-        raise DataError(f"digit images must be [M, 1, d, d] or [M, d, d] (square, grey-scale), got {tuple(images.shape)}")
+        raise DataError(f"digit images must be [M, 1, d, d] or [M, d, d] (square, grey-scale), "
+                        f"got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise DataError("digit image pool is empty")
     images = images.to(torch.float32)
@@ -93,7 +94,8 @@ class DigitCanvasSegmentation(Dataset):
         if num_samples < 1:
             raise InvalidValueError(f"num_samples must be >= 1, got {num_samples}")
         if not 0 <= lo <= hi or hi < 1:
-            raise InvalidValueError(f"digits_per_canvas must be (lo, hi) with 0 <= lo <= hi, hi >= 1, got {digits_per_canvas}")
+            raise InvalidValueError(f"digits_per_canvas must be (lo, hi) with 0 <= lo <= hi, hi >= 1, "
+                                    f"got {digits_per_canvas}")
         if canvas_size < d:
             raise InvalidValueError(f"canvas_size={canvas_size} is smaller than the digit size {d}")
         if not 0.0 <= threshold < 1.0:
@@ -107,7 +109,8 @@ class DigitCanvasSegmentation(Dataset):
                 f"asked for up to {hi}; use a larger canvas or placement='free'"
             )
 
-        self.canvas_size, self.threshold, self.seed, self.placement = int(canvas_size), float(threshold), int(seed), placement
+        self.canvas_size, self.threshold = int(canvas_size), float(threshold)
+        self.seed, self.placement = int(seed), placement
         self.digits_per_canvas = (lo, hi)
         self.num_digit_classes = n_cls
         self.num_classes = n_cls + 1  # + background

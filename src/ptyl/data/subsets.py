@@ -14,11 +14,12 @@ from ptyl.errors import DataError, InvalidValueError
 
 if TYPE_CHECKING:  # avoid a circular import: datasets.py uses stratified_split_indices
     from ptyl.data.datasets import ImageDataset
+    from ptyl.data.text import TextDataset
 
 __all__ = ["class_counts", "few_shot_subset", "balanced_split", "hold_out", "stratified_split_indices"]
 
 
-def class_counts(dataset: ImageDataset) -> dict[int, int]:
+def class_counts(dataset: ImageDataset | TextDataset) -> dict[int, int]:
     """Number of examples of every class ``0..num_classes-1`` (absent classes count 0)."""
     counts = torch.bincount(dataset.targets, minlength=dataset.num_classes)
     return {c: int(n) for c, n in enumerate(counts.tolist())}
@@ -96,7 +97,8 @@ def balanced_split(
 POOL_SEED = 10_000
 
 
-def hold_out(dataset: Dataset, total: int, seed: int = POOL_SEED) -> tuple[Dataset, Dataset | None]:
+def hold_out(dataset: ImageDataset | TextDataset, total: int,
+             seed: int = POOL_SEED) -> tuple[ImageDataset | TextDataset, ImageDataset | TextDataset | None]:
     """Split off a class-balanced validation pool of ``total // C`` examples per class.
 
     Args:

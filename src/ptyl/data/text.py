@@ -177,7 +177,7 @@ def _check_classes(path: Path, labels: list[int], classes: list[str], label_colu
     counts = [0] * len(classes)
     for label in labels:
         counts[label] += 1
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    empty = [c for c, n in zip(classes, counts, strict=False) if n == 0]
     if empty:
         raise DataError(f"{path}: class(es) {empty[:5]} of column {label_column!r} have no example (classes: "
                         f"{classes})")
@@ -287,7 +287,9 @@ class TextDataset(Dataset):
                 f"seq_len={self.input_ids.shape[1]})")
 
 
-def collate_text(batch: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def collate_text(
+    batch: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Stack ``(inputs, label)`` items and cut the padding columns no example of the batch uses.
 
     Use as ``DataLoader(dataset, batch_size=32, collate_fn=collate_text)``: shorter batches make a transformer

@@ -6,8 +6,8 @@ Training (MAP, SGLD, cyclical SGLD, SWAG) lives in :mod:`ptyl.training`; choosin
 """
 
 from ptyl.inference.bma import bma_predict, collect_targets, predict_probs, recompute_batchnorm
-from ptyl.inference.laplace_predictive import LaplacePredictive, laplace
 from ptyl.inference.laplace_posterior import PosteriorPrecision
+from ptyl.inference.laplace_predictive import LaplacePredictive, laplace
 from ptyl.inference.samples import SampleBank
 
 __all__ = ["LaplacePredictive", "PosteriorPrecision", "SampleBank", "bma_predict", "collect_targets", "laplace",

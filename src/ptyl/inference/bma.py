@@ -252,7 +252,7 @@ def recompute_batchnorm(model: nn.Module, loader: Iterable[Any], device: torch.d
                 _call(model, x)
                 seen += size
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=False):
             m.momentum = momentum
         model.train(was_training)
     if seen == 0:

@@ -139,8 +139,8 @@ class PosteriorPrecision:
             raise ConfigError(f"parameters {missing[:4]} of the Laplace subset have no prior leaf of their own")
         self.shapes = [tuple(s) for leaf in chosen for s in leaf.shapes]
         sizes = [math.prod(s) for s in self.shapes]
-        self.offsets = dict(zip(self.names, [sum(sizes[:i]) for i in range(len(sizes))]))
-        self.sizes = dict(zip(self.names, sizes))
+        self.offsets = dict(zip(self.names, [sum(sizes[:i]) for i in range(len(sizes))], strict=False))
+        self.sizes = dict(zip(self.names, sizes, strict=False))
         self.num_parameters = sum(sizes)
         self.prior_precision = tau
         self.info: dict[str, float] = {}
@@ -298,7 +298,7 @@ def _kron_block(block: KronBlock, index: torch.Tensor, prior_diag: torch.Tensor)
 
 def _ranges(block: KronBlock):
     start = 0
-    for name, shape in zip(block.names, block.shapes):
+    for name, shape in zip(block.names, block.shapes, strict=False):
         size = math.prod(shape)
         yield name, start, start + size
         start += size

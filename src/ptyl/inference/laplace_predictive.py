@@ -128,7 +128,7 @@ class LaplacePredictive:
             means, covs = logit_moments(self.model, loader, self.posterior.names, self.candidates, progress=progress)
             targets = _targets(loader)
             self.validation = []
-            for post, cov in zip(self.candidates, covs):
+            for post, cov in zip(self.candidates, covs, strict=False):
                 probs = average_softmax(means, cov, self.predictive, self.mc_samples, self.seed)
                 nll = float(torch.nn.functional.nll_loss(probs.double().clamp_min(1e-12).log(), targets))
                 self.validation.append({"prior_precision": post.prior_precision, "val_nll": nll})
@@ -183,7 +183,7 @@ class LaplacePredictive:
 def _quadratic(leaf: Prior, named: dict[str, torch.Tensor]) -> float:
     """(theta - mu)^T Sigma^-1 (theta - mu) of one leaf: twice the penalty minus its normaliser (penalty at mu)."""
     at_theta = float(leaf.penalty(named).detach())
-    center = dict(zip(leaf.names, _split(leaf.mean_flat().double(), leaf.shapes)))
+    center = dict(zip(leaf.names, _split(leaf.mean_flat().double(), leaf.shapes), strict=False))
     at_mean = float(leaf.penalty({n: t.to(named[n]) for n, t in center.items()}).detach())
     return 2.0 * (at_theta - at_mean)
 
@@ -317,8 +317,8 @@ def logit_moments(model: nn.Module, loader: Iterable, names: Sequence[str], post
     ``vmap``, evaluation mode: the MAP's BatchNorm statistics) once per batch and shared by every posterior.
     """
     from torch.func import functional_call, jacrev, vmap
-    from tqdm.auto import tqdm
     from torch.utils._pytree import tree_map
+    from tqdm.auto import tqdm
 
     raw = dict(model.named_parameters())
     by_norm = {normalize_name(n): n for n in raw}

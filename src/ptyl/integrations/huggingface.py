@@ -44,7 +44,7 @@ from ptyl.posterior.swag import SWAGCollector
 from ptyl.priors.base import Prior
 from ptyl.training.objective import PriorTerm
 
-__all__ = ["PriorTrainer", "PriorTrainerMixin", "SWAGTrainerCallback", "import_transformers"]
+__all__ = ["PriorTrainer", "PriorTrainerMixin", "SWAGTrainerCallback", "import_transformers"]  # noqa: F822 - the classes come lazily from __getattr__
 
 
 def import_transformers() -> Any:

@@ -37,7 +37,7 @@ from ptyl.posterior.swag import SWAGCollector
 from ptyl.priors.base import Prior
 from ptyl.training.objective import PriorTerm
 
-__all__ = ["PriorCallback", "SWAGCallback", "import_lightning"]
+__all__ = ["PriorCallback", "SWAGCallback", "import_lightning"]  # noqa: F822 - the classes come lazily from __getattr__
 
 
 def import_lightning() -> Any:

@@ -10,6 +10,14 @@ Shared by every ptyl file format: :func:`read_json_header` (the JSON header, opt
 from ptyl.io.atomic import atomic_files, atomic_write, atomic_write_bytes, atomic_write_text, remove_stale_temp_files
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.io.header import read_json_header
+from ptyl.io.pretrained import (
+    PretrainedPrior,
+    PriorCard,
+    from_pretrained,
+    prior_file_path,
+    push_to_hub,
+    save_pretrained,
+)
 from ptyl.io.prior_file import (
     FORMAT_VERSION,
     PriorFile,
@@ -18,14 +26,6 @@ from ptyl.io.prior_file import (
     load_prior_file,
     read_metadata,
     save_posterior,
-)
-from ptyl.io.pretrained import (
-    PretrainedPrior,
-    PriorCard,
-    from_pretrained,
-    prior_file_path,
-    push_to_hub,
-    save_pretrained,
 )
 from ptyl.io.reference import import_reference
 from ptyl.io.samples import load_samples, read_samples_metadata, save_samples

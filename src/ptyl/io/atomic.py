@@ -221,11 +221,11 @@ def _backup(target: Path) -> Path | None:
 def atomic_files() -> Iterator[AtomicFiles]:
     """Write several files all-or-nothing.
 
-    Inside the block every :func:`atomic_write` in this thread (so :func:`~ptyl.io.save_posterior`, weights and result writers)
-    and every ``group.write(path, fn)`` on the yielded :class:`AtomicFiles` writes a complete temporary file next to
-    its target; the targets appear only when the block ends without an exception, and none of them does otherwise.
-    Files written inside the block are not readable under their final names until it ends. Nested blocks join the
-    outermost one. A process killed inside the block leaves only temporary files, removed by the next write into the
+    Inside the block every :func:`atomic_write` in this thread (so :func:`~ptyl.io.save_posterior`, weights and result
+    writers) and every ``group.write(path, fn)`` on the yielded :class:`AtomicFiles` writes a complete temporary file
+    next to its target; the targets appear only when the block ends without an exception, and none of them does
+    otherwise. Files written inside the block are not readable under their final names until it ends. Nested blocks join
+    the outermost one. A process killed inside the block leaves only temporary files, removed by the next write into the
     same folder; the commit itself is a sequence of renames (each atomic) that rolls back if one of them fails.
     """
     outer = _GROUP.get()

@@ -122,7 +122,8 @@ class PriorCard:
         if self.description:
             lines += [self.description, ""]
         facts = [("source data", self.source), ("architecture", self.architecture), ("objective", self.objective),
-                 ("SWAG rank K", self.rank), ("parameters covered", self.num_parameters), ("head (left out)", self.head),
+                 ("SWAG rank K", self.rank), ("parameters covered", self.num_parameters),
+                 ("head (left out)", self.head),
                  ("ptyl version", self.ptyl_version), ("created", self.created)]
         lines += ["| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts if v is not None], ""]
         if self.recommended:
@@ -208,7 +209,6 @@ class PretrainedPrior:
 
 def _card_from_metadata(posterior: SourcePosterior, card: PriorCard | dict[str, Any] | None) -> PriorCard:
     from ptyl import __version__
-
     from ptyl.priors.registry import PriorKind
 
     card = card if isinstance(card, PriorCard) else PriorCard.from_dict(dict(card or {}), "card")

@@ -38,11 +38,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptyl.errors import InvalidValueError, PriorFileError, PtylError
-from ptyl.params import normalize_name
 from ptyl.io.atomic import atomic_write
 from ptyl.io.header import existing_file, read_json_header
 from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, dtype_name, tensor_records
 from ptyl.io.schema import Integer, ListOf, MapOf, Nullable, Number, Object, String, validate_header
+from ptyl.params import normalize_name
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.factory import make_prior
@@ -138,7 +138,8 @@ def save_posterior(
         return save_sharded_posterior(posterior, path, dtype, metadata)
     posterior.validate()
     tensors: dict[str, torch.Tensor] = {}
-    for kind, store in (("mean", posterior.mean), ("variance", posterior.variance), ("deviations", posterior.deviations)):
+    stores = (("mean", posterior.mean), ("variance", posterior.variance), ("deviations", posterior.deviations))
+    for kind, store in stores:
         for name, t in store.items():
             if kind == "deviations" and t.shape[0] == 0:
                 continue
@@ -149,7 +150,7 @@ def save_posterior(
         raise InvalidValueError(f"cannot write {path}: a prior file holds tensors of one dtype among "
                                 f"{', '.join(FLOAT_DTYPES)}; got {', '.join(found)} (pass dtype=...)")
     if dtype is not None and dtype in (torch.float16, torch.bfloat16):
-        for name, t in posterior.variance.items():  # a tiny variance may underflow to 0 in half precision
+        for name in posterior.variance:  # a tiny variance may underflow to 0 in half precision
             if (tensors[f"variance::{name}"] <= 0).any():
                 raise InvalidValueError(f"variance of {name!r} underflows in {dtype}; save in float32 instead")
     meta = {
@@ -363,5 +364,6 @@ def load_prior(
         prior = prior.parts["backbone"]
     prior.skipped = tuple(posterior.metadata.get("skipped", ()))
     if prior.skipped:
-        warnings.warn(f"prior {path}: skipped {len(prior.skipped)} parameter(s) not in the model: {prior.skipped[:5]}")
+        warnings.warn(f"prior {path}: skipped {len(prior.skipped)} parameter(s) not in the model: {prior.skipped[:5]}",
+                      stacklevel=2)
     return prior

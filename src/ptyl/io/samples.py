@@ -2,8 +2,8 @@
 
 Layout: tensor ``<index>::<state-dict key>`` for every sample (``index`` a zero-padded integer, samples in index
 order) and JSON metadata under the header key ``ptyl_weights`` with ``"format": "ptyl-samples"`` and
-``num_samples``, with the integrity records of :mod:`ptyl.io.weights`. ``ptyl finetune`` writes all its samples to one such file; an on-disk
-:class:`~ptyl.inference.SampleBank` writes one file per sample in the same layout.
+``num_samples``, with the integrity records of :mod:`ptyl.io.weights`. ``ptyl finetune`` writes all its samples to
+one such file; an on-disk :class:`~ptyl.inference.SampleBank` writes one file per sample in the same layout.
 
 >>> import tempfile, torch
 >>> path = save_samples([{"w": torch.zeros(2)}, {"w": torch.ones(2)}], tempfile.mkdtemp() + "/s.safetensors")

@@ -8,6 +8,7 @@ names but its file lacks, pieces that leave a gap or overlap, a wrong shape, dty
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -176,19 +177,19 @@ class _Reader:
             want = (*lead, piece.stop - piece.start, *shape[1:]) if shape else ()
             whole = a == piece.start and b == piece.stop
             if self.verify or whole or not shape:  # a checksum needs the whole piece
-                t = _call(lambda: handle.get_tensor(piece.key), piece.file)
+                t = _call(functools.partial(handle.get_tensor, piece.key), piece.file)
                 if tuple(t.shape) != want:
                     raise PriorFileError(f"{piece.file}: {piece.key!r} has shape {tuple(t.shape)}, the index says "
                                          f"{want}")
                 check_tensor(piece.file, piece.key, t, piece.record, dtypes=FLOAT_DTYPES, verify=self.verify)
                 t = t.narrow(dim, a - piece.start, b - a) if shape and not whole else t
             else:
-                sl = _call(lambda: handle.get_slice(piece.key), piece.file)
+                sl = _call(functools.partial(handle.get_slice, piece.key), piece.file)
                 if tuple(sl.get_shape()) != want:
                     raise PriorFileError(f"{piece.file}: {piece.key!r} has shape {tuple(sl.get_shape())}, the index "
                                          f"says {want}")
-                t = _call(lambda: sl[:, a - piece.start:b - piece.start] if dim else sl[a - piece.start:b - piece.start],
-                          piece.file)
+                span = slice(a - piece.start, b - piece.start)
+                t = _call(functools.partial(sl.__getitem__, (slice(None), span) if dim else span), piece.file)
                 check_tensor(piece.file, piece.key, t, {"dtype": piece.record.get("dtype")} if piece.record else None,
                              dtypes=FLOAT_DTYPES, verify=False)
             parts.append(t)

@@ -39,7 +39,8 @@ def _check_masks(masks: torch.Tensor, num_classes: int, ignore_index: int | None
     masks = masks.long()
     valid = masks if ignore_index is None else masks[masks != ignore_index]
     if valid.numel() and (valid.min() < 0 or valid.max() >= num_classes):
-        raise DataError(f"mask values must be in [0, {num_classes}) (or ignore_index), got [{int(valid.min())}, {int(valid.max())}]")
+        raise DataError(f"mask values must be in [0, {num_classes}) (or ignore_index), "
+                        f"got [{int(valid.min())}, {int(valid.max())}]")
     return masks
 
 
@@ -102,7 +103,8 @@ def evaluate_segmentation(
     subsample drawn with ``seed`` (deterministic).
     """
     if probs.ndim != 4 or masks.ndim != 3:
-        raise DataError(f"expected probs [N, K, H, W] and masks [N, H, W], got {tuple(probs.shape)}, {tuple(masks.shape)}")
+        raise DataError(f"expected probs [N, K, H, W] and masks [N, H, W], "
+                        f"got {tuple(probs.shape)}, {tuple(masks.shape)}")
     k = probs.shape[1]
     masks = _check_masks(masks, k, ignore_index)
     if not torch.isfinite(probs).all() or probs.min() < 0:

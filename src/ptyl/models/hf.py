@@ -69,7 +69,8 @@ def minilm_path() -> Path:
     return path
 
 
-def load_hf_encoder(path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+def load_hf_encoder(path: str | os.PathLike | None = None, *,
+                    dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """``(encoder, tokenizer)`` from a local Hugging Face model directory (default: :func:`minilm_path`).
 
     Offline only: ``local_files_only=True``, and ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` default to 1 for this
@@ -183,7 +184,8 @@ class TextClassifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
 
 
-def text_classification_objective(model: nn.Module, batch: tuple[Mapping[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def text_classification_objective(model: nn.Module,
+                                  batch: tuple[Mapping[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of an ``(inputs_dict, labels)`` batch, for ``fit(..., objective=...)``."""
     inputs, labels = batch[0], batch[1]
     return F.cross_entropy(model(**inputs), labels)
@@ -255,7 +257,8 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int = 4, alpha: float | None = None, dropout: float = 0.0) -> LoRALinear:
+    def from_linear(cls, linear: nn.Linear, rank: int = 4, alpha: float | None = None,
+                    dropout: float = 0.0) -> LoRALinear:
         """Wrap an existing layer; its ``weight`` / ``bias`` Parameter objects are reused, not copied."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank, alpha=alpha,
                   dropout=dropout, device=linear.weight.device, dtype=linear.weight.dtype)

@@ -79,7 +79,8 @@ class SegmentationNet(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(classifier_or_features, nn.Module):
-            raise ConfigError(f"expected a classifier or conv trunk nn.Module, got {type(classifier_or_features).__name__}")
+            raise ConfigError(f"expected a classifier or conv trunk nn.Module, "
+                              f"got {type(classifier_or_features).__name__}")
         if num_classes < 2 or decoder_channels < 1 or image_channels < 1:
             raise InvalidValueError(
                 f"need num_classes >= 2, decoder_channels >= 1, image_channels >= 1; "
@@ -88,7 +89,8 @@ class SegmentationNet(nn.Module):
         source = classifier_or_features
         self.features = source.features if hasattr(source, "features") else source
         if feature_channels is None:
-            feature_channels = int(source.feature_dim) if hasattr(source, "feature_dim") else _infer_channels(self.features)
+            feature_channels = (int(source.feature_dim) if hasattr(source, "feature_dim")
+                                else _infer_channels(self.features))
         self.feature_dim = int(feature_channels)
         self.num_classes = int(num_classes)
         self.image_channels = int(image_channels)

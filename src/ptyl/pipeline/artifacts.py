@@ -71,7 +71,8 @@ def load_pretrained(prior_path: str | Path, num_classes: int | None = None) -> t
         model = build_from_metadata({**weights_meta, **meta})  # the prior's architecture wins
         load_state_checked(model, state, weights, what=f"the pretrained weights of prior {Path(prior_path).name}")
     else:
-        warnings.warn(f"{weights} not found: starting from the prior mean (BatchNorm statistics not recomputed)")
+        warnings.warn(f"{weights} not found: starting from the prior mean (BatchNorm statistics not recomputed)",
+                      stacklevel=2)
         model = build_from_metadata(meta)
         load_posterior(prior_path).matched_to(model).load_mean_into(model)
     if num_classes is not None:

@@ -100,7 +100,8 @@ def _fmt_selected(runs: list[dict[str, Any]]) -> str:
         if "error" in r:
             parts.append("failed (every trial diverged)")
             continue
-        items = ", ".join(f"{k}={_fmt_value(v)}" for k, v in r["selected"].items() if k != "lr" or len(r["selected"]) == 1)
+        items = ", ".join(f"{k}={_fmt_value(v)}" for k, v in r["selected"].items()
+                          if k != "lr" or len(r["selected"]) == 1)
         if r.get("selected_kind"):
             kind = r["selected_kind"]
             items = f"{kind} (prior off)" if kind == PriorKind.NONE else f"{kind}: {items}"
@@ -200,7 +201,7 @@ def plot_data_efficiency(results: Sequence[dict[str, Any]], path: str | Path,
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     labels = {"accuracy": "test accuracy", "nll": "test NLL", "ece": "test ECE", "brier": "test Brier",
               "miou": "test mIoU"}
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes, metrics, strict=False):
         for method in methods:
             ns = sorted(n for m, n in groups if m == method)
             stats = [mean_std([r[metric] for r in groups[(method, n)]]) for n in ns]

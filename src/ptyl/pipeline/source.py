@@ -34,8 +34,8 @@ from ptyl.posterior.swag import SWAGCollector
 from ptyl.sharding import module_class_name
 from ptyl.training.config import TrainConfig
 from ptyl.training.fitting import fit
-from ptyl.training.registry import Inference
 from ptyl.training.objective import Objective
+from ptyl.training.registry import Inference
 from ptyl.validation import check_choice
 
 __all__ = ["OBJECTIVES", "SCHEDULES", "learn_prior", "learn_source_prior", "pretrain", "pretrain_source"]
@@ -130,8 +130,9 @@ def learn_prior(
     fit(model, data, None, config, objective=objective, head=None, collector=collector, checkpoint=checkpoint,
         resume=resume, collate_fn=collate_fn)
     if collector.num_snapshots < rank:
-        warnings.warn(f"SWAG took {collector.num_snapshots} snapshot(s), fewer than the requested rank {rank}: the prior "
-                      f"has rank {collector.num_snapshots}; train longer or collect more often for rank {rank}",
+        warnings.warn(f"SWAG took {collector.num_snapshots} snapshot(s), fewer than the requested rank {rank}: "
+                      f"the prior has rank {collector.num_snapshots}; train longer or collect more often for rank "
+                      f"{rank}",
                       stacklevel=2)
     meta = {
         "architecture": module_class_name(model),

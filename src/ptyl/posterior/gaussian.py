@@ -72,7 +72,8 @@ class SourcePosterior:
             if v.shape != m.shape:
                 raise InvalidValueError(f"variance of {name!r} has shape {tuple(v.shape)}, mean {tuple(m.shape)}")
             if tuple(dev.shape[1:]) != tuple(m.shape):
-                raise InvalidValueError(f"deviations of {name!r} have shape {tuple(dev.shape)}, need (K, *{tuple(m.shape)})")
+                raise InvalidValueError(f"deviations of {name!r} have shape {tuple(dev.shape)}, "
+                                        f"need (K, *{tuple(m.shape)})")
             ranks.add(int(dev.shape[0]))
             check_finite(m, f"mean of {name!r}")
             check_positive(v, f"variance of {name!r}")

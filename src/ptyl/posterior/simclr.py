@@ -19,7 +19,8 @@ source-only and are excluded from the prior (:meth:`SimCLRModel.excluded_paramet
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
         temperature: ``tau > 0``.
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
-        raise InvalidValueError(f"z1 and z2 must both be [B, D] with equal shapes, got {tuple(z1.shape)}, {tuple(z2.shape)}")
+        raise InvalidValueError(f"z1 and z2 must both be [B, D] with equal shapes, "
+                                f"got {tuple(z1.shape)}, {tuple(z2.shape)}")
     if z1.shape[0] < 1:
         raise InvalidValueError("nt_xent_loss needs at least one pair")
     if not temperature > 0:

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from ptyl.errors import InvalidValueError, ParameterMismatchError
+from ptyl.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
 from ptyl.params import Selector, select_parameters
 from ptyl.posterior.gaussian import SourcePosterior
 from ptyl.posterior.sharded import ShardedPosterior
-from ptyl.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
 from ptyl.sharding import ShardLayout, is_dtensor, local_tensor
 
 STATE_FORMAT = 2  # flat buffers; format 1 (one tensor per name) still loads

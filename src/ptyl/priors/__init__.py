@@ -14,8 +14,8 @@ from ptyl.priors.learned import learned_prior
 from ptyl.priors.lowrank import LowRankGaussianPrior
 from ptyl.priors.registry import PriorKind, PriorOptions, PriorRecipe
 from ptyl.priors.separable import ProximalPrior, marginal_variance, separable_parts
-from ptyl.priors.strength import PriorStrength, prior_strength
 from ptyl.priors.sharded import ShardedPrior, shard_prior
+from ptyl.priors.strength import PriorStrength, prior_strength
 
 __all__ = [
     "BlockLowRankPrior",

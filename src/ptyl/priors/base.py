@@ -56,7 +56,7 @@ from ptyl.errors import InvalidValueError
 from ptyl.flat import ParamBinder, plan_groups, unflatten
 from ptyl.params import named_parameters
 from ptyl.priors.checks import check_finite
-from ptyl.priors.fused import FusedPenalty, evaluate, reduce_with
+from ptyl.priors.fused import FusedPenalty, evaluate
 from ptyl.priors.protocol import ExtensionProtocol, SeparablePart, rows_by_name  # noqa: F401 - re-exported
 from ptyl.sharding import ShardLayout
 
@@ -235,7 +235,7 @@ class Prior(ExtensionProtocol, nn.Module):
         if self.reduce_stats is not None:
             flat = self.reduce_stats(flat)
         total, at = None, 0
-        for leaf, part in zip(leaves, partials):
+        for leaf, part in zip(leaves, partials, strict=False):
             term = leaf.log_det_finish(flat[at:at + part.numel()])
             at += part.numel()
             total = term if total is None else total + term.to(total.device)
@@ -323,7 +323,7 @@ class CompositePrior(Prior):
 def _accumulate(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """``.grad += g`` (one foreach kernel), or ``.grad = g`` where it is None, as autograd's accumulation does."""
     existing, updates = [], []
-    for t, g in zip(tensors, grads):
+    for t, g in zip(tensors, grads, strict=False):
         if not t.requires_grad:
             continue
         if g.dtype != t.dtype:
@@ -343,7 +343,7 @@ def _add_grad_autograd(prior: Prior, params: Params, weight, return_value: bool)
     with torch.enable_grad():
         value = prior.penalty(params)
         grads = torch.autograd.grad(value * weight, tensors, allow_unused=True) if tensors else []
-    _accumulate(tensors, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors)])
+    _accumulate(tensors, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, tensors, strict=False)])
     return value.detach() if return_value else None
 
 

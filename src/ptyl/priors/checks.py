@@ -27,7 +27,7 @@ def check_flat(
         return
     check = check_positive if positive else check_finite
     start = 0
-    for name, shape in zip(names, shapes):
+    for name, shape in zip(names, shapes, strict=False):
         size = math.prod(shape)
         check(flat[..., start:start + size], f"{what} of {name!r}")
         start += size

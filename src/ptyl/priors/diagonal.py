@@ -34,7 +34,7 @@ class DiagonalGaussianPrior(Prior):
         self.register_buffer("mean", torch.empty(self.num_parameters, dtype=m0.dtype, device=m0.device))
         self.register_buffer("variance", torch.empty(self.num_parameters, dtype=v0.dtype, device=m0.device))
         start = 0
-        for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes, strict=False)):
             m, v = (m0, v0) if i == 0 else (mean[name], variance[name])
             if tuple(v.shape) != shape:
                 raise InvalidValueError(f"variance of {name!r} has shape {tuple(v.shape)}, expected {shape}")

@@ -138,7 +138,7 @@ def _build(params: dict[str, torch.Tensor], kind: PriorKind, posterior, options:
                 "`unregularized`, or strict=False"
             )
         if uncovered:
-            warnings.warn(f"{len(uncovered)} backbone parameter(s) left without a prior: {uncovered[:6]}")
+            warnings.warn(f"{len(uncovered)} backbone parameter(s) left without a prior: {uncovered[:6]}", stacklevel=2)
             free += uncovered
         if layout is not None:
             matched = _rows_of(matched, layout)

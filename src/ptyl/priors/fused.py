@@ -55,14 +55,14 @@ def evaluate(prior, tensors: list[torch.Tensor], need_value: bool, need_grad: bo
     if prior.reduce_stats is not None:
         stats = reduce_with(prior.reduce_stats, stats)
     else:
-        stats = [reduce_with(leaf.reduce_stats, [pair])[0] for (leaf, _, _), pair in zip(started, stats)]
+        stats = [reduce_with(leaf.reduce_stats, [pair])[0] for (leaf, _, _), pair in zip(started, stats, strict=False)]
     value, pieces = None, []
-    for (leaf, groups, (_, _, state)), (quad, vec) in zip(started, stats):
+    for (leaf, groups, (_, _, state)), (quad, vec) in zip(started, stats, strict=False):
         v, grads = leaf.penalty_finish(quad, vec, state, need_value, need_grad)
         if need_value:
             value = v if value is None else value + v
         if need_grad:
-            pieces.extend(zip(grads, groups))
+            pieces.extend(zip(grads, groups, strict=False))
     return (value.to(out_dtype) if need_value else None), pieces
 
 
@@ -82,6 +82,6 @@ class FusedPenalty(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         out = [None]
-        for h, like in zip(ctx.saved_tensors, ctx.likes):
+        for h, like in zip(ctx.saved_tensors, ctx.likes, strict=False):
             out.extend(unflatten((h * grad_output.to(h.dtype)).to(grad_output.dtype), like))
         return tuple(out)

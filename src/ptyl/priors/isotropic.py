@@ -52,7 +52,7 @@ class IsotropicGaussianPrior(Prior):
             first = center[self.names[0]]
             self.register_buffer("center", torch.empty(self.num_parameters, dtype=first.dtype, device=device))
             start = 0
-            for name, shape in zip(self.names, self.shapes):
+            for name, shape in zip(self.names, self.shapes, strict=False):
                 c = center[name]
                 if tuple(c.shape) != shape:
                     raise InvalidValueError(f"center of {name!r} has shape {tuple(c.shape)}, expected {shape}")

@@ -99,7 +99,7 @@ class LowRankGaussianPrior(Prior):
         self.register_buffer("diag", torch.empty(size, dtype=d0.dtype, device=device))
         self.register_buffer("factor", torch.empty(self.rank, size, dtype=u0.dtype, device=device))
         start = 0
-        for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes, strict=False)):
             m, d, u = (m0, d0, u0) if i == 0 else (mean[name], diag[name], factor[name])
             if tuple(d.shape) != shape or tuple(u.shape[1:]) != shape:
                 raise InvalidValueError(

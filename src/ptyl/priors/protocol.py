@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ptyl.errors import ConfigError
 from ptyl.sharding import ShardLayout
+
+if TYPE_CHECKING:  # base.py imports this module (and re-exports its names)
+    from ptyl.priors.base import Prior
 
 __all__ = ["ExtensionProtocol", "SeparablePart", "rows_by_name"]
 
@@ -43,7 +47,7 @@ class SeparablePart:
             An iterator of pairs.
         """
         offset = 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=False):
             size = math.prod(shape)
             yield name, flat[offset:offset + size].reshape(shape)
             offset += size
@@ -62,7 +66,7 @@ def rows_by_name(flat: torch.Tensor, layout: ShardLayout, shapes: Sequence[Seque
     """
     out, start = {}, 0
     lead = tuple(flat.shape[:-1])
-    for name, shape in zip(layout.names, shapes):
+    for name, shape in zip(layout.names, shapes, strict=False):
         size = math.prod(shape)
         full = flat[..., start:start + size].reshape(*lead, *shape)
         out[name] = layout.shards[name].take(full, len(lead))

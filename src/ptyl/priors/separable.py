@@ -88,7 +88,7 @@ class ProximalPrior:
         self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, a / N, mu)
         self.momentum_scale = 1.0 / (1.0 - momentum)
         for part in separable_parts(prior):
-            for (name, a), (_, mu) in zip(part.split(part.precision), part.split(part.center)):
+            for (name, a), (_, mu) in zip(part.split(part.precision), part.split(part.center), strict=False):
                 p = params[name]
                 self.entries.append((p, (a / num_data).to(device=p.device, dtype=p.dtype),
                                      mu.to(device=p.device, dtype=p.dtype)))

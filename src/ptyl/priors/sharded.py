@@ -85,7 +85,7 @@ class ShardedPrior(Prior):
                               "backward pass. Evaluate the prior before the forward pass (penalty) or after "
                               "backward (add_grad_)")
         local = [local_tensor(t) for t in tensors]
-        for t, shape, name in zip(local, self.local.shapes, self.names):
+        for t, shape, name in zip(local, self.local.shapes, self.names, strict=False):
             if tuple(t.shape) != shape:
                 raise ParameterMismatchError(f"{name!r}: this rank holds a shard of shape {tuple(t.shape)}, the "
                                              f"prior's rows have shape {shape} (another sharding?)")
@@ -131,7 +131,7 @@ class ShardedPrior(Prior):
         tensors, local = self._local_tensors(params)
         value, _, grads = self.local._flat_grads(local, weight, return_value)
         existing, updates = [], []
-        for t, g in zip(tensors, grads):
+        for t, g in zip(tensors, grads, strict=False):
             if not t.requires_grad:
                 continue
             g = g.to(t.dtype)
@@ -199,7 +199,7 @@ def _globalize(local: Prior, layout: ShardLayout) -> None:
         device = next(p.device for p in partials if p.numel())
         flat = layout.reduce_sum(torch.cat([p.to(device) for p in partials]))
     at = 0
-    for leaf, size in zip(leaves, sizes):
+    for leaf, size in zip(leaves, sizes, strict=False):
         numel = sum(math.prod(layout.shards[n].shape) for n in leaf.names)  # global P of the leaf
         leaf.set_global_normalizer(flat[at:at + size] if flat is not None else partials[0][:0], numel)
         at += size
@@ -220,7 +220,7 @@ def shard_prior(prior: Prior, model: nn.Module | Mapping[str, torch.Tensor] | Sh
     """
     layout = model if isinstance(model, ShardLayout) else ShardLayout.from_params(model)
     layout = layout.restrict(list(prior.names))
-    for name, shape in zip(prior.names, prior.shapes):
+    for name, shape in zip(prior.names, prior.shapes, strict=False):
         if layout.shards[name].shape != tuple(shape):
             raise ParameterMismatchError(f"{name!r}: prior shape {tuple(shape)} vs model {layout.shards[name].shape}")
     return ShardedPrior(_slice(prior, layout), layout)

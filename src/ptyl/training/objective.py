@@ -101,7 +101,7 @@ def supervised_objective(model: nn.Module, batch: Any) -> torch.Tensor:
 
 def _split(flat: torch.Tensor, names, shapes) -> dict[str, torch.Tensor]:
     pieces = torch.split(flat.reshape(-1), [math.prod(s) for s in shapes])
-    return {n: t.reshape(s) for n, t, s in zip(names, pieces, shapes)}
+    return {n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=False)}
 
 
 def _mode(prior: Prior) -> dict[str, torch.Tensor] | None:

@@ -42,8 +42,8 @@ from ptyl.priors.separable import ProximalPrior
 from ptyl.sharding import local_tensor
 from ptyl.training.callbacks import Callback, ConvergenceStop
 from ptyl.training.config import TrainConfig
-from ptyl.training.environment import current_environment
 from ptyl.training.divergence import check_final_objective, divergence_hint
+from ptyl.training.environment import current_environment
 from ptyl.training.objective import Objective, PriorTerm, supervised_objective
 from ptyl.training.precision import MixedPrecision
 from ptyl.training.registry import Inference

@@ -45,14 +45,7 @@ import torch
 from ptyl.errors import ConfigError, DivergenceError
 from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, AutomaticTuner
 from ptyl.tuning.pool import check_pool, pool_loss
-from ptyl.tuning.segments import (
-    BestPoint,
-    budget,
-    continue_training,
-    merged_history,
-    refit_selected,
-    set_strength,
-)
+from ptyl.tuning.segments import BestPoint, budget, continue_training, merged_history, refit_selected, set_strength
 from ptyl.validation import check_fraction, check_int, check_positive_number
 
 if TYPE_CHECKING:

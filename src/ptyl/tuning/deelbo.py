@@ -111,8 +111,9 @@ class DEELBOStrategy(MAPStrategy):
         """The prior at the current h, diag(Sigma^-1) per q tensor, and the KL term's value (for the log)."""
         self.prior = self.family.to_prior().to(self.q.log_std[0].device)
         flat = self.prior.precision_diagonal()
-        by_name = dict(zip(self.prior.names, flat.split([math.prod(s) for s in self.prior.shapes])))
-        self.precision = [by_name[n].to(s.dtype).reshape(s.shape) for n, s in zip(self.q.names, self.q.log_std)]
+        by_name = dict(zip(self.prior.names, flat.split([math.prod(s) for s in self.prior.shapes]), strict=False))
+        self.precision = [by_name[n].to(s.dtype).reshape(s.shape)
+                          for n, s in zip(self.q.names, self.q.log_std, strict=True)]
         self.kl_term = (self.q.kl(model, self.family) * self.weight).float().to(self.q.log_std[0].device)
 
     def data_loss(self, trainer: Trainer, batch: Any) -> torch.Tensor:
@@ -128,7 +129,7 @@ class DEELBOStrategy(MAPStrategy):
         KL(q || p_h) / (kappa N) as of the last hyper step."""
         self.prior.add_grad_(trainer.model, self.weight)
         with torch.no_grad():
-            for log_std, precision in zip(self.q.log_std, self.precision):
+            for log_std, precision in zip(self.q.log_std, self.precision, strict=False):
                 grad = ((2.0 * log_std).exp() * precision - 1.0) * self.weight
                 log_std.grad = grad if log_std.grad is None else log_std.grad.add_(grad)
         return self.kl_term
@@ -172,7 +173,7 @@ class DEELBOStrategy(MAPStrategy):
         solver.step(closure)
         with torch.no_grad():
             if not all(torch.isfinite(p).all() for p in params):
-                for p, b in zip(params, before):
+                for p, b in zip(params, before, strict=False):
                     p.copy_(b)
             for p in params:
                 p.grad = None

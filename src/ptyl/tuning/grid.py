@@ -198,7 +198,7 @@ def check_grid(grid: Mapping[str, Sequence[Any]], spec: PriorSpec, base: TrainCo
             if value is not None:
                 check_positive_number(value, f"grid axis {key!r}")
     for combo in itertools.product(*(out[k] for k in out if k not in PRIOR_KEYS)):
-        replace(base, **dict(zip([k for k in out if k not in PRIOR_KEYS], combo))).validate()
+        replace(base, **dict(zip([k for k in out if k not in PRIOR_KEYS], combo, strict=False))).validate()
     return out
 
 

@@ -201,9 +201,9 @@ class TuneResult:
         FigureCanvasAgg(figure)
         ax = figure.subplots()
         for combo in itertools.product(*(self.grid[k] for k in others)):
-            rows = [r for r in self.table if all(r[k] == v for k, v in zip(others, combo))]
+            rows = [r for r in self.table if all(r[k] == v for k, v in zip(others, combo, strict=False))]
             rows = sorted((r for r in rows if math.isfinite(r["val_nll"])), key=lambda r: r[x])
-            label = ", ".join(f"{k}={v:g}" if is_number(v) else f"{k}={v}" for k, v in zip(others, combo))
+            label = ", ".join(f"{k}={v:g}" if is_number(v) else f"{k}={v}" for k, v in zip(others, combo, strict=False))
             ax.plot([r[x] for r in rows], [r["val_nll"] for r in rows], marker="o", label=label or None)
         best_row = next(r for r in self.table if all(r[k] == v for k, v in self.best.items()))
         ax.plot([best_row[x]], [best_row["val_nll"]], marker="*", markersize=16, color="k", linestyle="none",
