@@ -123,8 +123,7 @@ class PosteriorPrecision:
         names: the parameters of the posterior (default: every parameter of the prior), flat in this order.
         prior_precision: ``tau`` > 0.
 
-    Attributes:
-        names, shapes, num_parameters, prior_precision, info.
+    Its attributes ``names``, ``shapes``, ``num_parameters``, ``prior_precision`` and ``info`` describe the posterior.
     """
 
     def __init__(self, curvature: Curvature, prior: Prior, names: Sequence[str] | None = None,

@@ -155,8 +155,9 @@ class MarglikSettings(AutomaticSettings):
 
     Attributes:
         hyper_lr: Adam learning rate of the log hyper-parameters per hyper step of an update.
-        curvature, updates, burnin, hyper_steps, fisher, mc_samples, restore_best, curvature_batch_size,
-            curvature_examples: as in :class:`MarginalLikelihood` (``steps``, ``batch_size``, ``max_examples``);
+        curvature: this one and ``updates``, ``burnin``, ``hyper_steps``, ``fisher``, ``mc_samples``,
+            ``restore_best``, ``curvature_batch_size``, ``curvature_examples``: as in :class:`MarginalLikelihood`
+            (``steps``, ``batch_size``, ``max_examples``);
             ``updates`` spreads that many evidence updates over the run (an update every ``max(1, epochs //
             updates)`` epochs, and one after the last); ``curvature_examples`` caps the examples each curvature pass
             reads (a random subset, scaled up to N).
