@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ptyl.autotune.curvature import DenseBlock, DiagBlock
+from ptyl.autotune.blocks import DenseBlock, DiagBlock
 from ptyl.autotune.data import checked_batches, model_outputs, num_examples, rows
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError

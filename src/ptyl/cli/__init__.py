@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from ptyl.cli._common import Parser, UsageError, add_common
 from ptyl.errors import PtylError
+from ptyl.version import __version__
 
 __all__ = ["build_parser", "main", "subcommand_parsers"]
 
@@ -29,8 +30,6 @@ _MODULES = ("source", "inspect", "finetune", "demo")
 def build_parser() -> Parser:
     """The ``ptyl`` parser with every subcommand."""
     import importlib
-
-    from ptyl import __version__
 
     parser = Parser(prog="ptyl", description="Pre-Train Your Loss: Bayesian transfer learning with learned priors "
                                              "(Shwartz-Ziv et al., NeurIPS 2022).",

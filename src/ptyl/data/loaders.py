@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ptyl.data.datasets import ImageDataset, resize_images, to_image_tensor
+from ptyl.data.images import ImageDataset, resize_images, to_image_tensor
 from ptyl.errors import DataError
 from ptyl.io.atomic import atomic_write_bytes
 

@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ptyl import distributed as ddp
+from ptyl.batches import to_device
 from ptyl.errors import CheckpointError, ConfigError, DataError, DivergenceError
-from ptyl.inference.bma import to_device
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.io.weights import load_state_checked
 from ptyl.priors.base import Prior

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,9 @@ from typing import Any
 from ptyl.errors import ConfigError
 from ptyl.training.result import FitResult
 from ptyl.tuning.registry import TuningStrategy
+from ptyl.tuning.search import is_number, select_best
 
-__all__ = ["TuneResult", "edge_warnings", "is_number"]
-
-
-def is_number(value: Any) -> bool:
-    """A real number that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+__all__ = ["TuneResult", "edge_warnings"]
 
 
 def edge_warnings(grid: dict[str, list[Any]], best: dict[str, Any]) -> list[str]:
@@ -106,8 +101,6 @@ class TuneResult:
     def test_selected(self) -> dict[str, Any] | None:
         """The row a search that peeked at the test set would choose (by test ``metric``): an upper bound, not a
         result; ``None`` without test scores."""
-        from ptyl.tuning.search import select_best
-
         key = f"test_{self.metric}"
         if not any(key in r for r in self.table):
             return None

@@ -15,8 +15,8 @@ from ptyl.errors import DivergenceError
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.result import FitResult
-from ptyl.tuning.result import TuneResult, edge_warnings, is_number
-from ptyl.tuning.search import METRICS, axis_status, next_values, select_best
+from ptyl.tuning.result import TuneResult, edge_warnings
+from ptyl.tuning.search import METRICS, axis_status, is_number, next_values, select_best
 from ptyl.tuning.trials import BACKBONE_KEYS, OFF, TrialRunner, is_off_limit
 
 if TYPE_CHECKING:
