@@ -28,6 +28,7 @@ from ptyl.autotune.ggn import ggn_blocks
 from ptyl.autotune.kfac import layer_blocks
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
+from ptyl.params import named_parameters
 
 METHODS = ("kfac", "diag", "full")
 MAX_FACTOR = 1024  # K-FAC: layers with a larger Kronecker factor get the exact diagonal (an eigh of 1,536^2: ~10 s)
@@ -131,8 +132,6 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _shapes(model: nn.Module, names: Sequence[str]) -> list[tuple[int, ...]]:
-    from ptyl.params import named_parameters
-
     params = named_parameters(model)
     missing = [n for n in names if n not in params]
     if missing:

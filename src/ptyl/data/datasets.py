@@ -88,6 +88,7 @@ def _raw_mnist5k(root):
 
 def _raw_digits(root):
     try:
+        # optional dependency (the [data] extra)
         from sklearn.datasets import load_digits
     except ImportError as err:
         raise DataError(

@@ -218,6 +218,7 @@ def load_npz(
 
 
 def _read_image(path: Path, grayscale: bool) -> torch.Tensor:
+    # optional dependency (Pillow): only image folders need it
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -286,6 +287,7 @@ def load_image_folder(
 
 
 def _is_grey(path: Path) -> bool:
+    # optional dependency (Pillow): only image folders need it
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import RandomSampler
+from tqdm.auto import tqdm
 
 from ptyl.batches import call_model, default_input, model_device, recompute_batchnorm, to_device
 from ptyl.errors import DataError, InvalidValueError
@@ -69,8 +70,6 @@ def predict_probs(
     Returns:
         ``[N, C]`` (``[N, C, H, W]`` for segmentation), float32 on the CPU.
     """
-    from tqdm.auto import tqdm
-
     _check_ordered(loader)
     device = model_device(model) if device is None else torch.device(device)
     get_input = input_fn or default_input
@@ -139,8 +138,6 @@ def bma_predict(
     Returns:
         As :func:`predict_probs`: ``[N, C]`` or ``[N, C, H, W]``, float32 on the CPU.
     """
-    from tqdm.auto import tqdm
-
     _check_ordered(loader)
     original_device = model_device(model)
     device = original_device if device is None else torch.device(device)

@@ -52,7 +52,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call, jacrev, vmap
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ptyl.autotune.curvature import MAX_DENSE, compute_curvature
 from ptyl.autotune.likelihoods import Categorical
@@ -317,9 +320,6 @@ def logit_moments(model: nn.Module, loader: Iterable, names: Sequence[str], post
     The Jacobian ``J(x) = d f(x) / d theta`` over ``names`` is taken per example (``torch.func.jacrev`` under
     ``vmap``, evaluation mode: the MAP's BatchNorm statistics) once per batch and shared by every posterior.
     """
-    from torch.func import functional_call, jacrev, vmap
-    from torch.utils._pytree import tree_map
-    from tqdm.auto import tqdm
 
     raw = dict(model.named_parameters())
     by_norm = {normalize_name(n): n for n in raw}

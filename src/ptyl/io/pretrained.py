@@ -268,6 +268,7 @@ def save_pretrained(directory: str | os.PathLike, posterior: SourcePosterior, *,
 
 def _hub(what: str) -> Any:
     try:
+        # optional dependency (the [hf] extra)
         import huggingface_hub
     except ImportError:
         raise ConfigError(f"{what} needs huggingface_hub: pip install huggingface_hub (or 'ptyl[hf]')") from None

@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ptyl.errors import ConfigError, DivergenceError
 from ptyl.io.prior_file import load_posterior, read_metadata
@@ -303,8 +304,6 @@ def run_transfer(
     Raises:
         ConfigError: a bad method, grid or setting -- before anything is trained.
     """
-    from tqdm.auto import tqdm
-
     plans = [parse_method(m) for m in methods]
     if not plans:
         raise ConfigError("no methods to run")

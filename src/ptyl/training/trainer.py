@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ptyl import distributed as ddp
 from ptyl.batches import to_device
@@ -197,8 +198,6 @@ class Trainer:
         Raises:
             DivergenceError: the loss or the parameters became non-finite (the message names the step).
         """
-        from tqdm.auto import tqdm
-
         torch.manual_seed(self.config.seed)
         if resume:
             self.load()

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ptyl.errors import ConfigError
+from ptyl.io.atomic import atomic_write
+from ptyl.metrics.results import save_json, to_jsonable
 from ptyl.training.result import FitResult
 from ptyl.tuning.registry import TuningStrategy
 from ptyl.tuning.search import is_number, select_best
@@ -160,8 +162,6 @@ class TuneResult:
         Returns:
             The JSON text.
         """
-        from ptyl.metrics.results import save_json, to_jsonable
-
         if path is not None:
             save_json(path, self.to_dict())
         return json.dumps(to_jsonable(self.to_dict()), indent=2)
@@ -178,10 +178,9 @@ class TuneResult:
         Returns:
             ``path``.
         """
+        # matplotlib loads (~0.5 s) only when a plot is drawn
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-
-        from ptyl.io.atomic import atomic_write
 
         if self.automatic:
             return atomic_write(path, lambda tmp: self._path_figure().savefig(tmp, format="png", dpi=120))
@@ -209,6 +208,7 @@ class TuneResult:
 
     def _path_figure(self):
         """The learned hyper-parameters (log scale) against the epoch of an automatic strategy's run."""
+        # matplotlib loads (~0.5 s) only when a plot is drawn
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 

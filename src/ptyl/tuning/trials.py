@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from ptyl.autotune.share import prior_share
 from ptyl.errors import ConfigError, DivergenceError
+from ptyl.metrics import evaluate_probs
 from ptyl.priors.registry import PriorKind
 from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
@@ -140,8 +141,6 @@ def fit_status(final_loss: float, prior_off: bool, converged_loss: float = CONVE
 
 
 def _default_evaluate(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    from ptyl.metrics import evaluate_probs
-
     return evaluate_probs(probs, targets)
 
 
