@@ -2,10 +2,12 @@
 
 The graph: one node per module file under ``src/ptyl``; an edge A -> B when A's module-level code imports B
 (``import ptyl.x.b``, ``from ptyl.x import b`` where ``b`` is a module, ``from ptyl.x.b import name``; relative imports
-resolved). Imports inside function bodies and under ``if TYPE_CHECKING:`` do not run at import time and are left out;
-so are the implicit imports of parent packages (``ptyl.x.b`` runs ``ptyl/x/__init__.py`` first, which every package
-needs and which never forms a circle through B's own code). ``tests/test_layering.py`` checks the layering between
-packages; this file checks the circles inside and across them.
+resolved). Imports under ``if TYPE_CHECKING:`` never run and are left out; imports inside function bodies are left out
+of the first test (they do not run at import time) and counted by the second, so that no circle hides behind an
+import moved into a function. The implicit imports of parent packages are not edges (``ptyl.x.b`` runs
+``ptyl/x/__init__.py`` first, which every package needs). ``tests/test_layering.py`` checks the layering between
+packages; this file checks the circles inside and across them. ``python tests/test_import_graph.py`` prints the
+circles and the number of imports inside functions.
 """
 
 from __future__ import annotations
@@ -85,16 +87,24 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, k
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """``module -> modules its module-level code imports`` (inside the package only)."""
+def _all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import but those under ``if TYPE_CHECKING:`` (inside functions too)."""
+    hidden = {id(child) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+              for child in ast.walk(node)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in hidden]
+
+
+def import_graph(inside_functions: bool = False) -> dict[str, set[str]]:
+    """``module -> modules its module-level code imports`` (inside the package only); ``inside_functions``: also
+    the imports inside function bodies."""
     files = module_files()
     known = set(files)
     graph = {}
     for module, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         is_package = path.name == "__init__.py"
-        graph[module] = {t for node in _module_level_imports(tree) for t in _targets(node, module, is_package, known)
-                         if t != module}
+        nodes = _all_imports(tree) if inside_functions else _module_level_imports(tree)
+        graph[module] = {t for node in nodes for t in _targets(node, module, is_package, known) if t != module}
     return graph
 
 
@@ -164,6 +174,14 @@ def test_no_import_circle_between_files():
     found = cycles(graph)
     assert not found, "import circles between files:\n" + "\n".join(
         " -> ".join(_one_circle(graph, c)) + f"   (component: {', '.join(c)})" for c in found)
+
+
+def test_no_circle_hidden_by_an_import_inside_a_function():
+    """An import moved into a function to dodge a circle still closes it when the function runs: none left."""
+    graph = import_graph(inside_functions=True)
+    found = cycles(graph)
+    assert not found, "import circles through imports inside functions:\n" + "\n".join(
+        " -> ".join(_one_circle(graph, c)) for c in found)
 
 
 def test_cycle_finder_finds_a_circle():
