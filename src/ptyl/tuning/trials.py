@@ -34,7 +34,7 @@ BatchNorm on small last batches), ``epoch_loss`` (the last epoch's training-mode
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -125,7 +125,7 @@ def make_validation(train_set: Dataset, *, val_set: Dataset | None = None, folds
                       sizes={"train": len(fit_part), "val": len(val_part), "total": len(train_set)})
 
 
-def is_off_limit(values: dict[str, Any]) -> bool:
+def is_off_limit(values: Mapping[str, Any]) -> bool:
     """Whether a trial's values put the strength axis at the off limit (``scale`` or ``variance`` = ``inf``)."""
     return any(values.get(k) == OFF for k in ("scale", "variance"))
 
