@@ -28,8 +28,7 @@ from ptyl.priors import (
     make_prior,
     shard_prior,
 )
-
-__version__ = "0.1.0"
+from ptyl.version import __version__  # noqa: F401 - ptyl.__version__
 
 __all__ = [
     "CheckpointError",

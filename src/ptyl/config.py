@@ -24,6 +24,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ptyl.errors import ConfigError
 
 __all__ = ["load_config", "config_defaults"]
@@ -47,14 +49,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text: {err}") from err
     try:
         if path.suffix.lower() == ".toml":
+            # Python 3.11+; needed only for .toml files
             import tomllib
 
             data = tomllib.loads(text)
         elif path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as err:  # each parser has its own error type; all mean "malformed file" (RecursionError too)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -168,8 +168,8 @@ def distributed_loader(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle,
+                                                     seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **loader_kwargs)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_mod
 
 from ptyl.errors import InvalidValueError
 from ptyl.params import check_names_and_shapes, named_parameters
@@ -48,8 +49,6 @@ def _bump(*_args) -> None:
 def _install_hooks() -> bool:
     """Global registration hooks (torch >= 2.0); False where unavailable (then nothing is cached)."""
     if not _HOOKS:
-        from torch.nn.modules import module as module_mod
-
         for name in ("register_module_module_registration_hook", "register_module_parameter_registration_hook"):
             register = getattr(module_mod, name, None)
             if register is None:

@@ -32,6 +32,7 @@ def is_dtensor(tensor: object) -> bool:
     """True when ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's parameters and gradients)."""
     if not dist.is_available():
         return False
+    # only sharded (FSDP2) models need torch.distributed.tensor
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -336,6 +337,7 @@ class ShardLayout:
 
 def _shard_dim(name: str, t) -> tuple[int | None, tuple]:
     """The mesh dimension a DTensor parameter is row-sharded over (None: replicated), and a key of its mesh."""
+    # only sharded (FSDP2) models need torch.distributed.tensor
     from torch.distributed.tensor import Replicate, Shard
 
     shard_dims = []

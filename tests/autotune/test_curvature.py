@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ptyl.autotune import Categorical, Gaussian, compute_curvature
-from ptyl.autotune.curvature import KronBlock
+from ptyl.autotune.blocks import KronBlock
 from ptyl.errors import ConfigError, DataError
 from tests.autotune.problems import F64, exact_ggn
 from tests.helpers import TinyNet

@@ -233,12 +233,12 @@ def test_installed_script_reports_errors_in_one_line(tmp_path):
 
 
 def test_finetune_writes_every_output_or_none(tiny_prior, tmp_path, monkeypatch, capsys):
-    import ptyl.metrics
+    import ptyl.cli.finetune
 
     def failing_json(*args, **kwargs):  # the last write fails after the plot and the weights were written
         raise OSError("disk full")
 
-    monkeypatch.setattr(ptyl.metrics, "save_json", failing_json)
+    monkeypatch.setattr(ptyl.cli.finetune, "save_json", failing_json)  # the name the command calls
     out = tmp_path / "run"
     assert main(["finetune", "--prior", str(tiny_prior), "--data", "mnist", *FAST, "--out", str(out)]) != 0
     assert list(out.iterdir()) == []

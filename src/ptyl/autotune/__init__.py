@@ -9,8 +9,9 @@ last-layer curvature, the Laplace evidence with a low-rank prior (Immer et al. 2
     prior = family.to_prior()                                                        # a ptyl Prior at the values
 """
 
+from ptyl.autotune.blocks import DenseBlock, DiagBlock, KronBlock
 from ptyl.autotune.build import HYPERS, KINDS, build_family
-from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock, KronBlock, compute_curvature
+from ptyl.autotune.curvature import Curvature, compute_curvature
 from ptyl.autotune.deelbo import deelbo_loss, resolve_kappa
 from ptyl.autotune.families import BlockFamily, CompositeFamily, IsotropicFamily, LeafFamily, LearnedFamily
 from ptyl.autotune.likelihoods import Categorical, Gaussian, Likelihood, get_likelihood

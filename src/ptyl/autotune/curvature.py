@@ -23,111 +23,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ptyl.autotune.blocks import Block, DenseBlock, DiagBlock, KronBlock
+from ptyl.autotune.ggn import ggn_blocks
+from ptyl.autotune.kfac import layer_blocks
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
+from ptyl.params import named_parameters
 
 METHODS = ("kfac", "diag", "full")
 MAX_FACTOR = 1024  # K-FAC: layers with a larger Kronecker factor get the exact diagonal (an eigh of 1,536^2: ~10 s)
 FISHERS = ("exact", "mc")
 MAX_DENSE = 4096  # parameters in one dense block (its matrix is MAX_DENSE^2 float64 numbers)
-
-
-@dataclass
-class KronBlock:
-    """GGN block of one layer ~= B (x) A over the row-major ``[out, in']`` matrix ``[W.reshape(out, -1) | b]``.
-
-    ``names`` lists the weight name then, if ``has_bias``, the bias name.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    has_bias: bool
-    a: torch.Tensor  # [in', in'] input factor (mean over examples and locations)
-    b: torch.Tensor  # [out, out] output-gradient factor (sum over examples and locations)
-
-    def gather(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-name flat tensors ``[..., numel]`` -> the block matrix ``[..., out, in']``."""
-        out = self.b.shape[0]
-        w = pieces[self.names[0]]
-        w = w.reshape(*w.shape[:-1], out, -1)
-        if not self.has_bias:
-            return w
-        return torch.cat([w, pieces[self.names[1]].unsqueeze(-1)], dim=-1)
-
-    def dense(self) -> torch.Tensor:
-        """B (x) A permuted to ``names`` order (tests and tiny layers only)."""
-        full = torch.kron(self.b, self.a)
-        out, cols = self.b.shape[0], self.a.shape[0]
-        index = torch.arange(out * cols).reshape(out, cols)
-        order = index[:, : cols - int(self.has_bias)].reshape(-1)
-        if self.has_bias:
-            order = torch.cat([order, index[:, -1]])
-        return full[order][:, order]
-
-    def restrict(self, keep: Sequence[str]):
-        """The block over a subset of its names (the others held fixed = the corresponding sub-block)."""
-        keep_w, keep_b = self.names[0] in keep, self.has_bias and self.names[1] in keep
-        if keep_w and (keep_b or not self.has_bias):
-            return self
-        if keep_w:
-            return KronBlock(self.names[:1], self.shapes[:1], False, self.a[:-1, :-1], self.b)
-        if keep_b:
-            return DenseBlock(self.names[1:], self.shapes[1:], self.b * self.a[-1, -1])
-        return None
-
-
-@dataclass
-class DiagBlock:
-    """The diagonal ``h`` of the GGN over ``names`` (flat, names order)."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    h: torch.Tensor
-
-    def gather(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([pieces[n] for n in self.names], dim=-1)
-
-    def dense(self) -> torch.Tensor:
-        return torch.diag(self.h)
-
-    def restrict(self, keep: Sequence[str]):
-        return _restrict_flat(self, keep, lambda idx: DiagBlock(*_sub(self, keep), self.h[idx]))
-
-
-@dataclass
-class DenseBlock:
-    """The exact GGN ``H`` over ``names`` (flat, names order)."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    h: torch.Tensor
-
-    def gather(self, pieces: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([pieces[n] for n in self.names], dim=-1)
-
-    def dense(self) -> torch.Tensor:
-        return self.h
-
-    def restrict(self, keep: Sequence[str]):
-        return _restrict_flat(self, keep, lambda idx: DenseBlock(*_sub(self, keep), self.h[idx][:, idx]))
-
-
-def _sub(block, keep):
-    pairs = [(n, s) for n, s in zip(block.names, block.shapes, strict=False) if n in keep]
-    return tuple(n for n, _ in pairs), tuple(s for _, s in pairs)
-
-
-def _restrict_flat(block, keep, make):
-    if all(n in keep for n in block.names):
-        return block
-    if not any(n in keep for n in block.names):
-        return None
-    sizes = [math.prod(s) for s in block.shapes]
-    mask = torch.cat([torch.full((k,), n in keep) for n, k in zip(block.names, sizes, strict=False)])
-    return make(mask.nonzero().squeeze(1))
-
-
-Block = KronBlock | DiagBlock | DenseBlock
 
 
 @dataclass
@@ -193,8 +99,6 @@ def compute_curvature(
         max_factor: ``"kfac"``: a layer whose Kronecker factor would have more rows gets its exact diagonal instead
             (the evidence eigendecomposes every factor once per update); ``None``: no limit.
     """
-    from ptyl.autotune.ggn import ggn_blocks
-    from ptyl.autotune.kfac import layer_blocks
 
     check_choice(method, METHODS, "curvature method")
     check_choice(fisher, FISHERS, "fisher")
@@ -228,8 +132,6 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _shapes(model: nn.Module, names: Sequence[str]) -> list[tuple[int, ...]]:
-    from ptyl.params import named_parameters
-
     params = named_parameters(model)
     missing = [n for n in names if n not in params]
     if missing:

@@ -4,10 +4,12 @@ a :class:`~ptyl.errors.DataError` naming the batch."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.func import functional_call
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ptyl.autotune.likelihoods import unpack
@@ -19,8 +21,6 @@ def model_outputs(model: Any, x: Any, params: dict | None = None) -> torch.Tenso
     dict of tensors (a tokenizer's output) whose keys the forward takes as keywords (else ``model(x)``: a forward
     taking the dict); a Hugging Face output's ``logits``. With ``params``, through
     ``torch.func.functional_call`` (per-example gradients)."""
-    from torch.func import functional_call
-
     args, kwargs = ((), dict(x)) if isinstance(x, Mapping) and _takes_keywords(model, x) else ((x,), {})
     out = functional_call(model, params, args, kwargs) if params is not None else model(*args, **kwargs)
     if torch.is_tensor(out):
@@ -32,8 +32,6 @@ def model_outputs(model: Any, x: Any, params: dict | None = None) -> torch.Tenso
 
 
 def _takes_keywords(model: Any, x: Mapping) -> bool:
-    import inspect
-
     try:
         params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters.values()
     except (TypeError, ValueError):

@@ -17,8 +17,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 
-from ptyl.autotune.curvature import DenseBlock, DiagBlock
+from ptyl.autotune.blocks import DenseBlock, DiagBlock
 from ptyl.autotune.data import checked_batches, model_outputs, num_examples, rows
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError
@@ -51,8 +53,6 @@ def ggn_blocks(model: nn.Module, data: Iterable, likelihood: Likelihood, names: 
                fisher: str, mc_samples: int, generator) -> tuple[list, float, int]:
     """One :class:`DiagBlock` (``structure="diag"``) or :class:`DenseBlock` (``"full"``) over ``names``; also the
     summed log-likelihood and the number of examples."""
-    from torch.func import grad, vmap
-    from torch.utils._pytree import tree_map
 
     wrt, fixed = _split_params(model, names)
     size = sum(p.numel() for p in wrt.values())

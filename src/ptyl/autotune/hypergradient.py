@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptyl.autotune.curvature import Curvature, DiagBlock, KronBlock
+from ptyl.autotune.blocks import DiagBlock, KronBlock
+from ptyl.autotune.curvature import Curvature
 from ptyl.autotune.data import checked_batches
 from ptyl.autotune.families import Family
 from ptyl.errors import ConfigError

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptyl.autotune.affine import affine_grads, supported_affine
-from ptyl.autotune.curvature import DiagBlock, KronBlock
+from ptyl.autotune.blocks import DiagBlock, KronBlock
 from ptyl.autotune.data import checked_batches, model_outputs, num_examples
 from ptyl.autotune.likelihoods import Likelihood
 from ptyl.errors import ConfigError

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock
+from ptyl.autotune.blocks import DenseBlock, DiagBlock
+from ptyl.autotune.curvature import Curvature
 from ptyl.autotune.families import Family, LeafFamily
 from ptyl.autotune.kron import kron_log_det, kron_solve, kronecker_shape
 from ptyl.errors import ConfigError

@@ -14,12 +14,17 @@ unexpected internal error); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Sequence
 
+import torch
+
 from ptyl.cli._common import Parser, UsageError, add_common
+from ptyl.config import config_defaults, load_config
 from ptyl.errors import PtylError
+from ptyl.version import __version__
 
 __all__ = ["build_parser", "main", "subcommand_parsers"]
 
@@ -28,10 +33,6 @@ _MODULES = ("source", "inspect", "finetune", "demo")
 
 def build_parser() -> Parser:
     """The ``ptyl`` parser with every subcommand."""
-    import importlib
-
-    from ptyl import __version__
-
     parser = Parser(prog="ptyl", description="Pre-Train Your Loss: Bayesian transfer learning with learned priors "
                                              "(Shwartz-Ziv et al., NeurIPS 2022).",
                     epilog="Run 'ptyl COMMAND --help' for a command's options.")
@@ -67,8 +68,6 @@ def _parse_known(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from ptyl.config import config_defaults, load_config
-
     parser = build_parser()
     args = _parse_known(parser, argv)
     if args.command is None:
@@ -99,8 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(argv)
         debug = debug or bool(getattr(args, "debug", False))
         if getattr(args, "threads", None):
-            import torch
-
             torch.set_num_threads(int(args.threads))
         return int(args.func(args) or 0)
     except SystemExit as exit_:  # --help / --version

@@ -6,7 +6,11 @@ import argparse
 import sys
 from typing import Any
 
+from ptyl.data import available_datasets
+from ptyl.data.text import available_text_datasets
 from ptyl.errors import ConfigError
+from ptyl.models import available_models
+from ptyl.pipeline import TASKS
 from ptyl.validation import nonnegative_float, nonnegative_int, positive_float, positive_int  # noqa: F401
 
 
@@ -75,9 +79,6 @@ def add_data_model_options(parser: argparse.ArgumentParser, *, data_default: str
                            data_help: str) -> None:
     """``--data`` (a built-in name or a path), ``--model`` (a built-in name or ``module:factory``) and ``--head``;
     ``None`` defaults are the task's (:data:`ptyl.pipeline.TASKS`)."""
-    from ptyl.data import available_datasets
-    from ptyl.data.text import available_text_datasets
-    from ptyl.models import available_models
 
     default = f" [{data_default}]" if data_default else " [the task's]"
     parser.add_argument("--data", default=data_default, metavar="NAME|PATH",
@@ -105,8 +106,6 @@ def add_task_options(parser: argparse.ArgumentParser, command: str) -> None:
         parser: the subcommand's parser.
         command: ``"finetune"``, ``"learn-prior"`` or ``"pretrain"``.
     """
-    from ptyl.pipeline import TASKS
-
     names = [name for name, task in TASKS.items() if command == "finetune" or task.has_source_stage()]
     described = "; ".join(f"{name}: {TASKS[name].description}" for name in names)
     parser.add_argument("--task", default=names[0], choices=names, help=f"{described} [{names[0]}]")

@@ -8,21 +8,19 @@ from dataclasses import replace
 from typing import Any
 
 from ptyl.cli._common import UsageError, info
+from ptyl.io import load_posterior
+from ptyl.priors import PriorKind
 
 
 def default_kinds(learned: bool) -> list[str]:
     """The kinds ``--tune`` compares by default: the learned ones with a prior file, and the baselines (the off limit,
     plain fine-tuning, is a point of every kind's search)."""
-    from ptyl.priors import PriorKind
-
     return [str(k) for k in PriorKind if k.recipe.axis is not None and (learned or not k.recipe.needs_posterior)
             and k is not PriorKind.BLOCK]
 
 
 def kinds_spec(args: argparse.Namespace, spec, kinds):
     """The shared fields of a kind selection: the posterior is loaded when a learned kind is compared."""
-    from ptyl.io import load_posterior
-
     learned = [str(k) for k in kinds if k.recipe.needs_posterior]
     if learned and not args.prior:
         raise UsageError(f"--kinds {' '.join(learned)}: learned priors need --prior (a file from 'ptyl learn-prior'); "
@@ -39,8 +37,6 @@ def report_kinds(args: argparse.Namespace, tuned) -> None:
         info(args, f"  {kind:<9s} val NLL {row.get('val_nll', math.nan):.4f} at {show_values(part.best)}"
                    + (f", prior share {share:.2g}{' (off)' if row.get('prior_off') else ''}" if share is not None
                       else ""))
-    from ptyl.priors import PriorKind
-
     won = "none: plain fine-tuning (the prior off)" if tuned.kind == PriorKind.NONE else tuned.kind
     info(args, f"selected on the validation pool: {won}")
 

@@ -11,12 +11,19 @@ MNIST's test split (`--methods ... lowrank-sgld diag` adds sampling or the learn
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
 from ptyl.cli._common import add_common, info, positive_int, progress
+from ptyl.io.atomic import atomic_write_text
+from ptyl.metrics import save_json
+from ptyl.pipeline import SELECTED, learn_source_prior, parse_method, plot_data_efficiency, run_transfer, summarize
 from ptyl.pipeline.methods import Method
 from ptyl.priors.registry import PriorKind
 
@@ -60,13 +67,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ptyl.io.atomic import atomic_write_text
-    from ptyl.metrics import save_json
-    from ptyl.pipeline import parse_method, plot_data_efficiency
-
     if getattr(args, "threads", None) is None:
-        import torch
-
         torch.set_num_threads(1)  # batches of 32 small images gain little from threads; shared cores lose a lot
     s = dict(QUICK if args.quick else FULL)
     for key in ("methods", "sources", "n_per_class", "seeds", "steps"):
@@ -80,9 +81,6 @@ def run(args: argparse.Namespace) -> int:
     results, tables, source_times = [], [], {}
     jobs = [(args, s, source, out, i) for i, source in enumerate(s["sources"], 1)]
     if args.jobs > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch thread pools
         with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=context, initializer=_one_thread) as pool:
             done = list(pool.map(_pair, jobs))
@@ -123,8 +121,6 @@ def _summary(quick: bool, s: dict, tables: list[str]) -> str:
 
 
 def _one_thread() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -139,8 +135,6 @@ def _pair(job) -> tuple[list[dict], str, float]:
 
 
 def _source(args, s, source: str, out: Path, i: int) -> tuple[Path, float]:
-    from ptyl.pipeline import learn_source_prior
-
     start = time.perf_counter()
     info(args, f"[{i}/{len(s['sources'])}] source {source} ({ROLES.get(source, '')}): {s['model']} width {s['width']}, "
                f"{s['pretrain_epochs']} epochs, then SWAG (rank {s['rank']}) for {s['swag_epochs']} epochs")
@@ -154,8 +148,6 @@ def _source(args, s, source: str, out: Path, i: int) -> tuple[Path, float]:
 
 
 def _transfer(args, s, prior: Path, source: str) -> list[dict]:
-    from ptyl.pipeline import parse_method, run_transfer
-
     grids = {}
     for method in s["methods"]:
         kind = parse_method(method).prior
@@ -169,8 +161,6 @@ def _transfer(args, s, prior: Path, source: str) -> list[dict]:
 def _pair_table(source: str, s, records: list[dict]) -> str:
     """The pair's summary table and, per n, the learned prior minus the better baseline (chosen per seed by
     validation NLL), seed by seed."""
-    from ptyl.pipeline import SELECTED, summarize
-
     lines = [f"**{source} -> {s['target']}** ({ROLES.get(source, 'source')})", "",
              summarize(records, metrics=("accuracy", "nll", "ece"), wall_time=False)]
     standard = Method.of(PriorKind.STANDARD).name

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
 from ptyl.cli._common import UsageError, add_common, dtype_name, model_kwargs, nonnegative_int, positive_int
+from ptyl.io import load_prior_file
+from ptyl.memory import estimate_report
+from ptyl.models import available_models, build_model
+from ptyl.pipeline import pretrained_weights_path
 
 
 def add_parsers(subparsers) -> None:
-    from ptyl.models import available_models
-
     p = subparsers.add_parser("inspect", help="show a prior file's contents, or estimate a prior's memory",
                               description="ptyl inspect PRIOR: metadata, rank, shapes and variance statistics of a "
                                           "prior file.  ptyl inspect --estimate MODEL --rank K: memory of SWAG "
@@ -48,14 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    import torch
-
-    from ptyl.models import build_model
-
-    try:
-        from ptyl.memory import estimate_report
-    except ImportError as err:  # pragma: no cover - ptyl.memory ships with ptyl
-        raise UsageError(f"--estimate is unavailable: {err}") from err
     kwargs = model_kwargs(args)
     with torch.device("meta"):  # shapes only: no memory is allocated, however wide the model
         model = build_model(args.estimate, num_classes=args.num_classes, **kwargs)
@@ -82,11 +78,6 @@ def _checksums(loaded) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    from ptyl.io import load_prior_file
-    from ptyl.pipeline import pretrained_weights_path
-
     path = args.prior
     loaded = load_prior_file(path, verify=False if args.no_verify else None)
     meta, post = loaded.metadata, loaded.posterior

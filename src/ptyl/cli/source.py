@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from torch.utils.data import DataLoader
+
 from ptyl.cli._common import (
+    UsageError,
     add_common,
     add_data_model_options,
     add_task_options,
@@ -18,15 +21,25 @@ from ptyl.cli._common import (
     progress,
     task_options,
 )
+from ptyl.data import load_dataset
+from ptyl.inference import predict_probs
+from ptyl.io import read_metadata
+from ptyl.metrics import accuracy
+from ptyl.pipeline import (
+    TASKS,
+    ClassificationTask,
+    get_task,
+    learn_source_prior,
+    pretrain_source,
+    pretrained_weights_path,
+)
+from ptyl.pipeline.source import OBJECTIVES
 
 PRETRAIN_EPOCHS = 5
 PRETRAIN_OUT = "pretrained.safetensors"  # the default output of 'ptyl pretrain'
 
 
 def _add_source_options(parser: argparse.ArgumentParser, command: str) -> None:
-    from ptyl.pipeline import TASKS
-    from ptyl.pipeline.source import OBJECTIVES
-
     defaults = ", ".join(f"{t.default_source} / {t.default_model} ({name})" for name, t in TASKS.items()
                          if t.has_source_stage())
     add_data_model_options(parser, data_default=None, model_default=None,
@@ -72,8 +85,6 @@ def add_parsers(subparsers) -> None:
 def _pretrain_epochs(args: argparse.Namespace) -> int:
     """Pretraining epochs of learn-prior; an error instead of silently pretraining again next to a 'ptyl pretrain'
     output, or silently ignoring --pretrain-epochs."""
-    from ptyl.cli._common import UsageError
-
     if args.init is not None:
         if args.pretrain_epochs is not None:
             raise UsageError("--pretrain-epochs and --init exclude each other: --init starts from pretrained weights")
@@ -90,8 +101,6 @@ def _head(args: argparse.Namespace) -> str:
 
 def _task_defaults(args: argparse.Namespace) -> dict:
     """Fill ``--data`` / ``--model`` from the task and return its own options."""
-    from ptyl.pipeline import get_task
-
     task = get_task(args.task)
     args.data = args.data or task.default_source
     args.model = args.model or task.default_model
@@ -99,20 +108,11 @@ def _task_defaults(args: argparse.Namespace) -> dict:
 
 
 def _source_accuracy(model, data_name: str) -> float:
-    from torch.utils.data import DataLoader
-
-    from ptyl.data import load_dataset
-    from ptyl.inference import predict_probs
-    from ptyl.metrics import accuracy
-
     test = load_dataset(data_name, "test")
     return float(accuracy(predict_probs(model, DataLoader(test, batch_size=512)), test.targets))
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from ptyl.pipeline import ClassificationTask, pretrain_source
-    from ptyl.pipeline.source import OBJECTIVES
-
     options = _task_defaults(args)
     info(args, f"pretraining {args.model} on {args.data} ({args.objective}, {args.epochs} epochs)")
     model, meta = pretrain_source(args.data, args.model, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -127,9 +127,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_learn_prior(args: argparse.Namespace) -> int:
-    from ptyl.io import read_metadata
-    from ptyl.pipeline import learn_source_prior, pretrained_weights_path
-
     options = _task_defaults(args)
     epochs = _pretrain_epochs(args)
     start = f"from {args.init}" if args.init else f"after {epochs} pretraining epochs here"

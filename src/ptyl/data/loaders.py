@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ptyl.data.datasets import ImageDataset, resize_images, to_image_tensor
+from ptyl.data.images import ImageDataset, resize_images, to_image_tensor
 from ptyl.errors import DataError
 from ptyl.io.atomic import atomic_write_bytes
 
@@ -218,6 +218,7 @@ def load_npz(
 
 
 def _read_image(path: Path, grayscale: bool) -> torch.Tensor:
+    # optional dependency (Pillow): only image folders need it
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -286,6 +287,7 @@ def load_image_folder(
 
 
 def _is_grey(path: Path) -> bool:
+    # optional dependency (Pillow): only image folders need it
     from PIL import Image, UnidentifiedImageError
 
     try:

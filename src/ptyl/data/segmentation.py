@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ptyl.data.datasets import load_dataset
 from ptyl.errors import DataError, InvalidValueError
 
 __all__ = ["DigitCanvasSegmentation", "make_segmentation_splits"]
@@ -193,8 +194,6 @@ def make_segmentation_splits(
         **canvas_kwargs: forwarded to :class:`DigitCanvasSegmentation` (canvas_size, digits_per_canvas, ...).
     """
     if isinstance(dataset, str):
-        from ptyl.data.datasets import load_dataset  # local import: only needed for named data sets
-
         train_pool, test_pool = load_dataset(dataset, "train"), load_dataset(dataset, "test")
         n_cls = int(train_pool.num_classes)
         (tr_x, tr_y), (te_x, te_y) = (train_pool.images, train_pool.targets), (test_pool.images, test_pool.targets)

@@ -13,7 +13,7 @@ import torch
 from ptyl.errors import DataError, InvalidValueError
 
 if TYPE_CHECKING:  # avoid a circular import: datasets.py uses stratified_split_indices
-    from ptyl.data.datasets import ImageDataset
+    from ptyl.data.images import ImageDataset
     from ptyl.data.text import TextDataset
 
 __all__ = ["class_counts", "few_shot_subset", "balanced_split", "hold_out", "stratified_split_indices"]

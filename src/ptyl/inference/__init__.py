@@ -5,7 +5,8 @@ Training (MAP, SGLD, cyclical SGLD, SWAG) lives in :mod:`ptyl.training`; choosin
 :mod:`ptyl.tuning`.
 """
 
-from ptyl.inference.bma import bma_predict, collect_targets, predict_probs, recompute_batchnorm
+from ptyl.batches import recompute_batchnorm
+from ptyl.inference.bma import bma_predict, collect_targets, predict_probs
 from ptyl.inference.laplace_posterior import PosteriorPrecision
 from ptyl.inference.laplace_predictive import LaplacePredictive, laplace
 from ptyl.inference.samples import SampleBank

@@ -18,44 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import RandomSampler
+from tqdm.auto import tqdm
 
+from ptyl.batches import call_model, default_input, model_device, recompute_batchnorm, to_device
 from ptyl.errors import DataError, InvalidValueError
 from ptyl.inference.samples import SampleBank, cpu_copy
 from ptyl.io.weights import load_state_checked
 
-__all__ = ["bma_predict", "collect_targets", "predict_probs", "recompute_batchnorm", "to_device"]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _default_input(batch: Any) -> Any:
-    """``(x, y)`` -> ``x``; a bare tensor is taken as the input."""
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise DataError("loader yielded an empty batch")
-        return batch[0]
-    return batch
-
-
-def to_device(x: Any, device: torch.device) -> Any:
-    """Move a batch (a tensor, or a dict / list / tuple of them) to ``device``; other values pass through."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {key: to_device(value, device) for key, value in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(value, device) for value in x)
-    return x
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    return model(**x) if isinstance(x, Mapping) else model(x)
+__all__ = ["bma_predict", "collect_targets", "predict_probs"]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -100,18 +70,16 @@ def predict_probs(
     Returns:
         ``[N, C]`` (``[N, C, H, W]`` for segmentation), float32 on the CPU.
     """
-    from tqdm.auto import tqdm
-
     _check_ordered(loader)
-    device = _model_device(model) if device is None else torch.device(device)
-    get_input = input_fn or _default_input
+    device = model_device(model) if device is None else torch.device(device)
+    get_input = input_fn or default_input
     was_training = model.training
     model.eval()
     chunks: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
-                logits = _logits(_call(model, to_device(get_input(batch), device)))
+                logits = _logits(call_model(model, to_device(get_input(batch), device)))
                 chunks.append(torch.softmax(logits.float(), dim=1).cpu())
     finally:
         model.train(was_training)
@@ -170,12 +138,10 @@ def bma_predict(
     Returns:
         As :func:`predict_probs`: ``[N, C]`` or ``[N, C, H, W]``, float32 on the CPU.
     """
-    from tqdm.auto import tqdm
-
     _check_ordered(loader)
-    original_device = _model_device(model)
+    original_device = model_device(model)
     device = original_device if device is None else torch.device(device)
-    get_input = input_fn or _default_input
+    get_input = input_fn or default_input
     original_state = cpu_copy(model.state_dict())  # CPU: do not double the model's footprint on the accelerator
     was_training = model.training
     use_bn_update = bn_loader is not None and _has_batchnorm(model)
@@ -208,63 +174,3 @@ def bma_predict(
     if total is None:
         raise InvalidValueError("bma_predict needs at least one sample")
     return (total / count).float()
-
-
-def recompute_batchnorm(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None = None,
-                        input_fn: Callable[[Any], Any] | None = None) -> int:
-    """Recompute the BatchNorm running statistics of ``model`` on the inputs (never the targets) of ``loader``: the
-    example-weighted mean of the batches' statistics,
-
-        running = sum_b n_b stat_b / sum_b n_b     (a momentum of n_b / (n_1 + ... + n_b) at batch b)
-
-    :func:`torch.optim.swa_utils.update_bn` (Izmailov et al. 2018) weights every batch equally, so a short last batch
-    counts as much as a full one: 4 of 100 training examples at batch size 32 get a quarter of the weight, which cost
-    BMA +0.015 test NLL on MNIST at 10 per class (``benchmarks/results/predictive_diagnostics.md``).
-
-    Args:
-        model: the model (its train/eval mode and BatchNorm momenta are restored afterwards).
-        loader: batches; ``(x, y)`` -> ``x``, a Mapping is passed as keyword arguments.
-        device: where the inputs go (default: the model's device).
-        input_fn: ``batch -> model input`` (default: the first element of a tuple).
-
-    Returns:
-        The number of examples seen (0 when ``model`` has no BatchNorm layer: nothing is run).
-
-    Raises:
-        DataError: ``loader`` yielded no batches.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    device = _model_device(model) if device is None else torch.device(device)
-    get_input = input_fn or _default_input
-    momenta, was_training, seen = [m.momentum for m in norms], model.training, 0
-    for m in norms:
-        m.reset_running_stats()
-    model.train()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x = to_device(get_input(batch), device)
-                size = _num_examples(x)
-                for m in norms:
-                    m.momentum = size / (seen + size)
-                _call(model, x)
-                seen += size
-    finally:
-        for m, momentum in zip(norms, momenta, strict=False):
-            m.momentum = momentum
-        model.train(was_training)
-    if seen == 0:
-        raise DataError("the BatchNorm loader yielded no batches: cannot recompute BatchNorm statistics")
-    return seen
-
-
-def _num_examples(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0])
-    values = list(x.values()) if isinstance(x, Mapping) else list(x) if isinstance(x, (list, tuple)) else []
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise DataError(f"cannot tell the batch size of an input of type {type(x).__name__}")

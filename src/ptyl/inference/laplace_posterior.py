@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ptyl.autotune.curvature import Curvature, DenseBlock, DiagBlock, KronBlock
+from ptyl.autotune.blocks import DenseBlock, DiagBlock, KronBlock
+from ptyl.autotune.curvature import Curvature
 from ptyl.autotune.kron import kronecker_shape
 from ptyl.errors import ConfigError, InvalidValueError
 from ptyl.priors.base import Prior

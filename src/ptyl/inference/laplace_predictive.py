@@ -52,12 +52,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call, jacrev, vmap
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ptyl.autotune.curvature import MAX_DENSE, compute_curvature
 from ptyl.autotune.likelihoods import Categorical
+from ptyl.batches import default_input, to_device
 from ptyl.errors import ConfigError, DataError
-from ptyl.inference.bma import _check_ordered, _default_input, to_device
+from ptyl.inference.bma import _check_ordered
 from ptyl.inference.laplace_posterior import PosteriorPrecision, prior_leaves_within
 from ptyl.params import as_name_list, name_matches, named_parameters, normalize_name
 from ptyl.priors.base import Prior
@@ -316,9 +320,6 @@ def logit_moments(model: nn.Module, loader: Iterable, names: Sequence[str], post
     The Jacobian ``J(x) = d f(x) / d theta`` over ``names`` is taken per example (``torch.func.jacrev`` under
     ``vmap``, evaluation mode: the MAP's BatchNorm statistics) once per batch and shared by every posterior.
     """
-    from torch.func import functional_call, jacrev, vmap
-    from torch.utils._pytree import tree_map
-    from tqdm.auto import tqdm
 
     raw = dict(model.named_parameters())
     by_norm = {normalize_name(n): n for n in raw}
@@ -340,7 +341,7 @@ def logit_moments(model: nn.Module, loader: Iterable, names: Sequence[str], post
     means, covs = [], [[] for _ in posteriors]
     try:
         for batch in tqdm(loader, desc="Laplace predictive", disable=not progress, leave=False):
-            x = to_device(_default_input(batch), device)
+            x = to_device(default_input(batch), device)
             with torch.no_grad():
                 f = _as_logits(model(**x) if isinstance(x, dict) else model(x))
                 jac = jacobian(wrt, x)

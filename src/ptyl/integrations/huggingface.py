@@ -57,6 +57,7 @@ def import_transformers() -> Any:
         ConfigError: it is not installed (the message says what to install).
     """
     try:
+        # optional dependency (the [hf] extra)
         import transformers
     except ImportError:
         raise ConfigError("the Hugging Face integration needs transformers: pip install 'ptyl[hf]'") from None

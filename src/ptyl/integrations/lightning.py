@@ -50,9 +50,11 @@ def import_lightning() -> Any:
         ConfigError: neither is installed (the message says what to install).
     """
     try:
+        # optional dependency (the [lightning] extra)
         import lightning.pytorch as pl
     except ImportError:
         try:
+            # optional dependency (the [lightning] extra)
             import pytorch_lightning as pl
         except ImportError:
             raise ConfigError("the Lightning integration needs PyTorch Lightning: pip install 'ptyl[lightning]' "

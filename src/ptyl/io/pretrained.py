@@ -41,6 +41,8 @@ from ptyl.io.atomic import atomic_files, atomic_write_text
 from ptyl.io.prior_file import load_posterior, save_posterior
 from ptyl.io.weights import load_state_checked, read_weights, save_weights
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.priors.registry import PriorKind
+from ptyl.version import __version__
 
 __all__ = ["CARD_FILE", "PRIOR_FILE", "README_FILE", "WEIGHTS_FILE", "PretrainedPrior", "PriorCard",
            "from_pretrained", "prior_file_path", "push_to_hub", "save_pretrained"]
@@ -208,9 +210,6 @@ class PretrainedPrior:
 
 
 def _card_from_metadata(posterior: SourcePosterior, card: PriorCard | dict[str, Any] | None) -> PriorCard:
-    from ptyl import __version__
-    from ptyl.priors.registry import PriorKind
-
     card = card if isinstance(card, PriorCard) else PriorCard.from_dict(dict(card or {}), "card")
     if not card.recommended:
         kind = PriorKind.LOWRANK
@@ -269,6 +268,7 @@ def save_pretrained(directory: str | os.PathLike, posterior: SourcePosterior, *,
 
 def _hub(what: str) -> Any:
     try:
+        # optional dependency (the [hf] extra)
         import huggingface_hub
     except ImportError:
         raise ConfigError(f"{what} needs huggingface_hub: pip install huggingface_hub (or 'ptyl[hf]')") from None

@@ -40,10 +40,13 @@ from torch import nn
 from ptyl.errors import InvalidValueError, PriorFileError, PtylError
 from ptyl.io.atomic import atomic_write
 from ptyl.io.header import existing_file, read_json_header
-from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled, dtype_name, tensor_records
-from ptyl.io.schema import Integer, ListOf, MapOf, Nullable, Number, Object, String, validate_header
+from ptyl.io.integrity import check_tensor, checksums_enabled, dtype_name, tensor_records
+from ptyl.io.prior_format import FLOAT_DTYPES, FORMAT, FORMAT_VERSION, PRIOR_METADATA, read_single_metadata
+from ptyl.io.schema import validate_header
+from ptyl.io.sharded_prior import index_path, save_sharded_posterior
+from ptyl.io.sharded_read import layout_for, load_sharded_posterior, read_index
 from ptyl.params import normalize_name
-from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.gaussian import SourcePosterior, matching_names
 from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.factory import make_prior
 from ptyl.priors.registry import PriorKind
@@ -52,56 +55,9 @@ from ptyl.sharding import ShardLayout, is_dtensor
 __all__ = ["FORMAT", "FORMAT_VERSION", "PRIOR_METADATA", "PriorFile", "load_posterior", "load_prior",
            "load_prior_file", "read_json_header", "read_metadata", "save_posterior"]
 
-FORMAT = "ptyl-prior"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
 _KINDS = ("mean", "variance", "deviations")
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64}
 # entries that describe the file itself; the posterior's free-form metadata is everything else
 _FORMAT_KEYS = ("format", "format_version", "parameters", "tensors")
-
-
-def _rank_within_snapshots(meta: dict) -> tuple[str, str] | None:
-    if "num_snapshots" in meta and meta["num_snapshots"] < meta["rank"]:
-        return "num_snapshots", f"= {meta['num_snapshots']} is below the rank {meta['rank']} (K <= snapshots)"
-    return None
-
-
-_PARAMETER = Object(required={"name": String(nonempty=True), "shape": ListOf(Integer(minimum=0))})
-PRIOR_METADATA_V1 = Object(
-    required={
-        "format": String(choices=(FORMAT,)),
-        "format_version": Integer(choices=READABLE_VERSIONS),
-        "rank": Integer(minimum=0),
-        "parameters": ListOf(_PARAMETER, min_length=1, unique_key="name"),
-        "dtype": String(choices=tuple(FLOAT_DTYPES)),
-    },
-    optional={  # written by ptyl itself; read back by the CLI and experiments
-        **dict.fromkeys(("model", "architecture", "source", "objective", "task", "init", "created",
-                         "pretrained_weights"), String()),
-        "model_kwargs": Object(),
-        "num_classes": Integer(minimum=1),
-        "image_size": Nullable(Integer(minimum=1)),
-        **dict.fromkeys(("num_snapshots", "num_source_examples", "swag_epochs", "swag_rank"), Integer(minimum=0)),
-        "pretrain_epochs": Nullable(Integer(minimum=0)),
-        "seed": Integer(),
-        "swag_lr": Number(minimum=0, exclusive=True),
-        "skipped": ListOf(String()),
-    },
-    checks=(_rank_within_snapshots,),
-)
-
-
-def _records_match_dtype(meta: dict) -> tuple[str, str] | None:
-    for key, record in meta["tensors"].items():
-        if record["dtype"] != meta["dtype"]:
-            return f"tensors.{key}.dtype", f"is {record['dtype']!r} but the file's 'dtype' is {meta['dtype']!r}"
-    return None
-
-
-PRIOR_METADATA = PRIOR_METADATA_V1.extended(required={"tensors": MapOf(TENSOR_RECORD)}, checks=(_records_match_dtype,))
-"""The schema of a version-2 prior file's ``ptyl`` header (:mod:`ptyl.io.schema`)."""
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
@@ -133,8 +89,6 @@ def save_posterior(
     """
     dtype = _dtype(dtype)
     if isinstance(posterior, ShardedPosterior):
-        from ptyl.io.sharded_prior import save_sharded_posterior
-
         return save_sharded_posterior(posterior, path, dtype, metadata)
     posterior.validate()
     tensors: dict[str, torch.Tensor] = {}
@@ -175,21 +129,10 @@ def save_posterior(
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a prior file (version 1 or 2), validated field by field against its version's schema
     (tensors are not read). Any malformed header raises :class:`PriorFileError` naming the file and the field."""
-    from ptyl.io.sharded_prior import index_path
-    from ptyl.io.sharded_read import read_index
-
     index = index_path(path)
     if index is not None:
         return read_index(index)[0]
-    meta = read_json_header(path, "ptyl")
-    # format and version first: a foreign or newer file gets that message, not a complaint about some other field
-    if meta.get("format") != FORMAT:
-        raise PriorFileError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise PriorFileError(f"{path}: prior file format version {version!r} is not supported (metadata field "
-                             f"'format_version'; this ptyl reads versions {', '.join(map(str, READABLE_VERSIONS))})")
-    return validate_header(meta, PRIOR_METADATA_V1 if version == 1 else PRIOR_METADATA, path)
+    return read_single_metadata(path)
 
 
 @dataclass
@@ -214,9 +157,6 @@ def load_prior_file(
     shards: nn.Module | ShardLayout | None = None,
 ) -> PriorFile:
     """Read and validate a prior file; see :func:`load_posterior`."""
-    from ptyl.io.sharded_prior import index_path
-    from ptyl.io.sharded_read import layout_for, load_sharded_posterior
-
     if shards is not None or index_path(path) is not None:
         layout = layout_for(shards) if shards is not None else None
         posterior, meta, verified, files = load_sharded_posterior(path, layout, map_location, _dtype(dtype),
@@ -345,8 +285,6 @@ def load_prior(
         map_location = next(model.parameters()).device
     sharded = any(is_dtensor(p) for p in model.parameters())
     if sharded:  # matched on the global shapes, then each rank reads its rows of what matched
-        from ptyl.posterior.gaussian import matching_names
-
         meta = read_metadata(path)
         shapes = {p["name"]: tuple(p["shape"]) for p in meta["parameters"]}
         kept = matching_names(shapes, model, strict, meta.get("architecture"))

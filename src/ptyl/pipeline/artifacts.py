@@ -15,6 +15,7 @@ from torch import nn
 
 from ptyl.io.prior_file import load_posterior, read_metadata
 from ptyl.io.weights import load_state_checked, read_weights
+from ptyl.models import replace_head
 from ptyl.pipeline.tasks import build_from_metadata
 
 __all__ = ["load_pretrained", "load_weights", "pretrained_weights_path"]
@@ -62,8 +63,6 @@ def load_pretrained(prior_path: str | Path, num_classes: int | None = None) -> t
         ParameterMismatchError: the weights file does not fit the prior's architecture (names the file, the tensors
             and their shapes).
     """
-    from ptyl.models import replace_head
-
     meta = read_metadata(prior_path)
     weights = pretrained_weights_path(prior_path)
     if weights.is_file():

@@ -23,13 +23,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ptyl.data.augment import SimCLRAugment
 from ptyl.errors import ConfigError
 from ptyl.io.atomic import atomic_files
 from ptyl.io.prior_file import save_posterior
 from ptyl.io.weights import save_weights
 from ptyl.params import Selector, as_name_list, check_head_matches, head_like_names, named_parameters
 from ptyl.pipeline.artifacts import load_weights, pretrained_weights_path
+from ptyl.pipeline.tasks import get_task
 from ptyl.posterior.gaussian import SourcePosterior
+from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
 from ptyl.posterior.swag import SWAGCollector
 from ptyl.sharding import module_class_name
 from ptyl.training.config import TrainConfig
@@ -153,8 +156,6 @@ def _source_objective(objective: str, model: nn.Module, image_size: int | None, 
         return model, None, None
     if image_size is None:
         raise ConfigError(f"the source objective {objective!r} needs images; this task's source data are not")
-    from ptyl.data.augment import SimCLRAugment
-    from ptyl.posterior.simclr import SimCLRModel, SimCLRObjective
 
     return SimCLRModel(model), SimCLRObjective(SimCLRAugment(image_size), seed=seed), "projection"
 
@@ -162,8 +163,6 @@ def _source_objective(objective: str, model: nn.Module, image_size: int | None, 
 def _source_setup(task: str, source: str, model: str | None, n_per_class: int | None,
                   model_kwargs: dict[str, Any] | None, seed: int, head: str, options: dict[str, Any] | None):
     """The task's :class:`~ptyl.pipeline.tasks.SourceSetup` (data, fresh model, metadata)."""
-    from ptyl.pipeline.tasks import get_task
-
     task_class = get_task(task)
     return task_class.source_setup(source or task_class.default_source, model or task_class.default_model,
                                    n_per_class=n_per_class, model_kwargs=model_kwargs, seed=seed, head=head,

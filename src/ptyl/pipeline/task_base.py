@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ptyl.errors import ConfigError, PriorFileError
+from ptyl.metrics import evaluate_probs
+from ptyl.models import build_model, get_head, is_factory, replace_head
 
 __all__ = ["SourceSetup", "Task", "build_classifier"]
 
@@ -164,8 +166,6 @@ class Task:
         Returns:
             ``{metric: value}`` for the names in ``metrics``.
         """
-        from ptyl.metrics import evaluate_probs
-
         return evaluate_probs(probs, targets)
 
     def adapt(self, model: nn.Module) -> nn.Module:
@@ -212,8 +212,6 @@ def build_classifier(meta: Mapping[str, Any], num_classes: int | None = None) ->
     """A fresh classifier from ``meta["model"]`` (a built-in name or a ``module:factory``) / ``meta["model_kwargs"]``
     with ``num_classes`` outputs (default: the metadata's); a factory that does not take ``num_classes`` gets its
     head (``meta["head"]``) replaced when its size differs."""
-    from ptyl.models import build_model, get_head, is_factory, replace_head
-
     if "model" not in meta:
         raise PriorFileError("metadata does not name the model architecture ('model'); pass --model")
     kwargs = dict(meta.get("model_kwargs") or {})

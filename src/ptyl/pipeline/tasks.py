@@ -24,9 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ptyl.data import DigitCanvasSegmentation, few_shot_subset, load_dataset
 from ptyl.data.subsets import hold_out
 from ptyl.errors import ConfigError, DataError
 from ptyl.io.weights import load_state_checked
+from ptyl.metrics.segmentation import evaluate_segmentation
+from ptyl.models import is_factory, replace_head
+from ptyl.models.segmentation import SegmentationNet
 from ptyl.pipeline.task_base import SourceSetup, Task, build_classifier
 from ptyl.pipeline.text_task import TextTask
 from ptyl.validation import positive_int
@@ -80,8 +84,6 @@ class ClassificationTask(Task):
                      model_kwargs: Mapping[str, Any] | None = None, seed: int = 0, head: str = "head",
                      **options: Any) -> SourceSetup:
         """See :meth:`Task.source_setup`: the train split of an image data set and a classifier for it."""
-        from ptyl.data import few_shot_subset, load_dataset
-        from ptyl.models import is_factory
 
         if options:
             raise ConfigError(f"the classification source stage takes no options {sorted(options)}")
@@ -102,8 +104,6 @@ class ClassificationTask(Task):
 
     def __init__(self, data: str = "mnist", *, image_size: int | None = None, max_test: int | None = None,
                  eval_split: str = "test", head: str = "head", val_pool: int = 0) -> None:
-        from ptyl.data import load_dataset
-
         self.data, self.image_size, self.max_test, self.eval_split = data, image_size, max_test, eval_split
         self.head = head
         self.pool, self.val = hold_out(load_dataset(data, "train", image_size=image_size), val_pool)
@@ -119,13 +119,9 @@ class ClassificationTask(Task):
         return self.val
 
     def train_set(self, n: int, seed: int) -> Dataset:
-        from ptyl.data import few_shot_subset
-
         return few_shot_subset(self.pool, int(n), int(seed))
 
     def test_set(self, seed: int = 0) -> Dataset:
-        from ptyl.data import few_shot_subset, load_dataset
-
         if self._test is None:
             test = load_dataset(self.data, self.eval_split, image_size=self.image_size)
             if self.max_test is not None and self.max_test < len(test):
@@ -134,8 +130,6 @@ class ClassificationTask(Task):
         return self._test
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        from ptyl.models import replace_head
-
         return replace_head(model, self.num_classes, head_name=self.head)
 
     def scratch(self, meta: Mapping[str, Any]) -> nn.Module:
@@ -197,8 +191,6 @@ class SegmentationTask(Task):
 
     def __init__(self, data: str = "mnist", *, n_test: int = 64, decoder_channels: int = 32,
                  test_seed: int | None = None, val_pool: int = 0, val_digits: int = 1000, **canvas: Any) -> None:
-        from ptyl.data import load_dataset
-
         self.data, self.n_test, self.decoder_channels, self.test_seed = data, n_test, decoder_channels, test_seed
         train_digits = load_dataset(data, "train")
         self.canvas = {"num_digit_classes": int(train_digits.num_classes), **canvas}
@@ -218,8 +210,6 @@ class SegmentationTask(Task):
         return self.val
 
     def _canvases(self, pool, n: int, seed: int) -> Dataset:
-        from ptyl.data import DigitCanvasSegmentation
-
         return DigitCanvasSegmentation(pool.images, pool.targets, int(n), seed=int(seed), **self.canvas)
 
     def train_set(self, n: int, seed: int) -> Dataset:
@@ -235,13 +225,9 @@ class SegmentationTask(Task):
         return dataset.masks
 
     def evaluate(self, probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        from ptyl.metrics.segmentation import evaluate_segmentation
-
         return evaluate_segmentation(probs, targets)
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        from ptyl.models.segmentation import SegmentationNet
-
         return SegmentationNet(model, num_classes=self.num_classes, decoder_channels=self.decoder_channels,
                                image_channels=_image_channels(model))
 
@@ -266,8 +252,6 @@ class SegmentationTask(Task):
     @classmethod
     def wrap(cls, classifier: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
         """The :class:`~ptyl.models.SegmentationNet` around the classifier (see :meth:`Task.wrap`)."""
-        from ptyl.models.segmentation import SegmentationNet
-
         seg = meta.get("segmentation") or {}
         return SegmentationNet(classifier, num_classes=int(seg["num_classes"]),
                                decoder_channels=int(seg.get("decoder_channels", 32)),

@@ -10,8 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ptyl.data import TextDataset, collate_text, few_shot_subset, load_text_dataset
 from ptyl.data.subsets import hold_out
 from ptyl.errors import ConfigError, DataError
+from ptyl.models import replace_head
+from ptyl.models.hf import encoder_layer_names, load_hf_tokenizer, text_classification_objective
+from ptyl.params import name_matches, normalize_name
 from ptyl.pipeline.task_base import SourceSetup, Task, build_classifier
 from ptyl.validation import positive_int
 
@@ -51,9 +55,6 @@ class TextTask(Task):
     def __init__(self, pool: Dataset, test: Dataset, *, val_pool: int = 0, objective: Callable | None = None,
                  collate_fn: Callable | None = None, layers: Sequence[int] | None = None,
                  settings: Mapping[str, Any] | None = None) -> None:
-        from ptyl.data import collate_text
-        from ptyl.models.hf import text_classification_objective
-
         self.pool, self.val = hold_out(pool, val_pool)
         self.test = test
         self.num_classes = int(pool.num_classes)
@@ -85,8 +86,6 @@ class TextTask(Task):
         Raises:
             DataError: a missing column, an empty class, too few sentences for the test set or the pool.
         """
-        from ptyl.models.hf import load_hf_tokenizer
-
         tokenizer = tokenizer if tokenizer is not None else load_hf_tokenizer()
         pool = _text_set(data, tokenizer, max_length, text_column, label_column)
         if test_data is not None:
@@ -153,8 +152,6 @@ class TextTask(Task):
                      layers: Sequence[int] | None = None) -> SourceSetup:
         """See :meth:`Task.source_setup`: the source sentences, the text model with only ``layers`` (default the
         last) and its head trainable, and a prior over those layers."""
-        from ptyl.data import TextDataset, collate_text, few_shot_subset, load_text_dataset
-        from ptyl.models.hf import encoder_layer_names, load_hf_tokenizer
 
         layers = [int(layer) for layer in (layers or [-1])]
         max_length = max_length or TEXT_MAX_LENGTH
@@ -181,20 +178,14 @@ class TextTask(Task):
         return self.val
 
     def train_set(self, n: int, seed: int) -> Dataset:
-        from ptyl.data import few_shot_subset
-
         return few_shot_subset(self.pool, int(n), int(seed))
 
     def test_set(self, seed: int = 0) -> Dataset:
         return self.test
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        from ptyl.models import replace_head
-
         model = replace_head(model, self.num_classes)
         if self.layers is not None:
-            from ptyl.models.hf import encoder_layer_names
-
             _train_only(model, encoder_layer_names(model, self.layers), self.head)
         return model
 
@@ -212,16 +203,12 @@ class TextTask(Task):
 
 def _text_set(path: str, tokenizer: Any, max_length: int, text_column: str, label_column: str,
               classes: Sequence[str] | None = None) -> Dataset:
-    from ptyl.data import TextDataset, load_text_dataset
-
     texts, labels, names = load_text_dataset(path, text_column=text_column, label_column=label_column, classes=classes)
     return TextDataset(texts, labels, tokenizer, classes=names, max_length=max_length, name=str(path))
 
 
 def _train_only(model: nn.Module, names: Sequence[str], head: str) -> None:
     """``requires_grad`` on ``names`` and the head's parameters only."""
-    from ptyl.params import name_matches, normalize_name
-
     keep = set(names)
     for name, param in model.named_parameters():
         key = normalize_name(name)

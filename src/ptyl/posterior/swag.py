@@ -22,7 +22,7 @@ and :meth:`SWAGCollector.posterior` returns a :class:`~ptyl.posterior.ShardedPos
 
 BatchNorm: running statistics are buffers, not parameters, so they are *not* part of the posterior or the prior. Any
 model built from the posterior (its mean or a sample) must recompute them on training data
-(``torch.optim.swa_utils.update_bn``), which :meth:`SWAGCollector.sample_into` does when given a loader.
+(:func:`ptyl.batches.recompute_batchnorm`), which :meth:`SWAGCollector.sample_into` does when given a loader.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptyl.batches import recompute_batchnorm
 from ptyl.errors import InvalidValueError, ParameterMismatchError
 from ptyl.flat import ParamBinder, flatten, groups_for, plan_groups, unflatten
 from ptyl.params import Selector, select_parameters
@@ -201,8 +202,8 @@ class SWAGCollector:
         if z2 is not None:
             theta += math.sqrt(scale / (2.0 * max(k - 1, 1))) * (z2 @ self._dev[order].double())
         torch._foreach_copy_(tensors, unflatten(theta, tensors))
-        if bn_loader is not None:  # update_bn takes x from (x, y) batches itself
-            torch.optim.swa_utils.update_bn(bn_loader, model, device=next(model.parameters()).device)
+        if bn_loader is not None:
+            recompute_batchnorm(model, bn_loader, device=next(model.parameters()).device)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from ptyl.posterior.sharded import ShardedPosterior
 from ptyl.priors.diagonal import DiagonalGaussianPrior
 from ptyl.priors.lowrank import LowRankGaussianPrior, check_rank
 from ptyl.priors.registry import PriorKind, PriorOptions
+from ptyl.priors.sharded import ShardedPrior
 from ptyl.validation import check_nonnegative_number, check_positive_number
 
 __all__ = ["build_diagonal", "build_lowrank", "learned_prior"]
@@ -76,8 +77,6 @@ def learned_prior(
         collective: one all-reduce of the capacitance).
     """
     if isinstance(posterior, ShardedPosterior):
-        from ptyl.priors.sharded import ShardedPrior
-
         local = learned_prior(posterior.local, kind, scale, eps, rank, dtype)
         return ShardedPrior.from_shards(local, posterior.layout)
     kind = PriorKind.parse(kind)

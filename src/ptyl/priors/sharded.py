@@ -181,6 +181,7 @@ def _like_param(param: torch.Tensor, local_grad: torch.Tensor) -> torch.Tensor:
     """A gradient for ``param`` from its local rows (a DTensor with the parameter's placements under FSDP2)."""
     if not is_dtensor(param):
         return local_grad
+    # only sharded (FSDP2) models need torch.distributed.tensor
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(local_grad, param.device_mesh, param.placements, run_check=False, shape=param.shape,

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ptyl.batches import to_device
 from ptyl.errors import DivergenceError
-from ptyl.inference.bma import to_device
 from ptyl.inference.samples import SampleBank, cpu_copy
 from ptyl.sharding import local_tensor
 

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ptyl import distributed as ddp
+from ptyl.batches import to_device
 from ptyl.errors import CheckpointError, ConfigError, DataError, DivergenceError
-from ptyl.inference.bma import to_device
 from ptyl.io.checkpoint import load_checkpoint, save_checkpoint
 from ptyl.io.weights import load_state_checked
 from ptyl.priors.base import Prior
@@ -197,8 +198,6 @@ class Trainer:
         Raises:
             DivergenceError: the loss or the parameters became non-finite (the message names the step).
         """
-        from tqdm.auto import tqdm
-
         torch.manual_seed(self.config.seed)
         if resume:
             self.load()

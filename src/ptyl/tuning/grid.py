@@ -61,8 +61,8 @@ from ptyl.priors.registry import HEAD_VARIANCE, PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.tuning.automatic import AutomaticSettings, tune_automatic
 from ptyl.tuning.registry import TuningStrategy
-from ptyl.tuning.result import TuneResult, is_number
-from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, METRICS
+from ptyl.tuning.result import TuneResult
+from ptyl.tuning.search import FLAT_RTOL, MAX_ROUNDS, METRICS, is_number
 from ptyl.tuning.searches import GridSearch, winner
 from ptyl.tuning.splits import SPLITS
 from ptyl.tuning.trials import OFF, PRIOR_KEYS, TrialRunner, is_off_limit, make_validation

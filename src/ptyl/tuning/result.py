@@ -6,21 +6,18 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ptyl.errors import ConfigError
+from ptyl.io.atomic import atomic_write
+from ptyl.metrics.results import save_json, to_jsonable
 from ptyl.training.result import FitResult
 from ptyl.tuning.registry import TuningStrategy
+from ptyl.tuning.search import is_number, select_best
 
-__all__ = ["TuneResult", "edge_warnings", "is_number"]
-
-
-def is_number(value: Any) -> bool:
-    """A real number that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+__all__ = ["TuneResult", "edge_warnings"]
 
 
 def edge_warnings(grid: dict[str, list[Any]], best: dict[str, Any]) -> list[str]:
@@ -106,8 +103,6 @@ class TuneResult:
     def test_selected(self) -> dict[str, Any] | None:
         """The row a search that peeked at the test set would choose (by test ``metric``): an upper bound, not a
         result; ``None`` without test scores."""
-        from ptyl.tuning.search import select_best
-
         key = f"test_{self.metric}"
         if not any(key in r for r in self.table):
             return None
@@ -167,8 +162,6 @@ class TuneResult:
         Returns:
             The JSON text.
         """
-        from ptyl.metrics.results import save_json, to_jsonable
-
         if path is not None:
             save_json(path, self.to_dict())
         return json.dumps(to_jsonable(self.to_dict()), indent=2)
@@ -185,10 +178,9 @@ class TuneResult:
         Returns:
             ``path``.
         """
+        # matplotlib loads (~0.5 s) only when a plot is drawn
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-
-        from ptyl.io.atomic import atomic_write
 
         if self.automatic:
             return atomic_write(path, lambda tmp: self._path_figure().savefig(tmp, format="png", dpi=120))
@@ -216,6 +208,7 @@ class TuneResult:
 
     def _path_figure(self):
         """The learned hyper-parameters (log scale) against the epoch of an automatic strategy's run."""
+        # matplotlib loads (~0.5 s) only when a plot is drawn
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 

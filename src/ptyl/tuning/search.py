@@ -43,12 +43,18 @@ kept, and every axis ends in one status:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ptyl.tuning.result import is_number
+__all__ = ["FLAT_RTOL", "MAX_ROUNDS", "METRICS", "STRENGTH_AXES", "axis_status", "is_number", "next_values",
+           "select_best"]
 
-__all__ = ["FLAT_RTOL", "MAX_ROUNDS", "METRICS", "STRENGTH_AXES", "axis_status", "next_values", "select_best"]
+
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
 
 _TOL = 1e-6  # log10 units: values are stored with 6 significant digits
 FLAT_RTOL = 0.005

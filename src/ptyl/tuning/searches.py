@@ -11,12 +11,14 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from ptyl.errors import DivergenceError
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.result import FitResult
-from ptyl.tuning.result import TuneResult, edge_warnings, is_number
-from ptyl.tuning.search import METRICS, axis_status, next_values, select_best
+from ptyl.tuning.result import TuneResult, edge_warnings
+from ptyl.tuning.search import METRICS, axis_status, is_number, next_values, select_best
 from ptyl.tuning.trials import BACKBONE_KEYS, OFF, TrialRunner, is_off_limit
 
 if TYPE_CHECKING:
@@ -43,8 +45,6 @@ class GridSearch:
     def __init__(self, model_fn, validation, base: TrainConfig, *, metric: str, decades: float, flat_rtol: float,
                  max_rounds: int, objective, likelihood, collate_fn, evaluate, cache, tag_kind: bool,
                  progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.model_fn, self.validation, self.base = model_fn, validation, base
         self.metric, self.decades, self.flat_rtol, self.max_rounds = metric, decades, flat_rtol, max_rounds
         self.options = dict(objective=objective, collate_fn=collate_fn, evaluate=evaluate, likelihood=likelihood)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ptyl.data import balanced_split, stratified_split_indices
 from ptyl.errors import DataError, InvalidValueError
-from ptyl.validation import check_choice
+from ptyl.validation import check_choice, check_int
 
 __all__ = ["SPLITS", "has_class_labels", "k_folds", "stacked_targets", "validation_split"]
 
@@ -38,8 +39,6 @@ def validation_split(
     Returns:
         ``(train, val)`` datasets.
     """
-    from ptyl.data import balanced_split, stratified_split_indices
-
     check_choice(split, SPLITS, "split")
     if split == "auto":
         split = "balanced" if has_class_labels(train_set) else "random"
@@ -91,8 +90,6 @@ def k_folds(dataset: Dataset, folds: int = 5, seed: int = 0) -> list[tuple[Datas
     >>> tuple(len(val) for _, val in k_folds(data, 2, seed=0))
     (5, 5)
     """
-    from ptyl.validation import check_int
-
     folds = check_int(folds, "folds", minimum=2)
     n = len(dataset)
     if n < folds:

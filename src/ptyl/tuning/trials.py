@@ -34,7 +34,7 @@ BatchNorm on small last batches), ``epoch_loss`` (the last epoch's training-mode
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from ptyl.autotune.share import prior_share
 from ptyl.errors import ConfigError, DivergenceError
+from ptyl.metrics import evaluate_probs
 from ptyl.priors.registry import PriorKind
 from ptyl.priors.strength import prior_strength
 from ptyl.training.config import TrainConfig
@@ -124,7 +125,7 @@ def make_validation(train_set: Dataset, *, val_set: Dataset | None = None, folds
                       sizes={"train": len(fit_part), "val": len(val_part), "total": len(train_set)})
 
 
-def is_off_limit(values: dict[str, Any]) -> bool:
+def is_off_limit(values: Mapping[str, Any]) -> bool:
     """Whether a trial's values put the strength axis at the off limit (``scale`` or ``variance`` = ``inf``)."""
     return any(values.get(k) == OFF for k in ("scale", "variance"))
 
@@ -140,8 +141,6 @@ def fit_status(final_loss: float, prior_off: bool, converged_loss: float = CONVE
 
 
 def _default_evaluate(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    from ptyl.metrics import evaluate_probs
-
     return evaluate_probs(probs, targets)
 
 

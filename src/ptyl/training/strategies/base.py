@@ -183,7 +183,8 @@ def param_groups(model: nn.Module, head: str | Sequence[str] | None, lr: float,
     """Optimizer parameter groups: ``backbone`` at ``lr`` and ``head`` (the modules named ``head``) at
     ``head_lr or lr``; frozen parameters are left out."""
     heads = as_name_list(head)
-    head_params, body = [], []
+    head_params: list[nn.Parameter] = []
+    body: list[nn.Parameter] = []
     for name, p in named_parameters(model).items():
         if not p.requires_grad:
             continue

@@ -40,5 +40,6 @@ class CyclicalSGLDStrategy(Strategy):
 
     def on_step(self, trainer: Trainer) -> None:
         if self.scheduler.should_collect(self.config.samples_per_cycle):
+            assert self.bank is not None  # setup made it
             self.bank.add(trainer.model)
         self.scheduler.step()

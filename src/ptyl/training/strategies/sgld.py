@@ -61,5 +61,6 @@ class SGLDStrategy(Strategy):
 
     def on_step(self, trainer: Trainer) -> None:
         if trainer.step in self.collect_at:
+            assert self.bank is not None  # setup made it
             self.bank.add(trainer.model)
         self.scheduler.step()
