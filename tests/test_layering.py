@@ -11,8 +11,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ptyl"
 # bottom to top; a package may import only packages listed before it (or itself)
 LAYERS = [
     # flat: issue 12; sharding: issue 16; config (reads config files, takes the parser it is given), version and
-    # batches (to_device, recompute_batchnorm: posterior and inference both use them): issue 24
-    {"errors", "params", "validation", "distributed", "flat", "sharding", "config", "version", "batches"},
+    # batches (to_device, recompute_batchnorm: posterior and inference both use them), named_enum (the registries'
+    # base): issue 24
+    {"errors", "params", "validation", "distributed", "flat", "sharding", "config", "version", "batches",
+     "named_enum"},
     {"posterior"},
     {"priors"},
     {"io", "memory", "data", "models", "metrics", "autotune"},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,10 @@ from torch import nn
 from ptyl.errors import ConfigError, ParameterMismatchError
 from ptyl.params import named_parameters
 
-__all__ = ["RowShard", "ShardLayout", "chunk_rows", "is_dtensor", "local_tensor", "module_class_name"]
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+__all__ = ["RowShard", "ShardLayout", "chunk_rows", "is_dtensor", "is_fsdp_module", "local_tensor", "module_class_name"]
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -36,6 +40,16 @@ def is_dtensor(tensor: object) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def is_fsdp_module(module: object) -> TypeGuard[FSDPModule]:
+    """True when ``module`` was wrapped by FSDP2's ``fully_shard`` (a ``torch.distributed.fsdp.FSDPModule``)."""
+    if not dist.is_available():
+        return False
+    # only sharded (FSDP2) models need torch.distributed.fsdp
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from ptyl.errors import ConfigError
+from ptyl.named_enum import NamedEnum
 from ptyl.priors.registry import PriorKind
 from ptyl.training.config import TrainConfig
 from ptyl.training.registry import Inference
@@ -27,11 +27,8 @@ from ptyl.training.registry import Inference
 __all__ = ["DEFAULT_METHODS", "Method", "Start", "parse_method", "train_config"]
 
 
-class Start(str, Enum):
+class Start(NamedEnum):
     """Where a downstream model starts: the pretrained backbone (fresh head), or a random initialisation."""
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
     PRETRAINED = "pretrained"
     SCRATCH = "scratch"

@@ -27,10 +27,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from ptyl.errors import ConfigError
+from ptyl.named_enum import NamedEnum
 
 if TYPE_CHECKING:
     import torch
@@ -199,7 +199,7 @@ def _resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-class PriorKind(str, Enum):
+class PriorKind(NamedEnum):
     """A kind of backbone prior; ``PriorKind("lowrank") is PriorKind.LOWRANK`` and members compare equal to their
     names, so plain strings work wherever a kind is expected. ``kind.recipe`` is its :class:`PriorRecipe`."""
 
@@ -210,9 +210,6 @@ class PriorKind(str, Enum):
         member._value_ = value
         member.recipe = recipe
         return member
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
     # name = "value", PriorRecipe(needs_posterior, axis, log10_range, default, builder[, hard_log10_bounds, eps,
     #                              learnable, family, rank])
@@ -234,21 +231,3 @@ class PriorKind(str, Enum):
                                        learnable=("variance",), family="ptyl.autotune.build:standard_family")
     NONE = "none", PriorRecipe(False, None, None, None, "ptyl.priors.isotropic_builders:build_none")
 
-    @classmethod
-    def parse(cls, value: str | PriorKind, what: str = "prior kind") -> PriorKind:
-        """The member named ``value``.
-
-        Args:
-            value: a member or its name (case-insensitive).
-            what: how an error message names the value.
-
-        Returns:
-            The :class:`PriorKind` member.
-
-        Raises:
-            ConfigError: an unknown name, listing the kinds.
-        """
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ConfigError(f"unknown {what} {value!r}; choose one of {tuple(str(k) for k in cls)}") from None

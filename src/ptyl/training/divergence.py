@@ -26,7 +26,7 @@ import torch
 from ptyl.batches import to_device
 from ptyl.errors import DivergenceError
 from ptyl.inference.samples import SampleBank, cpu_copy
-from ptyl.sharding import local_tensor
+from ptyl.sharding import is_fsdp_module, local_tensor
 
 if TYPE_CHECKING:
     from ptyl.training.trainer import Trainer
@@ -101,9 +101,8 @@ def _untouched(trainer: Trainer) -> Iterator[None]:
         if saved is not None:
             objective.load_state_dict(saved)
         for module in model.modules():  # FSDP2 keeps the root's parameters gathered after a forward: shard them again
-            reshard = getattr(module, "reshard", None)
-            if callable(reshard) and type(module).__name__.startswith("FSDP"):
-                reshard()
+            if is_fsdp_module(module):
+                module.reshard()
 
 
 def _objective(trainer: Trainer, batch: Any) -> torch.Tensor:

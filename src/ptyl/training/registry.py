@@ -12,10 +12,9 @@ sampler is one new strategy file plus one member line below (see ``docs/architec
 from __future__ import annotations
 
 import importlib
-from enum import Enum
 from typing import TYPE_CHECKING
 
-from ptyl.errors import ConfigError
+from ptyl.named_enum import NamedEnum
 
 if TYPE_CHECKING:
     from ptyl.training.strategies.base import Strategy
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["Inference"]
 
 
-class Inference(str, Enum):
+class Inference(NamedEnum):
     """How the downstream posterior is inferred; members compare equal to their names (``Inference.MAP == "map"``)."""
 
     _path: str
@@ -33,9 +32,6 @@ class Inference(str, Enum):
         member._value_ = value
         member._path = strategy
         return member
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
     # name = "value", "module:StrategyClass" (imported on first use: this file imports no strategy code)
     MAP = "map", "ptyl.training.strategies.map:MAPStrategy"
@@ -50,21 +46,3 @@ class Inference(str, Enum):
         module, _, name = self._path.partition(":")
         return getattr(importlib.import_module(module), name)
 
-    @classmethod
-    def parse(cls, value: str | Inference, what: str = "inference") -> Inference:
-        """The member named ``value``.
-
-        Args:
-            value: a member or its name (case-insensitive).
-            what: how an error message names the value.
-
-        Returns:
-            The :class:`Inference` member.
-
-        Raises:
-            ConfigError: an unknown name, listing the choices.
-        """
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ConfigError(f"unknown {what} {value!r}; choose one of {tuple(str(i) for i in cls)}") from None

@@ -62,12 +62,13 @@ from ptyl.training.config import TrainConfig
 from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.training.result import FitResult
+from ptyl.tuning.pool import check_pool
 from ptyl.tuning.registry import AUTO, TuningStrategy
 from ptyl.tuning.result import TuneResult
 from ptyl.tuning.selection import selected_prior, selection_diagnostic
 from ptyl.tuning.trials import BACKBONE_KEYS, OFF, PRIOR_KEYS
 
-__all__ = ["AutomaticRun", "AutomaticSettings", "AutomaticTuner", "tune_automatic"]
+__all__ = ["AutomaticRun", "AutomaticSettings", "AutomaticTuner", "PoolTuner", "tune_automatic"]
 
 
 @dataclass
@@ -86,6 +87,9 @@ class AutomaticSettings:
     initial: Mapping[str, float] | None = None
     likelihood: str | Likelihood = "categorical"
     noise_variance: float = 1.0
+
+    def check(self) -> None:
+        """Refuse out-of-range fields with a clear error (each strategy's settings check their own; none here)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (a Likelihood instance by its name)."""
@@ -242,6 +246,24 @@ class AutomaticTuner:
             ``(selected values as make_prior keyword arguments, the selected model's FitResult)``.
         """
         return run.selected(), result
+
+
+class PoolTuner(AutomaticTuner):
+    """The base of the strategies that score the validation pool (continuation, hypergradient): their settings and
+    the pool are checked before anything is trained, and the pool is scored with the training objective's loss."""
+
+    uses_validation = True
+
+    def check_data(self, train_set: Dataset, val_set: Dataset | None, name: str) -> None:
+        """:meth:`AutomaticTuner.check_data`, the settings' own checks, and :func:`~ptyl.tuning.pool.check_pool`
+        (never empty, no training example in it)."""
+        self.settings.check()
+        super().check_data(train_set, val_set, name)
+        check_pool(train_set, val_set)
+
+    def _loss(self, run: AutomaticRun):
+        """The per-example loss the pool is scored with: the run's objective, else its likelihood's NLL."""
+        return run.objective or run.likelihood
 
 
 def resolve_settings(strategy: TuningStrategy, auto: AutomaticSettings | Mapping[str, Any] | None

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ptyl.errors import ConfigError, DivergenceError
-from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, AutomaticTuner
-from ptyl.tuning.pool import check_pool, pool_loss
+from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, PoolTuner
+from ptyl.tuning.pool import pool_loss
 from ptyl.tuning.segments import BestPoint, budget, continue_training, merged_history, refit_selected, set_strength
 from ptyl.validation import check_fraction, check_int, check_positive_number
 
@@ -135,12 +135,11 @@ def _move_to(run: AutomaticRun, log10_value: float) -> None:
         set_strength(run.family, run.spec.kind.recipe.axis, log10_value)
 
 
-class ContinuationTuner(AutomaticTuner):
+class ContinuationTuner(PoolTuner):
     """``tune(..., strategy="continuation", val_set=pool)`` (see the module docstring)."""
 
     Settings = ContinuationSettings
     metric = "val_nll"
-    uses_validation = True
     tunes_lr = True
 
     def start_values(self, spec) -> dict[str, float]:
@@ -155,14 +154,6 @@ class ContinuationTuner(AutomaticTuner):
             raise ConfigError(f"strategy 'continuation' walks the prior's strength axis ({axis!r}) only: "
                               f"learn={tuple(self.settings.learn)} does not apply (no usable scale to walk)")
         return (axis,)
-
-    def check_data(self, train_set, val_set, name: str) -> None:
-        self.settings.check()
-        super().check_data(train_set, val_set, name)
-        check_pool(train_set, val_set)
-
-    def _loss(self, run: AutomaticRun):
-        return run.objective or run.likelihood
 
     def _score(self, run: AutomaticRun, model) -> float:
         return pool_loss(model, run.val_set, self._loss(run), self.settings.batch_size, run.collate_fn)

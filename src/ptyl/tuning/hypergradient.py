@@ -50,10 +50,10 @@ import torch
 
 from ptyl.autotune.hypergradient import SOLVERS
 from ptyl.errors import ConfigError
-from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, AutomaticTuner
+from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, PoolTuner
 from ptyl.tuning.deelbo import LOG_LIMIT
 from ptyl.tuning.hypergradient_step import PoolHypergradient, ValidationHypergradient
-from ptyl.tuning.pool import check_pool, pool_loss
+from ptyl.tuning.pool import pool_loss
 from ptyl.tuning.segments import (
     LOG10,
     BestPoint,
@@ -156,12 +156,11 @@ class HypergradientSettings(AutomaticSettings):
             raise ConfigError(f"confirm_factor must be > 1, got {self.confirm_factor!r}")
 
 
-class HypergradientTuner(AutomaticTuner):
+class HypergradientTuner(PoolTuner):
     """``tune(..., strategy="hypergradient", val_set=pool)`` (see the module docstring)."""
 
     Settings = HypergradientSettings
     metric = "val_nll"
-    uses_validation = True
 
     def start_values(self, spec) -> dict[str, float]:
         recipe = spec.kind.recipe
@@ -176,14 +175,6 @@ class HypergradientTuner(AutomaticTuner):
         """``settings.learn``, else the strength axis alone (the grid's axis; ``learn=("scale", "eps",
         "head_variance")`` learns the rest too)."""
         return tuple(self.settings.learn) if self.settings.learn is not None else (spec.kind.recipe.axis,)
-
-    def check_data(self, train_set, val_set, name: str) -> None:
-        self.settings.check()
-        super().check_data(train_set, val_set, name)
-        check_pool(train_set, val_set)
-
-    def _loss(self, run: AutomaticRun):
-        return run.objective or run.likelihood
 
     def parts(self, run: AutomaticRun) -> tuple[Any, None, list]:
         self.bounds = strength_bounds(run.family, run.spec, LOG_LIMIT)

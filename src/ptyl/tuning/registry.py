@@ -20,10 +20,10 @@ strength in one training run, with its own settings (a subclass of
 from __future__ import annotations
 
 import importlib
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from ptyl.errors import ConfigError
+from ptyl.named_enum import NamedEnum
 
 if TYPE_CHECKING:
     from ptyl.tuning.automatic import AutomaticSettings, AutomaticTuner
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["AUTO", "TuningStrategy"]
 
 
-class TuningStrategy(str, Enum):
+class TuningStrategy(NamedEnum):
     """How :func:`ptyl.tuning.tune` chooses the prior's hyper-parameters; members compare equal to their names
     (``TuningStrategy.GRID == "grid"``)."""
 
@@ -42,9 +42,6 @@ class TuningStrategy(str, Enum):
         member._value_ = value
         member._path = tuner
         return member
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
     # name = "value", "module:TunerClass" (imported on first use: this file imports no tuning code); None: the grid
     GRID = "grid", None
@@ -75,24 +72,6 @@ class TuningStrategy(str, Enum):
         """The settings dataclass of an automatic strategy (``tuner.Settings``)."""
         return self.tuner.Settings
 
-    @classmethod
-    def parse(cls, value: str | TuningStrategy, what: str = "tuning strategy") -> TuningStrategy:
-        """The member named ``value``.
-
-        Args:
-            value: a member or its name (case-insensitive).
-            what: how an error message names the value.
-
-        Returns:
-            The :class:`TuningStrategy` member.
-
-        Raises:
-            ConfigError: an unknown name, listing the choices.
-        """
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            raise ConfigError(f"unknown {what} {value!r}; choose one of {tuple(str(s) for s in cls)}") from None
 
 
 AUTO = TuningStrategy.DEELBO
