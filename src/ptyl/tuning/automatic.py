@@ -252,6 +252,7 @@ class PoolTuner(AutomaticTuner):
     """The base of the strategies that score the validation pool (continuation, hypergradient): their settings and
     the pool are checked before anything is trained, and the pool is scored with the training objective's loss."""
 
+    metric = "val_nll"
     uses_validation = True
 
     def check_data(self, train_set: Dataset, val_set: Dataset | None, name: str) -> None:

@@ -139,7 +139,6 @@ class ContinuationTuner(PoolTuner):
     """``tune(..., strategy="continuation", val_set=pool)`` (see the module docstring)."""
 
     Settings = ContinuationSettings
-    metric = "val_nll"
     tunes_lr = True
 
     def start_values(self, spec) -> dict[str, float]:

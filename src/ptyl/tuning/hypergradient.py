@@ -160,7 +160,6 @@ class HypergradientTuner(PoolTuner):
     """``tune(..., strategy="hypergradient", val_set=pool)`` (see the module docstring)."""
 
     Settings = HypergradientSettings
-    metric = "val_nll"
 
     def start_values(self, spec) -> dict[str, float]:
         recipe = spec.kind.recipe
