@@ -43,8 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ptyl.errors import ConfigError, DivergenceError
-from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, PoolTuner
-from ptyl.tuning.pool import pool_loss
+from ptyl.tuning.automatic import AutomaticRun, PoolSettings, PoolTuner
 from ptyl.tuning.segments import BestPoint, budget, continue_training, merged_history, refit_selected, set_strength
 from ptyl.validation import check_fraction, check_int, check_positive_number
 
@@ -55,7 +54,7 @@ __all__ = ["ContinuationSettings", "ContinuationTuner", "ladder"]
 
 
 @dataclass
-class ContinuationSettings(AutomaticSettings):
+class ContinuationSettings(PoolSettings):
     """Settings of ``tune(..., strategy="continuation")`` (see the module docstring).
 
     Attributes:
@@ -68,7 +67,6 @@ class ContinuationSettings(AutomaticSettings):
             and the later points' peak learning rate (a multiple of the path's).
         patience: stop after this many points in a row worse than the best (0: walk the whole ladder).
         refit: retrain a fresh model at the selected value with the full budget.
-        batch_size: batch size of the pool passes.
     """
 
     start_log10: float | None = None
@@ -81,10 +79,10 @@ class ContinuationSettings(AutomaticSettings):
     segment_lr: float = 0.3
     patience: int = 2
     refit: bool = False
-    batch_size: int = 256
 
     def check(self) -> None:
         """Every setting, checked before training (:class:`~ptyl.errors.ConfigError` naming it)."""
+        super().check()
         for name in ("first_fraction", "segment_fraction"):
             if not 0.0 < check_fraction(getattr(self, name), name, closed_right=True):
                 raise ConfigError(f"{name} must be > 0")
@@ -93,7 +91,6 @@ class ContinuationSettings(AutomaticSettings):
         if not (math.isfinite(self.coarse_above) and self.coarse_above >= 0):
             raise ConfigError(f"coarse_above must be a finite number >= 0, got {self.coarse_above!r}")
         check_int(self.patience, "patience", minimum=0)
-        check_int(self.batch_size, "batch_size", minimum=1)
 
 
 def ladder(recipe, settings: ContinuationSettings) -> list[float]:
@@ -155,7 +152,7 @@ class ContinuationTuner(PoolTuner):
         return (axis,)
 
     def _score(self, run: AutomaticRun, model) -> float:
-        return pool_loss(model, run.val_set, self._loss(run), self.settings.batch_size, run.collate_fn)
+        return self.score_pool(run, model)
 
     def parts(self, run: AutomaticRun) -> tuple[Any, None, list]:
         self.points = ladder(run.spec.kind.recipe, self.settings)

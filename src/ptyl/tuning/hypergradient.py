@@ -50,10 +50,9 @@ import torch
 
 from ptyl.autotune.hypergradient import SOLVERS
 from ptyl.errors import ConfigError
-from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, PoolTuner
+from ptyl.tuning.automatic import AutomaticRun, PoolSettings, PoolTuner
 from ptyl.tuning.deelbo import LOG_LIMIT
 from ptyl.tuning.hypergradient_step import PoolHypergradient, ValidationHypergradient
-from ptyl.tuning.pool import pool_loss
 from ptyl.tuning.segments import (
     LOG10,
     BestPoint,
@@ -77,7 +76,7 @@ MODES = ("restarts", "online")
 
 
 @dataclass
-class HypergradientSettings(AutomaticSettings):
+class HypergradientSettings(PoolSettings):
     """Settings of ``tune(..., strategy="hypergradient")`` (see the module docstring).
 
     Attributes:
@@ -96,7 +95,6 @@ class HypergradientSettings(AutomaticSettings):
             ``"hessian"``), its Fisher (``"exact"`` / ``"mc"`` with ``mc_samples`` draws) and the most training
             examples a curvature pass reads (a fresh random subset per hyper step, scaled up to N; ``None``: all).
         val_examples: pool examples per hyper step (a fresh random subset; ``None``: the whole pool).
-        batch_size: batch size of the curvature and pool passes.
         confirm, confirm_fraction, confirm_factor: the optional confirmation trials.
         refit: at the end, train a fresh model at the selected values with the full budget (a grid trial at them).
     """
@@ -121,7 +119,6 @@ class HypergradientSettings(AutomaticSettings):
     mc_samples: int = 1
     curvature_examples: int | None = 1000
     val_examples: int | None = None
-    batch_size: int = 256
     confirm: bool = False
     confirm_fraction: float = 0.2
     confirm_factor: float = 10.0
@@ -129,6 +126,7 @@ class HypergradientSettings(AutomaticSettings):
 
     def check(self) -> None:
         """Every setting, checked before training (:class:`~ptyl.errors.ConfigError` naming it)."""
+        super().check()
         check_choice(self.mode, MODES, "hypergradient mode")
         for name in ("first_fraction", "segment_fraction", "confirm_fraction"):
             if not 0.0 < check_fraction(getattr(self, name), name, closed_right=True):
@@ -151,7 +149,6 @@ class HypergradientSettings(AutomaticSettings):
         for name in ("curvature_examples", "val_examples"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, minimum=1)
-        check_int(self.batch_size, "batch_size", minimum=1)
         if not self.confirm_factor > 1.0:
             raise ConfigError(f"confirm_factor must be > 1, got {self.confirm_factor!r}")
 
@@ -188,7 +185,7 @@ class HypergradientTuner(PoolTuner):
         return run.prior(), None, []
 
     def objective_value(self, run: AutomaticRun, result: FitResult) -> float:
-        return pool_loss(result.model, run.val_set, self._loss(run), self.settings.batch_size, run.collate_fn)
+        return self.score_pool(run, result.model)
 
     def finish(self, run: AutomaticRun, result: FitResult) -> tuple[dict[str, Any], FitResult]:
         if self.settings.mode == "online":
@@ -214,7 +211,7 @@ class HypergradientTuner(PoolTuner):
         results, values, steps, best = [result], [run.selected()], result.steps, BestPoint()
         if run.off:  # the off limit: scored, then the path goes on from its weights under the broad prior
             start = time.perf_counter()
-            score = pool_loss(model, run.val_set, self.hyper.loss, s.batch_size, run.collate_fn)
+            score = self.score_pool(run, model, self.hyper.loss)
             best.offer(-1, score, model, run)
             run.path.append({"segment": -1, "step": steps, "val_nll": score, **run.selected(),
                              "seconds": time.perf_counter() - start})
@@ -230,7 +227,7 @@ class HypergradientTuner(PoolTuner):
                                                   step_size=run.config.lr / (1.0 - run.config.momentum) / n)
                 entry = self.hyper.entry(steps, val_nll, grads, info)
             else:  # the last point: scored only
-                val_nll = pool_loss(model, run.val_set, self.hyper.loss, s.batch_size, run.collate_fn)
+                val_nll = self.score_pool(run, model, self.hyper.loss)
                 entry = {"step": steps, "val_nll": val_nll, **run.selected()}
             best.offer(k, val_nll, model, run)
             if k < s.segments:
@@ -265,7 +262,7 @@ class HypergradientTuner(PoolTuner):
             tried.add(key)
             start = time.perf_counter()
             fitted = self._continue(run, copy.deepcopy(result.model), s.confirm_fraction, run.config.seed)
-            score = pool_loss(fitted.model, run.val_set, loss, s.batch_size, run.collate_fn)
+            score = self.score_pool(run, fitted.model, loss)
             run.path.append({"confirm": True, "offset_log10": offset / LOG10, "val_nll": score,
                              **run.selected(), "steps": fitted.steps,
                              "seconds": time.perf_counter() - start})
