@@ -62,15 +62,12 @@ from ptyl.training.config import TrainConfig
 from ptyl.training.fitting import fit
 from ptyl.training.registry import Inference
 from ptyl.training.result import FitResult
-from ptyl.tuning.pool import check_pool, pool_loss
 from ptyl.tuning.registry import AUTO, TuningStrategy
 from ptyl.tuning.result import TuneResult
 from ptyl.tuning.selection import selected_prior, selection_diagnostic
 from ptyl.tuning.trials import BACKBONE_KEYS, OFF, PRIOR_KEYS
-from ptyl.validation import check_int
 
-__all__ = ["AutomaticRun", "AutomaticSettings", "AutomaticTuner", "PoolSettings", "PoolTuner",
-           "tune_automatic"]
+__all__ = ["AutomaticRun", "AutomaticSettings", "AutomaticTuner", "tune_automatic"]
 
 
 @dataclass
@@ -248,45 +245,6 @@ class AutomaticTuner:
             ``(selected values as make_prior keyword arguments, the selected model's FitResult)``.
         """
         return run.selected(), result
-
-
-@dataclass
-class PoolSettings(AutomaticSettings):
-    """What the settings of every pool strategy (continuation, hypergradient) hold besides their own fields.
-
-    Attributes:
-        batch_size: batch size of the pool passes (and of the curvature passes, for those that make any).
-    """
-
-    batch_size: int = 256
-
-    def check(self) -> None:
-        """The shared fields, checked before training (each subclass adds its own and calls this)."""
-        check_int(self.batch_size, "batch_size", minimum=1)
-
-
-class PoolTuner(AutomaticTuner):
-    """The base of the strategies that score the validation pool (continuation, hypergradient): their settings and
-    the pool are checked before anything is trained, and the pool is scored with the training objective's loss."""
-
-    metric = "val_nll"
-    uses_validation = True
-    settings: PoolSettings
-
-    def check_data(self, train_set: Dataset, val_set: Dataset | None, name: str) -> None:
-        """:meth:`AutomaticTuner.check_data`, the settings' own checks, and :func:`~ptyl.tuning.pool.check_pool`
-        (never empty, no training example in it)."""
-        self.settings.check()
-        super().check_data(train_set, val_set, name)
-        check_pool(train_set, val_set)
-
-    def _loss(self, run: AutomaticRun):
-        """The per-example loss the pool is scored with: the run's objective, else its likelihood's NLL."""
-        return run.objective or run.likelihood
-
-    def score_pool(self, run: AutomaticRun, model: nn.Module, loss=None) -> float:
-        """The pool's mean loss under ``model`` (``loss``: default :meth:`_loss`), batched by the settings."""
-        return pool_loss(model, run.val_set, loss or self._loss(run), self.settings.batch_size, run.collate_fn)
 
 
 def resolve_settings(strategy: TuningStrategy, auto: AutomaticSettings | Mapping[str, Any] | None

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ptyl.errors import ConfigError, DivergenceError
-from ptyl.tuning.automatic import AutomaticRun, PoolSettings, PoolTuner
+from ptyl.tuning.automatic import AutomaticRun
+from ptyl.tuning.pool import PoolSettings, PoolTuner
 from ptyl.tuning.segments import BestPoint, budget, continue_training, merged_history, refit_selected, set_strength
 from ptyl.validation import check_fraction, check_int, check_positive_number
 

@@ -50,9 +50,10 @@ import torch
 
 from ptyl.autotune.hypergradient import SOLVERS
 from ptyl.errors import ConfigError
-from ptyl.tuning.automatic import AutomaticRun, PoolSettings, PoolTuner
+from ptyl.tuning.automatic import AutomaticRun
 from ptyl.tuning.deelbo import LOG_LIMIT
 from ptyl.tuning.hypergradient_step import PoolHypergradient, ValidationHypergradient
+from ptyl.tuning.pool import PoolSettings, PoolTuner
 from ptyl.tuning.segments import (
     LOG10,
     BestPoint,

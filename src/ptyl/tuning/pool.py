@@ -1,19 +1,24 @@
 """Validation pools of the strategies that learn from one: the checks a pool must pass (never empty, never sharing
-an example with the training set), its score, and random subsets of it."""
+an example with the training set), its score, random subsets of it, and the base of the pool strategies
+(:class:`PoolSettings`, :class:`PoolTuner`: continuation, hypergradient)."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ptyl.autotune.data import checked_batches
 from ptyl.errors import DataError
+from ptyl.tuning.automatic import AutomaticRun, AutomaticSettings, AutomaticTuner
+from ptyl.validation import check_int
 
-__all__ = ["check_pool", "pool_loss", "random_subset"]
+__all__ = ["PoolSettings", "PoolTuner", "check_pool", "pool_loss", "random_subset"]
 
 
 def _example_key(example: Any) -> bytes:
@@ -93,3 +98,42 @@ def random_subset(data: Dataset, size: int | None, seed: int) -> Dataset:
         return data
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return Subset(data, order[:size].sort().values.tolist())
+
+
+@dataclass
+class PoolSettings(AutomaticSettings):
+    """What the settings of every pool strategy (continuation, hypergradient) hold besides their own fields.
+
+    Attributes:
+        batch_size: batch size of the pool passes (and of the curvature passes, for those that make any).
+    """
+
+    batch_size: int = 256
+
+    def check(self) -> None:
+        """The shared fields, checked before training (each subclass adds its own and calls this)."""
+        check_int(self.batch_size, "batch_size", minimum=1)
+
+
+class PoolTuner(AutomaticTuner):
+    """The base of the strategies that score the validation pool (continuation, hypergradient): their settings and
+    the pool are checked before anything is trained, and the pool is scored with the training objective's loss."""
+
+    metric = "val_nll"
+    uses_validation = True
+    settings: PoolSettings
+
+    def check_data(self, train_set: Dataset, val_set: Dataset | None, name: str) -> None:
+        """:meth:`AutomaticTuner.check_data`, the settings' own checks, and :func:`~ptyl.tuning.pool.check_pool`
+        (never empty, no training example in it)."""
+        self.settings.check()
+        super().check_data(train_set, val_set, name)
+        check_pool(train_set, val_set)
+
+    def _loss(self, run: AutomaticRun):
+        """The per-example loss the pool is scored with: the run's objective, else its likelihood's NLL."""
+        return run.objective or run.likelihood
+
+    def score_pool(self, run: AutomaticRun, model: nn.Module, loss=None) -> float:
+        """The pool's mean loss under ``model`` (``loss``: default :meth:`_loss`), batched by the settings."""
+        return pool_loss(model, run.val_set, loss or self._loss(run), self.settings.batch_size, run.collate_fn)
