@@ -42,11 +42,8 @@ and paired 95% t-intervals (selected minus tuned standard fine-tuning; the learn
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -56,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, machine_info, machine_line, set_threads, write_results  # noqa: E402
+from common import add_common_args, machine_info, machine_line, reuse_or_learn, set_threads, settings_key, write_results  # noqa: E402
 from pairs import JsonlStore  # noqa: E402
 from pairs_report import method_table, paired, summary_rows  # noqa: E402
 
@@ -115,26 +112,15 @@ def learn_source(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
 
 
 # ------------------------------------------------------------------------------------------------ downstream
-def settings_key(s: Settings) -> str:
-    """A hash of everything but the seeds: stored records count only under the same settings."""
-    fields = {k: v for k, v in asdict(s).items() if k != "seeds"}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+def cell_key(s: Settings) -> str:
+    """Everything but the seeds: stored records count only under the same settings."""
+    return settings_key({k: v for k, v in asdict(s).items() if k != "seeds"})
 
 
 def source_prior(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
     """The source prior, reused when a previous run with the same source settings left it (``*_source.json``)."""
-    marker = out / f"{NAME}_source.json"
     fields = {k: v for k, v in asdict(s).items() if k in SOURCE_FIELDS}
-    if marker.is_file():
-        stored = json.loads(marker.read_text())
-        if stored.get("settings") == fields and (out / stored["file"]).is_file():
-            print(f"source: {out / stored['file']} (reused, {stored['seconds']:.0f} s when learned)", flush=True)
-            return out / stored["file"], float(stored["seconds"])
-    path, seconds = learn_source(s, out, progress)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": fields, "file": Path(path).name, "seconds": seconds}))
-    os.replace(tmp, marker)
-    return path, seconds
+    return reuse_or_learn(out / f"{NAME}_source.json", fields, lambda: learn_source(s, out, progress))
 
 
 def run_cell(job: tuple[Settings, str, int, int, str]) -> list[dict]:
@@ -151,7 +137,7 @@ def run_cell(job: tuple[Settings, str, int, int, str]) -> list[dict]:
                            train_overrides={"optimizer": s.optimizer}, progress=False,
                            log=lambda line: print(line, flush=True))
     for record in records:
-        record.update(pair=CELL, n=str(n), epochs=epochs, key=settings_key(s),
+        record.update(pair=CELL, n=str(n), epochs=epochs, key=cell_key(s),
                       failed_trials=sum(not math.isfinite(r["val_nll"]) for r in record.get("validation", ())))
         JsonlStore(Path(store)).append(record)
     return records
@@ -161,7 +147,7 @@ def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dic
     """Every (n, seed) cell not yet in ``<name>_runs.jsonl`` (an interrupted run resumes), on ``jobs`` processes."""
     prior, source_s = source_prior(s, out, progress)
     store = out / f"{NAME}_runs.jsonl"  # quick and full records differ in their key
-    key = settings_key(s)
+    key = cell_key(s)
     done = {(r["n"], r["seed"]) for r in JsonlStore(store).rows() if r.get("key") == key}
     todo = [(s, str(prior), n, seed, str(store)) for n in s.ns for seed in s.seeds if (str(n), seed) not in done]
     print(f"{len(s.ns) * len(s.seeds)} cells, {len(s.ns) * len(s.seeds) - len(todo)} already done (resuming), "

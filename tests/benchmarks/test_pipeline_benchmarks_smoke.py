@@ -26,9 +26,9 @@ def test_quick_run_writes_its_tables(tmp_path, script, name, keys):
     assert md.startswith("# ") and "|---|" in md and md.strip() in proc.stdout
     assert data["runs"] and all(math.isfinite(run[k]) and run[k] >= 0 for run in data["runs"] for k in keys)
     assert all(run["tuning"] for run in data["runs"])  # every method was tuned
-    if name == "segmentation":  # a second run resumes: the source prior and every finished cell are reused
-        again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / script), "--quick", "--out",
-                                str(tmp_path), "--jobs", "2"], capture_output=True, text=True, timeout=300, check=False)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "(reused" in again.stdout and "already done (resuming), 0 to run" in again.stdout
-        assert json.loads((tmp_path / f"{name}.json").read_text())["summary"] == data["summary"]
+    # a second run resumes: the source prior(s) and every finished cell are reused
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / script), "--quick", "--out",
+                            str(tmp_path), "--jobs", "2"], capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(reused" in again.stdout and "already done (resuming), 0 to run" in again.stdout
+    assert json.loads((tmp_path / f"{name}.json").read_text())["summary"] == data["summary"]
