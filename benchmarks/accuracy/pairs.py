@@ -50,6 +50,8 @@ Bayesian predictives (issue 23; run as their own jobs, ``--methods``, e.g. at n 
     nice -n 5 python benchmarks/accuracy/pairs.py --pairs mnist5k->mnist --n 10 100 \
         --methods lowrank-laplace lowrank-sgld lowrank-csgld lowrank-swag l2sp-laplace l2sp-sgld l2sp-csgld l2sp-swag
 
+A method's ``@head`` variant (``lowrank@head lowrank-sgld@head``) also tunes the new head's prior variance on the
+pool (``HEAD_VARIANCES``); a Bayesian ``@head`` predictive is paired with the MAP ``@head`` under the same prior.
 Each is tuned on the same pool by the same rule, its own knobs (``BAYES_AXES``: SGLD's temperature, cyclical SGLD's
 temperature and cycles, SWAG's collection learning rate) on the grid jointly with the prior's strength, the
 last-layer Laplace predictive's prior-precision factor chosen per trial on the pool (``LAPLACE_TAUS``), and paired
@@ -120,6 +122,10 @@ BAYES_AXES: dict[str, dict[str, list[Any]]] = {
     "laplace": {},
 }
 LAPLACE_TAUS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e6)
+# the ``@head`` variant of a method (e.g. ``lowrank@head``, ``lowrank-sgld@head``): the new head's prior variance
+# N(0, v I) tuned on the pool jointly with the rest (the default head prior N(0, 1) makes every predictive
+# under-confident at n = 10: predictive_diagnostics.md); a Bayesian ``@head`` method is paired with the MAP ``@head``
+HEAD_VARIANCES = (1.0, 10.0, 100.0)
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
 # settings of the automatic strategies (fields of each one's settings class, TuningStrategy.parse(name).settings; the
@@ -291,7 +297,7 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
     predictive's own grid axes (:data:`BAYES_AXES`, :data:`LAPLACE_TAUS`) for its grid jobs."""
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
-        extra = bayes_settings(job["method"])
+        extra = {**bayes_settings(job["method"]), **variant_axes(job["method"])}
         return f"{key}-{hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]}" if extra else key
     from ptyl.tuning import TuningStrategy
 
@@ -318,6 +324,11 @@ def bayes_settings(method: str) -> dict[str, Any]:
         return {}
     fixed = {"laplace_prior_precision": list(LAPLACE_TAUS)} if inference == "laplace" else {}
     return {"axes": BAYES_AXES[inference], "fixed": fixed}
+
+
+def variant_axes(method: str) -> dict[str, list[Any]]:
+    """The grid axes a method's ``@variant`` adds (``@head``: the head prior's variance, :data:`HEAD_VARIANCES`)."""
+    return {"head_variance": list(HEAD_VARIANCES)} if method.partition("@")[2] == "head" else {}
 
 
 def auto_config(tuning: str):
@@ -435,7 +446,7 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
                                                                        for k, v in bayes.get("fixed", {}).items()})
     lrs = job.get("lrs")
     grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": lrs or [cfg["lr"]],
-                            **bayes.get("axes", {})} for p in plans}
+                            **bayes.get("axes", {}), **variant_axes(job["method"])} for p in plans}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}
