@@ -418,6 +418,18 @@ def pair_context(cfg: dict[str, Any], pair: str, prior: str) -> dict[str, Any]:
     return ctx
 
 
+_SHA: dict[str, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """The prior file's SHA-256 (once per process), kept in every record: a source prior learned again on another
+    machine need not be bit-identical (float reductions differ), and records of different priors should not be
+    paired unawares."""
+    if path not in _SHA:
+        _SHA[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _SHA[path]
+
+
 def resolve_n(task, label: str) -> int:
     """Examples per class: an int, or ``full`` (the rarest class of what the pool left)."""
     from ptyl.data.subsets import class_counts
@@ -481,7 +493,7 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
         record = {**outcome, **key, "method": method, "job_method": job["method"], "n_per_class": n,
                   "num_train": len(train), "max_steps": config.max_steps, "command": cfg.get("command"),
                   "temperature": temperature if plan.inference.strategy.uses_temperature else None,
-                  "wall_time_s": wall, **timing}
+                  "wall_time_s": wall, "prior_sha256": file_sha256(prior), **timing}
         JsonlStore(runs_store(cfg, out, job["tuning"])).append(record)
         records.append(record)
     return records
