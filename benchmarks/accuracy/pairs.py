@@ -126,6 +126,7 @@ LAPLACE_TAUS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e6)
 # N(0, v I) tuned on the pool jointly with the rest (the default head prior N(0, 1) makes every predictive
 # under-confident at n = 10: predictive_diagnostics.md); a Bayesian ``@head`` method is paired with the MAP ``@head``
 HEAD_VARIANCES = (1.0, 10.0, 100.0)
+HEAD_BOUNDS = (-2.0, 6.0)  # log10: the head axis is extended past an edge optimum (a decade a round) up to 1e6
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
 # settings of the automatic strategies (fields of each one's settings class, TuningStrategy.parse(name).settings; the
@@ -297,7 +298,7 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
     predictive's own grid axes (:data:`BAYES_AXES`, :data:`LAPLACE_TAUS`) for its grid jobs."""
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
-        extra = {**bayes_settings(job["method"]), **variant_axes(job["method"])}
+        extra = {**bayes_settings(job["method"]), **variant_axes(job["method"])}  # the bounds change no trial
         return f"{key}-{hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]}" if extra else key
     from ptyl.tuning import TuningStrategy
 
@@ -329,6 +330,15 @@ def bayes_settings(method: str) -> dict[str, Any]:
 def variant_axes(method: str) -> dict[str, list[Any]]:
     """The grid axes a method's ``@variant`` adds (``@head``: the head prior's variance, :data:`HEAD_VARIANCES`)."""
     return {"head_variance": list(HEAD_VARIANCES)} if method.partition("@")[2] == "head" else {}
+
+
+def extended_axes(method: str, kind) -> bool | dict[str, tuple[float, float]]:
+    """The axes a job's search extends: the prior's strength axis (``True``), and the head axis of ``@head``
+    (:data:`HEAD_BOUNDS`) so that no head variance is left on an edge."""
+    if "head_variance" not in variant_axes(method):
+        return True
+    recipe = kind.recipe
+    return {recipe.axis: recipe.bounds, "head_variance": HEAD_BOUNDS}
 
 
 def auto_config(tuning: str):
@@ -485,7 +495,8 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
     else:
         outcomes = [{"method": job["method"], **transfer_run(
             task, train, plan, prior_spec, grids[str(plan.prior)], config, model_fn, seed=job["seed"],
-            tuning=job["tuning"], cache=cache, max_rounds=cfg["max_rounds"], auto=auto_config(job["tuning"]))}]
+            tuning=job["tuning"], cache=cache, max_rounds=cfg["max_rounds"], auto=auto_config(job["tuning"]),
+            extend=extended_axes(job["method"], plan.prior))}]
     wall = time.perf_counter() - start
     records = []
     for outcome in outcomes:
