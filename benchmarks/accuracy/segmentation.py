@@ -3,6 +3,11 @@
 
     python benchmarks/accuracy/segmentation.py --jobs 2  # full: 20 and 100 training canvases, 5 seeds (~1 h)
     python benchmarks/accuracy/segmentation.py --quick   # smoke test, about a minute
+    python benchmarks/accuracy/segmentation.py --budget-check   # is the step budget converged? (~15 min)
+
+``--budget-check`` trains seed 0 at each n with fixed priors (standard v = 100, the learned low-rank prior at
+lambda = 1e4, and the off limit) at the budget, twice and four times it, and writes ``segmentation_budget.md``:
+test and training NLL per budget (the budget is converged when doubling it no longer moves test NLL).
 
 Every finished (n, seed) cell is appended to ``segmentation_runs.jsonl`` under a hash of the settings, and the source
 prior is kept (``segmentation_source.json`` names it): an interrupted run resumes where it stopped.
@@ -57,7 +62,7 @@ from common import add_common_args, machine_info, machine_line, reuse_or_learn, 
 from pairs import JsonlStore  # noqa: E402
 from pairs_report import method_table, paired, summary_rows  # noqa: E402
 
-from ptyl.pipeline import SegmentationTask, learn_source_prior, run_transfer  # noqa: E402
+from ptyl.pipeline import SegmentationTask, learn_source_prior, markdown_table, run_transfer  # noqa: E402
 from ptyl.tuning import default_grid  # noqa: E402
 
 NAME = "segmentation"
@@ -143,6 +148,46 @@ def run_cell(job: tuple[Settings, str, int, int, str]) -> list[dict]:
     return records
 
 
+BUDGET_PRIORS = {"standard": {"variance": [100.0]}, "lowrank": {"scale": [1e4]}}  # and the off limit
+BUDGET_FACTORS = (1, 2, 4)
+
+
+def budget_check(s: Settings, out: Path, progress: bool, seed: int = 0) -> tuple[str, list[dict]]:
+    """Test and training NLL of fixed priors (:data:`BUDGET_PRIORS` and the off limit) on seed 0 at each n, at the
+    budget times :data:`BUDGET_FACTORS` (no search: every trial is a fixed point)."""
+    prior, _ = source_prior(s, out, progress)
+    task = SegmentationTask("mnist", n_test=s.n_test, decoder_channels=s.decoder_channels, test_seed=10_000,
+                            val_pool=s.val_pool, **CANVAS)
+    rows, lines = [], []
+    for n, base in zip(s.ns, s.steps, strict=True):
+        for factor in BUDGET_FACTORS:
+            steps = base * factor
+            epochs = max(1, math.ceil(steps / math.ceil(n / s.batch_size)))
+            records = run_transfer(prior, task=task, n_per_class=[n], seeds=[seed], methods=list(BUDGET_PRIORS),
+                                   grids={k: {**v, "lr": [s.lr]} for k, v in BUDGET_PRIORS.items()}, epochs=epochs,
+                                   batch_size=s.batch_size, train_overrides={"optimizer": s.optimizer},
+                                   max_rounds=0, progress=False)
+            trials = {}
+            for record in records:
+                for trial in record.get("validation", ()):
+                    name = "off limit" if trial.get("off_limit") else record["method"]
+                    trials.setdefault(name, trial)
+            row = {"n": n, "steps": steps, "epochs": epochs,
+                   **{name: {"test_nll": tr["test_nll"], "train_nll": tr.get("final_loss")}
+                      for name, tr in trials.items()}}
+            rows.append(row)
+            print(f"budget check n={n} steps={steps}: " + ", ".join(
+                f"{k} {v['test_nll']:.4f} (train {v['train_nll']:.3f})" for k, v in row.items() if isinstance(v, dict)),
+                flush=True)
+    names = ["standard", "lowrank", "off limit"]
+    for row in rows:
+        lines.append([str(row["n"]), str(row["steps"]), *(
+            f"{row[k]['test_nll']:.4f} ({row[k]['train_nll']:.3f})" if k in row else "—" for k in names)])
+    table = markdown_table(["n canvases", "Adam steps", "standard v = 100", "learned low-rank λ = 1e4",
+                            "off limit (plain fine-tuning)"], lines)
+    return table, rows
+
+
 def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dict], float]:
     """Every (n, seed) cell not yet in ``<name>_runs.jsonl`` (an interrupted run resumes), on ``jobs`` processes."""
     prior, source_s = source_prior(s, out, progress)
@@ -209,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--progress", action="store_true", help="tqdm bars for the source stage")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (n, seed) cell each")
+    parser.add_argument("--budget-check", action="store_true",
+                        help="fixed priors at 1x, 2x, 4x the step budget on seed 0 (segmentation_budget.md)")
     args = parser.parse_args(argv)
     set_threads(args.threads)  # 1 thread by default (see common.set_threads)
     s = settings(args.quick)
@@ -216,6 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.budget_check:
+        table, rows = budget_check(s, out, args.progress)
+        command = "python benchmarks/accuracy/segmentation.py --budget-check" + (" --quick" if args.quick else "")
+        md = "\n".join([
+            "# Segmentation: is the step budget converged?", "",
+            f"Command: `{command}` ({(time.perf_counter() - start) / 60:.1f} min).  ", machine_line(info) + ".  ",
+            "Seed 0; fixed priors (no search), each trained from the source start at the benchmark's budget and at "
+            f"{', '.join(f'{f}x' for f in BUDGET_FACTORS[1:])} it; cells: per-pixel test NLL (final training NLL, "
+            "data term, evaluation mode).", "", table, ""])
+        md_path, _ = write_results(args.out, f"{NAME}_budget", md, {"command": command, "machine": info,
+                                                                     "settings": asdict(s), "rows": rows})
+        print(md)
+        print(f"wrote {md_path}")
+        return 0
     rows, source_s = run(s, out, args.progress, jobs=args.jobs)
     elapsed = time.perf_counter() - start
     command = "python benchmarks/accuracy/segmentation.py" + (" --quick" if args.quick else "")
