@@ -368,6 +368,13 @@ def reuse_or_learn(marker: Path, fields: dict[str, Any], learn: Callable[[], tup
     return Path(path), seconds
 
 
+def search_minutes(rows: Sequence[dict[str, Any]], cell: Sequence[str]) -> tuple[float, int]:
+    """Minutes the searches of a resumable benchmark took, summed over its cells (the records of one cell, keyed by
+    the ``cell`` fields, share its search's ``wall_time_s``), and the number of cells."""
+    cells = {tuple(r[k] for k in cell): r.get("wall_time_s", 0.0) for r in rows}
+    return sum(cells.values()) / 60, len(cells)
+
+
 def add_common_args(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the .md/.json results")

@@ -58,7 +58,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, machine_info, machine_line, reuse_or_learn, set_threads, settings_key, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    machine_info,
+    machine_line,
+    reuse_or_learn,
+    search_minutes,
+    set_threads,
+    settings_key,
+    write_results,
+)
 from pairs import JsonlStore  # noqa: E402
 from pairs_report import method_table, paired, summary_rows  # noqa: E402
 
@@ -207,12 +216,6 @@ def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dic
     return sorted(rows, key=lambda r: (int(r["n"]), r["seed"])), source_s
 
 
-def train_minutes(rows: list[dict]) -> float:
-    """Minutes the searches took, summed over cells (each cell's records share its search's wall time)."""
-    cells = {(r["n"], r["seed"]): r.get("wall_time_s", 0.0) for r in rows}
-    return sum(cells.values()) / 60
-
-
 def render(rows: list[dict], s: Settings, info: dict, elapsed: float, source_s: float,
            command: str) -> tuple[str, dict]:
     """The markdown report and the JSON payload of a run."""
@@ -231,8 +234,8 @@ def render(rows: list[dict], s: Settings, info: dict, elapsed: float, source_s: 
         "# Segmentation on MNIST digit canvases with a KMNIST classification source: the kind and strength chosen "
         "on a validation pool, against tuned standard fine-tuning and L2-SP",
         "",
-        f"Command: `{command}` ({train_minutes(rows):.1f} min of searches over {len(rows) // (len(KINDS) + 1)} cells, "
-        f"resumable; this invocation {elapsed / 60:.1f} min).  ",
+        "Command: `{}` ({:.1f} min of searches over {} cells, resumable; ".format(command, *search_minutes(
+            rows, ("n", "seed"))) + f"this invocation {elapsed / 60:.1f} min).  ",
         machine_line(info) + ".  ",
         f"Seeds {list(s.seeds)} (each a different set of training canvases); a validation pool of {s.val_pool} "
         f"canvases (held-out digits); {s.n_test} fixed test canvases from the MNIST test split. Mean ± std over "

@@ -39,7 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, machine_info, machine_line, reuse_or_learn, set_threads, settings_key, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    machine_info,
+    machine_line,
+    reuse_or_learn,
+    search_minutes,
+    set_threads,
+    settings_key,
+    write_results,
+)
 from pairs import JsonlStore  # noqa: E402
 from pairs_report import LABELS, _ci, _verdict, method_table, paired, summary_rows, t_interval  # noqa: E402
 
@@ -202,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n".join([
         "# SimCLR source prior vs supervised source prior vs tuned baselines (KMNIST -> MNIST)",
         "",
-        f"Command: `{command}` ({elapsed / 60:.1f} min).  ",
+        "Command: `{}` ({:.1f} min of searches over {} cells, resumable; ".format(command, *search_minutes(
+            rows, ("source_objective", "n", "seed"))) + f"this invocation {elapsed / 60:.1f} min).  ",
         machine_line(info) + ".  ",
         f"Seeds {list(s.seeds)} (each a different few-shot subsample of the MNIST train split); a {s.val_pool}-image "
         f"validation pool; test: {test}. SmallCNN(width={s.width}). Mean ± std over seeds. Protocol: the module "
