@@ -51,7 +51,13 @@ Bayesian predictives (issue 23; run as their own jobs, ``--methods``, e.g. at n 
         --methods lowrank-laplace lowrank-sgld lowrank-csgld lowrank-swag l2sp-laplace l2sp-sgld l2sp-csgld l2sp-swag
 
 A method's ``@head`` variant (``lowrank@head lowrank-sgld@head``) also tunes the new head's prior variance on the
-pool (``HEAD_VARIANCES``); a Bayesian ``@head`` predictive is paired with the MAP ``@head`` under the same prior.
+pool (``HEAD_VARIANCES``, the axis extended past an edge optimum up to ``HEAD_BOUNDS``); a Bayesian ``@head``
+predictive is paired with the MAP ``@head`` under the same prior. The committed study (its own stores, the prior
+learned on the machine that ran it: ``benchmarks/results/head_prior/pairs.md``)::
+
+    nice -n 5 python benchmarks/accuracy/pairs.py --pairs mnist5k->mnist --n 10 --jobs 2 \
+        --methods lowrank lowrank@head lowrank-sgld lowrank-sgld@head --out benchmarks/results/head_prior
+
 Each is tuned on the same pool by the same rule, its own knobs (``BAYES_AXES``: SGLD's temperature, cyclical SGLD's
 temperature and cycles, SWAG's collection learning rate) on the grid jointly with the prior's strength, the
 last-layer Laplace predictive's prior-precision factor chosen per trial on the pool (``LAPLACE_TAUS``), and paired
