@@ -15,6 +15,7 @@ process's earlier peak is visible, and the result says so).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -342,6 +343,36 @@ def write_results(out_dir: str | Path, name: str, markdown: str, data: dict[str,
         lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=_json_default) + "\n"),
     )
     return md, js
+
+
+def settings_key(fields: dict[str, Any]) -> str:
+    """A short hash of a benchmark's settings: stored records and source priors count only under the same ones."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reuse_or_learn(marker: Path, fields: dict[str, Any], learn: Callable[[], tuple[Path, float]],
+                   label: str = "source") -> tuple[Path, float]:
+    """A source prior reused when ``marker`` (JSON: the settings that made it, its file, its seconds) names one made
+    under the same ``fields`` and the file is still there; else ``learn()`` (path, seconds) and the marker rewritten
+    atomically. An interrupted benchmark so resumes without learning its source again."""
+    if marker.is_file():
+        stored = json.loads(marker.read_text())
+        if stored.get("settings") == fields and (marker.parent / stored["file"]).is_file():
+            print(f"{label}: {marker.parent / stored['file']} (reused, {stored['seconds']:.0f} s when learned)",
+                  flush=True)
+            return marker.parent / stored["file"], float(stored["seconds"])
+    path, seconds = learn()
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": fields, "file": Path(path).name, "seconds": seconds}))
+    os.replace(tmp, marker)
+    return Path(path), seconds
+
+
+def search_minutes(rows: Sequence[dict[str, Any]], cell: Sequence[str]) -> tuple[float, int]:
+    """Minutes the searches of a resumable benchmark took, summed over its cells (the records of one cell, keyed by
+    the ``cell`` fields, share its search's ``wall_time_s``), and the number of cells."""
+    cells = {tuple(r[k] for k in cell): r.get("wall_time_s", 0.0) for r in rows}
+    return sum(cells.values()) / 60, len(cells)
 
 
 def add_common_args(parser) -> None:

@@ -50,6 +50,14 @@ Bayesian predictives (issue 23; run as their own jobs, ``--methods``, e.g. at n 
     nice -n 5 python benchmarks/accuracy/pairs.py --pairs mnist5k->mnist --n 10 100 \
         --methods lowrank-laplace lowrank-sgld lowrank-csgld lowrank-swag l2sp-laplace l2sp-sgld l2sp-csgld l2sp-swag
 
+A method's ``@head`` variant (``lowrank@head lowrank-sgld@head``) also tunes the new head's prior variance on the
+pool (``HEAD_VARIANCES``, the axis extended past an edge optimum up to ``HEAD_BOUNDS``); a Bayesian ``@head``
+predictive is paired with the MAP ``@head`` under the same prior. The committed study (its own stores, the prior
+learned on the machine that ran it: ``benchmarks/results/head_prior/pairs.md``)::
+
+    nice -n 5 python benchmarks/accuracy/pairs.py --pairs mnist5k->mnist --n 10 --jobs 2 \
+        --methods lowrank lowrank@head lowrank-sgld lowrank-sgld@head --out benchmarks/results/head_prior
+
 Each is tuned on the same pool by the same rule, its own knobs (``BAYES_AXES``: SGLD's temperature, cyclical SGLD's
 temperature and cycles, SWAG's collection learning rate) on the grid jointly with the prior's strength, the
 last-layer Laplace predictive's prior-precision factor chosen per trial on the pool (``LAPLACE_TAUS``), and paired
@@ -120,6 +128,11 @@ BAYES_AXES: dict[str, dict[str, list[Any]]] = {
     "laplace": {},
 }
 LAPLACE_TAUS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e6)
+# the ``@head`` variant of a method (e.g. ``lowrank@head``, ``lowrank-sgld@head``): the new head's prior variance
+# N(0, v I) tuned on the pool jointly with the rest (the default head prior N(0, 1) makes every predictive
+# under-confident at n = 10: predictive_diagnostics.md); a Bayesian ``@head`` method is paired with the MAP ``@head``
+HEAD_VARIANCES = (1.0, 10.0, 100.0)
+HEAD_BOUNDS = (-2.0, 6.0)  # log10: the head axis is extended past an edge optimum (a decade a round) up to 1e6
 GRIDS = {"standard": [10.0, 100.0, 1000.0], "l2sp": [1e-5, 1e-4, 1e-3], "lowrank": [10.0, 100.0, 1000.0],
          "diag": [10.0, 100.0, 1000.0]}
 # settings of the automatic strategies (fields of each one's settings class, TuningStrategy.parse(name).settings; the
@@ -291,7 +304,7 @@ def job_key(cfg: dict[str, Any], job: dict[str, Any]) -> str:
     predictive's own grid axes (:data:`BAYES_AXES`, :data:`LAPLACE_TAUS`) for its grid jobs."""
     key = settings_key(cfg, job["pair"])
     if job["tuning"] == "grid":
-        extra = bayes_settings(job["method"])
+        extra = {**bayes_settings(job["method"]), **variant_axes(job["method"])}  # the bounds change no trial
         return f"{key}-{hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]}" if extra else key
     from ptyl.tuning import TuningStrategy
 
@@ -318,6 +331,20 @@ def bayes_settings(method: str) -> dict[str, Any]:
         return {}
     fixed = {"laplace_prior_precision": list(LAPLACE_TAUS)} if inference == "laplace" else {}
     return {"axes": BAYES_AXES[inference], "fixed": fixed}
+
+
+def variant_axes(method: str) -> dict[str, list[Any]]:
+    """The grid axes a method's ``@variant`` adds (``@head``: the head prior's variance, :data:`HEAD_VARIANCES`)."""
+    return {"head_variance": list(HEAD_VARIANCES)} if method.partition("@")[2] == "head" else {}
+
+
+def extended_axes(method: str, kind) -> bool | dict[str, tuple[float, float]]:
+    """The axes a job's search extends: the prior's strength axis (``True``), and the head axis of ``@head``
+    (:data:`HEAD_BOUNDS`) so that no head variance is left on an edge."""
+    if "head_variance" not in variant_axes(method):
+        return True
+    recipe = kind.recipe
+    return {recipe.axis: recipe.bounds, "head_variance": HEAD_BOUNDS}
 
 
 def auto_config(tuning: str):
@@ -407,6 +434,18 @@ def pair_context(cfg: dict[str, Any], pair: str, prior: str) -> dict[str, Any]:
     return ctx
 
 
+_SHA: dict[str, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """The prior file's SHA-256 (once per process), kept in every record: a source prior learned again on another
+    machine need not be bit-identical (float reductions differ), and records of different priors should not be
+    paired unawares."""
+    if path not in _SHA:
+        _SHA[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _SHA[path]
+
+
 def resolve_n(task, label: str) -> int:
     """Examples per class: an int, or ``full`` (the rarest class of what the pool left)."""
     from ptyl.data.subsets import class_counts
@@ -435,7 +474,7 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
                                                                        for k, v in bayes.get("fixed", {}).items()})
     lrs = job.get("lrs")
     grids = {str(p.prior): {p.prior.recipe.axis: list(cfg["grids"][str(p.prior)]), "lr": lrs or [cfg["lr"]],
-                            **bayes.get("axes", {})} for p in plans}
+                            **bayes.get("axes", {}), **variant_axes(job["method"])} for p in plans}
     model_fn = pretrained_model_fn(ctx["meta"], ctx["state"], task, module=ctx["module"])
     key = {**job, "key": job_key(cfg, job)}
     timing = {}
@@ -462,7 +501,8 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
     else:
         outcomes = [{"method": job["method"], **transfer_run(
             task, train, plan, prior_spec, grids[str(plan.prior)], config, model_fn, seed=job["seed"],
-            tuning=job["tuning"], cache=cache, max_rounds=cfg["max_rounds"], auto=auto_config(job["tuning"]))}]
+            tuning=job["tuning"], cache=cache, max_rounds=cfg["max_rounds"], auto=auto_config(job["tuning"]),
+            extend=extended_axes(job["method"], plan.prior))}]
     wall = time.perf_counter() - start
     records = []
     for outcome in outcomes:
@@ -470,7 +510,7 @@ def run_job(cfg: dict[str, Any], job: dict[str, Any], prior: str, out: str) -> l
         record = {**outcome, **key, "method": method, "job_method": job["method"], "n_per_class": n,
                   "num_train": len(train), "max_steps": config.max_steps, "command": cfg.get("command"),
                   "temperature": temperature if plan.inference.strategy.uses_temperature else None,
-                  "wall_time_s": wall, **timing}
+                  "wall_time_s": wall, "prior_sha256": file_sha256(prior), **timing}
         JsonlStore(runs_store(cfg, out, job["tuning"])).append(record)
         records.append(record)
     return records

@@ -20,6 +20,7 @@ SELECTED = "selected"
 BAYES = tuple(f"{kind}-{inference}" for kind in ("lowrank", "l2sp")
               for inference in ("laplace", "sgld", "csgld", "swag"))
 SAME_PRIOR_MAP = "MAP under the same prior"
+HEAD = "head"  # the variant (``method@head``) that also tunes the head prior's variance (pairs.HEAD_VARIANCES)
 LABELS = {"standard": "standard FT", "l2sp": "L2-SP", "lowrank": "learned low-rank", "diag": "learned diag",
           "lowrank-sgld": "low-rank + SGLD (cold T)",
           "lowrank-sgld@T1": "low-rank + SGLD T=1 (exact-posterior ablation)",
@@ -74,6 +75,8 @@ def _choice(record: dict[str, Any]) -> str:
     """``1e+03``, ``off`` (the off limit: no backbone prior); a selection's ``lowrank 1e+03`` / ``none (off)``."""
     symbol, value = _axis(record)
     text = "off" if value == math.inf else f"{value:.3g}" if value is not None else "—"
+    if "head_variance" in (record.get("selected") or {}):
+        text += f" (head v {float(record['selected']['head_variance']):.3g})"
     kind = record.get("selected_kind")
     if kind is None:
         return text
@@ -109,7 +112,7 @@ def _fit(records: list[dict[str, Any]]) -> str:
 def method_table(records: list[dict[str, Any]], score: str = "accuracy") -> str:
     """One row per method (records of one pair and one n); ``score``: the second metric column (segmentation:
     ``miou``)."""
-    known = tuple(dict.fromkeys((*BASELINES, *LEARNED, *BAYES, SELECTED)))
+    known = tuple(dict.fromkeys((*BASELINES, *LEARNED, *BAYES, SELECTED, *_head_variants())))
     order = [m for m in known if any(r["method"] == m for r in records)]
     order += [m for m in dict.fromkeys(r["method"] for r in records) if m not in known]
     rows = []
@@ -120,7 +123,7 @@ def method_table(records: list[dict[str, Any]], score: str = "accuracy") -> str:
         chosen = ", ".join(_choice(r) for r in ok)
         ratios = [r["std_ratio"] for r in ok if r.get("std_ratio") is not None]
         rows.append([
-            LABELS.get(method, method), _ms([r["nll"] for r in ok]), _ms([r[score] for r in ok]),
+            label(method), _ms([r["nll"] for r in ok]), _ms([r[score] for r in ok]),
             _ms([r["ece"] for r in ok]), _ms([r["test_selected"]["nll"] for r in ok if r.get("test_selected")]),
             (f"{axis} = {chosen}" if method != SELECTED else chosen) if axis else "—", _share(ok),
             f"{statistics.median(ratios):.3g}" if ratios else "—",
@@ -154,12 +157,18 @@ def paired(records: list[dict[str, Any]], score: str = "accuracy") -> tuple[str,
     kind (``lowrank-sgld`` minus ``lowrank``, the selected job's per-kind record)."""
     rows, data = [], []
     refs = {**{b: _by_seed(records, b) for b in BASELINES}, "best baseline (val)": best_baseline_by_validation(records)}
-    for method in [m for m in dict.fromkeys((SELECTED, *LEARNED, *BAYES)) if any(r["method"] == m for r in records)]:
+    methods = dict.fromkeys((SELECTED, *LEARNED, *BAYES, *_head_variants()))
+    for method in [m for m in methods if any(r["method"] == m for r in records)]:
         mine = _by_seed(records, method)
-        kind = method.partition("-")[0]
-        mine_refs = {**(refs if method not in BAYES or method in LEARNED else {}),
-                     **({f"{SAME_PRIOR_MAP} ({LABELS.get(kind, kind)})": _by_seed(records, kind)} if method in BAYES
-                        else {})}
+        base, _, variant = method.partition("@")
+        kind = base.partition("-")[0]
+        same_prior = f"{kind}@{HEAD}" if variant == HEAD else kind  # the MAP under the same (head) prior
+        if variant == HEAD and base not in BAYES:  # a MAP @head: against the same kind with the default head prior
+            mine_refs = {f"{LABELS.get(kind, kind)}, head prior N(0, 1)": _by_seed(records, kind)}
+        else:
+            mine_refs = {**(refs if base not in BAYES or method in LEARNED else {}),
+                         **({f"{SAME_PRIOR_MAP} ({label(same_prior)})": _by_seed(records, same_prior)}
+                            if base in BAYES else {})}
         for ref_name, ref in mine_refs.items():
             seeds = sorted(set(mine) & set(ref))
             if not seeds:
@@ -172,12 +181,25 @@ def paired(records: list[dict[str, Any]], score: str = "accuracy") -> tuple[str,
             data.append({"method": method, "reference": ref_name, "seeds": seeds, "delta_nll": d_nll,
                          "delta_accuracy": d_acc, "delta_ece": d_ece, "nll_interval": nll, "accuracy_interval": acc,
                          "ece_interval": ece, "verdict": verdict})
-            rows.append([LABELS.get(method, method), ref_name if ref_name not in LABELS else LABELS[ref_name],
+            rows.append([label(method), ref_name if ref_name not in LABELS else LABELS[ref_name],
                          _ci(nll), _ci(acc), _ci(ece) if math.isfinite(ece[0]) else "—", verdict, len(seeds)])
     header = ["method", "minus", "Δ test NLL, mean [95% CI]",
               f"Δ test {'acc' if score == 'accuracy' else score}, mean [95% CI]", "Δ test ECE, mean [95% CI]",
               "verdict (NLL)", "seeds"]
     return markdown_table(header, rows), data
+
+
+def _head_variants() -> tuple[str, ...]:
+    """The ``@head`` variants of the learned MAP kinds and the Bayesian predictives, in table order."""
+    return tuple(f"{m}@{HEAD}" for m in ("lowrank", "diag", "l2sp", *BAYES))
+
+
+def label(method: str) -> str:
+    """A method's table label (``@head``: the base label, head prior tuned)."""
+    base, _, variant = method.partition("@")
+    if variant == HEAD:
+        return f"{LABELS.get(base, base)}, head prior tuned"
+    return LABELS.get(method, method)
 
 
 def _ci(interval: tuple[float, float, float]) -> str:

@@ -3,6 +3,11 @@
 
     python benchmarks/accuracy/segmentation.py --jobs 2  # full: 20 and 100 training canvases, 5 seeds (~1 h)
     python benchmarks/accuracy/segmentation.py --quick   # smoke test, about a minute
+    python benchmarks/accuracy/segmentation.py --budget-check   # is the step budget converged? (~15 min)
+
+``--budget-check`` trains seed 0 at each n with fixed priors (standard v = 100, the learned low-rank prior at
+lambda = 1e4, and the off limit) at the budget, twice and four times it, and writes ``segmentation_budget.md``:
+test and training NLL per budget (the budget is converged when doubling it no longer moves test NLL).
 
 Every finished (n, seed) cell is appended to ``segmentation_runs.jsonl`` under a hash of the settings, and the source
 prior is kept (``segmentation_source.json`` names it): an interrupted run resumes where it stopped.
@@ -42,11 +47,8 @@ and paired 95% t-intervals (selected minus tuned standard fine-tuning; the learn
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -56,11 +58,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, machine_info, machine_line, set_threads, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    machine_info,
+    machine_line,
+    reuse_or_learn,
+    search_minutes,
+    set_threads,
+    settings_key,
+    write_results,
+)
 from pairs import JsonlStore  # noqa: E402
 from pairs_report import method_table, paired, summary_rows  # noqa: E402
 
-from ptyl.pipeline import SegmentationTask, learn_source_prior, run_transfer  # noqa: E402
+from ptyl.pipeline import SegmentationTask, learn_source_prior, markdown_table, run_transfer  # noqa: E402
 from ptyl.tuning import default_grid  # noqa: E402
 
 NAME = "segmentation"
@@ -115,26 +126,15 @@ def learn_source(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
 
 
 # ------------------------------------------------------------------------------------------------ downstream
-def settings_key(s: Settings) -> str:
-    """A hash of everything but the seeds: stored records count only under the same settings."""
-    fields = {k: v for k, v in asdict(s).items() if k != "seeds"}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+def cell_key(s: Settings) -> str:
+    """Everything but the seeds: stored records count only under the same settings."""
+    return settings_key({k: v for k, v in asdict(s).items() if k != "seeds"})
 
 
 def source_prior(s: Settings, out: Path, progress: bool) -> tuple[Path, float]:
     """The source prior, reused when a previous run with the same source settings left it (``*_source.json``)."""
-    marker = out / f"{NAME}_source.json"
     fields = {k: v for k, v in asdict(s).items() if k in SOURCE_FIELDS}
-    if marker.is_file():
-        stored = json.loads(marker.read_text())
-        if stored.get("settings") == fields and (out / stored["file"]).is_file():
-            print(f"source: {out / stored['file']} (reused, {stored['seconds']:.0f} s when learned)", flush=True)
-            return out / stored["file"], float(stored["seconds"])
-    path, seconds = learn_source(s, out, progress)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": fields, "file": Path(path).name, "seconds": seconds}))
-    os.replace(tmp, marker)
-    return path, seconds
+    return reuse_or_learn(out / f"{NAME}_source.json", fields, lambda: learn_source(s, out, progress))
 
 
 def run_cell(job: tuple[Settings, str, int, int, str]) -> list[dict]:
@@ -151,17 +151,57 @@ def run_cell(job: tuple[Settings, str, int, int, str]) -> list[dict]:
                            train_overrides={"optimizer": s.optimizer}, progress=False,
                            log=lambda line: print(line, flush=True))
     for record in records:
-        record.update(pair=CELL, n=str(n), epochs=epochs, key=settings_key(s),
+        record.update(pair=CELL, n=str(n), epochs=epochs, key=cell_key(s),
                       failed_trials=sum(not math.isfinite(r["val_nll"]) for r in record.get("validation", ())))
         JsonlStore(Path(store)).append(record)
     return records
+
+
+BUDGET_PRIORS = {"standard": {"variance": [100.0]}, "lowrank": {"scale": [1e4]}}  # and the off limit
+BUDGET_FACTORS = (1, 2, 4)
+
+
+def budget_check(s: Settings, out: Path, progress: bool, seed: int = 0) -> tuple[str, list[dict]]:
+    """Test and training NLL of fixed priors (:data:`BUDGET_PRIORS` and the off limit) on seed 0 at each n, at the
+    budget times :data:`BUDGET_FACTORS` (no search: every trial is a fixed point)."""
+    prior, _ = source_prior(s, out, progress)
+    task = SegmentationTask("mnist", n_test=s.n_test, decoder_channels=s.decoder_channels, test_seed=10_000,
+                            val_pool=s.val_pool, **CANVAS)
+    rows, lines = [], []
+    for n, base in zip(s.ns, s.steps, strict=True):
+        for factor in BUDGET_FACTORS:
+            steps = base * factor
+            epochs = max(1, math.ceil(steps / math.ceil(n / s.batch_size)))
+            records = run_transfer(prior, task=task, n_per_class=[n], seeds=[seed], methods=list(BUDGET_PRIORS),
+                                   grids={k: {**v, "lr": [s.lr]} for k, v in BUDGET_PRIORS.items()}, epochs=epochs,
+                                   batch_size=s.batch_size, train_overrides={"optimizer": s.optimizer},
+                                   max_rounds=0, progress=False)
+            trials = {}
+            for record in records:
+                for trial in record.get("validation", ()):
+                    name = "off limit" if trial.get("off_limit") else record["method"]
+                    trials.setdefault(name, trial)
+            row = {"n": n, "steps": steps, "epochs": epochs,
+                   **{name: {"test_nll": tr["test_nll"], "train_nll": tr.get("final_loss")}
+                      for name, tr in trials.items()}}
+            rows.append(row)
+            print(f"budget check n={n} steps={steps}: " + ", ".join(
+                f"{k} {v['test_nll']:.4f} (train {v['train_nll']:.3f})" for k, v in row.items() if isinstance(v, dict)),
+                flush=True)
+    names = ["standard", "lowrank", "off limit"]
+    for row in rows:
+        lines.append([str(row["n"]), str(row["steps"]), *(
+            f"{row[k]['test_nll']:.4f} ({row[k]['train_nll']:.3f})" if k in row else "—" for k in names)])
+    table = markdown_table(["n canvases", "Adam steps", "standard v = 100", "learned low-rank λ = 1e4",
+                            "off limit (plain fine-tuning)"], lines)
+    return table, rows
 
 
 def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dict], float]:
     """Every (n, seed) cell not yet in ``<name>_runs.jsonl`` (an interrupted run resumes), on ``jobs`` processes."""
     prior, source_s = source_prior(s, out, progress)
     store = out / f"{NAME}_runs.jsonl"  # quick and full records differ in their key
-    key = settings_key(s)
+    key = cell_key(s)
     done = {(r["n"], r["seed"]) for r in JsonlStore(store).rows() if r.get("key") == key}
     todo = [(s, str(prior), n, seed, str(store)) for n in s.ns for seed in s.seeds if (str(n), seed) not in done]
     print(f"{len(s.ns) * len(s.seeds)} cells, {len(s.ns) * len(s.seeds) - len(todo)} already done (resuming), "
@@ -194,7 +234,8 @@ def render(rows: list[dict], s: Settings, info: dict, elapsed: float, source_s: 
         "# Segmentation on MNIST digit canvases with a KMNIST classification source: the kind and strength chosen "
         "on a validation pool, against tuned standard fine-tuning and L2-SP",
         "",
-        f"Command: `{command}` ({elapsed / 60:.1f} min).  ",
+        "Command: `{}` ({:.1f} min of searches over {} cells, resumable; ".format(command, *search_minutes(
+            rows, ("n", "seed"))) + f"this invocation {elapsed / 60:.1f} min).  ",
         machine_line(info) + ".  ",
         f"Seeds {list(s.seeds)} (each a different set of training canvases); a validation pool of {s.val_pool} "
         f"canvases (held-out digits); {s.n_test} fixed test canvases from the MNIST test split. Mean ± std over "
@@ -206,6 +247,10 @@ def render(rows: list[dict], s: Settings, info: dict, elapsed: float, source_s: 
         f"Canvases: {CANVAS['canvas_size']}x{CANVAS['canvas_size']}, one MNIST digit each, 11 pixel classes "
         f"(background + 10 digits), foreground = intensity > {CANVAS['threshold']}. Model: SegmentationNet(SmallCNN("
         f"width={s.width})), decoder width {s.decoder_channels}, decoder prior N(0, 1).",
+        "Fit status: the threshold is the classification one (final training NLL <= 0.05); per-pixel training NLL "
+        "has a floor (pixels at a digit's blurred edge are ambiguous), so an 'UNDERTRAINED' flag here is read "
+        "against `segmentation_budget.md` (fixed priors at 1x, 2x and 4x the budget on seed 0: "
+        "`segmentation.py --budget-check`).",
         f"Source: KMNIST train ({'8,000' if s.source_size is None else s.source_size} images), {s.pretrain_epochs} "
         f"epochs + {s.swag_epochs} SWAG epochs, lr {s.source_lr}, rank {s.rank} ({source_s:.0f} s).",
         f"Downstream: {s.optimizer} (cosine), lr {s.lr}, batch {s.batch_size}, about {list(s.steps)} steps for "
@@ -223,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--progress", action="store_true", help="tqdm bars for the source stage")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (n, seed) cell each")
+    parser.add_argument("--budget-check", action="store_true",
+                        help="fixed priors at 1x, 2x, 4x the step budget on seed 0 (segmentation_budget.md)")
     args = parser.parse_args(argv)
     set_threads(args.threads)  # 1 thread by default (see common.set_threads)
     s = settings(args.quick)
@@ -230,6 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.budget_check:
+        table, rows = budget_check(s, out, args.progress)
+        command = "python benchmarks/accuracy/segmentation.py --budget-check" + (" --quick" if args.quick else "")
+        md = "\n".join([
+            "# Segmentation: is the step budget converged?", "",
+            f"Command: `{command}` ({(time.perf_counter() - start) / 60:.1f} min).  ", machine_line(info) + ".  ",
+            "Seed 0; fixed priors (no search), each trained from the source start at the benchmark's budget and at "
+            f"{', '.join(f'{f}x' for f in BUDGET_FACTORS[1:])} it; cells: per-pixel test NLL (final training NLL, "
+            "data term, evaluation mode).", "", table, ""])
+        md_path, _ = write_results(args.out, f"{NAME}_budget", md, {"command": command, "machine": info,
+                                                                     "settings": asdict(s), "rows": rows})
+        print(md)
+        print(f"wrote {md_path}")
+        return 0
     rows, source_s = run(s, out, args.progress, jobs=args.jobs)
     elapsed = time.perf_counter() - start
     command = "python benchmarks/accuracy/segmentation.py" + (" --quick" if args.quick else "")

@@ -1,8 +1,11 @@
 """Self-supervised (SimCLR) source prior vs supervised source prior vs tuned baselines, KMNIST -> MNIST, under issue
 21's protocol: a validation pool, every strength axis ending at its off limit, the kind chosen on the pool.
 
-    python benchmarks/accuracy/simclr.py            # full: n = 10, 100 per class, 5 seeds (~2 h on 2 CPU cores)
+    python benchmarks/accuracy/simclr.py --jobs 2   # full: n = 10, 100 per class, 5 seeds
     python benchmarks/accuracy/simclr.py --quick    # smoke test, about a minute
+
+Every finished (source, n, seed) cell is appended to ``simclr_runs.jsonl`` under a hash of the settings, and each
+source prior is kept (``simclr_source_<objective>.json`` names it): an interrupted run resumes where it stopped.
 
 Source stage (once, on the 8,000-image KMNIST train split, SmallCNN of width 16):
 
@@ -25,6 +28,7 @@ baseline; across sources, SimCLR minus supervised (learned prior, and selection)
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_args, machine_info, machine_line, set_threads, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    machine_info,
+    machine_line,
+    reuse_or_learn,
+    search_minutes,
+    set_threads,
+    settings_key,
+    write_results,
+)
+from pairs import JsonlStore  # noqa: E402
 from pairs_report import LABELS, _ci, _verdict, method_table, paired, summary_rows, t_interval  # noqa: E402
 
 from ptyl.pipeline import learn_source_prior, markdown_table, run_transfer  # noqa: E402
@@ -76,37 +90,81 @@ def settings(quick: bool) -> Settings:
 
 
 # ------------------------------------------------------------------------------------------------- source stage
+def source_fields(s: Settings, kind: str) -> dict[str, Any]:
+    """The settings that make one source prior (a stored prior is reused when they match)."""
+    pre, swag = ((s.sup_pretrain_epochs, s.sup_swag_epochs) if kind == SUPERVISED
+                 else (s.simclr_pretrain_epochs, s.simclr_swag_epochs))
+    return {"objective": kind, "width": s.width, "source_size": s.source_size, "pretrain_epochs": pre,
+            "swag_epochs": swag, "source_lr": s.source_lr, "source_batch": s.source_batch, "rank": s.rank}
+
+
+def learn_source(s: Settings, kind: str, out: Path, progress: bool) -> tuple[Path, float]:
+    """One prior file (with its SWA-mean weights) from the pipeline's source stage."""
+    f = source_fields(s, kind)
+    start = time.perf_counter()
+    path = learn_source_prior("kmnist", "smallcnn", pretrain_epochs=f["pretrain_epochs"],
+                              swag_epochs=f["swag_epochs"], rank=s.rank, lr=s.source_lr, batch_size=s.source_batch,
+                              objective=kind, n_per_class=None if s.source_size is None else s.source_size // 10,
+                              model_kwargs={"width": s.width}, out=out / f"simclr_bench_{kind}.safetensors",
+                              progress=progress)
+    seconds = time.perf_counter() - start
+    print(f"source {kind}: {path} ({seconds:.0f} s)", flush=True)
+    return Path(path), seconds
+
+
 def learn_sources(s: Settings, out: Path, progress: bool) -> dict[str, dict[str, Any]]:
-    """Supervised and SimCLR prior files (each with its SWA-mean weights), from the pipeline's source stage."""
-    out_dir = {}
-    for kind, pre, swag in ((SUPERVISED, s.sup_pretrain_epochs, s.sup_swag_epochs),
-                            (SIMCLR, s.simclr_pretrain_epochs, s.simclr_swag_epochs)):
-        start = time.perf_counter()
-        path = learn_source_prior("kmnist", "smallcnn", pretrain_epochs=pre, swag_epochs=swag, rank=s.rank,
-                                  lr=s.source_lr, batch_size=s.source_batch, objective=kind,
-                                  n_per_class=None if s.source_size is None else s.source_size // 10,
-                                  model_kwargs={"width": s.width}, out=out / f"simclr_bench_{kind}.safetensors",
-                                  progress=progress)
-        out_dir[kind] = {"prior": path, "seconds": time.perf_counter() - start}
-        print(f"source {kind}: {path} ({out_dir[kind]['seconds']:.0f} s)", flush=True)
-    return out_dir
+    """Supervised and SimCLR prior files, each reused when a previous run with its settings left it."""
+    sources = {}
+    for kind in (SUPERVISED, SIMCLR):
+        path, seconds = reuse_or_learn(out / f"{NAME}_source_{kind}.json", source_fields(s, kind),
+                                       lambda kind=kind: learn_source(s, kind, out, progress), label=f"source {kind}")
+        sources[kind] = {"prior": path, "seconds": seconds}
+    return sources
 
 
 # ------------------------------------------------------------------------------------------------ downstream
-def run(s: Settings, out: Path, progress: bool) -> tuple[list[dict], dict]:
-    """Per source and n, the kinds tuned together through :func:`ptyl.pipeline.run_transfer` on few-shot MNIST."""
-    sources = learn_sources(s, out, progress)
+def cell_key(s: Settings) -> str:
+    """Everything but the seeds: stored records count only under the same settings."""
+    return settings_key({k: v for k, v in asdict(s).items() if k != "seeds"})
+
+
+def run_cell(job: tuple[Settings, str, str, int, int, str]) -> list[dict]:
+    """One source and training set (n images per class, one seed): the kinds tuned together, the kind selected on
+    the pool (:func:`ptyl.pipeline.run_transfer`); its records appended to the store."""
+    s, source, prior, n, seed, store = job
+    set_threads(1)
+    steps = dict(zip(s.ns, s.steps, strict=True))[n]
     grids = {k: {("scale" if k == "lowrank" else "variance"): v, "lr": [s.lr]} for k, v in GRIDS.items()}
-    rows = []
-    for source, info in sources.items():
-        for n, steps in zip(s.ns, s.steps, strict=True):
-            records = run_transfer(info["prior"], "mnist", n_per_class=[n], seeds=list(s.seeds), methods=list(KINDS),
-                                   grids=grids, steps=steps, batch_size=s.batch_size, max_test=s.test_size,
-                                   val_pool=s.val_pool, train_overrides={"grad_clip": s.grad_clip}, progress=False,
-                                   log=lambda line, source=source: print(f"[{source}]{line}", flush=True))
-            for record in records:
-                record.update(pair=f"{source} source", n=str(n), source_objective=source)
-                rows.append(record)
+    records = run_transfer(prior, "mnist", n_per_class=[n], seeds=[seed], methods=list(KINDS), grids=grids,
+                           steps=steps, batch_size=s.batch_size, max_test=s.test_size, val_pool=s.val_pool,
+                           train_overrides={"grad_clip": s.grad_clip}, progress=False,
+                           log=lambda line: print(f"[{source}]{line}", flush=True))
+    for record in records:
+        record.update(pair=f"{source} source", n=str(n), source_objective=source, key=cell_key(s))
+        JsonlStore(Path(store)).append(record)
+    return records
+
+
+def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dict], dict]:
+    """Every (source, n, seed) cell not yet in ``simclr_runs.jsonl`` (an interrupted run resumes), on ``jobs``
+    processes."""
+    sources = learn_sources(s, out, progress)
+    store = out / f"{NAME}_runs.jsonl"  # quick and full records differ in their key
+    key = cell_key(s)
+    done = {(r["source_objective"], r["n"], r["seed"]) for r in JsonlStore(store).rows() if r.get("key") == key}
+    cells = [(src, n, seed) for src in sources for n in s.ns for seed in s.seeds]
+    todo = [(s, src, str(sources[src]["prior"]), n, seed, str(store)) for src, n, seed in cells
+            if (src, str(n), seed) not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already done (resuming), {len(todo)} to run on {jobs} "
+          "worker(s)", flush=True)
+    if jobs > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+            list(pool.imap_unordered(run_cell, todo))
+    else:
+        for job in todo:
+            run_cell(job)
+    rows = [r for r in JsonlStore(store).rows() if r.get("key") == key and r["seed"] in s.seeds]
+    rows.sort(key=lambda r: (r["source_objective"] != SUPERVISED, int(r["n"]), r["seed"]))
     return rows, {f"source_{k}_s": v["seconds"] for k, v in sources.items()}
 
 
@@ -131,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--progress", action="store_true", help="tqdm bars for the source stage")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one (source, n, seed) cell each")
     args = parser.parse_args(argv)
     set_threads(args.threads)  # 1 thread by default (see common.set_threads)
     s = settings(args.quick)
@@ -138,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, timing = run(s, out, args.progress)
+    rows, timing = run(s, out, args.progress, jobs=args.jobs)
     elapsed = time.perf_counter() - start
     command = "python benchmarks/accuracy/simclr.py" + (" --quick" if args.quick else "")
     cfg = {"pairs": {f"{src} source": {"n": [str(n) for n in s.ns]} for src in (SUPERVISED, SIMCLR)}}
@@ -152,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n".join([
         "# SimCLR source prior vs supervised source prior vs tuned baselines (KMNIST -> MNIST)",
         "",
-        f"Command: `{command}` ({elapsed / 60:.1f} min).  ",
+        "Command: `{}` ({:.1f} min of searches over {} cells, resumable; ".format(command, *search_minutes(
+            rows, ("source_objective", "n", "seed"))) + f"this invocation {elapsed / 60:.1f} min).  ",
         machine_line(info) + ".  ",
         f"Seeds {list(s.seeds)} (each a different few-shot subsample of the MNIST train split); a {s.val_pool}-image "
         f"validation pool; test: {test}. SmallCNN(width={s.width}). Mean ± std over seeds. Protocol: the module "

@@ -167,3 +167,27 @@ def test_bayesian_predictives_pair_with_the_map_under_the_same_prior(quick_run, 
     same = [row for row in data["tables"]["mnist5k->mnist n=2"] if row["reference"].startswith("MAP under the same")]
     assert {row["method"] for row in same} == {"lowrank-laplace", "lowrank-sgld"}
     assert all(len(row["ece_interval"]) == 3 and row["seeds"] == [0, 1] for row in same)
+
+
+def test_head_variant_tunes_the_head_prior_and_pairs_with_the_map_at_head(quick_run, capsys):
+    """--methods lowrank@head lowrank-sgld@head: the head prior's variance is a grid axis of both (its own job key),
+    the sampler is paired with the MAP @head and the MAP @head with the same kind under the default head prior."""
+    out, _ = quick_run
+    module = _module()
+    assert module.main(["--quick", "--out", str(out), "--methods", "lowrank@head", "lowrank-sgld@head"]) == 0
+    capsys.readouterr()
+    records = {(r["method"], r["seed"]): r for r in map(json.loads, (out / "pairs_quick_runs.jsonl").read_text()
+                                                       .splitlines())}
+    for seed in (0, 1):
+        head, sgld, plain = (records[(m, seed)] for m in ("lowrank@head", "lowrank-sgld@head", "lowrank"))
+        assert head["key"] != plain["key"] and "head_variance" in sgld["selected"]
+        tried = {row["head_variance"] for row in head["validation"] if "head_variance" in row}
+        assert tried >= set(module.HEAD_VARIANCES) and head["selected"]["head_variance"] in tried
+        lo, hi = module.HEAD_BOUNDS  # the head axis is extended too: not left on an unextended edge
+        assert head["edge_status"]["head_variance"] in ("interior", "lower bound", "upper bound")
+        assert 10 ** lo <= min(tried) and max(tried) <= 10 ** hi
+    rows = json.loads((out / "pairs_quick.json").read_text())["tables"]["mnist5k->mnist n=2"]
+    refs = {row["method"]: row["reference"] for row in rows if row["method"].endswith("@head")}
+    assert refs["lowrank-sgld@head"] == "MAP under the same prior (learned low-rank, head prior tuned)"
+    assert refs["lowrank@head"] == "learned low-rank, head prior N(0, 1)"
+    assert "head prior tuned" in (out / "pairs_quick.md").read_text()

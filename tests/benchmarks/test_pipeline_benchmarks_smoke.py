@@ -26,9 +26,22 @@ def test_quick_run_writes_its_tables(tmp_path, script, name, keys):
     assert md.startswith("# ") and "|---|" in md and md.strip() in proc.stdout
     assert data["runs"] and all(math.isfinite(run[k]) and run[k] >= 0 for run in data["runs"] for k in keys)
     assert all(run["tuning"] for run in data["runs"])  # every method was tuned
-    if name == "segmentation":  # a second run resumes: the source prior and every finished cell are reused
-        again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / script), "--quick", "--out",
-                                str(tmp_path), "--jobs", "2"], capture_output=True, text=True, timeout=300, check=False)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "(reused" in again.stdout and "already done (resuming), 0 to run" in again.stdout
-        assert json.loads((tmp_path / f"{name}.json").read_text())["summary"] == data["summary"]
+    # a second run resumes: the source prior(s) and every finished cell are reused
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / script), "--quick", "--out",
+                            str(tmp_path), "--jobs", "2"], capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(reused" in again.stdout and "already done (resuming), 0 to run" in again.stdout
+    assert json.loads((tmp_path / f"{name}.json").read_text())["summary"] == data["summary"]
+
+
+def test_segmentation_budget_check_trains_fixed_priors_at_growing_budgets(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / "segmentation.py"), "--quick",
+                           "--budget-check", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "segmentation_budget.json").read_text())["rows"]
+    assert [r["steps"] for r in rows] == [6, 12, 24]  # the quick budget, doubled, quadrupled
+    for row in rows:
+        assert {"standard", "lowrank", "off limit"} <= set(row)
+        assert all(math.isfinite(row[k]["test_nll"]) and row[k]["train_nll"] > 0 for k in ("standard", "off limit"))
+    assert "| 10 | 24 |" in (tmp_path / "segmentation_budget.md").read_text()

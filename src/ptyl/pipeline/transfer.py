@@ -80,7 +80,8 @@ def method_grid(method: Method, budget: int, lrs: Sequence[float], grids: dict |
 def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, grid: dict[str, list[Any]],
                  config: TrainConfig, model_fn: Callable[[], nn.Module], *, seed: int, folds: int | None = None,
                  repeats: int = 1, tuning: str = GRID, cache: Any = None, max_rounds: int = MAX_ROUNDS,
-                 auto: AutomaticSettings | Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 auto: AutomaticSettings | Mapping[str, Any] | None = None,
+                 extend: bool | Mapping[str, tuple[float, float]] = True) -> dict[str, Any]:
     """Tune one method on one training set and score it on the task's test set.
 
     Args:
@@ -96,6 +97,8 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         cache: stores finished trials (see :func:`ptyl.tuning.tune`).
         max_rounds: most edge-extension rounds.
         auto: the automatic strategy's settings (its settings class or a mapping of its fields).
+        extend: the grid axes the search extends past an edge optimum, with their hard log10 bounds (``True``: the
+            prior's strength axis; see :func:`ptyl.tuning.tune`).
 
     Returns:
         The metrics and diagnostics of the record (see the module docstring); ``error`` when every trial diverged.
@@ -110,7 +113,7 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
     record: dict[str, Any] = {"tuning": tuning}
     try:
         tuned = tune(model_fn, train, spec, grid, seed=seed, config=config, max_rounds=max_rounds, cache=cache,
-                     **validation_options(task, pool, test, folds, repeats))
+                     extend=extend, **validation_options(task, pool, test, folds, repeats))
     except DivergenceError as err:  # every trial diverged: record it and go on
         return {**record, **{k: math.nan for k in task.metrics}, "error": str(err)}
     return {**record, **grid_record(task, train, tuned, config, model_fn, seed=seed)}
