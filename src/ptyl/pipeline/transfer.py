@@ -94,11 +94,9 @@ def transfer_run(task: Task, train: Dataset, method: Method, spec: PriorSpec, gr
         tuning: the tuning strategy (a :class:`~ptyl.tuning.registry.TuningStrategy` name): ``"grid"``, or an
             automatic strategy (:func:`automatic_run`; ``folds``, ``cache`` and ``max_rounds`` are then unused, and
             of ``grid`` only several ``lr`` values, for a strategy that chooses the learning rate too).
-        cache: stores finished trials (see :func:`ptyl.tuning.tune`).
-        max_rounds: most edge-extension rounds.
+        cache, max_rounds, extend: finished trials, the most edge-extension rounds and the axes extended (``True``:
+            the prior's strength axis; else axis -> hard log10 bounds), as in :func:`ptyl.tuning.tune`.
         auto: the automatic strategy's settings (its settings class or a mapping of its fields).
-        extend: the grid axes the search extends past an edge optimum, with their hard log10 bounds (``True``: the
-            prior's strength axis; see :func:`ptyl.tuning.tune`).
 
     Returns:
         The metrics and diagnostics of the record (see the module docstring); ``error`` when every trial diverged.
