@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -366,6 +367,32 @@ def reuse_or_learn(marker: Path, fields: dict[str, Any], learn: Callable[[], tup
     tmp.write_text(json.dumps({"settings": fields, "file": Path(path).name, "seconds": seconds}))
     os.replace(tmp, marker)
     return Path(path), seconds
+
+
+def run_pending_cells(store, key: str, cells: dict[tuple, Any], fields: Sequence[str],
+                      worker: Callable[[Any], Any], jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every cell of a resumable benchmark that ``store`` (a ``pairs.JsonlStore``: ``rows()``) holds no record of
+    under ``key``, on ``jobs`` spawned processes, and return the stored records under ``key`` afterwards.
+
+    Args:
+        store: the records' store (``worker`` appends to it).
+        key: the settings hash a record must carry to count.
+        cells: cell -> the job ``worker`` takes; a cell is the tuple of its records' ``fields`` values.
+        fields: the record fields that name a cell.
+        worker: runs one job (a module-level function: it is pickled for the worker processes).
+        jobs: worker processes (1: in this process).
+    """
+    done = {tuple(r.get(f) for f in fields) for r in store.rows() if r.get("key") == key}
+    todo = [job for cell, job in cells.items() if cell not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already done (resuming), {len(todo)} to run on {jobs} "
+          "worker(s)", flush=True)
+    if jobs > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
+            list(pool.imap_unordered(worker, todo))
+    else:
+        for job in todo:
+            worker(job)
+    return [r for r in store.rows() if r.get("key") == key]
 
 
 def search_minutes(rows: Sequence[dict[str, Any]], cell: Sequence[str]) -> tuple[float, int]:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -63,6 +62,7 @@ from common import (  # noqa: E402
     machine_info,
     machine_line,
     reuse_or_learn,
+    run_pending_cells,
     search_minutes,
     set_threads,
     settings_key,
@@ -201,18 +201,9 @@ def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dic
     """Every (n, seed) cell not yet in ``<name>_runs.jsonl`` (an interrupted run resumes), on ``jobs`` processes."""
     prior, source_s = source_prior(s, out, progress)
     store = out / f"{NAME}_runs.jsonl"  # quick and full records differ in their key
-    key = cell_key(s)
-    done = {(r["n"], r["seed"]) for r in JsonlStore(store).rows() if r.get("key") == key}
-    todo = [(s, str(prior), n, seed, str(store)) for n in s.ns for seed in s.seeds if (str(n), seed) not in done]
-    print(f"{len(s.ns) * len(s.seeds)} cells, {len(s.ns) * len(s.seeds) - len(todo)} already done (resuming), "
-          f"{len(todo)} to run on {jobs} worker(s)", flush=True)
-    if jobs > 1 and len(todo) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
-            list(pool.imap_unordered(run_cell, todo))
-    else:
-        for job in todo:
-            run_cell(job)
-    rows = [r for r in JsonlStore(store).rows() if r.get("key") == key and r["seed"] in s.seeds]
+    cells = {(str(n), seed): (s, str(prior), n, seed, str(store)) for n in s.ns for seed in s.seeds}
+    rows = [r for r in run_pending_cells(JsonlStore(store), cell_key(s), cells, ("n", "seed"), run_cell, jobs)
+            if r["seed"] in s.seeds]
     return sorted(rows, key=lambda r: (int(r["n"]), r["seed"])), source_s
 
 

@@ -28,7 +28,6 @@ baseline; across sources, SimCLR minus supervised (learned prior, and selection)
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from common import (  # noqa: E402
     machine_info,
     machine_line,
     reuse_or_learn,
+    run_pending_cells,
     search_minutes,
     set_threads,
     settings_key,
@@ -150,20 +150,10 @@ def run(s: Settings, out: Path, progress: bool, jobs: int = 1) -> tuple[list[dic
     processes."""
     sources = learn_sources(s, out, progress)
     store = out / f"{NAME}_runs.jsonl"  # quick and full records differ in their key
-    key = cell_key(s)
-    done = {(r["source_objective"], r["n"], r["seed"]) for r in JsonlStore(store).rows() if r.get("key") == key}
-    cells = [(src, n, seed) for src in sources for n in s.ns for seed in s.seeds]
-    todo = [(s, src, str(sources[src]["prior"]), n, seed, str(store)) for src, n, seed in cells
-            if (src, str(n), seed) not in done]
-    print(f"{len(cells)} cells, {len(cells) - len(todo)} already done (resuming), {len(todo)} to run on {jobs} "
-          "worker(s)", flush=True)
-    if jobs > 1 and len(todo) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo))) as pool:
-            list(pool.imap_unordered(run_cell, todo))
-    else:
-        for job in todo:
-            run_cell(job)
-    rows = [r for r in JsonlStore(store).rows() if r.get("key") == key and r["seed"] in s.seeds]
+    cells = {(src, str(n), seed): (s, src, str(sources[src]["prior"]), n, seed, str(store))
+             for src in sources for n in s.ns for seed in s.seeds}
+    rows = [r for r in run_pending_cells(JsonlStore(store), cell_key(s), cells, ("source_objective", "n", "seed"),
+                                         run_cell, jobs) if r["seed"] in s.seeds]
     rows.sort(key=lambda r: (r["source_objective"] != SUPERVISED, int(r["n"]), r["seed"]))
     return rows, {f"source_{k}_s": v["seconds"] for k, v in sources.items()}
 
